@@ -1,0 +1,1 @@
+"""The broker process: memory-served queues, SQLite redo log, TCP protocol."""

@@ -1,0 +1,501 @@
+"""The broker's core: queues in memory, group commit, ownership, long polls.
+
+Runs on one event loop. Ops mutate memory synchronously and append redo ops
+to `self.log`; the writer thread commits them as one log row per group
+commit. In durable mode a write's reply is held until the commit holding
+its ops returned from fsync (DESIGN §3, §9.1); pulls and extensions ride
+along without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgpack
+
+from shardq.broker.queue import QueueDefaults, QueueState
+from shardq.broker.replay import Images
+from shardq.broker.store import Store
+from shardq.errors import BusyError, MovedError, TryAgainError
+from shardq.router import NUM_SLOTS, Topology, slot_of
+
+log = logging.getLogger("shardq.broker")
+
+CHECKPOINT_EVERY_COMMITS = 2000
+CHECKPOINT_EVERY_S = 5.0
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    broker_id: str
+    data_dir: str
+    advertise: str = ""
+    durable: bool = True
+    token: str | None = None
+    max_jobs: int = 10_000_000
+    max_memory: int = 0  # bytes of RSS; 0 = unlimited
+    max_frame: int = 16 * 1024 * 1024
+    max_job_data: int = 1024 * 1024
+    max_connections: int = 10_000
+    coordinator: str | None = None
+    weight: int = 1
+
+
+class Sink(Protocol):
+    """Where replies go: a connection's transport."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def is_closing(self) -> bool: ...
+
+
+class Waiter:
+    """A long-poll PULL parked until a job arrives or its timer fires."""
+
+    __slots__ = ("count", "done", "handle", "lock_ms", "queues", "req_id", "sink")
+
+    def __init__(self, sink: Sink, req_id: int, queues: list[str], count: int,
+                 lock_ms: int) -> None:
+        self.sink = sink
+        self.req_id = req_id
+        self.queues = queues
+        self.count = count
+        self.lock_ms = lock_ms
+        self.handle: asyncio.TimerHandle | None = None
+        self.done = False
+
+
+class Broker:
+    def __init__(self, config: BrokerConfig, clock: Callable[[], int] = wall_ms,
+                 defaults: QueueDefaults | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.defaults = defaults or QueueDefaults()
+        self.store = Store(os.path.join(config.data_dir, "broker.db"), durable=config.durable)
+        self.queues: dict[str, QueueState] = {}
+        self.log: list[Any] = []  # the open batch, shared by every QueueState
+        self.owned = bytearray(NUM_SLOTS)
+        self.slot_epochs = [0] * NUM_SLOTS
+        self.topology = Topology.empty()
+        self.epoch = 0
+        self.term = 0
+        self.waiters: dict[str, list[Waiter]] = {}
+        self._pending_replies: list[tuple[Sink, bytes]] = []  # for the open batch
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+        self._writer_busy = False
+        self._flush_scheduled = False
+        self._seq = 0
+        self._commits_since_ckpt = 0
+        self._last_ckpt = time.monotonic()
+        self._ckpt_requested = False
+        self._ckpt_active = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        self.total_jobs = 0
+        self.rss = 0
+        self.started = time.time()
+
+    # ------------------------------------------------------------ startup
+    def recover(self) -> None:
+        """Rebuild memory from SQLite; serve exactly the slots persisted."""
+        images, state, last_seq = self.store.open_and_recover()
+        self._seq = last_seq
+        self._restore_ownership(state)
+        self._build_queues(images)
+        self.total_jobs = sum(len(q.jobs) for q in self.queues.values())
+
+    def _build_queues(self, images: Images) -> None:
+        for name, img in images.items():
+            q = QueueState(name, slot_of(name), self.log, self.defaults)
+            q.restore(img.meta, img.jobs, img.tombstones)
+            self.queues[name] = q
+
+    def _restore_ownership(self, state: dict[str, Any]) -> None:
+        for start, end, epoch in state.get("slots", []):
+            for s in range(start, end + 1):
+                self.owned[s] = 1
+                self.slot_epochs[s] = epoch
+        self.term = int(state.get("term", 0))
+        if state.get("topology"):
+            self.topology = Topology.from_dict(state["topology"])
+            self.epoch = self.topology.epoch
+
+    def bootstrap_standalone(self) -> None:
+        """With no coordinator and nothing persisted, own every slot at epoch 1."""
+        if any(self.owned):
+            if self.topology.epoch == 0:
+                self.topology = Topology.standalone(self.config.broker_id, self.config.advertise)
+                self.epoch = self.topology.epoch
+            return
+        self.apply_topology(Topology.standalone(self.config.broker_id,
+                                                self.config.advertise).to_dict())
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        for q in self.queues.values():
+            self._arm(q)
+
+    # ------------------------------------------------------------ ownership
+    def apply_topology(self, d: dict[str, Any]) -> None:
+        """Adopt a topology from the coordinator (or the standalone one).
+
+        A slot is taken when the topology names this broker at an epoch not
+        older than ours, and given up only at a strictly newer epoch."""
+        topo = Topology.from_dict(d)
+        if topo.term < self.term:
+            log.warning("ignoring topology from older term %d < %d", topo.term, self.term)
+            return
+        me = self.config.broker_id
+        changed = False
+        for s in range(NUM_SLOTS):
+            owner = topo.owner_of_slot(s)
+            e = topo.slot_epoch(s)
+            if owner == me and not self.owned[s] and e >= self.slot_epochs[s]:
+                self.owned[s], self.slot_epochs[s], changed = 1, e, True
+            elif owner != me and self.owned[s] and e > self.slot_epochs[s]:
+                self.owned[s], self.slot_epochs[s], changed = 0, e, True
+        self.topology = topo
+        self.term = max(self.term, topo.term)
+        self.epoch = topo.epoch
+        self.log.append(("O", None, self.ownership_state()))
+        self._schedule_flush()
+        if changed:
+            log.info("owning %d slots at epoch %d", sum(self.owned), self.epoch)
+
+    def ownership_state(self) -> dict[str, Any]:
+        runs: list[list[int]] = []
+        s = 0
+        while s < NUM_SLOTS:
+            if not self.owned[s]:
+                s += 1
+                continue
+            start, e = s, self.slot_epochs[s]
+            while s + 1 < NUM_SLOTS and self.owned[s + 1] and self.slot_epochs[s + 1] == e:
+                s += 1
+            runs.append([start, s, e])
+            s += 1
+        return {"slots": runs, "term": self.term, "topology": self.topology.to_dict()}
+
+    def queue_for(self, name: str) -> QueueState:
+        """The queue if this broker owns its slot; raises MOVED/TRYAGAIN."""
+        q = self.queues.get(name)
+        if q is not None:
+            if self.owned[q.slot]:
+                return q
+            slot = q.slot
+        else:
+            slot = slot_of(name)
+            if self.owned[slot]:
+                q = self.queues[name] = QueueState(name, slot, self.log, self.defaults)
+                return q
+        raise self._not_owner(slot, name)
+
+    def _not_owner(self, slot: int, queue: str) -> Exception:
+        owner = self.topology.owner_of_slot(slot)
+        addr = self.topology.addr_of(owner) if owner else None
+        if owner is None or addr is None or owner == self.config.broker_id:
+            return TryAgainError(f"slot {slot} has no serving owner yet", 200)
+        return MovedError(slot, owner, addr, self.topology.slot_epoch(slot), queue)
+
+    def check_capacity(self) -> None:
+        cfg = self.config
+        if self.total_jobs >= cfg.max_jobs or (cfg.max_memory and self.rss >= cfg.max_memory):
+            raise BusyError(f"broker {cfg.broker_id} is over its job/memory limit", 100)
+
+    # ------------------------------------------------------------ group commit
+    def defer_reply(self, sink: Sink, data: bytes) -> None:
+        """Send `data` once everything logged so far is durable."""
+        if self.config.durable and (self.log or self._writer_busy):
+            self._pending_replies.append((sink, data))
+            self._schedule_flush()
+        else:
+            sink.write(data)
+
+    def flush_soon(self) -> None:
+        """Commit what is logged without anyone waiting on it (pulls, extends)."""
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and not self._writer_busy:
+            self._flush_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._writer_busy:
+            return
+        if not self.log:
+            self._writer_idle()
+            return
+        ops = self.log[:]
+        self.log.clear()
+        replies = self._pending_replies
+        self._pending_replies = []
+        self._seq += 1
+        seq = self._seq
+        self._writer_busy = True
+        assert self._loop is not None
+        fut = self._loop.run_in_executor(self._writer, self.store.commit, seq, ops)
+        fut.add_done_callback(lambda f: self._committed(f, replies))
+        self._commits_since_ckpt += 1
+        if not self._ckpt_active and self._ckpt_due():
+            self._begin_checkpoint(seq)
+
+    def _committed(self, fut: asyncio.Future[None], replies: list[tuple[Sink, bytes]]) -> None:
+        self._writer_busy = False
+        exc = fut.exception()
+        if exc is not None:
+            # A failed commit means answered writes could be lost: stop now and
+            # let the supervisor restart us on the data that did commit.
+            log.critical("commit failed: %r; exiting", exc)
+            os._exit(3)
+        self._send(replies)
+        if self._ckpt_active:
+            self._checkpoint_step()  # alternate with commits so neither starves
+        elif self.log:
+            self._schedule_flush()
+        else:
+            self._writer_idle()
+
+    def _writer_idle(self) -> None:
+        """Nothing is being written: replies parked meanwhile are durable."""
+        if self._pending_replies:
+            self._send(self._pending_replies)
+            self._pending_replies = []
+        if self._ckpt_active:
+            self._checkpoint_step()
+        else:
+            self._wake_idle()
+
+    @staticmethod
+    def _send(replies: list[tuple[Sink, bytes]]) -> None:
+        for sink, data in replies:
+            if not sink.is_closing():
+                sink.write(data)
+
+    # ------------------------------------------------------------ checkpoints
+    def _ckpt_due(self) -> bool:
+        return self._ckpt_requested or self._commits_since_ckpt >= CHECKPOINT_EVERY_COMMITS or (
+            time.monotonic() - self._last_ckpt > CHECKPOINT_EVERY_S and self._commits_since_ckpt)
+
+    def _begin_checkpoint(self, seq: int) -> None:
+        # Called right after handing batch `seq` to the writer with the open
+        # batch empty, so memory now reflects exactly the ops <= seq.
+        metas = {name: q.meta() for name, q in self.queues.items()}
+        self._commits_since_ckpt = 0
+        self._last_ckpt = time.monotonic()
+        self._ckpt_requested = False
+        self._ckpt_active = True
+        self._writer.submit(self.store.checkpoint_begin, seq, metas, self.ownership_state(),
+                            self._row_source)
+
+    def _row_source(self, queue: str, jid: str) -> tuple[int, bytes | None] | None:
+        # Runs on the writer thread; see broker/store.py for why racing reads are safe.
+        q = self.queues.get(queue)
+        if q is None:
+            return None
+        job = q.jobs.get(jid)
+        if job is not None:
+            return q.slot, msgpack.packb(job.to_record(), use_bin_type=True)
+        ts = q.tombstones.get(jid)
+        if ts is not None:
+            return q.slot, msgpack.packb([ts])
+        return q.slot, None
+
+    def _checkpoint_step(self) -> None:
+        self._writer_busy = True
+        assert self._loop is not None
+        fut = self._loop.run_in_executor(self._writer, self.store.checkpoint_step)
+        fut.add_done_callback(self._checkpoint_stepped)
+
+    def _checkpoint_stepped(self, fut: asyncio.Future[bool]) -> None:
+        self._writer_busy = False
+        if fut.exception() is not None:
+            log.critical("checkpoint failed: %r; exiting", fut.exception())
+            os._exit(3)
+        if not fut.result():
+            self._ckpt_active = False
+        if self.log:
+            self._schedule_flush()
+        else:
+            self._writer_idle()
+
+    def _wake_idle(self) -> None:
+        if not self._writer_busy and not self.log and self._idle_waiters:
+            for f in self._idle_waiters:
+                if not f.done():
+                    f.set_result(None)
+            self._idle_waiters = []
+
+    async def flush_all(self, checkpoint: bool = False) -> None:
+        """Wait until everything logged is committed (and checkpointed)."""
+        assert self._loop is not None
+        if checkpoint:
+            self._ckpt_requested = True
+            self._commits_since_ckpt = max(self._commits_since_ckpt, 1)
+            if not self.log:
+                self.log.append(("O", None, self.ownership_state()))
+        while self.log or self._writer_busy or self._ckpt_active or (
+                checkpoint and self._ckpt_requested):
+            fut: asyncio.Future[None] = self._loop.create_future()
+            self._idle_waiters.append(fut)
+            self._schedule_flush()
+            await fut
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self.store.close()
+
+    # ------------------------------------------------------------ timers
+    def arm(self, q: QueueState) -> None:
+        """Make sure the broker timer fires by the queue's next due time."""
+        self._arm(q)
+
+    def _arm(self, q: QueueState) -> None:
+        due = q.next_timer()
+        if due is None or due >= self._timer_at:
+            return
+        assert self._loop is not None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = due
+        delay = max(0.0, (due - self.clock()) / 1000.0)
+        self._timer = self._loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        self.run_timers()
+
+    def run_timers(self) -> None:
+        """Promote due delayed jobs and expire locks in every queue."""
+        now = self.clock()
+        for q in self.queues.values():
+            due = q.next_timer()
+            if due is not None and due <= now:
+                moved = q.promote(now)
+                stalled = q.expire_locks(now)
+                if (moved or stalled) and q.name in self.waiters:
+                    self.serve_waiters(q.name)
+        for q in self.queues.values():
+            self._arm(q)
+        if self.log:
+            self._schedule_flush()
+
+    def housekeeping(self) -> None:
+        """Once a second: job totals, RSS, tombstone expiry, a timer safety net."""
+        now = self.clock()
+        self.total_jobs = sum(len(q.jobs) for q in self.queues.values())
+        self.rss = _rss_bytes()
+        for q in self.queues.values():
+            if q.tombstones:
+                q.expire_tombstones(now)
+        self.run_timers()
+
+    # ------------------------------------------------------------ long polls
+    def park(self, w: Waiter, wait_ms: int) -> None:
+        assert self._loop is not None
+        for name in w.queues:
+            self.waiters.setdefault(name, []).append(w)
+        w.handle = self._loop.call_later(wait_ms / 1000.0, self._expire_waiter, w)
+
+    def _expire_waiter(self, w: Waiter) -> None:
+        if w.done:
+            return
+        self._unpark(w)
+        if not w.sink.is_closing():
+            w.sink.write(_reply(w.req_id, [], self.epoch))
+
+    def _unpark(self, w: Waiter) -> None:
+        w.done = True
+        if w.handle is not None:
+            w.handle.cancel()
+        for name in w.queues:
+            lst = self.waiters.get(name)
+            if lst is not None:
+                try:
+                    lst.remove(w)
+                except ValueError:
+                    pass
+                if not lst:
+                    del self.waiters[name]
+
+    def drop_sink(self, sink: Sink) -> None:
+        """A connection closed: forget its parked pulls."""
+        for lst in list(self.waiters.values()):
+            for w in list(lst):
+                if w.sink is sink and not w.done:
+                    self._unpark(w)
+
+    def serve_waiters(self, name: str) -> None:
+        """Hand newly available jobs of queue `name` to parked pulls, FIFO."""
+        lst = self.waiters.get(name)
+        q = self.queues.get(name)
+        if not lst or q is None:
+            return
+        now = self.clock()
+        while lst and q.n_waiting and not q.paused:
+            w = lst[0]
+            out: list[list[Any]] = []
+            for qn in w.queues:
+                qq = self.queues.get(qn)
+                if qq is not None and self.owned[qq.slot] and len(out) < w.count:
+                    qq.pull(w.count - len(out), w.lock_ms, now, out)
+            self._unpark(w)
+            if out:
+                for qn in w.queues:
+                    qq = self.queues.get(qn)
+                    if qq is not None:
+                        self._arm(qq)
+                if not w.sink.is_closing():
+                    w.sink.write(_reply(w.req_id, out, self.epoch))
+                else:
+                    log.debug("parked pull's connection closed; jobs will stall and return")
+            lst = self.waiters.get(name)
+        self._schedule_flush()
+
+    # ------------------------------------------------------------ stats
+    def stats(self) -> dict[str, Any]:
+        queues = {name: {**q.counts(), **{f"{k}_total": v for k, v in q.counters.items()}}
+                  for name, q in self.queues.items() if self.owned[q.slot]}
+        return {
+            "broker_id": self.config.broker_id,
+            "epoch": self.epoch,
+            "slots": sum(self.owned),
+            "queues": queues,
+            "jobs": self.total_jobs,
+            "rss": self.rss or _rss_bytes(),
+            "commits": self.store.commits,
+            "commit_seconds": self.store.commit_seconds,
+            "log_rows": self.store.log_rows,
+            "durable": self.config.durable,
+            "uptime_s": time.time() - self.started,
+        }
+
+
+def _reply(req_id: int, body: Any, epoch: int) -> bytes:
+    from shardq.codec import encode_frame
+
+    return encode_frame([req_id, "ok", body, epoch])
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0

@@ -1,0 +1,234 @@
+"""Op handlers: decode args, run queue logic, build the reply body.
+
+Each handler is `(broker, args, sink, req_id) -> body`. Raising a
+ServerError answers that code for the whole request; bulk ops put a
+`[code, body]` in the item's place instead. `PARKED` means a long-poll
+PULL was parked and will be answered later by the broker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from shardq.broker import validate as v
+from shardq.broker.engine import Broker, Sink, Waiter
+from shardq.broker.queue import LOCK_LOST, NOT_FOUND, QueueState
+from shardq import protocol as p
+from shardq.errors import BadRequestError, LockLostError, NotFoundError, ServerError
+
+PARKED = object()
+
+Handler = Callable[[Broker, Any, Sink, int], Any]
+
+
+def _item_error(exc: ServerError) -> list[Any]:
+    return [exc.code, exc.to_body()]
+
+
+_CODE_BODY = {LOCK_LOST: [LOCK_LOST, "lock token is stale or the lock expired"],
+              NOT_FOUND: [NOT_FOUND, "no such job"]}
+
+
+def op_ping(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    return "pong"
+
+
+def op_add(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    q = b.queue_for(v.queue_name(v.arg(args, "queue", str)))
+    jobs = v.arg(args, "jobs", list)
+    b.check_capacity()
+    now = b.clock()
+    max_data = b.config.max_job_data
+    out: list[Any] = []
+    added = 0
+    for item in jobs:
+        try:
+            jid, name, data, opts = v.job_item(item, max_data)
+        except ServerError as exc:
+            out.append(_item_error(exc))
+            continue
+        if q.add(jid, name, data, opts, now):
+            added += 1
+        out.append(jid)
+    if added:
+        b.total_jobs += added
+        if q.n_delayed:
+            b.arm(q)
+        if q.name in b.waiters:
+            b.serve_waiters(q.name)
+    return out
+
+
+def _pull_into(b: Broker, queues: list[QueueState], count: int, lock_ms: int,
+               out: list[list[Any]]) -> None:
+    now = b.clock()
+    for q in queues:
+        if len(out) >= count:
+            break
+        if q.pull(count - len(out), lock_ms, now, out):
+            b.arm(q)
+
+
+def _pull_args(b: Broker, args: Any) -> tuple[list[str], list[QueueState], int, int]:
+    names = v.arg(args, "queues", list)
+    if not names:
+        raise BadRequestError("queues must be a non-empty list")
+    queues = [b.queue_for(v.queue_name(n)) for n in names]
+    count = v.non_neg_int(v.arg(args, "count", int, 1), "count", 1)
+    lock_ms = v.non_neg_int(v.arg(args, "lock_ms", int, p.DEFAULT_LOCK_MS), "lock_ms", 1)
+    return names, queues, min(count, 10_000), lock_ms
+
+
+def op_pull(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    names, queues, count, lock_ms = _pull_args(b, args)
+    wait_ms = min(v.non_neg_int(v.arg(args, "wait_ms", int, 0), "wait_ms"), p.MAX_WAIT_MS)
+    out: list[list[Any]] = []
+    _pull_into(b, queues, count, lock_ms, out)
+    if out or not wait_ms:
+        b.flush_soon()
+        return out
+    b.park(Waiter(sink, req_id, names, count, lock_ms), wait_ms)
+    return PARKED
+
+
+Finisher = Callable[[Broker, QueueState, list[Any], int], "str | None"]
+
+
+def _finish_items(b: Broker, args: Any, finish: Finisher) -> list[Any]:
+    items = v.item_list(args)
+    now = b.clock()
+    out: list[Any] = []
+    for it in items:
+        try:
+            q = b.queue_for(v.queue_name(it[0]))
+            if not isinstance(it[1], str):
+                raise BadRequestError("job id must be a string")
+            v.token(it[2])
+            err = finish(b, q, it, now)
+        except ServerError as exc:
+            out.append(_item_error(exc))
+            continue
+        out.append(None if err is None else _CODE_BODY[err])
+    return out
+
+
+def _ack(b: Broker, q: QueueState, it: list[Any], now: int) -> str | None:
+    result = it[3] if len(it) > 3 else None
+    if result is not None and not isinstance(result, bytes):
+        raise BadRequestError("result must be msgpack bytes or nil")
+    return q.ack(it[1], it[2], result, now)
+
+
+def _fail(b: Broker, q: QueueState, it: list[Any], now: int) -> str | None:
+    reason = it[3] if len(it) > 3 else ""
+    if not isinstance(reason, str):
+        raise BadRequestError("failure reason must be a string")
+    err = q.fail(it[1], it[2], reason[:4096], now)
+    if err is None:
+        b.arm(q)
+    return err
+
+
+def op_ack(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    acks = _finish_items(b, args, _ack)
+    pull = args.get("pull")
+    if pull is None:
+        return acks
+    _, queues, count, lock_ms = _pull_args(b, pull)
+    jobs: list[list[Any]] = []
+    _pull_into(b, queues, count, lock_ms, jobs)
+    return {"acks": acks, "jobs": jobs}
+
+
+def op_fail(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    out = _finish_items(b, args, _fail)
+    for name in {it[0] for it in args["items"] if isinstance(it[0], str)}:
+        if name in b.waiters:
+            b.serve_waiters(name)
+    return out
+
+
+def _extend(b: Broker, q: QueueState, it: list[Any], now: int) -> str | None:
+    lock_ms = it[3] if len(it) > 3 else p.DEFAULT_LOCK_MS
+    v.non_neg_int(lock_ms, "lock_ms", 1)
+    return q.extend(it[1], it[2], lock_ms, now)
+
+
+def op_extend(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    out = _finish_items(b, args, _extend)
+    b.flush_soon()
+    return out
+
+
+def _job(b: Broker, args: Any) -> tuple[QueueState, str]:
+    q = b.queue_for(v.queue_name(v.arg(args, "queue", str)))
+    return q, v.arg(args, "id", str)
+
+
+def op_progress(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    q, jid = _job(b, args)
+    err = q.progress(jid, v.token(v.arg(args, "token", int)), args.get("progress"))
+    if err == NOT_FOUND:
+        raise NotFoundError(f"no job {jid!r} in {q.name!r}")
+    if err == LOCK_LOST:
+        raise LockLostError("lock token is stale or the lock expired")
+    return None
+
+
+def op_counts(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    return b.queue_for(v.queue_name(v.arg(args, "queue", str))).counts()
+
+
+def op_get_job(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    q, jid = _job(b, args)
+    job = q.jobs.get(jid)
+    return None if job is None else job.to_public()
+
+
+def op_pause(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    b.queue_for(v.queue_name(v.arg(args, "queue", str))).set_paused(True)
+    return None
+
+
+def op_resume(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    q = b.queue_for(v.queue_name(v.arg(args, "queue", str)))
+    q.set_paused(False)
+    if q.name in b.waiters:
+        b.serve_waiters(q.name)
+    return None
+
+
+def op_drain(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    q = b.queue_for(v.queue_name(v.arg(args, "queue", str)))
+    return q.drain(bool(args.get("delayed", False)), b.clock())
+
+
+def op_obliterate(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    b.queue_for(v.queue_name(v.arg(args, "queue", str))).obliterate()
+    return None
+
+
+def op_queues(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    return {name: q.counts() for name, q in b.queues.items() if b.owned[q.slot]}
+
+
+def op_stats(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    return b.stats()
+
+
+def op_topology(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    return b.topology.to_dict() if b.topology.epoch else None
+
+
+HANDLERS: dict[str, Handler] = {
+    p.PING: op_ping, p.ADD: op_add, p.PULL: op_pull, p.ACK: op_ack, p.FAIL: op_fail,
+    p.EXTEND: op_extend, p.PROGRESS: op_progress, p.COUNTS: op_counts,
+    p.GET_JOB: op_get_job, p.PAUSE: op_pause, p.RESUME: op_resume, p.DRAIN: op_drain,
+    p.OBLITERATE: op_obliterate, p.QUEUES: op_queues, p.STATS: op_stats,
+    p.TOPOLOGY: op_topology,
+}
+
+# Replies to these wait for the group commit holding their ops (durable mode).
+WRITE_OPS = frozenset({p.ADD, p.ACK, p.FAIL, p.PROGRESS, p.PAUSE, p.RESUME, p.DRAIN,
+                       p.OBLITERATE})

@@ -1,0 +1,420 @@
+"""One queue's state machine: plain Python, no I/O, time passed in (`now` ms).
+
+Every mutation appends one redo op to `log` (a list shared with the broker's
+open group-commit batch). Ops carry absolute values, never increments of job
+fields, so replaying them over any newer copy of a job converges on the same
+state (see broker/replay.py). Op codes:
+
+    ("A", q, record)                                   add (full record)
+    ("L", q, id, token, lock_until, attempts_started, processed_on)   activate
+    ("E", q, id, lock_until)                           extend lock
+    ("C", q, id, result, finished_on, attempts_made)   complete
+    ("F", q, id, reason, finished_on, attempts_made, stalled)   fail for good
+    ("W", q, id, state, delay_until, attempts_made, stalled_count, order, reason)
+                                                       retry: back to waiting/delayed
+    ("S", q, id, ...same as W)                          stalled (lock ran out)
+    ("D", q, id, ...same as W)                          delayed job came due
+    ("P", q, id, progress)                             progress
+    ("R", q, id, removed_at)                           removed (tombstone kept)
+    ("T", q, [ids])                                    tombstones expired
+    ("M", q, meta)                                     queue meta (paused, options)
+    ("X", q)                                           obliterate
+
+Every op adds one to the queue's `seq`, and counter effects are implied by the
+op code alone, so replay recomputes both from a checkpointed meta.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from bisect import insort
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from shardq.broker.job import ACTIVE, COMPLETED, DELAYED, FAILED, WAITING, Job, backoff_delay
+
+# Per-item results of ack/fail/extend: None is success.
+LOCK_LOST = "LOCK_LOST"
+NOT_FOUND = "NOT_FOUND"
+
+_rand = random.Random()
+
+
+@dataclass(slots=True)
+class QueueDefaults:
+    keep_completed: int = 10_000
+    keep_failed: int = 10_000
+    max_stalled_count: int = 1
+    dedup_ttl_ms: int = 3_600_000
+    max_tombstones: int = 100_000  # per queue; oldest are forgotten first
+
+
+class QueueState:
+    """Jobs of one queue in memory: waiting by (priority, FIFO), delayed by due
+    time, active by lock deadline, and bounded completed/failed history."""
+
+    def __init__(self, name: str, slot: int, log: list[Any], defaults: QueueDefaults) -> None:
+        self.name = name
+        self.slot = slot
+        self.log = log
+        self.defaults = defaults
+        self.jobs: dict[str, Job] = {}
+        self.paused = False
+        self.seq = 0  # op sequence number of this queue
+        self.counters = {"added": 0, "completed": 0, "failed": 0, "retried": 0, "stalled": 0}
+        self.tombstones: dict[str, int] = {}  # removed id -> removed_at (insertion ordered)
+        self._waiting: dict[int, deque[tuple[int, Job]]] = {}
+        self._prios: list[int] = []
+        self.n_waiting = 0
+        self._delayed: list[tuple[int, int, Job]] = []
+        self.n_delayed = 0
+        self.active: dict[str, Job] = {}
+        self._locks: list[tuple[int, int, Job]] = []
+        self._finished: dict[str, deque[Job]] = {COMPLETED: deque(), FAILED: deque()}
+        self._order = 0
+        self.durations_ms: deque[int] = deque(maxlen=512)
+
+    def _emit(self, op: tuple[Any, ...]) -> None:
+        self.seq += 1
+        self.log.append(op)
+
+    # ---------------------------------------------------------------- adding
+    def add(self, job_id: str, name: str, data: bytes, opts: dict[str, Any] | None,
+            now: int) -> bool:
+        """Add a job; False (and no change) when the id exists or was removed
+        less than dedup_ttl_ms ago. `opts` must already be validated."""
+        if job_id in self.jobs or job_id in self.tombstones:
+            return False
+        o = opts or {}
+        self._order += 1
+        delay = o.get("delay_ms", 0)
+        ts = o.get("timestamp", now)
+        job = Job(job_id, name, data, WAITING, o.get("priority", 0), o.get("attempts", 1),
+                  o.get("backoff"), ts, now + delay if delay else 0,
+                  order=self._order,
+                  remove_on_complete=o.get("remove_on_complete", -1),
+                  remove_on_fail=o.get("remove_on_fail", -1))
+        self.jobs[job_id] = job
+        if delay:
+            job.state = DELAYED
+            self._push_delayed(job)
+        else:
+            self._push_waiting(job)
+        self.counters["added"] += 1
+        self._emit(("A", self.name, job.to_record()))
+        return True
+
+    def _push_waiting(self, job: Job) -> None:
+        q = self._waiting.get(job.priority)
+        if q is None:
+            q = self._waiting[job.priority] = deque()
+            insort(self._prios, job.priority)
+        q.append((job.order, job))
+        self.n_waiting += 1
+
+    def _push_delayed(self, job: Job) -> None:
+        heapq.heappush(self._delayed, (job.delay_until, job.order, job))
+        self.n_delayed += 1
+
+    # ---------------------------------------------------------------- pulling
+    def pull(self, count: int, lock_ms: int, now: int, out: list[list[Any]]) -> int:
+        """Lock up to `count` waiting jobs, appending delivery rows to `out`."""
+        if self.paused or not self.n_waiting:
+            return 0
+        taken = 0
+        log = self.log
+        name = self.name
+        prios = self._prios
+        waiting = self._waiting
+        while taken < count and prios:
+            prio = prios[0]
+            dq = waiting[prio]
+            while dq and taken < count:
+                order, job = dq.popleft()
+                if job.state != WAITING or job.order != order:
+                    continue  # stale entry: the job left waiting since
+                self.n_waiting -= 1
+                job.state = ACTIVE
+                job.token = token = _rand.getrandbits(62)
+                job.lock_until = lock_until = now + lock_ms
+                job.attempts_started += 1
+                job.processed_on = now
+                self.active[job.id] = job
+                heapq.heappush(self._locks, (lock_until, order, job))
+                self.seq += 1
+                log.append(("L", name, job.id, token, lock_until, job.attempts_started, now))
+                out.append([name, job.id, job.name, job.data, token, job.attempts_made,
+                            job.attempts_started, job.timestamp, lock_ms])
+                taken += 1
+            if not dq:
+                del waiting[prio]
+                prios.pop(0)
+        return taken
+
+    def _locked(self, job_id: str, token: int) -> Job | str:
+        job = self.active.get(job_id)
+        if job is None:
+            return NOT_FOUND if job_id not in self.jobs else LOCK_LOST
+        if job.token != token:
+            return LOCK_LOST
+        return job
+
+    # ---------------------------------------------------------------- finishing
+    def ack(self, job_id: str, token: int, result: bytes | None, now: int) -> str | None:
+        job = self._locked(job_id, token)
+        if isinstance(job, str):
+            return job
+        del self.active[job_id]
+        job.state = COMPLETED
+        job.result = result
+        job.finished_on = now
+        job.attempts_made += 1
+        job.token = 0
+        self.counters["completed"] += 1
+        self.durations_ms.append(now - job.processed_on)
+        self._emit(("C", self.name, job_id, result, now, job.attempts_made))
+        self._retain(job, COMPLETED, job.remove_on_complete, self.defaults.keep_completed, now)
+        return None
+
+    def fail(self, job_id: str, token: int, reason: str, now: int) -> str | None:
+        job = self._locked(job_id, token)
+        if isinstance(job, str):
+            return job
+        del self.active[job_id]
+        job.attempts_made += 1
+        job.token = 0
+        job.failed_reason = reason
+        if job.attempts_made < job.attempts:
+            self.counters["retried"] += 1
+            self._requeue(job, backoff_delay(job.backoff, job.attempts_made), now, "W")
+        else:
+            self._fail_final(job, reason, now)
+        return None
+
+    def _fail_final(self, job: Job, reason: str, now: int, stalled: bool = False) -> None:
+        job.state = FAILED
+        job.failed_reason = reason
+        job.finished_on = now
+        self.counters["failed"] += 1
+        self._emit(("F", self.name, job.id, reason, now, job.attempts_made, stalled))
+        self._retain(job, FAILED, job.remove_on_fail, self.defaults.keep_failed, now)
+
+    def _requeue(self, job: Job, delay: int, now: int, code: str) -> None:
+        self._order += 1
+        job.order = self._order
+        if delay > 0:
+            job.state = DELAYED
+            job.delay_until = now + delay
+            self._push_delayed(job)
+        else:
+            job.state = WAITING
+            job.delay_until = 0
+            self._push_waiting(job)
+        self._emit((code, self.name, job.id, job.state, job.delay_until, job.attempts_made,
+                    job.stalled_count, job.order, job.failed_reason))
+
+    def _retain(self, job: Job, state: str, per_job: int, default: int, now: int) -> None:
+        keep = default if per_job < 0 else per_job
+        hist = self._finished[state]
+        hist.append(job)
+        while len(hist) > keep:
+            old = hist.popleft()
+            if self.jobs.get(old.id) is old:
+                self._remove(old, now)
+
+    def _remove(self, job: Job, now: int) -> None:
+        del self.jobs[job.id]
+        self.tombstones[job.id] = now
+        self._emit(("R", self.name, job.id, now))
+        if len(self.tombstones) > self.defaults.max_tombstones:
+            oldest = next(iter(self.tombstones))
+            del self.tombstones[oldest]
+            self._emit(("T", self.name, [oldest]))
+
+    def extend(self, job_id: str, token: int, lock_ms: int, now: int) -> str | None:
+        job = self._locked(job_id, token)
+        if isinstance(job, str):
+            return job
+        job.lock_until = now + lock_ms
+        heapq.heappush(self._locks, (job.lock_until, job.order, job))
+        self._emit(("E", self.name, job_id, job.lock_until))
+        return None
+
+    def progress(self, job_id: str, token: int, progress: Any) -> str | None:
+        job = self._locked(job_id, token)
+        if isinstance(job, str):
+            return job
+        job.progress = progress
+        self._emit(("P", self.name, job_id, progress))
+        return None
+
+    # ---------------------------------------------------------------- timers
+    def promote(self, now: int) -> int:
+        """Move delayed jobs that are due to waiting."""
+        moved = 0
+        heap = self._delayed
+        while heap and heap[0][0] <= now:
+            due, order, job = heapq.heappop(heap)
+            if job.state != DELAYED or job.order != order:
+                continue
+            self.n_delayed -= 1
+            job.state = WAITING
+            job.delay_until = 0
+            self._push_waiting(job)
+            self._emit(("D", self.name, job.id, WAITING, 0, job.attempts_made,
+                        job.stalled_count, job.order, job.failed_reason))
+            moved += 1
+        return moved
+
+    def expire_locks(self, now: int) -> int:
+        """Jobs whose lock ran out go back to waiting (stalled), or fail when
+        they stalled more than max_stalled_count times. Old tokens are revoked."""
+        stalled = 0
+        heap = self._locks
+        while heap and heap[0][0] <= now:
+            lock_until, _, job = heapq.heappop(heap)
+            if job.state != ACTIVE or job.lock_until != lock_until:
+                continue
+            del self.active[job.id]
+            job.token = 0
+            job.stalled_count += 1
+            self.counters["stalled"] += 1
+            stalled += 1
+            if job.stalled_count > self.defaults.max_stalled_count:
+                job.attempts_made += 1
+                self._fail_final(job, "job stalled more than allowable limit", now, stalled=True)
+            else:
+                self._requeue(job, 0, now, "S")
+        return stalled
+
+    def next_timer(self) -> int | None:
+        """Earliest due time of a delayed job or lock deadline, if any."""
+        cands = []
+        if self._delayed:
+            cands.append(self._delayed[0][0])
+        if self._locks:
+            cands.append(self._locks[0][0])
+        return min(cands) if cands else None
+
+    def expire_tombstones(self, now: int) -> None:
+        cutoff = now - self.defaults.dedup_ttl_ms
+        expired = []
+        for jid, ts in self.tombstones.items():
+            if ts > cutoff:
+                break
+            expired.append(jid)
+        if expired:
+            for jid in expired:
+                del self.tombstones[jid]
+            self._emit(("T", self.name, expired))
+
+    # ---------------------------------------------------------------- admin
+    def counts(self) -> dict[str, Any]:
+        return {
+            WAITING: self.n_waiting, DELAYED: self.n_delayed, ACTIVE: len(self.active),
+            COMPLETED: len(self._finished[COMPLETED]), FAILED: len(self._finished[FAILED]),
+            "paused": self.paused,
+        }
+
+    def set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        self._emit(("M", self.name, {"paused": paused}))
+
+    def drain(self, include_delayed: bool, now: int) -> int:
+        """Remove waiting (and optionally delayed) jobs; active ones finish."""
+        doomed = [j for j in self.jobs.values()
+                  if j.state == WAITING or (include_delayed and j.state == DELAYED)]
+        for job in doomed:
+            job.state = "removed"
+            self._remove(job, now)
+        self._rebuild_indexes()
+        return len(doomed)
+
+    def obliterate(self) -> None:
+        """Remove the queue's jobs, history, tombstones, counters and pause."""
+        self.jobs.clear()
+        self.tombstones.clear()
+        self.active.clear()
+        self.paused = False
+        self.counters = dict.fromkeys(self.counters, 0)
+        self._rebuild_indexes()
+        self._emit(("X", self.name))
+
+    def meta(self) -> dict[str, Any]:
+        """Queue-level state persisted beside its jobs (and exported)."""
+        return {"paused": self.paused, "seq": self.seq, "order": self._order,
+                "counters": dict(self.counters), "slot": self.slot}
+
+    # ---------------------------------------------------------------- restore / export
+    def restore(self, meta: dict[str, Any], jobs: dict[str, Job],
+                tombstones: dict[str, int]) -> None:
+        """Rebuild every index from jobs (recovery, import). Logs nothing."""
+        self.paused = bool(meta.get("paused", False))
+        self.seq = int(meta.get("seq", 0))
+        self.counters.update(meta.get("counters", {}))
+        self.jobs = jobs
+        self.tombstones = dict(sorted(tombstones.items(), key=lambda kv: kv[1]))
+        self._order = max([int(meta.get("order", 0)), *(j.order for j in jobs.values())])
+        self.active = {j.id: j for j in jobs.values() if j.state == ACTIVE}
+        self._rebuild_indexes()
+
+    def _rebuild_indexes(self) -> None:
+        self._waiting, self._prios, self.n_waiting = {}, [], 0
+        self._delayed, self.n_delayed = [], 0
+        self._locks = []
+        self._finished = {COMPLETED: deque(), FAILED: deque()}
+        self.active = {k: j for k, j in self.active.items() if self.jobs.get(k) is j}
+        for job in sorted(self.jobs.values(), key=lambda j: j.order):
+            st = job.state
+            if st == WAITING:
+                self._push_waiting(job)
+            elif st == DELAYED:
+                self._push_delayed(job)
+            elif st == ACTIVE:
+                self.active[job.id] = job
+                heapq.heappush(self._locks, (job.lock_until, job.order, job))
+        for st in (COMPLETED, FAILED):
+            done = [j for j in self.jobs.values() if j.state == st]
+            done.sort(key=lambda j: (j.finished_on, j.order))
+            self._finished[st].extend(done)
+
+    def export_chunks(self, chunk_size: int = 1000) -> Iterator[dict[str, Any]]:
+        """Everything the queue holds as a stream of versioned chunks."""
+        yield {"v": 1, "kind": "meta", "queue": self.name, "meta": self.meta()}
+        recs = [j.to_record() for j in sorted(self.jobs.values(), key=lambda j: j.order)]
+        for i in range(0, len(recs), chunk_size):
+            yield {"v": 1, "kind": "jobs", "queue": self.name, "jobs": recs[i:i + chunk_size]}
+        tombs = list(self.tombstones.items())
+        for i in range(0, len(tombs), chunk_size * 10):
+            yield {"v": 1, "kind": "tombstones", "queue": self.name,
+                   "tombstones": [list(t) for t in tombs[i:i + chunk_size * 10]]}
+
+
+def import_chunks(chunks: list[dict[str, Any]], log: list[Any],
+                  defaults: QueueDefaults) -> QueueState:
+    """Build a queue from `export_chunks` output (the handoff's copy step)."""
+    meta: dict[str, Any] = {}
+    jobs: dict[str, Job] = {}
+    tombs: dict[str, int] = {}
+    name = None
+    for ch in chunks:
+        if ch.get("v") != 1:
+            raise ValueError(f"unsupported export version {ch.get('v')!r}")
+        name = ch["queue"]
+        if ch["kind"] == "meta":
+            meta = ch["meta"]
+        elif ch["kind"] == "jobs":
+            for rec in ch["jobs"]:
+                job = Job.from_record(list(rec))
+                jobs[job.id] = job
+        elif ch["kind"] == "tombstones":
+            for jid, ts in ch["tombstones"]:
+                tombs[jid] = ts
+    if name is None:
+        raise ValueError("empty export")
+    q = QueueState(name, int(meta.get("slot", 0)), log, defaults)
+    q.restore(meta, jobs, tombs)
+    return q

@@ -1,0 +1,131 @@
+"""Recovery: apply redo-log ops (see broker/queue.py) to queue images.
+
+Job fields in ops are absolute, so applying every op after the checkpointed
+seq over job rows that may be *newer* than that seq (a checkpoint that was
+cut short, or rows read while they changed) still ends in the true state.
+Queue meta (counters, seq, paused) is checkpointed atomically with the seq,
+so its counter effects are re-derived from the op codes alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shardq.broker.job import ACTIVE, COMPLETED, FAILED, Job
+
+
+@dataclass(slots=True)
+class QueueImage:
+    """A queue's persisted state, before indexes are built."""
+
+    meta: dict[str, Any] = field(default_factory=lambda: {
+        "paused": False, "seq": 0, "order": 0,
+        "counters": {"added": 0, "completed": 0, "failed": 0, "retried": 0, "stalled": 0}})
+    jobs: dict[str, Job] = field(default_factory=dict)
+    tombstones: dict[str, int] = field(default_factory=dict)
+
+
+Images = dict[str, QueueImage]
+
+
+def _count(img: QueueImage, name: str) -> None:
+    img.meta["counters"][name] = img.meta["counters"].get(name, 0) + 1
+
+
+def _add(img: QueueImage, op: list[Any]) -> None:
+    job = Job.from_record(list(op[2]))
+    img.jobs[job.id] = job
+    img.tombstones.pop(job.id, None)
+    img.meta["order"] = max(img.meta.get("order", 0), job.order)
+    _count(img, "added")
+
+
+def _lock(img: QueueImage, op: list[Any]) -> None:
+    job = img.jobs.get(op[2])
+    if job is not None:
+        job.state, job.token, job.lock_until, job.attempts_started, job.processed_on = (
+            ACTIVE, op[3], op[4], op[5], op[6])
+
+
+def _extend(img: QueueImage, op: list[Any]) -> None:
+    job = img.jobs.get(op[2])
+    if job is not None:
+        job.lock_until = op[3]
+
+
+def _complete(img: QueueImage, op: list[Any]) -> None:
+    _count(img, "completed")
+    job = img.jobs.get(op[2])
+    if job is not None:
+        job.state, job.result, job.finished_on, job.attempts_made, job.token = (
+            COMPLETED, op[3], op[4], op[5], 0)
+
+
+def _fail(img: QueueImage, op: list[Any]) -> None:
+    _count(img, "failed")
+    if op[6]:
+        _count(img, "stalled")
+    job = img.jobs.get(op[2])
+    if job is not None:
+        job.state, job.failed_reason, job.finished_on, job.attempts_made, job.token = (
+            FAILED, op[3], op[4], op[5], 0)
+
+
+def _requeue(img: QueueImage, op: list[Any]) -> None:
+    if op[0] == "W":
+        _count(img, "retried")
+    elif op[0] == "S":
+        _count(img, "stalled")
+    job = img.jobs.get(op[2])
+    if job is not None:
+        (job.state, job.delay_until, job.attempts_made, job.stalled_count, job.order,
+         job.failed_reason) = op[3:9]
+        job.token = 0
+        img.meta["order"] = max(img.meta.get("order", 0), job.order)
+
+
+def _progress(img: QueueImage, op: list[Any]) -> None:
+    job = img.jobs.get(op[2])
+    if job is not None:
+        job.progress = op[3]
+
+
+def _remove(img: QueueImage, op: list[Any]) -> None:
+    img.jobs.pop(op[2], None)
+    img.tombstones[op[2]] = op[3]
+
+
+def _expire(img: QueueImage, op: list[Any]) -> None:
+    for jid in op[2]:
+        img.tombstones.pop(jid, None)
+
+
+def _meta(img: QueueImage, op: list[Any]) -> None:
+    img.meta["paused"] = bool(op[2].get("paused", False))
+
+
+def _obliterate(img: QueueImage, op: list[Any]) -> None:
+    img.jobs.clear()
+    img.tombstones.clear()
+    img.meta["paused"] = False
+    img.meta["counters"] = dict.fromkeys(img.meta["counters"], 0)
+
+
+_APPLY: dict[str, Callable[[QueueImage, list[Any]], None]] = {
+    "A": _add, "L": _lock, "E": _extend, "C": _complete, "F": _fail,
+    "W": _requeue, "S": _requeue, "D": _requeue, "P": _progress, "R": _remove,
+    "T": _expire, "M": _meta, "X": _obliterate,
+}
+
+QUEUE_OPS = frozenset(_APPLY)
+
+
+def apply_op(images: Images, op: list[Any]) -> None:
+    """Apply one queue op; broker-level ops are handled by the caller."""
+    img = images.get(op[1])
+    if img is None:
+        img = images[op[1]] = QueueImage()
+    img.meta["seq"] = img.meta.get("seq", 0) + 1
+    _APPLY[op[0]](img, op)

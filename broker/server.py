@@ -1,0 +1,217 @@
+"""TCP front end: one asyncio.Protocol per connection, and `serve(config)`.
+
+A connection decodes frames with the sans-IO codec, runs each request
+through `broker.ops.HANDLERS` and writes replies. Bad input answers an
+error on that connection only; nothing a client sends can stop the broker
+(DESIGN §9.7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import socket
+import sys
+from typing import Any
+
+from shardq.broker.engine import Broker, BrokerConfig
+from shardq.broker.ops import HANDLERS, PARKED, WRITE_OPS
+from shardq import protocol as p
+from shardq.codec import FrameDecoder, encode_frame, is_bad_frame
+from shardq.errors import AuthError, BadRequestError, ServerError, TooLargeError
+
+log = logging.getLogger("shardq.broker.server")
+
+
+class BrokerConnection(asyncio.Protocol):
+    def __init__(self, broker: Broker, server: BrokerServer) -> None:
+        self.broker = broker
+        self.server = server
+        self.decoder = FrameDecoder(broker.config.max_frame)
+        self.transport: asyncio.Transport | None = None
+        self.authed = broker.config.token is None
+        self.peer = "?"
+
+    # asyncio.Protocol -------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.peer = str(transport.get_extra_info("peername"))
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        if len(self.server.connections) >= self.broker.config.max_connections:
+            transport.write(encode_frame([0, "BUSY", {"retry_after_ms": 1000,
+                                                      "message": "too many connections"}, 0]))
+            transport.close()
+            return
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.broker.drop_sink(self)  # type: ignore[arg-type]
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.decoder.feed(data)
+        except TooLargeError as exc:
+            # The stream cannot be resynchronised after a bad length prefix.
+            self.write(encode_frame([0, exc.code, str(exc), self.broker.epoch]))
+            assert self.transport is not None
+            self.transport.close()
+            return
+        immediate: list[bytes] = []
+        deferred: list[bytes] = []
+        for frame in frames:
+            self._handle(frame, immediate, deferred)
+        if immediate:
+            self.write(b"".join(immediate))
+        if deferred:
+            self.broker.defer_reply(self, b"".join(deferred))  # type: ignore[arg-type]
+
+    # requests ---------------------------------------------------------
+    def _handle(self, frame: Any, immediate: list[bytes], deferred: list[bytes]) -> None:
+        b = self.broker
+        req_id = 0
+        try:
+            if is_bad_frame(frame):
+                raise BadRequestError(f"undecodable frame: {frame.reason}")
+            if not isinstance(frame, list) or len(frame) != 3:
+                raise BadRequestError("request must be [req_id, op, args]")
+            req_id, op, args = frame
+            if not isinstance(req_id, int) or isinstance(req_id, bool):
+                req_id = 0
+                raise BadRequestError("req_id must be an integer")
+            if op == p.HELLO:
+                immediate.append(self._reply(req_id, p.OK, self._hello(args)))
+                return
+            if not self.authed:
+                raise AuthError("authenticate with HELLO {token} first")
+            handler = HANDLERS.get(op) if isinstance(op, str) else None
+            if handler is None:
+                raise BadRequestError(f"unknown op {op!r}")
+            body = handler(b, args, self, req_id)  # type: ignore[arg-type]
+            if body is PARKED:
+                return
+            out = self._reply(req_id, p.OK, body)
+            (deferred if op in WRITE_OPS else immediate).append(out)
+        except ServerError as exc:
+            immediate.append(self._reply(req_id, exc.code, exc.to_body()))
+        except Exception as exc:  # a bug must cost one request, not the broker
+            log.exception("op failed")
+            immediate.append(self._reply(req_id, BadRequestError.code, f"internal error: {exc!r}"))
+
+    def _reply(self, req_id: int, status: str, body: Any) -> bytes:
+        return encode_frame([req_id, status, body, self.broker.epoch])
+
+    def _hello(self, args: Any) -> dict[str, Any]:
+        if not isinstance(args, dict):
+            raise BadRequestError("HELLO args must be a map")
+        if args.get("version") != p.PROTOCOL_VERSION:
+            raise BadRequestError(f"unsupported protocol version {args.get('version')!r}; "
+                                  f"this broker speaks {p.PROTOCOL_VERSION}")
+        want = self.broker.config.token
+        if want is not None:
+            got = args.get("token")
+            if not isinstance(got, str) or not hmac.compare_digest(got.encode(), want.encode()):
+                self.authed = False
+                raise AuthError("wrong or missing token")
+            self.authed = True
+        cfg = self.broker.config
+        return {"broker_id": cfg.broker_id, "epoch": self.broker.epoch,
+                "version": p.PROTOCOL_VERSION, "max_frame": cfg.max_frame,
+                "max_job_data": cfg.max_job_data}
+
+
+class BrokerServer:
+    """Owns the listening socket, the connections and the broker's tasks."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.connections: set[BrokerConnection] = set()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.broker.start(loop)
+        self.server = await loop.create_server(
+            lambda: BrokerConnection(self.broker, self), host, port,
+            reuse_address=True, backlog=2048)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for c in list(self.connections):
+            if c.transport is not None:
+                c.transport.close()
+        await self.broker.flush_all(checkpoint=True)
+
+
+async def serve(config: BrokerConfig, host: str, port: int, metrics_port: int | None = None,
+                ready: bool = True) -> None:
+    """Run a broker until SIGTERM/SIGINT; prints `READY host:port` once bound."""
+    broker = Broker(config)
+    broker.recover()
+    server = BrokerServer(broker)
+    await server.start(host, port)
+    adv_host = host if host not in ("0.0.0.0", "", "::") else "127.0.0.1"
+    addr = config.advertise or f"{adv_host}:{server.port}"
+    broker.config = _with_advertise(config, addr)
+    agent = None
+    if config.coordinator:
+        from shardq.broker.membership import MembershipAgent
+
+        agent = MembershipAgent(broker_id=config.broker_id, advertise=addr, weight=config.weight,
+                                coordinator_url=config.coordinator, token=config.token,
+                                get_stats=broker.stats, on_topology=broker.apply_topology)
+    else:
+        broker.bootstrap_standalone()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if metrics_port is not None:
+        from shardq.broker.metrics import start_metrics_server
+
+        start_metrics_server(broker, host, metrics_port)
+    if ready:
+        sys.stdout.write(f"READY {addr}\n")
+        sys.stdout.flush()
+    log.info("broker %s listening on %s (%s)", config.broker_id, addr,
+             "durable" if config.durable else "fast")
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(_housekeeping(broker, stop))
+        agent_task = tg.create_task(agent.run()) if agent else None
+        await stop.wait()
+        if agent_task is not None:
+            agent_task.cancel()
+    await server.close()
+    broker.close()
+
+
+def _with_advertise(config: BrokerConfig, addr: str) -> BrokerConfig:
+    from dataclasses import replace
+
+    return replace(config, advertise=addr)
+
+
+async def _housekeeping(broker: Broker, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            async with asyncio.timeout(1.0):
+                await stop.wait()
+        except TimeoutError:
+            broker.housekeeping()

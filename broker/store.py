@@ -1,0 +1,234 @@
+"""SQLite persistence: a redo log written by group commit, and a checkpointer.
+
+Layout (DESIGN §3):
+    log(seq INTEGER PRIMARY KEY, ops BLOB)    one row per group commit
+    jobs(slot, queue, id, blob) WITHOUT ROWID live jobs and dedup tombstones
+    state(key PRIMARY KEY, value) WITHOUT ROWID
+        "checkpoint_seq" -> last seq whose effects the jobs/state rows hold
+        "q:<queue>"      -> queue meta (counters, seq, paused) as of that seq
+        "broker"         -> ownership, epochs, topology as of that seq
+
+Every method except `open_and_recover` runs on the single writer thread.
+The checkpointer reads live jobs straight from the broker's memory through
+`row_source`; rows that are newer than the checkpoint seq are harmless,
+because replay applies absolute values (see broker/replay.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from shardq.broker.job import Job
+from shardq.broker.replay import Images, QueueImage, apply_op
+from shardq import failpoints
+
+log = logging.getLogger("shardq.broker.store")
+
+# (queue, id) -> (slot, blob) to write, or (slot, None) to delete
+RowSource = Callable[[str, str], tuple[int, bytes | None] | None]
+
+CHECKPOINT_CHUNK = 2000  # rows per checkpoint transaction: keeps each write short
+
+
+class Store:
+    def __init__(self, path: str, durable: bool = True) -> None:
+        self.path = path
+        self.durable = durable
+        self._db: sqlite3.Connection | None = None
+        self._dirty: set[tuple[str, str]] = set()
+        self._obliterated: set[str] = set()
+        self._ckpt: _Checkpoint | None = None
+        self.commits = 0
+        self.commit_seconds = 0.0
+        self.log_rows = 0
+        self._stop_wal = threading.Event()
+        self._wal_thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ startup
+    def open_and_recover(self) -> tuple[Images, dict[str, Any], int]:
+        """Open (creating) the file and rebuild queue images from it.
+
+        Returns (images, broker_state, last_seq)."""
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'OFF'}")
+        db.execute("PRAGMA wal_autocheckpoint=0")
+        db.execute("PRAGMA cache_size=-65536")
+        db.execute("CREATE TABLE IF NOT EXISTS log(seq INTEGER PRIMARY KEY, ops BLOB NOT NULL)")
+        db.execute("CREATE TABLE IF NOT EXISTS jobs(slot INTEGER NOT NULL, queue TEXT NOT NULL,"
+                   " id TEXT NOT NULL, blob BLOB NOT NULL, PRIMARY KEY(slot, queue, id))"
+                   " WITHOUT ROWID")
+        db.execute("CREATE TABLE IF NOT EXISTS state(key TEXT PRIMARY KEY, value BLOB)"
+                   " WITHOUT ROWID")
+        self._db = db
+        unpack = msgpack.unpackb
+        state = {k: unpack(v, raw=False) for k, v in db.execute("SELECT key, value FROM state")}
+        ckpt_seq = int(state.get("checkpoint_seq", 0))
+        broker_state: dict[str, Any] = dict(state.get("broker", {}))
+        images: Images = {}
+        for key, meta in state.items():
+            if key.startswith("q:"):
+                images[key[2:]] = QueueImage(meta=dict(meta))
+        for queue, jid, blob in db.execute("SELECT queue, id, blob FROM jobs"):
+            img = images.get(queue)
+            if img is None:
+                img = images[queue] = QueueImage()
+            rec = unpack(blob, raw=False)
+            if len(rec) == 1:
+                img.tombstones[jid] = rec[0]
+            else:
+                img.jobs[jid] = Job.from_record(rec)
+        last_seq = ckpt_seq
+        for seq, blob in db.execute("SELECT seq, ops FROM log WHERE seq > ? ORDER BY seq",
+                                    (ckpt_seq,)):
+            for op in unpack(blob, raw=False):
+                if op[0] == "O":
+                    broker_state.update(op[2])
+                else:
+                    apply_op(images, op)
+            last_seq = seq
+        self.log_rows = db.execute("SELECT count(*) FROM log").fetchone()[0]
+        self._start_wal_checkpointer()
+        return images, broker_state, last_seq
+
+    def _start_wal_checkpointer(self) -> None:
+        # Passive WAL checkpoints from a second connection never block the
+        # writer (DESIGN §3); wal_autocheckpoint=0 keeps them off the commit path.
+        def run() -> None:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                while not self._stop_wal.wait(0.5):
+                    try:
+                        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    except sqlite3.OperationalError:
+                        pass
+            finally:
+                db.close()
+
+        self._wal_thread = threading.Thread(target=run, name="wal-checkpoint", daemon=True)
+        self._wal_thread.start()
+
+    # ------------------------------------------------------------ writer thread
+    def commit(self, seq: int, ops: list[Any]) -> None:
+        """Write one group commit as log row `seq`; returns after fsync."""
+        import time
+
+        blob = msgpack.packb(ops, use_bin_type=True)
+        dirty = self._dirty
+        for op in ops:
+            code = op[0]
+            if code == "A":
+                dirty.add((op[1], op[2][0]))
+            elif code == "T":
+                for jid in op[2]:
+                    dirty.add((op[1], jid))
+            elif code == "X":
+                self._obliterated.add(op[1])
+            elif code not in ("O", "M"):
+                dirty.add((op[1], op[2]))
+        db = self._db
+        assert db is not None
+        t0 = time.perf_counter()
+        db.execute("BEGIN")
+        db.execute("INSERT INTO log(seq, ops) VALUES (?, ?)", (seq, blob))
+        if failpoints.ACTIVE:
+            failpoints.hit("commit.before_fsync")
+        db.execute("COMMIT")
+        if failpoints.ACTIVE:
+            failpoints.hit("commit.after_fsync")
+        self.commit_seconds += time.perf_counter() - t0
+        self.commits += 1
+        self.log_rows += 1
+
+    def checkpoint_begin(self, seq: int, metas: dict[str, dict[str, Any]],
+                         broker_state: dict[str, Any], row_source: RowSource) -> None:
+        """Start a checkpoint at `seq` (every op <= seq is in `metas`)."""
+        keys = list(self._dirty)
+        self._dirty = set()
+        gone = self._obliterated
+        self._obliterated = set()
+        self._ckpt = _Checkpoint(seq, metas, broker_state, keys, gone, row_source)
+
+    def checkpoint_step(self) -> bool:
+        """Write one bounded chunk; True while more remains."""
+        ck = self._ckpt
+        db = self._db
+        if ck is None or db is None:
+            return False
+        db.execute("BEGIN")
+        if ck.gone:
+            for queue in ck.gone:
+                db.execute("DELETE FROM jobs WHERE queue = ?", (queue,))
+            ck.gone = set()
+        chunk = ck.keys[ck.pos:ck.pos + CHECKPOINT_CHUNK]
+        ck.pos += len(chunk)
+        puts, dels = [], []
+        for queue, jid in chunk:
+            row = ck.row_source(queue, jid)
+            if row is None:
+                continue
+            slot, blob = row
+            if blob is None:
+                dels.append((slot, queue, jid))
+            else:
+                puts.append((slot, queue, jid, blob))
+        if puts:
+            db.executemany("INSERT OR REPLACE INTO jobs(slot, queue, id, blob) VALUES (?,?,?,?)",
+                           puts)
+        if dels:
+            db.executemany("DELETE FROM jobs WHERE slot = ? AND queue = ? AND id = ?", dels)
+        if ck.pos < len(ck.keys):
+            db.execute("COMMIT")
+            return True
+        # Last chunk: meta, broker state and the new checkpoint seq in the same
+        # transaction, then the log it replaces.
+        pack = msgpack.packb
+        db.executemany("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)",
+                       [("q:" + q, pack(m, use_bin_type=True)) for q, m in ck.metas.items()])
+        db.execute("INSERT OR REPLACE INTO state(key, value) VALUES ('broker', ?)",
+                   (pack(ck.broker_state, use_bin_type=True),))
+        db.execute("INSERT OR REPLACE INTO state(key, value) VALUES ('checkpoint_seq', ?)",
+                   (pack(ck.seq),))
+        db.execute("DELETE FROM log WHERE seq <= ?", (ck.seq,))
+        db.execute("COMMIT")
+        self.log_rows = db.execute("SELECT count(*) FROM log").fetchone()[0]
+        self._ckpt = None
+        return False
+
+    @property
+    def checkpointing(self) -> bool:
+        return self._ckpt is not None
+
+    def close(self) -> None:
+        self._stop_wal.set()
+        if self._wal_thread is not None:
+            self._wal_thread.join(timeout=5)
+        if self._db is not None:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.OperationalError:
+                pass
+            self._db.close()
+            self._db = None
+
+
+class _Checkpoint:
+    __slots__ = ("broker_state", "gone", "keys", "metas", "pos", "row_source", "seq")
+
+    def __init__(self, seq: int, metas: dict[str, dict[str, Any]], broker_state: dict[str, Any],
+                 keys: list[tuple[str, str]], gone: set[str], row_source: RowSource) -> None:
+        self.seq = seq
+        self.metas = metas
+        self.broker_state = broker_state
+        self.keys = keys
+        self.gone = gone
+        self.pos = 0
+        self.row_source = row_source

@@ -1,0 +1,54 @@
+"""`shardq broker`: run one broker process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import typer
+
+from shardq.cli import app
+
+
+@app.command("broker")
+def broker(
+    broker_id: str = typer.Option(..., "--id", help="Stable broker id, e.g. b1."),
+    port: int = typer.Option(7101, help="TCP port; 0 binds a free port and prints READY host:port."),
+    data_dir: str = typer.Option(..., help="Directory for this broker's SQLite file."),
+    coordinator: str | None = typer.Option(
+        None, help="Coordinator URL; without it the broker owns all slots (standalone)."),
+    bind: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    advertise: str | None = typer.Option(
+        None, help="host:port clients should use (default: bind address and bound port)."),
+    weight: int = typer.Option(1, min=1, help="Ring weight (share of slots)."),
+    fast: bool = typer.Option(
+        False, "--fast",
+        help="Answer writes BEFORE they are committed: a crash may lose the last few ms of "
+             "answered writes. Default is durable (answer after fsync)."),
+    token: str | None = typer.Option(None, envvar="SHARDQ_TOKEN", help="Shared secret clients must send."),
+    metrics_port: int | None = typer.Option(None, help="Serve Prometheus /metrics on this port."),
+    max_jobs: int = typer.Option(10_000_000, min=1, help="Over this many jobs, adds get BUSY."),
+    max_memory: int = typer.Option(0, min=0, help="Over this RSS in bytes, adds get BUSY (0: off)."),
+    max_frame: int = typer.Option(16 * 1024 * 1024, min=1024, help="Largest frame in bytes."),
+    max_job_data: int = typer.Option(1024 * 1024, min=1, help="Largest job data in bytes."),
+    max_connections: int = typer.Option(10_000, min=1, help="Most client connections."),
+    drain_on_term: bool = typer.Option(False, help="On SIGTERM, move all slots away first."),
+    log_level: str = typer.Option("WARNING", envvar="SHARDQ_LOG_LEVEL"),
+) -> None:
+    """Run one broker."""
+    import uvloop
+
+    from shardq.broker.engine import BrokerConfig
+    from shardq.broker.server import serve
+    from shardq import failpoints
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    failpoints.configure(os.environ.get("SHARDQ_FAILPOINTS"))
+    config = BrokerConfig(
+        broker_id=broker_id, data_dir=data_dir, advertise=advertise or "", durable=not fast,
+        token=token, max_jobs=max_jobs, max_memory=max_memory, max_frame=max_frame,
+        max_job_data=max_job_data, max_connections=max_connections, coordinator=coordinator,
+        weight=weight)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(config, bind, port, metrics_port=metrics_port))

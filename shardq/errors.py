@@ -1,0 +1,143 @@
+"""Every error shardq raises, one class per wire code (DESIGN §4).
+
+    ShardqError
+     ├── ServerError                  an error code answered by a broker
+     │    ├── MovedError              MOVED: another broker owns the slot
+     │    ├── TryAgainError           TRYAGAIN: slot frozen/importing (after retries)
+     │    ├── StaleTermError          STALE_TERM: coordinator command from an older term
+     │    ├── BusyError               BUSY: broker over its job/memory limit (after retries)
+     │    ├── LockLostError           LOCK_LOST: token stale or lock expired
+     │    ├── AuthError               AUTH: missing or wrong token
+     │    ├── BadRequestError         BAD_REQUEST: malformed frame or arguments
+     │    ├── TooLargeError           TOO_LARGE: frame or job data over the limit
+     │    ├── NotFoundError           NOT_FOUND: no such job, queue or scheduler
+     │    └── UnknownServerError      any code this client does not know
+     ├── UnavailableError             (client side) owner unreachable past the budget
+     └── ConnectionClosedError        (client side) the connection closed under a request
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ShardqError(Exception):
+    """Root of every shardq exception."""
+
+
+class ServerError(ShardqError):
+    """An error code answered by a broker; `body` is the reply body."""
+
+    code: ClassVar[str] = "ERROR"
+
+    def __init__(self, message: str = "", body: Any = None) -> None:
+        super().__init__(message or self.code)
+        self.body = body
+
+    def to_body(self) -> Any:
+        """The wire body for this error (a message string by default)."""
+        return self.body if self.body is not None else str(self)
+
+
+class MovedError(ServerError):
+    code = "MOVED"
+
+    def __init__(self, slot: int, owner: str, addr: str, epoch: int, queue: str | None = None) -> None:
+        super().__init__(f"slot {slot} moved to {owner} at {addr} (epoch {epoch})")
+        self.slot, self.owner, self.addr, self.epoch, self.queue = slot, owner, addr, epoch, queue
+
+    def to_body(self) -> Any:
+        body = {"slot": self.slot, "owner": self.owner, "addr": self.addr, "epoch": self.epoch}
+        if self.queue is not None:
+            body["queue"] = self.queue
+        return body
+
+
+class TryAgainError(ServerError):
+    code = "TRYAGAIN"
+
+    def __init__(self, message: str = "slot is frozen for a handoff", retry_after_ms: int = 10) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+    def to_body(self) -> Any:
+        return {"retry_after_ms": self.retry_after_ms, "message": str(self)}
+
+
+class StaleTermError(ServerError):
+    code = "STALE_TERM"
+
+
+class BusyError(ServerError):
+    code = "BUSY"
+
+    def __init__(self, message: str = "broker is over its limits", retry_after_ms: int = 50) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+    def to_body(self) -> Any:
+        return {"retry_after_ms": self.retry_after_ms, "message": str(self)}
+
+
+class LockLostError(ServerError):
+    code = "LOCK_LOST"
+
+
+class AuthError(ServerError):
+    code = "AUTH"
+
+
+class BadRequestError(ServerError):
+    code = "BAD_REQUEST"
+
+
+class TooLargeError(ServerError):
+    code = "TOO_LARGE"
+
+
+class NotFoundError(ServerError):
+    code = "NOT_FOUND"
+
+
+class UnknownServerError(ServerError):
+    """A code this client version does not know."""
+
+    def __init__(self, code: str, body: Any) -> None:
+        super().__init__(f"{code}: {body!r}", body)
+        self.code_name = code
+
+
+class UnavailableError(ShardqError):
+    """The owner of a queue could not be reached within the retry budget."""
+
+    def __init__(self, broker: str, reason: str = "") -> None:
+        super().__init__(f"broker {broker} unavailable{': ' + reason if reason else ''}")
+        self.broker = broker
+
+
+class ConnectionClosedError(ShardqError):
+    """The connection closed while a request was in flight."""
+
+
+_BY_CODE: dict[str, type[ServerError]] = {
+    cls.code: cls
+    for cls in (
+        MovedError, TryAgainError, StaleTermError, BusyError, LockLostError,
+        AuthError, BadRequestError, TooLargeError, NotFoundError,
+    )
+}
+
+
+def error_from_wire(code: str, body: Any) -> ServerError:
+    """Turn a wire `[code, body]` into its typed exception."""
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return UnknownServerError(code, body)
+    if cls is MovedError:
+        b = body if isinstance(body, dict) else {}
+        return MovedError(int(b.get("slot", -1)), str(b.get("owner", "")), str(b.get("addr", "")),
+                          int(b.get("epoch", 0)), b.get("queue"))
+    if cls is TryAgainError or cls is BusyError:
+        b = body if isinstance(body, dict) else {}
+        return cls(str(b.get("message", code)), int(b.get("retry_after_ms", 10)))
+    return cls(str(body) if body is not None else code, body)
