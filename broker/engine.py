@@ -28,8 +28,10 @@ from shardq.router import NUM_SLOTS, Topology, slot_of
 
 log = logging.getLogger("shardq.broker")
 
-CHECKPOINT_EVERY_COMMITS = 2000
-CHECKPOINT_EVERY_S = 5.0
+CHECKPOINT_EVERY_COMMITS = 20_000
+CHECKPOINT_EVERY_S = 30.0
+CHECKPOINT_STEP_EVERY_S = 0.02  # under load, one checkpoint chunk per 20 ms of commits
+INLINE_COMMIT_MAX_OPS = 16  # smaller batches commit on the loop thread when the writer is idle
 
 
 def wall_ms() -> int:
@@ -100,12 +102,14 @@ class Broker:
         self._last_ckpt = time.monotonic()
         self._ckpt_requested = False
         self._ckpt_active = False
+        self._last_step = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle_waiters: list[asyncio.Future[None]] = []
         self.total_jobs = 0
         self.rss = 0
+        self.handoffs: dict[str, int] = {}
         self.started = time.time()
 
     # ------------------------------------------------------------ startup
@@ -134,11 +138,11 @@ class Broker:
             self.epoch = self.topology.epoch
 
     def bootstrap_standalone(self) -> None:
-        """With no coordinator and nothing persisted, own every slot at epoch 1."""
+        """With no coordinator and nothing persisted, own every slot at epoch 1;
+        a standalone restart keeps its slots and advertises its new address."""
         if any(self.owned):
-            if self.topology.epoch == 0:
-                self.topology = Topology.standalone(self.config.broker_id, self.config.advertise)
-                self.epoch = self.topology.epoch
+            self.topology = Topology.standalone(self.config.broker_id, self.config.advertise)
+            self.epoch = max(self.epoch, self.topology.epoch)
             return
         self.apply_topology(Topology.standalone(self.config.broker_id,
                                                 self.config.advertise).to_dict())
@@ -247,25 +251,38 @@ class Broker:
         self._pending_replies = []
         self._seq += 1
         seq = self._seq
+        self._commits_since_ckpt += 1
+        start_ckpt = not self._ckpt_active and self._ckpt_due()
+        if len(ops) <= INLINE_COMMIT_MAX_OPS and not self._ckpt_active and not start_ckpt:
+            # A small batch and an idle writer: commit on the loop thread. This
+            # skips two thread hand-offs, most of a lone client's latency
+            # besides the fsync; under load batches grow and go to the writer.
+            try:
+                self.store.commit(seq, ops)
+            except Exception as exc:
+                self._after_commit(exc, replies)
+            else:
+                self._after_commit(None, replies)
+            return
         self._writer_busy = True
         assert self._loop is not None
         fut = self._loop.run_in_executor(self._writer, self.store.commit, seq, ops)
-        fut.add_done_callback(lambda f: self._committed(f, replies))
-        self._commits_since_ckpt += 1
-        if not self._ckpt_active and self._ckpt_due():
+        fut.add_done_callback(lambda f: self._after_commit(f.exception(), replies))
+        if start_ckpt:
             self._begin_checkpoint(seq)
 
-    def _committed(self, fut: asyncio.Future[None], replies: list[tuple[Sink, bytes]]) -> None:
+    def _after_commit(self, exc: BaseException | None,
+                      replies: list[tuple[Sink, bytes]]) -> None:
         self._writer_busy = False
-        exc = fut.exception()
         if exc is not None:
             # A failed commit means answered writes could be lost: stop now and
             # let the supervisor restart us on the data that did commit.
             log.critical("commit failed: %r; exiting", exc)
             os._exit(3)
         self._send(replies)
-        if self._ckpt_active:
-            self._checkpoint_step()  # alternate with commits so neither starves
+        if self._ckpt_active and (
+                not self.log or time.monotonic() - self._last_step > CHECKPOINT_STEP_EVERY_S):
+            self._checkpoint_step()  # commits come first, but the checkpoint never starves
         elif self.log:
             self._schedule_flush()
         else:
@@ -317,6 +334,7 @@ class Broker:
         return q.slot, None
 
     def _checkpoint_step(self) -> None:
+        self._last_step = time.monotonic()
         self._writer_busy = True
         assert self._loop is not None
         fut = self._loop.run_in_executor(self._writer, self.store.checkpoint_step)

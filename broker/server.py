@@ -9,6 +9,7 @@ error on that connection only; nothing a client sends can stop the broker
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import signal
@@ -165,6 +166,11 @@ async def serve(config: BrokerConfig, host: str, port: int, metrics_port: int | 
     """Run a broker until SIGTERM/SIGINT; prints `READY host:port` once bound."""
     broker = Broker(config)
     broker.recover()
+    # Millions of long-lived job objects make every full GC pass walk them all;
+    # they form no cycles, so freeze what recovery built and collect rarely.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 1000)
     server = BrokerServer(broker)
     await server.start(host, port)
     adv_host = host if host not in ("0.0.0.0", "", "::") else "127.0.0.1"
@@ -183,10 +189,11 @@ async def serve(config: BrokerConfig, host: str, port: int, metrics_port: int | 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    metrics_task = None
     if metrics_port is not None:
         from shardq.broker.metrics import start_metrics_server
 
-        start_metrics_server(broker, host, metrics_port)
+        metrics_task = start_metrics_server(broker, host, metrics_port)
     if ready:
         sys.stdout.write(f"READY {addr}\n")
         sys.stdout.flush()
@@ -198,6 +205,8 @@ async def serve(config: BrokerConfig, host: str, port: int, metrics_port: int | 
         await stop.wait()
         if agent_task is not None:
             agent_task.cancel()
+    if metrics_task is not None:
+        metrics_task.cancel()
     await server.close()
     broker.close()
 

@@ -34,7 +34,7 @@ log = logging.getLogger("shardq.broker.store")
 # (queue, id) -> (slot, blob) to write, or (slot, None) to delete
 RowSource = Callable[[str, str], tuple[int, bytes | None] | None]
 
-CHECKPOINT_CHUNK = 2000  # rows per checkpoint transaction: keeps each write short
+CHECKPOINT_CHUNK = 1000  # rows per checkpoint transaction: keeps each write short
 
 
 class Store:
@@ -107,7 +107,7 @@ class Store:
             try:
                 while not self._stop_wal.wait(0.5):
                     try:
-                        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                     except sqlite3.OperationalError:
                         pass
             finally:
@@ -151,7 +151,7 @@ class Store:
     def checkpoint_begin(self, seq: int, metas: dict[str, dict[str, Any]],
                          broker_state: dict[str, Any], row_source: RowSource) -> None:
         """Start a checkpoint at `seq` (every op <= seq is in `metas`)."""
-        keys = list(self._dirty)
+        keys = sorted(self._dirty)  # B-tree order: each chunk touches few pages
         self._dirty = set()
         gone = self._obliterated
         self._obliterated = set()

@@ -68,9 +68,7 @@ class FrameDecoder:
             try:
                 frames.append(msgpack.unpackb(buf[start:pos], raw=False, use_list=True))
             except Exception as exc:  # any decode failure is the peer's bad input
-                del buf[:pos]
                 frames.append(_BadFrame(str(exc) or type(exc).__name__))
-                return frames
         if pos:
             del buf[:pos]
         return frames
