@@ -1,0 +1,149 @@
+"""Parsing the §5 topology shape, as decoded from JSON or msgpack.
+
+Kept apart from topology.py so that the checks live in one place and the
+Topology class stays about lookups. Every malformed input raises
+ValueError naming the offending field; unknown top-level keys are ignored
+so that a newer coordinator can add fields.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from .members import BrokerInfo, BrokerState
+from .slots import NUM_SLOTS
+
+
+class TopologyFields(NamedTuple):
+    """Topology's constructor arguments, in order."""
+
+    term: int
+    epoch: int
+    brokers: dict[str, BrokerInfo]
+    slot_owners: list[str | None]
+    slot_epochs: list[int]
+    overrides: dict[str, tuple[str, int]]
+    partitions: dict[str, int]
+    moving: list[dict[str, Any]]
+
+
+def parse_topology(d: Mapping[str, Any]) -> TopologyFields:
+    """Check and convert a decoded topology.
+
+    Raises:
+        ValueError: a required key (epoch, brokers, slots) is missing or
+            any field has the wrong type or range.
+    """
+    if not isinstance(d, Mapping):
+        raise ValueError(f"topology must be a mapping, got {type(d).__name__}")
+    for key in ("epoch", "brokers", "slots"):
+        if key not in d:
+            raise ValueError(f"topology is missing {key!r}")
+    owners, epochs = _slots(d["slots"])
+    return TopologyFields(
+        term=_int(d.get("term", 0), "term"),
+        epoch=_int(d["epoch"], "epoch"),
+        brokers=_brokers(d["brokers"]),
+        slot_owners=owners,
+        slot_epochs=epochs,
+        overrides=_overrides(d.get("overrides", {})),
+        partitions=_partitions(d.get("partitions", {})),
+        moving=_moving(d.get("moving", [])),
+    )
+
+
+def _int(v: Any, what: str, minimum: int = 0) -> int:
+    # bool is an int subclass; True as an epoch is a bug, not a 1.
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise ValueError(f"{what} must be an int >= {minimum}, got {v!r}")
+    return v
+
+
+def _str(v: Any, what: str) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"{what} must be a str, got {v!r}")
+    return v
+
+
+def _map(v: Any, what: str) -> Mapping[Any, Any]:
+    if not isinstance(v, Mapping):
+        raise ValueError(f"{what} must be a mapping, got {type(v).__name__}")
+    return v
+
+
+def _seq(v: Any, what: str) -> list[Any] | tuple[Any, ...]:
+    if not isinstance(v, list | tuple):
+        raise ValueError(f"{what} must be a list, got {type(v).__name__}")
+    return v
+
+
+def _brokers(v: Any) -> dict[str, BrokerInfo]:
+    out: dict[str, BrokerInfo] = {}
+    for broker_id, info in _map(v, "brokers").items():
+        bid = _str(broker_id, "broker id")
+        info = _map(info, f"brokers[{bid!r}]")
+        state = _str(info.get("state", BrokerState.ACTIVE.value), f"brokers[{bid!r}].state")
+        try:
+            parsed_state = BrokerState(state)
+        except ValueError:
+            known = ", ".join(s.value for s in BrokerState)
+            raise ValueError(
+                f"brokers[{bid!r}].state {state!r} is not one of {known}"
+            ) from None
+        out[bid] = BrokerInfo(
+            id=bid,
+            addr=_str(info.get("addr"), f"brokers[{bid!r}].addr"),
+            state=parsed_state,
+            weight=_int(info.get("weight", 1), f"brokers[{bid!r}].weight"),
+        )
+    return out
+
+
+def _slots(v: Any) -> tuple[list[str | None], list[int]]:
+    owners: list[str | None] = [None] * NUM_SLOTS
+    epochs = [0] * NUM_SLOTS
+    for n, run in enumerate(_seq(v, "slots")):
+        what = f"slots[{n}]"
+        run = _seq(run, what)
+        if len(run) != 4:
+            raise ValueError(f"{what} must be [start, end, owner, epoch], got {run!r}")
+        start, end = _int(run[0], f"{what}.start"), _int(run[1], f"{what}.end")
+        owner, epoch = _str(run[2], f"{what}.owner"), _int(run[3], f"{what}.epoch")
+        if not start <= end < NUM_SLOTS:
+            raise ValueError(f"{what} needs 0 <= start <= end < {NUM_SLOTS}, got {run!r}")
+        for s in range(start, end + 1):
+            if owners[s] is not None:
+                raise ValueError(f"{what}: slot {s} is owned twice ({owners[s]!r}, {owner!r})")
+            owners[s] = owner
+            epochs[s] = epoch
+    return owners, epochs
+
+
+def _overrides(v: Any) -> dict[str, tuple[str, int]]:
+    out: dict[str, tuple[str, int]] = {}
+    for queue, entry in _map(v, "overrides").items():
+        q = _str(queue, "override queue")
+        entry = _seq(entry, f"overrides[{q!r}]")
+        if len(entry) != 2:
+            raise ValueError(f"overrides[{q!r}] must be [owner, epoch], got {entry!r}")
+        out[q] = (
+            _str(entry[0], f"overrides[{q!r}].owner"),
+            _int(entry[1], f"overrides[{q!r}].epoch"),
+        )
+    return out
+
+
+def _partitions(v: Any) -> dict[str, int]:
+    return {
+        _str(q, "partitioned queue"): _int(p, f"partitions[{q!r}]", minimum=1)
+        for q, p in _map(v, "partitions").items()
+    }
+
+
+def _moving(v: Any) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for n, move in enumerate(_seq(v, "moving")):
+        out.append(copy.deepcopy(dict(_map(move, f"moving[{n}]"))))
+    return out
