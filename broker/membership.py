@@ -252,6 +252,7 @@ def _error_text(r: httpx.Response) -> str:
         body = r.json()
     except ValueError:
         return r.text[:200]
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
-        return body["error"]
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, str):
+        return error
     return str(body)[:200]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -12,8 +13,9 @@ from shardq.cli import app
 
 @app.command("coordinator")
 def coordinator(
-    port: int = typer.Option(7070, help="HTTP port; 0 binds a free port and prints READY host:port."),
-    data_dir: Path = typer.Option(..., help="Directory for the coordinator's SQLite file."),
+    data_dir: Annotated[Path, typer.Option(help="Directory for the coordinator's SQLite file.")],
+    port: int = typer.Option(
+        7070, help="HTTP port; 0 binds a free port and prints READY host:port."),
     bind: str = typer.Option("127.0.0.1", help="Address to listen on."),
     advertise: str | None = typer.Option(
         None, help="host:port brokers and clients should use to reach the coordinator."),

@@ -1,0 +1,81 @@
+"""A small synchronous client for the coordinator's HTTP API, used by the CLI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:7070"
+
+
+class CoordinatorCallError(Exception):
+    """A coordinator call failed; the message says why, for a human."""
+
+
+class CoordinatorUnreachable(CoordinatorCallError):
+    """No answer (refused, timed out, DNS...)."""
+
+
+class CoordinatorRefused(CoordinatorCallError):
+    """An answer with an error status; `status` is the HTTP code."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class CoordinatorApi:
+    """Calls `GET /status`, `GET /topology`, `POST /brokers/{id}/forget`...
+
+    Args:
+        url: the coordinator's base URL.
+        token: bearer token, if the coordinator has one.
+        timeout_s: per-request timeout.
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, token: str | None = None,
+                 timeout_s: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+
+    def __enter__(self) -> CoordinatorApi:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def status(self) -> dict[str, Any]:
+        return self._call("GET", "/status")
+
+    def topology(self) -> dict[str, Any]:
+        return self._call("GET", "/topology")
+
+    def healthz(self) -> dict[str, Any]:
+        return self._call("GET", "/healthz")
+
+    def forget(self, broker_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/brokers/{broker_id}/forget", {"accept_data_loss": True})
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
+        try:
+            r = self._http.request(method, path, json=body)
+        except httpx.HTTPError as e:
+            raise CoordinatorUnreachable(f"cannot reach the coordinator at {self.url}: {e}") from e
+        try:
+            answer = r.json()
+        except ValueError:
+            answer = None
+        if r.status_code >= 400:
+            message = answer.get("error") if isinstance(answer, dict) else None
+            raise CoordinatorRefused(
+                r.status_code,
+                f"coordinator answered {r.status_code}: {message or r.text[:200]}")
+        if not isinstance(answer, dict):
+            raise CoordinatorRefused(r.status_code, f"unexpected answer to {path}: {r.text[:200]}")
+        return answer

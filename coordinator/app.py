@@ -1,0 +1,187 @@
+"""The coordinator's HTTP API (DESIGN §6, §8): thin starlette routes over `Membership`.
+
+    GET  /healthz                    {ok, term, epoch, bootstrapped, pid}
+    GET  /topology                   the §5 topology JSON
+    GET  /status                     the §10 `shardq status --json` shape
+    POST /brokers/register           {id, addr, weight?} -> {term, epoch, state}
+    POST /brokers/heartbeat          {id, stats?} -> {term, epoch, state}
+    POST /brokers/leave              {id} -> {term, epoch, state}
+    POST /brokers/{id}/forget        {accept_data_loss: true} -> {term, epoch, forgotten, slots,
+                                                                  reassigned: {broker: n}}
+
+Errors answer `{"error": message}` with 400 (malformed), 401 (token),
+403 (barred id), 404 (unknown broker), 409 (conflicting state).
+
+Membership methods are synchronous and persist before returning, and the
+handlers never await between reading and changing state, so requests are
+applied one at a time without a lock and each answer is already durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .errors import BadRequest, CoordinatorError
+from .membership import Membership
+
+log = logging.getLogger("shardq.coordinator")
+
+MAX_BODY = 16 * 1024 * 1024
+T = TypeVar("T")
+
+
+def create_app(membership: Membership, *, token: str | None = None,
+               check_interval_ms: int = 1000) -> Starlette:
+    """The ASGI app; its lifespan runs the liveness check every `check_interval_ms`.
+
+    Args:
+        membership: the state it serves and changes.
+        token: when set, every request needs `Authorization: Bearer <token>`.
+        check_interval_ms: how often silent brokers are looked for.
+    """
+    m = membership
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.create_task(_liveness_loop(m, check_interval_ms / 1000.0))
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.wait([task])
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"ok": True, "term": m.term, "epoch": m.epoch,
+                             "bootstrapped": m.bootstrapped, "pid": os.getpid()})
+
+    async def topology(request: Request) -> Response:
+        return Response(m.topology_json(), media_type="application/json")
+
+    async def status(request: Request) -> Response:
+        return JSONResponse(m.status())
+
+    async def register(request: Request) -> Response:
+        body = await _json_body(request)
+        bid = _field(body, "id", str)
+        addr, weight = _field(body, "addr", str), _field(body, "weight", int, 1)
+        return _logged(m, f"broker {bid} registered at {addr}",
+                       lambda: m.register(bid, addr, weight), always=True)
+
+    async def heartbeat(request: Request) -> Response:
+        body = await _json_body(request)
+        bid = _field(body, "id", str)
+        stats = _field(body, "stats", dict, None)
+        return _logged(m, f"broker {bid} is back", lambda: m.heartbeat(bid, stats))
+
+    async def leave(request: Request) -> Response:
+        bid = _field(await _json_body(request), "id", str)
+        return _logged(m, f"broker {bid} left", lambda: m.leave(bid), always=True)
+
+    async def forget(request: Request) -> Response:
+        bid = request.path_params["broker_id"]
+        accept = _field(await _json_body(request), "accept_data_loss", bool, False)
+        return _logged(m, f"broker {bid} forgotten", lambda: m.forget(bid, accept), always=True)
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/topology", topology, methods=["GET"]),
+        Route("/status", status, methods=["GET"]),
+        Route("/brokers/register", register, methods=["POST"]),
+        Route("/brokers/heartbeat", heartbeat, methods=["POST"]),
+        Route("/brokers/leave", leave, methods=["POST"]),
+        Route("/brokers/{broker_id}/forget", forget, methods=["POST"]),
+    ]
+    middleware = [Middleware(BearerAuth, token=token)] if token else []
+    return Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={CoordinatorError: _error_response},
+        lifespan=lifespan,
+        max_body_size=MAX_BODY,
+    )
+
+
+def _logged(m: Membership, what: str, call: Callable[[], dict[str, Any]],
+            always: bool = False) -> Response:
+    """Run a state change; log it when it moved the epoch (or `always`)."""
+    before = m.epoch
+    answer = call()
+    if always or m.epoch != before:
+        state = answer.get("state")
+        epoch = f"epoch {before} -> {m.epoch}" if m.epoch != before else f"epoch {m.epoch}"
+        log.info("%s%s: %s", what, f" ({state})" if state else "", epoch)
+    return JSONResponse(answer)
+
+
+async def _liveness_loop(m: Membership, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            dead = m.check_liveness()
+        except Exception:
+            log.exception("liveness check failed")
+            continue
+        if dead:
+            log.warning("missed heartbeats, marked dead: %s (epoch %d)", ", ".join(dead), m.epoch)
+
+
+async def _error_response(request: Request, exc: Exception) -> Response:
+    status = exc.status if isinstance(exc, CoordinatorError) else 500
+    return JSONResponse({"error": str(exc)}, status_code=status)
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the body must be JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
+
+_MISSING: Any = object()
+
+
+def _field(body: dict[str, Any], name: str, kind: type[T], default: T = _MISSING) -> T:
+    value = body.get(name, default)
+    if value is _MISSING:
+        raise BadRequest(f"missing field {name!r}")
+    if value is default:
+        return value
+    # JSON true is not a weight of 1.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise BadRequest(f"field {name!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+class BearerAuth:
+    """Refuses every HTTP request without `Authorization: Bearer <token>` (401)."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self._expected = b"Bearer " + token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            got = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(got, self._expected):
+                response = JSONResponse({"error": "missing or wrong bearer token"},
+                                        status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -1,0 +1,110 @@
+"""`shardq status`, `shardq owner`, `shardq forget`: operator commands over the coordinator API."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from shardq.cli import app
+from shardq.coordinator.api_client import DEFAULT_URL, CoordinatorApi, CoordinatorCallError
+
+T = TypeVar("T")
+
+COORDINATOR_OPT = typer.Option(DEFAULT_URL, "--coordinator", envvar="SHARDQ_COORDINATOR",
+                               help="Coordinator URL.")
+TOKEN_OPT = typer.Option(None, "--token", envvar="SHARDQ_TOKEN", help="Coordinator token.")
+JSON_OPT = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+
+def _with_api(coordinator: str, token: str | None, call: Callable[[CoordinatorApi], T]) -> T:
+    """Run `call`; a failure is one red line on stderr and exit code 1."""
+    try:
+        with CoordinatorApi(coordinator, token) as api:
+            return call(api)
+    except CoordinatorCallError as e:
+        Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+@app.command("status")
+def status(coordinator: str = COORDINATOR_OPT, token: str | None = TOKEN_OPT,
+           json_out: bool = JSON_OPT) -> None:
+    """Brokers, states, slots, queues and jobs per broker, and the epoch."""
+    data = _with_api(coordinator, token, lambda api: api.status())
+    if json_out:
+        typer.echo(json.dumps(data))
+        return
+    table = Table(title=f"epoch {data['epoch']}", box=box.SIMPLE_HEAD)
+    for col in ("id", "addr", "state", "weight", "slots", "queues", "waiting", "active",
+                "delayed"):
+        text = col in ("id", "addr", "state")
+        table.add_column(col, justify="left" if text else "right", no_wrap=text)
+    for b in data["brokers"]:
+        table.add_row(b["id"], b["addr"], _state_markup(b["state"]),
+                      *(str(b[k]) for k in ("weight", "slots", "queues", "waiting", "active",
+                                            "delayed")))
+    Console().print(table)
+
+
+@app.command("owner")
+def owner(queue: str = typer.Argument(..., help="Queue name."),
+          coordinator: str = COORDINATOR_OPT, token: str | None = TOKEN_OPT,
+          json_out: bool = JSON_OPT) -> None:
+    """Which broker owns a queue, and the epoch at which it got it."""
+    data = owner_of(queue, _with_api(coordinator, token, lambda api: api.topology()))
+    if json_out:
+        typer.echo(json.dumps(data))
+        return
+    if data["broker"] is None:
+        Console(stderr=True).print(f"slot {data['slot']} of {queue!r} is not owned yet "
+                                   "(the cluster has not bootstrapped)")
+        raise typer.Exit(1)
+    Console().print(f"{queue} -> slot {data['slot']} -> {data['broker']} at {data['addr']} "
+                    f"(epoch {data['epoch']})", highlight=False)
+
+
+def owner_of(queue: str, topology: dict[str, Any]) -> dict[str, Any]:
+    """`shardq owner --json` (DESIGN §10); `epoch` is when the slot (or override) last changed."""
+    from shardq.router import Topology, slot_of
+
+    topo = Topology.from_dict(topology)
+    slot = slot_of(queue)
+    override = topo.overrides.get(queue)
+    broker = topo.owner_of(queue)
+    epoch = override[1] if override is not None else topo.slot_epoch(slot)
+    addr = topo.addr_of(broker) if broker is not None else None
+    return {"queue": queue, "slot": slot, "broker": broker, "addr": addr, "epoch": epoch}
+
+
+@app.command("forget")
+def forget(broker_id: str = typer.Argument(..., help="The lost broker's id, e.g. b3."),
+           accept_data_loss: bool = typer.Option(
+               False, "--accept-data-loss",
+               help="Required: the broker's jobs are gone for good."),
+           coordinator: str = COORDINATOR_OPT, token: str | None = TOKEN_OPT,
+           json_out: bool = JSON_OPT) -> None:
+    """Give a lost broker's slots away, EMPTY, and bar its id (disk lost, DESIGN §6)."""
+    if not accept_data_loss:
+        Console(stderr=True).print(
+            f"[red]refusing:[/red] forgetting {broker_id} drops every job it held. If its disk "
+            "is intact, restart it instead (same --id and data dir, or a new --advertise).\n"
+            "Pass --accept-data-loss to go ahead.", highlight=False)
+        raise typer.Exit(2)
+    data = _with_api(coordinator, token, lambda api: api.forget(broker_id))
+    if json_out:
+        typer.echo(json.dumps(data))
+        return
+    to = ", ".join(f"{b}: {n}" for b, n in sorted(data["reassigned"].items())) or "none"
+    Console().print(f"forgot {data['forgotten']}: {data['slots']} slots reassigned empty "
+                    f"({to}) at epoch {data['epoch']}; the id is barred", highlight=False)
+
+
+def _state_markup(state: str) -> str:
+    color = {"active": "green", "dead": "red", "joining": "yellow"}.get(state)
+    return f"[{color}]{state}[/{color}]" if color else state

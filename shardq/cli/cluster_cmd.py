@@ -1,0 +1,50 @@
+"""`shardq cluster up`: run a local cluster (coordinator + N brokers) under one supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from shardq.cli import app
+
+cluster_app = typer.Typer(help="Run a local cluster.", no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("up")
+def up(
+    n: int = typer.Option(3, "-n", "--brokers", min=1, help="Number of brokers (b1..bN)."),
+    data_dir: Annotated[Path, typer.Option(
+        help="Root data dir (DIR/coordinator, DIR/bI, DIR/logs).")] = Path("shardq-data"),
+    base_port: int = typer.Option(
+        7101, min=0, help="bI listens on BASE+I-1; 0 gives each broker a free port."),
+    coordinator_port: int = typer.Option(7070, min=0, help="Coordinator HTTP port; 0: a free one."),
+    fast: bool = typer.Option(
+        False, "--fast",
+        help="Start brokers with --fast (answer before commit; see `shardq broker --help`)."),
+    token: str | None = typer.Option(
+        None, envvar="SHARDQ_TOKEN", help="Token for the coordinator and brokers."),
+) -> None:
+    """Start the coordinator and N brokers; restart any that dies; Ctrl-C stops all.
+
+    Prints `READY http://host:port` (the coordinator URL) once every broker is active.
+    """
+    import uvloop
+
+    from shardq.coordinator.supervisor import ChildFailed, ClusterConfig, run_cluster
+
+    config = ClusterConfig(brokers=n, data_dir=data_dir, base_port=base_port,
+                           coordinator_port=coordinator_port, fast=fast, token=token)
+    console = Console(stderr=True)
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(run_cluster(config, sys.stdout, console))
+    except* ChildFailed as group:
+        for e in group.exceptions:
+            console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
