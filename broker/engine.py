@@ -468,6 +468,10 @@ class Broker:
         now = self.clock()
         while lst and q.n_waiting and not q.paused:
             w = lst[0]
+            if w.sink.is_closing():  # its EOF arrived before connection_lost ran
+                self._unpark(w)
+                lst = self.waiters.get(name)
+                continue
             out: list[list[Any]] = []
             for qn in w.queues:
                 qq = self.queues.get(qn)

@@ -64,8 +64,9 @@ class Proc:
 
     def _drain_stdout(self) -> None:
         assert self.popen.stdout is not None
-        for _ in self.popen.stdout:
-            pass
+        with self.popen.stdout:
+            for _ in self.popen.stdout:
+                pass
 
     @property
     def pid(self) -> int:

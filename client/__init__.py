@@ -1,0 +1,14 @@
+"""shardq.client: the asyncio client (DESIGN §8).
+
+Layers, bottom up: `shardq.codec` (frames) -> `connection` (one pipelined
+broker link: request ids, futures, timeouts) -> `cluster` (routing by
+topology, retries, bulk fan-out) with `topology` (patches and refreshes)
+and `batcher` (add coalescing) -> `queue` / `worker` / `client` (the API).
+"""
+
+from .client import Client, connect
+from .ids import uuid7
+from .queue import Queue
+from .worker import Job, Worker
+
+__all__ = ["Client", "Job", "Queue", "Worker", "connect", "uuid7"]

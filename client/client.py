@@ -1,0 +1,273 @@
+"""`connect()` and the `Client`: topology, connections, queues and workers.
+
+    client = await shardq.connect("http://127.0.0.1:7070")        # coordinator
+    client = await shardq.connect("127.0.0.1:7101,127.0.0.1:7102")  # brokers
+    async with client: ...
+
+With a coordinator URL the topology comes from `GET {url}/topology`; with
+broker addresses it comes from the first reachable broker's `TOPOLOGY`
+answer. Either way later refreshes fall back to the brokers when the
+coordinator is down (DESIGN §6: the coordinator is not on the data path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import httpx
+import msgpack
+
+from shardq import protocol
+from shardq.errors import AuthError, UnavailableError
+from shardq.router import Topology
+
+from .batcher import DEFAULT_MAX_ITEMS, AddBatcher
+from .cluster import LINK_ERRORS, Channel, Cluster, Connector
+from .connection import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    Connection,
+    open_connection,
+)
+from .queue import Queue
+from .retry import RetryPolicy
+from .topology import TopologyManager, TopologySource
+from .worker import Handler, Worker
+
+log = logging.getLogger("shardq.client")
+
+
+class Client:
+    """A connection to a shardq cluster. Make one with `await shardq.connect(...)`."""
+
+    def __init__(self, *, coordinator: str | None = None, seeds: Sequence[str] = (),
+                 token: str | None = None, client_name: str | None = None,
+                 policy: RetryPolicy | None = None,
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+                 max_batch: int = DEFAULT_MAX_ITEMS,
+                 connector: Connector | None = None) -> None:
+        """Prefer `connect()`, which also loads the topology before returning."""
+        self.coordinator = coordinator.rstrip("/") if coordinator else None
+        self.seeds = list(seeds)
+        self.token = token
+        self._client_name = client_name or f"shardq-py/{os.getpid()}"
+        self._request_timeout = request_timeout
+        self._connect_timeout = connect_timeout
+        self._http: httpx.AsyncClient | None = None
+        if self.coordinator:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            self._http = httpx.AsyncClient(timeout=connect_timeout, headers=headers)
+        sources: list[TopologySource] = [self._from_brokers]
+        if self.coordinator:
+            sources.insert(0, self._from_coordinator)
+        self._topology = TopologyManager(Topology.empty(), sources)
+        self._cluster = Cluster(self._topology, connector or self._open, policy)
+        self._packb: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
+        self._batcher = AddBatcher(self._send_add, max_batch)
+        self._queues: dict[str, Queue] = {}
+        self._workers: list[Worker] = []
+        self._loading = False
+        self._closed = False
+
+    # -- public API --------------------------------------------------------------
+
+    def queue(self, name: str) -> Queue:
+        """The `Queue` named `name` (cached: calling again is free)."""
+        q = self._queues.get(name)
+        if q is None:
+            q = self._queues[name] = Queue(self, name)
+        return q
+
+    def worker(self, queues: str | Sequence[str], handler: Handler, *, concurrency: int = 1,
+               lock_ms: int = protocol.DEFAULT_LOCK_MS, wait_ms: int = 5000) -> Worker:
+        """A `Worker` running `handler` on jobs of `queues` (one name or a list).
+
+        Call `await worker.run()` to start it and `await worker.close()` to stop.
+        """
+        names = [queues] if isinstance(queues, str) else list(queues)
+        worker = Worker(self, names, handler, concurrency=concurrency, lock_ms=lock_ms,
+                        wait_ms=wait_ms)
+        self._workers.append(worker)
+        return worker
+
+    @property
+    def topology(self) -> Topology:
+        """The topology this client routes with (a live object; do not mutate)."""
+        return self._topology.topo
+
+    @property
+    def add_frames_sent(self) -> int:
+        """How many ADD frames the add batcher has sent (for tests and stats)."""
+        return self._batcher.frames
+
+    async def refresh_topology(self) -> None:
+        """Fetch the whole topology now."""
+        await self._topology.refresh()
+
+    async def aclose(self) -> None:
+        """Stop workers, let adds in flight finish (5 s at most), close everything.
+
+        Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for worker in self._workers:
+            await worker.close()
+        self._batcher.flush()
+        await self._batcher.aclose(grace=5.0)
+        await self._topology.aclose()
+        await self._cluster.aclose()
+        if self._http is not None:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- internals used by Queue / Worker ----------------------------------------------
+
+    def _call(self, queue: str, op: str, args: Any, timeout: float | None = None) -> Awaitable[Any]:
+        return self._cluster.call(queue, op, args, timeout)
+
+    def _send_add(self, queue: str, items: list[Any]) -> Awaitable[list[Any]]:
+        def make_args(_bid: str, sub: list[Any], _rnd: int) -> Any:
+            return {"queue": queue, "jobs": sub}
+
+        return self._cluster.bulk(protocol.ADD, items, lambda _item: queue, make_args)
+
+    async def _open(self, addr: str) -> Channel:
+        return await open_connection(
+            addr, token=self.token, client_name=self._client_name, on_epoch=self._on_epoch,
+            connect_timeout=self._connect_timeout, request_timeout=self._request_timeout)
+
+    def _on_epoch(self, _conn: Connection, epoch: int) -> None:
+        if not self._loading:  # the first load is fetching the map anyway
+            self._topology.note_epoch(epoch)
+
+    # -- topology sources -------------------------------------------------------------
+
+    async def _from_coordinator(self) -> Topology:
+        assert self._http is not None
+        try:
+            resp = await self._http.get(f"{self.coordinator}/topology")
+            resp.raise_for_status()
+            body = resp.json()
+        except httpx.HTTPError as exc:
+            raise UnavailableError("coordinator", str(exc) or type(exc).__name__) from exc
+        topo: Topology = Topology.from_dict(body)
+        return topo
+
+    async def _from_brokers(self) -> Topology:
+        """TOPOLOGY from the freshest open connection, else any reachable broker."""
+        conns = sorted(self._cluster.open_channels(), key=lambda c: -c.max_epoch)
+        last: BaseException | None = None
+        for conn in conns:
+            try:
+                return await self._ask_topology(conn)
+            except LINK_ERRORS as exc:
+                last = exc
+        known = [b.addr for b in self._topology.topo.brokers.values()]
+        for addr in dict.fromkeys([*known, *self.seeds]):
+            try:
+                conn = await self._open(addr)
+            except AuthError:
+                raise
+            except LINK_ERRORS as exc:
+                last = exc
+                continue
+            try:
+                return await self._ask_topology(conn)
+            finally:
+                if not self._cluster.adopt(conn.broker_id, conn):
+                    await conn.aclose()
+        raise UnavailableError("any", f"no broker answered TOPOLOGY: {last}")
+
+    async def _ask_topology(self, conn: Channel) -> Topology:
+        reply = await conn.request(protocol.TOPOLOGY, {})
+        if reply is None:
+            # A broker with no map of its own is standalone: it owns every slot.
+            topo: Topology = Topology.standalone(conn.broker_id, conn.addr)
+            return topo
+        parsed: Topology = Topology.from_dict(reply)
+        return parsed
+
+    async def _load(self) -> None:
+        """The first topology; retried with backoff for the unavailable budget."""
+        self._loading = True
+        try:
+            await self._load_first()
+        finally:
+            self._loading = False
+
+    async def _load_first(self) -> None:
+        budget = self._cluster.policy.unavailable_budget
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        delay = 0.05
+        while True:
+            errors: list[str] = []
+            for source in self._topology.sources:
+                try:
+                    self._topology.replace(await source())
+                    return
+                except (UnavailableError, *LINK_ERRORS) as exc:
+                    errors.append(str(exc))
+            if loop.time() + delay > deadline:
+                raise UnavailableError(self.coordinator or ",".join(self.seeds), "; ".join(errors))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+def _parse_target(target: str | Sequence[str]) -> tuple[str | None, list[str]]:
+    if isinstance(target, str):
+        if target.startswith(("http://", "https://")):
+            return target, []
+        seeds = [a.strip() for a in target.split(",") if a.strip()]
+    else:
+        seeds = [a.strip() for a in target if a.strip()]
+    if not seeds:
+        raise ValueError("connect() needs a coordinator URL or at least one broker address")
+    return None, seeds
+
+
+async def connect(target: str | Sequence[str], token: str | None = None, *,
+                  client_name: str | None = None,
+                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
+                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+                  policy: RetryPolicy | None = None) -> Client:
+    """Connect to a cluster and load its topology.
+
+    Args:
+        target: a coordinator URL (`http://host:7070`), or broker addresses
+            as `"host:port,host:port"` or a list of `"host:port"`.
+        token: the cluster's auth token, if brokers run with `--token`.
+        client_name: how brokers see this client in HELLO (default `shardq-py/<pid>`).
+        request_timeout: seconds before one request is given up and resent.
+        connect_timeout: seconds for a TCP connect + HELLO (and coordinator HTTP calls).
+        policy: retry budgets (DESIGN §4).
+
+    Returns:
+        A `Client`; use it as `async with await shardq.connect(...) as client:`.
+
+    Raises:
+        UnavailableError: no topology source answered within 5 s.
+        AuthError: a broker refused the token.
+    """
+    coordinator, seeds = _parse_target(target)
+    client = Client(coordinator=coordinator, seeds=seeds, token=token, client_name=client_name,
+                    policy=policy, request_timeout=request_timeout,
+                    connect_timeout=connect_timeout)
+    try:
+        await client._load()
+    except BaseException:
+        await client.aclose()
+        raise
+    return client

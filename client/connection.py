@@ -1,0 +1,283 @@
+"""One pipelined connection to one broker (the client's asyncio adapter).
+
+Layering (STYLE §2): `shardq.codec` turns bytes into frames; this module is
+the only owner of request ids, reply futures, timeouts and write
+backpressure; routing and the Queue/Worker API sit above it and never see
+a request id.
+
+It is an `asyncio.Protocol`, not a stream pair: replies are matched to
+futures straight from `data_received`, with no reader task. Writes made in
+one loop iteration are corked and sent with one `writelines` call, so many
+small requests (acks, progress, adds to several queues) cost one syscall.
+
+Every reply carries the broker's topology epoch; the connection remembers
+the largest it has seen and calls `on_epoch(conn, epoch)` when a reply
+carries a newer one, so the router can refresh its map.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, cast
+
+from shardq import protocol
+from shardq.codec import (
+    DEFAULT_MAX_FRAME,
+    FrameDecoder,
+    bad_frame_error,
+    encode_frame,
+    is_bad_frame,
+)
+from shardq.errors import ConnectionClosedError, ShardqError, error_from_wire
+
+log = logging.getLogger("shardq.client")
+
+DEFAULT_REQUEST_TIMEOUT_S = 10.0
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+
+EpochCallback = Callable[["Connection", int], None]
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    """`host:port` (IPv6 as `[::1]:7101`) -> (host, port)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"broker address must be host:port, got {addr!r}")
+    return host.strip("[]"), int(port)
+
+
+class Connection(asyncio.Protocol):
+    """A pipelined request/reply channel to one broker.
+
+    Use `open_connection()`; it sends HELLO before anything else. After the
+    peer closes or the link breaks, every pending request fails with
+    `ConnectionClosedError` and `closed` is true; the owner opens a new one.
+    """
+
+    def __init__(self, addr: str, on_epoch: EpochCallback | None = None,
+                 max_frame: int = DEFAULT_MAX_FRAME,
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S) -> None:
+        self.addr = addr
+        self.broker_id = ""
+        self.max_epoch = 0
+        self.request_timeout = request_timeout
+        self.frames_sent = 0
+        self._on_epoch = on_epoch
+        self._loop = asyncio.get_running_loop()
+        self._decoder = FrameDecoder(max_frame)
+        self._transport: asyncio.Transport | None = None
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._next_id = 1
+        self._wbuf: list[bytes] = []
+        self._write_paused = False
+        self._writable: asyncio.Event | None = None
+        self._close_reason: BaseException | None = None
+        self._lost = self._loop.create_future()
+
+    # -- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop transports are not asyncio.Transport subclasses; duck-type them.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._decoder.feed(data)
+        except ShardqError as exc:  # oversized frame: the stream cannot resync
+            self._abort(exc)
+            return
+        for frame in frames:
+            if is_bad_frame(frame) or not isinstance(frame, list) or len(frame) < 3:
+                # A reply we cannot attribute to a request poisons the
+                # whole pipeline: fail everything rather than guess.
+                reason: ShardqError = (
+                    bad_frame_error(frame) if is_bad_frame(frame)
+                    else ConnectionClosedError(f"malformed reply from {self.addr}: {frame!r:.200}"))
+                self._abort(reason)
+                return
+            self._on_reply(frame)
+
+    def _on_reply(self, frame: list[Any]) -> None:
+        rid = frame[0]
+        if len(frame) > 3:
+            epoch = frame[3]
+            if isinstance(epoch, int) and epoch > self.max_epoch:
+                self.max_epoch = epoch
+                if self._on_epoch is not None:
+                    self._on_epoch(self, epoch)
+        fut = self._pending.pop(rid, None)
+        timer = self._timers.pop(rid, None)
+        if timer is not None:
+            timer.cancel()
+        if fut is None or fut.done():
+            return  # timed out or the caller went away
+        if frame[1] == protocol.OK:
+            fut.set_result(frame[2])
+        else:
+            fut.set_exception(error_from_wire(str(frame[1]), frame[2]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        if self._close_reason is None:
+            self._close_reason = ConnectionClosedError(
+                f"connection to {self.addr} lost" + (f": {exc}" if exc else ""))
+        self._fail_pending(self._close_reason)
+        if not self._lost.done():
+            self._lost.set_result(None)
+        if self._writable is not None:
+            self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._writable is not None:
+            self._writable.set()
+
+    # -- requests ----------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._transport is None or self._close_reason is not None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def request(self, op: str, args: Any, timeout: float | None = None) -> asyncio.Future[Any]:
+        """Send one request; the future resolves to the reply body.
+
+        The future fails with the typed `ServerError` for an error status,
+        `TimeoutError` after `timeout` seconds (default `request_timeout`;
+        `0` means none) and `ConnectionClosedError` if the link goes.
+        Cancelling the future forgets the request (a late reply is dropped).
+        """
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        if self.closed:
+            fut.set_exception(self._close_reason or ConnectionClosedError(f"{self.addr} closed"))
+            return fut
+        rid = self._next_id
+        self._next_id = rid + 1
+        self._pending[rid] = fut
+        t = self.request_timeout if timeout is None else timeout
+        if t:
+            self._timers[rid] = self._loop.call_later(t, self._expire, rid, op)
+        self._write(encode_frame([rid, op, args]))
+        return fut
+
+    def _expire(self, rid: int, op: str) -> None:
+        self._timers.pop(rid, None)
+        fut = self._pending.pop(rid, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(TimeoutError(f"{op} to {self.addr} timed out"))
+
+    def _write(self, frame: bytes) -> None:
+        self.frames_sent += 1
+        if not self._wbuf:
+            self._loop.call_soon(self._flush)
+        self._wbuf.append(frame)
+
+    def _flush(self) -> None:
+        buf, self._wbuf = self._wbuf, []
+        if self._transport is not None and buf:
+            self._transport.writelines(buf)
+
+    async def wait_writable(self) -> None:
+        """Return once the transport's write buffer is below its high mark.
+
+        Senders of large batches await this first, so a slow broker pushes
+        back on the producer instead of growing the buffer without bound.
+        """
+        while self._write_paused and not self.closed:
+            if self._writable is None or self._writable.is_set():
+                self._writable = asyncio.Event()
+            await self._writable.wait()
+
+    # -- closing -------------------------------------------------------------
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        pending, self._pending = self._pending, {}
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def _abort(self, exc: BaseException) -> None:
+        log.warning("dropping connection to %s: %s", self.addr, exc)
+        self._close_reason = exc
+        self._fail_pending(exc)
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def drain_close(self, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
+        """Half-close: no new requests, send EOF, let requests already sent be answered.
+
+        The broker answers what it has (a parked long-poll PULL included,
+        if it handed it jobs before it read our EOF) and then closes, so no
+        reply can be lost in flight; requests it did not answer fail with
+        `ConnectionClosedError`. Aborts after `timeout` seconds.
+        """
+        if self._transport is None:
+            return
+        if self._close_reason is None:
+            self._close_reason = ConnectionClosedError(f"connection to {self.addr} closed")
+        self._flush()
+        if not self._transport.can_write_eof():
+            await self.aclose()
+            return
+        self._transport.write_eof()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._lost)
+        except TimeoutError:
+            self._abort(ConnectionClosedError(f"{self.addr} did not close after EOF"))
+
+    async def aclose(self) -> None:
+        """Close the link; pending requests fail with ConnectionClosedError."""
+        if self._close_reason is None:
+            self._close_reason = ConnectionClosedError(f"connection to {self.addr} closed")
+        self._fail_pending(self._close_reason)
+        if self._transport is not None:
+            self._flush()
+            self._transport.close()
+            await asyncio.shield(self._lost)
+
+
+async def open_connection(addr: str, *, token: str | None = None, client_name: str | None = None,
+                          on_epoch: EpochCallback | None = None,
+                          connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+                          request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S) -> Connection:
+    """Connect to `addr` and complete HELLO.
+
+    Raises:
+        OSError / TimeoutError: the broker cannot be reached.
+        AuthError: the broker refused the token (do not retry).
+        ServerError: any other HELLO refusal.
+    """
+    loop = asyncio.get_running_loop()
+    host, port = split_addr(addr)
+    async with asyncio.timeout(connect_timeout):
+        _, conn = await loop.create_connection(
+            lambda: Connection(addr, on_epoch, request_timeout=request_timeout), host, port)
+    hello: dict[str, Any] = {"version": protocol.PROTOCOL_VERSION,
+                             "client": client_name or f"shardq-py/{os.getpid()}"}
+    if token is not None:
+        hello["token"] = token
+    try:
+        reply = await conn.request(protocol.HELLO, hello, timeout=connect_timeout)
+    except BaseException:
+        conn._abort(ConnectionClosedError("HELLO failed"))
+        raise
+    if isinstance(reply, dict):
+        conn.broker_id = str(reply.get("broker_id", ""))
+        epoch = reply.get("epoch")
+        if isinstance(epoch, int) and epoch > conn.max_epoch:
+            conn.max_epoch = epoch
+    return conn

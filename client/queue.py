@@ -1,0 +1,260 @@
+"""The `Queue` API: add jobs, read counts and jobs, pause/resume/drain/obliterate.
+
+Names follow BullMQ in snake_case (DESIGN §8, §10). A partitioned queue
+(DESIGN §7: `topology.partitions[name] = P`) is stored as `name~0 ..
+name~P-1`; `add` picks one partition per job and the read/admin calls fan
+out over all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from shardq import protocol
+from shardq.router import partition_for, partition_name
+
+from .ids import uuid7
+
+if TYPE_CHECKING:
+    from .client import Client
+
+COUNT_FIELDS = ("waiting", "delayed", "active", "completed", "failed")
+
+# add() options with a wire name of their own; anything else given to add()
+# is passed through as is (newer broker options, DESIGN §11).
+_OPTION_NAMES = frozenset({
+    "priority", "delay_ms", "attempts", "backoff", "job_id", "remove_on_complete",
+    "remove_on_fail", "partition_key", "timestamp",
+})
+
+
+def unpack(value: Any) -> Any:
+    """Decode a msgpack payload stored by the broker (data, result)."""
+    if isinstance(value, bytes | bytearray):
+        return msgpack.unpackb(value, raw=False)
+    return value
+
+
+def wire_opts(priority: int = 0, delay_ms: int = 0, attempts: int | None = None,
+              backoff: dict[str, Any] | None = None,
+              remove_on_complete: bool | int | None = None,
+              remove_on_fail: bool | int | None = None,
+              extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The ADD `opts` map, or None when every option is the default."""
+    opts: dict[str, Any] | None = dict(extra) if extra else None
+    if priority or delay_ms or attempts is not None or backoff is not None:
+        opts = opts or {}
+        if priority:
+            opts["priority"] = priority
+        if delay_ms:
+            opts["delay_ms"] = delay_ms
+        if attempts is not None:
+            opts["attempts"] = attempts
+        if backoff is not None:
+            opts["backoff"] = backoff
+    if remove_on_complete is not None or remove_on_fail is not None:
+        opts = opts or {}
+        if remove_on_complete is not None:
+            opts["remove_on_complete"] = remove_on_complete
+        if remove_on_fail is not None:
+            opts["remove_on_fail"] = remove_on_fail
+    return opts
+
+
+class Queue:
+    """One named queue. Get it with `client.queue(name)` (cached, cheap)."""
+
+    __slots__ = ("_batcher", "_client", "_packb", "name")
+
+    def __init__(self, client: Client, name: str) -> None:
+        if not name:
+            raise ValueError("queue name must not be empty")
+        self.name = name
+        self._client = client
+        self._batcher = client._batcher
+        self._packb = client._packb
+
+    def __repr__(self) -> str:
+        return f"Queue({self.name!r})"
+
+    # -- partitions ------------------------------------------------------------
+
+    def partitions(self) -> list[str]:
+        """The stored queue names: `[name]`, or `name~0 .. name~P-1` if partitioned."""
+        p = self._client._topology.topo.partitions.get(self.name)
+        if not p:
+            return [self.name]
+        return [partition_name(self.name, i) for i in range(p)]
+
+    def _target(self, job_id: str, partition_key: str | None) -> str:
+        p = self._client._topology.topo.partitions.get(self.name)
+        if not p:
+            return self.name
+        stored: str = partition_name(self.name, partition_for(partition_key or job_id, p))
+        return stored
+
+    # -- adding ----------------------------------------------------------------
+
+    async def add(self, name: str, data: Any = None, *, priority: int = 0, delay_ms: int = 0,
+                  attempts: int | None = None, backoff: dict[str, Any] | None = None,
+                  job_id: str | None = None, remove_on_complete: bool | int | None = None,
+                  remove_on_fail: bool | int | None = None, partition_key: str | None = None,
+                  **extra: Any) -> str:
+        """Add one job; return its id.
+
+        Concurrent calls are sent together in bulk ADD frames. Adding an id
+        that exists returns that id and changes nothing.
+
+        Args:
+            name: the job name given to the handler.
+            data: any msgpack-serialisable value (packed once, here).
+            priority: >= 0, lower runs first. delay_ms: run no earlier than this.
+            attempts: tries before the job fails for good (broker default 1).
+            backoff: `{"type": "fixed" | "exponential", "delay_ms": n}`.
+            job_id: your id; default a UUIDv7 made before sending, so a
+                resend after a timeout or redirect cannot add twice.
+            remove_on_complete / remove_on_fail: retention override (bool or count).
+            partition_key: picks the partition of a partitioned queue.
+            extra: further broker options, sent as is.
+
+        Raises:
+            ShardqError: the add was refused (`BadRequestError`,
+                `TooLargeError`, `BusyError`, `UnavailableError`, ...).
+        """
+        jid = job_id or uuid7()
+        opts = None
+        if priority or delay_ms or attempts is not None or backoff is not None or extra \
+                or remove_on_complete is not None or remove_on_fail is not None:
+            opts = wire_opts(priority, delay_ms, attempts, backoff,
+                             remove_on_complete, remove_on_fail, extra)
+        queue = self.name
+        if self._client._topology.topo.partitions:
+            queue = self._target(jid, partition_key)
+        result: str = await self._batcher.add(queue, [jid, name, self._packb(data), opts])
+        return result
+
+    async def add_bulk(self, jobs: Iterable[Sequence[Any]]) -> list[str]:
+        """Add many jobs; return their ids in order.
+
+        Each entry is `(name, data)` or `(name, data, opts)` with the option
+        names of `add`. Jobs are split by partition and owner broker and
+        sent in frames of up to 5000, in parallel.
+
+        Raises:
+            ShardqError: the first item error, after every item was tried
+                (the others are added).
+        """
+        partitioned = self.name in self._client._topology.topo.partitions
+        by_queue: dict[str, tuple[list[int], list[Any]]] = {}
+        items: list[Any] = []
+        packb = self._packb
+        # Hot loop: a (name, data) entry costs one id, one pack, one list.
+        for entry in jobs:
+            if len(entry) == 2 and not partitioned:
+                items.append([uuid7(), entry[0], packb(entry[1]), None])
+                continue
+            item, key = self._bulk_item(entry)
+            if not partitioned:
+                items.append(item)
+                continue
+            queue = self._target(item[0], key)
+            group = by_queue.get(queue)
+            if group is None:
+                group = by_queue[queue] = ([], [])
+            group[0].append(len(items))
+            group[1].append(item)
+            items.append(item)
+        if not partitioned:
+            by_queue = {self.name: (list(range(len(items))), items)}
+        ids: list[Any] = [None] * len(items)
+        chunk = self._batcher.max_items
+        sends: list[tuple[list[int], Any]] = []
+        for queue, (idxs, group_items) in by_queue.items():
+            for lo in range(0, len(group_items), chunk):
+                sends.append((idxs[lo:lo + chunk],
+                              self._client._send_add(queue, group_items[lo:lo + chunk])))
+        results = await asyncio.gather(*(s for _, s in sends))
+        first_error: BaseException | None = None
+        for (idxs, _), outcomes in zip(sends, results, strict=True):
+            for i, outcome in zip(idxs, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    first_error = first_error or outcome
+                ids[i] = outcome
+        if first_error is not None:
+            raise first_error
+        return ids
+
+    def _bulk_item(self, entry: Sequence[Any]) -> tuple[list[Any], str | None]:
+        """(wire item, partition key) of one add_bulk entry."""
+        if len(entry) == 2:
+            return [uuid7(), entry[0], self._packb(entry[1]), None], None
+        if len(entry) != 3:
+            raise ValueError(f"add_bulk entries are (name, data[, opts]), got {entry!r}")
+        name, data, given = entry
+        if not given:
+            return [uuid7(), name, self._packb(data), None], None
+        jid = given.get("job_id") or uuid7()
+        extra = {k: v for k, v in given.items() if k not in _OPTION_NAMES}
+        opts = wire_opts(given.get("priority", 0), given.get("delay_ms", 0), given.get("attempts"),
+                         given.get("backoff"), given.get("remove_on_complete"),
+                         given.get("remove_on_fail"), extra)
+        if "timestamp" in given:
+            opts = opts or {}
+            opts["timestamp"] = given["timestamp"]
+        return [jid, name, self._packb(data), opts], given.get("partition_key")
+
+    # -- reading -----------------------------------------------------------------
+
+    async def counts(self) -> dict[str, Any]:
+        """Jobs retained per state: `{waiting, delayed, active, completed, failed}` -> int,
+        plus `paused` (bool; for a partitioned queue, true when all partitions are)."""
+        parts = self.partitions()
+        replies = await asyncio.gather(
+            *(self._client._call(q, protocol.COUNTS, {"queue": q}) for q in parts))
+        total: dict[str, Any] = dict.fromkeys(COUNT_FIELDS, 0)
+        paused = True
+        for reply in replies:
+            for key in COUNT_FIELDS:
+                total[key] += int(reply.get(key, 0) or 0)
+            paused = paused and bool(reply.get("paused", False))
+        total["paused"] = paused
+        return total
+
+    async def get_job(self, job_id: str) -> dict[str, Any] | None:
+        """The job as a dict (`id, name, data, state, attempts_made, result,
+        failed_reason, ...`; data and result decoded), or None if unknown."""
+        for q in self.partitions():
+            reply = await self._client._call(q, protocol.GET_JOB, {"queue": q, "id": job_id})
+            if reply:
+                job = dict(reply)
+                job["data"] = unpack(job.get("data"))
+                job["result"] = unpack(job.get("result"))
+                job.setdefault("queue", self.name)
+                return job
+        return None
+
+    # -- admin -----------------------------------------------------------------
+
+    async def _each(self, op: str, **args: Any) -> list[Any]:
+        return list(await asyncio.gather(
+            *(self._client._call(q, op, {"queue": q, **args}) for q in self.partitions())))
+
+    async def pause(self) -> None:
+        """Stop handing out jobs (adds still work)."""
+        await self._each(protocol.PAUSE)
+
+    async def resume(self) -> None:
+        """Hand out jobs again after `pause`."""
+        await self._each(protocol.RESUME)
+
+    async def drain(self, delayed: bool = False) -> int:
+        """Remove waiting jobs (and delayed ones when asked); return how many."""
+        return sum(int(n or 0) for n in await self._each(protocol.DRAIN, delayed=delayed))
+
+    async def obliterate(self) -> None:
+        """Remove the queue and every job in it."""
+        await self._each(protocol.OBLITERATE)

@@ -1,0 +1,464 @@
+"""The `Worker`: pull jobs, run the handler, ack in pipelined batches.
+
+Slots. A worker has `concurrency` slots; the invariant is
+`free + reserved + running == concurrency`. A pull (or the pull riding on
+an ack) reserves slots before it is sent and gives back what it did not
+fill, so a worker never holds more jobs than it has slots, whichever
+brokers they come from.
+
+Flow. One pull loop per broker that owns some of the worker's queues
+(re-planned when the topology changes) long-polls `PULL`. When a handler
+returns, its slot frees at once and the ack joins a pending `ACK` batch
+flushed with `call_soon`; the batch carries a `pull` for the free slots
+(ack-and-fetch), so under load one frame both acks and refills. Failures go
+out as `FAIL` items; the broker decides retry or final failure. Every
+`lock_ms / 2` one `EXTEND` frame renews the locks of all running jobs.
+
+`LOCK_LOST` (the lock expired and the job went back to waiting): the
+result is dropped and logged; the broker redelivers the job (at-least-once,
+DESIGN §2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from shardq import protocol
+from shardq.errors import (
+    AuthError,
+    BadRequestError,
+    BusyError,
+    ConnectionClosedError,
+    LockLostError,
+    MovedError,
+    ShardqError,
+    TryAgainError,
+)
+from shardq.router import partition_name
+
+if TYPE_CHECKING:
+    from .client import Client
+
+log = logging.getLogger("shardq.worker")
+
+Handler = Callable[["Job"], Awaitable[Any] | Any]
+_queue_of = itemgetter(0)
+_FATAL = (AuthError, BadRequestError)
+
+
+class Job:
+    """A job delivered to a handler.
+
+    Attributes:
+        id, name, data: as added (`data` is decoded on first access).
+        queue: the queue name the worker was given; `partition` is the
+            stored name it came from (`queue~i` for a partitioned queue).
+        attempts_made: finished attempts before this one.
+        attempts_started: deliveries including this one.
+        timestamp: when it was added (ms). token: this delivery's lock token.
+    """
+
+    __slots__ = ("_client", "_data", "_raw", "attempts_made", "attempts_started", "broker", "id",
+                 "lock_lost", "lock_ms", "name", "partition", "queue", "timestamp", "token")
+
+    def __init__(self, client: Client, broker: str, wire: list[Any]) -> None:
+        part: str = wire[protocol.J_QUEUE]
+        self.partition = part
+        self.queue = part.split("~", 1)[0] if "~" in part else part
+        self.id: str = wire[protocol.J_ID]
+        self.name: str = wire[protocol.J_NAME]
+        self._raw: Any = wire[protocol.J_DATA]
+        self._data: Any = _UNSET
+        self.token: Any = wire[protocol.J_TOKEN]
+        self.attempts_made: int = wire[protocol.J_ATTEMPTS_MADE]
+        self.attempts_started: int = wire[protocol.J_ATTEMPTS_STARTED]
+        self.timestamp: int = wire[protocol.J_TIMESTAMP]
+        self.lock_ms: int = wire[protocol.J_LOCK_MS] if len(wire) > protocol.J_LOCK_MS else 0
+        self.broker = broker
+        self.lock_lost = False
+        self._client = client
+
+    @property
+    def data(self) -> Any:
+        if self._data is _UNSET:
+            raw = self._raw
+            self._data = msgpack.unpackb(raw, raw=False) if isinstance(raw, bytes) else raw
+        return self._data
+
+    def __repr__(self) -> str:
+        return f"Job({self.partition!r}, {self.id!r}, {self.name!r})"
+
+    async def update_progress(self, progress: Any) -> None:
+        """Record progress (a number or any msgpack value).
+
+        Raises:
+            LockLostError: this delivery no longer holds the job.
+        """
+        await self._client._call(self.partition, protocol.PROGRESS, {
+            "queue": self.partition, "id": self.id, "token": self.token, "progress": progress})
+
+
+_UNSET: Any = object()
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What a failed attempt records as `failed_reason`."""
+    return str(exc) or repr(exc)
+
+
+class Worker:
+    """Runs `handler` on jobs of some queues. Create with `client.worker(...)`."""
+
+    def __init__(self, client: Client, queues: list[str], handler: Handler, *,
+                 concurrency: int = 1, lock_ms: int = protocol.DEFAULT_LOCK_MS,
+                 wait_ms: int = 5000) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        if not queues:
+            raise ValueError("a worker needs at least one queue")
+        self.queues = queues
+        self.handler = handler
+        self.concurrency = concurrency
+        self.lock_ms = lock_ms
+        self.wait_ms = min(wait_ms, protocol.MAX_WAIT_MS)
+        self.completed = 0
+        self.failed = 0
+        self._client = client
+        self._cluster = client._cluster
+        self._topology = client._topology
+        self._packb: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
+        self._free = concurrency
+        self._running: set[Job] = set()
+        self._handlers: set[asyncio.Future[Any]] = set()
+        self._slots = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._acks: list[list[Any]] = []
+        self._fails: list[list[Any]] = []
+        self._flush_scheduled = False
+        self._ack_tasks: set[asyncio.Task[None]] = set()
+        self._pull_loops = 0
+        self._started = False
+        self._closing = False
+        self._lane = f"pull-{id(self):x}"
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        """Jobs whose handler is running now."""
+        return len(self._running)
+
+    async def run(self) -> None:
+        """Pull and process jobs until `close()`; then finish in-flight jobs and acks.
+
+        Raises:
+            AuthError / BadRequestError: the broker refused the worker's requests.
+        """
+        if self._started:
+            raise RuntimeError("Worker.run() was already called")
+        self._started = True
+        extender = asyncio.get_running_loop().create_task(self._extend_loop())
+        try:
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    await self._supervise(tg)
+            except BaseExceptionGroup as group:
+                raise _first(group) from None
+            await self._drain()
+        finally:
+            await self._cluster.close_lane(self._lane)
+            extender.cancel()
+            # Only left when run() itself failed or was cancelled: nothing
+            # outlives run() (their jobs' locks run out and are redelivered).
+            for fut in [*self._handlers, *self._ack_tasks]:
+                fut.cancel()
+            self._finished.set()
+
+    async def close(self) -> None:
+        """Stop pulling, wait for running handlers, flush their acks. Idempotent.
+
+        Long-poll PULLs wait on the worker's own connections, which close
+        half-closes: a broker answers a parked PULL with what it already
+        handed it (those jobs are run too) and drops the rest, so close
+        takes one round trip for an idle queue rather than `wait_ms`, and
+        no job is left locked by a reply nobody read.
+        """
+        self._closing = True
+        self._stop.set()
+        self._slots.set()
+        await self._cluster.close_lane(self._lane)
+        if not self._started:
+            return
+        current = asyncio.current_task()
+        if current is not None and current in self._handlers:
+            return  # called from a handler: waiting here would wait for ourselves
+        await self._finished.wait()
+
+    async def _supervise(self, tg: asyncio.TaskGroup) -> None:
+        """Keep one pull loop per broker owning our queues, until close()."""
+        loops: dict[str, asyncio.Task[None]] = {}
+        seen = -1
+        while not self._closing:
+            for bid in self._owners():
+                task = loops.get(bid)
+                if task is None or task.done():
+                    loops[bid] = tg.create_task(self._pull_loop(bid))
+            changed = asyncio.ensure_future(self._topology.wait_changed(seen))
+            stop = asyncio.ensure_future(self._stop.wait())
+            try:
+                await asyncio.wait((changed, stop), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+                stop.cancel()
+            seen = self._topology.version
+
+    async def _drain(self) -> None:
+        """After the pull loops ended: wait for handlers, then for their acks."""
+        while self._handlers or self._ack_tasks or self._acks or self._fails:
+            if self._handlers:
+                await asyncio.wait(set(self._handlers))
+                continue
+            self._flush()
+            if self._ack_tasks:
+                await asyncio.wait(set(self._ack_tasks))
+
+    # -- routing -----------------------------------------------------------------
+
+    def _stored_queues(self) -> list[str]:
+        parts = self._topology.topo.partitions
+        out: list[str] = []
+        for q in self.queues:
+            p = parts.get(q)
+            out.extend([partition_name(q, i) for i in range(p)] if p else [q])
+        return out
+
+    def _owners(self) -> set[str]:
+        owners: set[str] = set()
+        for q in self._stored_queues():
+            route = self._topology.route(q)
+            if route is not None:
+                owners.add(route[0])
+        return owners
+
+    def _queues_on(self, bid: str) -> list[str]:
+        route = self._topology.route
+        return [q for q in self._stored_queues() if (r := route(q)) is not None and r[0] == bid]
+
+    # -- slots -------------------------------------------------------------------
+
+    def _reserve(self, share: int) -> int:
+        n = min(self._free, share)
+        self._free -= n
+        return n
+
+    def _release(self, n: int) -> None:
+        if n > 0:
+            self._free += n
+            self._slots.set()
+
+    async def _wait_slots(self) -> None:
+        while self._free <= 0 and not self._closing:
+            self._slots.clear()
+            await self._slots.wait()
+
+    # -- pulling -----------------------------------------------------------------
+
+    async def _pull_loop(self, bid: str) -> None:
+        self._pull_loops += 1
+        try:
+            while not self._closing:
+                queues = self._queues_on(bid)
+                if not queues:
+                    return  # none of our queues lives there any more
+                await self._wait_slots()
+                if self._closing:
+                    return
+                n = self._reserve(math.ceil(self._free / max(self._pull_loops, 1)))
+                try:
+                    jobs = await self._pull(bid, queues, n)
+                except BaseException:
+                    self._release(n)
+                    raise
+                self._release(n - self._dispatch(bid, jobs))
+        finally:
+            self._pull_loops -= 1
+
+    async def _pull(self, bid: str, queues: list[str], n: int) -> list[Any]:
+        args = {"queues": queues, "count": n, "wait_ms": self.wait_ms, "lock_ms": self.lock_ms}
+        timeout = self.wait_ms / 1000 + self._client._request_timeout
+        try:
+            jobs: list[Any] = await self._cluster.call_broker(bid, protocol.PULL, args, timeout,
+                                                              lane=self._lane)
+            return jobs
+        except ConnectionClosedError:
+            if not self._closing:
+                raise
+        except MovedError as exc:
+            self._topology.patch(exc)
+            await self._topology.refresh()
+        except (TryAgainError, BusyError) as exc:
+            await asyncio.sleep(exc.retry_after_ms / 1000)
+        except _FATAL:
+            raise
+        except ShardqError as exc:  # unavailable past the budget, or an odd answer
+            log.warning("pull from %s failed: %s; retrying", bid, exc)
+            await self._topology.refresh()
+            await asyncio.sleep(0.5)
+        return []
+
+    def _dispatch(self, bid: str, jobs: list[Any]) -> int:
+        """Start a handler per delivered job; return how many."""
+        loop = asyncio.get_running_loop()
+        for wire in jobs:
+            job = Job(self._client, bid, wire)
+            self._running.add(job)
+            try:
+                res = self.handler(job)
+            except Exception as exc:
+                self._finish(job, None, exc)
+                continue
+            if inspect.iscoroutine(res) or inspect.isawaitable(res):
+                fut = loop.create_task(res) if inspect.iscoroutine(res) \
+                    else asyncio.ensure_future(res)
+                self._handlers.add(fut)
+                fut.add_done_callback(functools.partial(self._on_done, job))
+            else:
+                self._finish(job, res, None)
+        return len(jobs)
+
+    def _on_done(self, job: Job, fut: asyncio.Future[Any]) -> None:
+        self._handlers.discard(fut)
+        if fut.cancelled():
+            # Cancelled by run()'s own cancellation: no ack, the lock runs
+            # out and the broker redelivers (at-least-once).
+            self._running.discard(job)
+            self._release(1)
+            log.warning("handler for %r was cancelled; the job will be redelivered", job)
+            return
+        exc = fut.exception()
+        self._finish(job, None if exc is not None else fut.result(), exc)
+
+    def _finish(self, job: Job, result: Any, exc: BaseException | None) -> None:
+        self._running.discard(job)
+        if job.lock_lost:
+            log.warning("%r lost its lock while running; its result is dropped", job)
+        elif exc is None:
+            try:
+                packed = None if result is None else self._packb(result)
+            except Exception as pack_exc:
+                exc = TypeError(f"handler result cannot be packed: {pack_exc}")
+            else:
+                self._acks.append([job.partition, job.id, job.token, packed])
+        if exc is not None and not job.lock_lost:
+            self._fails.append([job.partition, job.id, job.token, failure_reason(exc)])
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            # Scheduled before the slot event wakes a pull loop, so the ack
+            # frame takes the free slot (ack-and-fetch) rather than a new PULL.
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._release(1)
+
+    # -- acks ------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        acks, self._acks = self._acks, []
+        fails, self._fails = self._fails, []
+        if acks:
+            # Reserve the free slots now, before a woken pull loop can take
+            # them, so that the refill rides on this ACK (ack-and-fetch).
+            pool = self._reserve(self._free) if not self._closing else 0
+            self._spawn(self._send_acks(acks, pool))
+        if fails:
+            self._spawn(self._send_fails(fails))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._ack_tasks.add(task)
+        task.add_done_callback(self._ack_tasks.discard)
+
+    async def _send_acks(self, items: list[list[Any]], pool: int) -> None:
+        """ACK `items`; the first frame to a broker with our queues carries a
+        pull for the `pool` slots reserved by `_flush`."""
+        reserved: dict[str, int] = {}
+        left = [pool]
+
+        def make_args(bid: str, sub: list[Any], rnd: int) -> Any:
+            args: dict[str, Any] = {"items": sub}
+            if rnd == 0 and left[0] and not self._closing:
+                queues = self._queues_on(bid)
+                if queues:
+                    n, left[0] = left[0], 0
+                    reserved[bid] = n
+                    args["pull"] = {"queues": queues, "count": n, "lock_ms": self.lock_ms}
+            return args
+
+        def parse(bid: str, reply: Any) -> list[Any]:
+            if isinstance(reply, dict):
+                n = reserved.pop(bid, 0)
+                self._release(n - self._dispatch(bid, reply.get("jobs") or []))
+                acks: list[Any] = reply.get("acks") or []
+                return acks
+            result: list[Any] = reply
+            return result
+
+        try:
+            outcomes = await self._cluster.bulk(protocol.ACK, items, _queue_of, make_args, parse)
+        finally:
+            self._release(left[0] + sum(reserved.values()))
+        self.completed += self._report("ack", items, outcomes)
+
+    async def _send_fails(self, items: list[list[Any]]) -> None:
+        outcomes = await self._cluster.bulk(protocol.FAIL, items, _queue_of, _items_args)
+        self.failed += self._report("fail", items, outcomes)
+
+    def _report(self, what: str, items: list[list[Any]], outcomes: list[Any]) -> int:
+        ok = 0
+        for item, outcome in zip(items, outcomes, strict=True):
+            if isinstance(outcome, LockLostError):
+                log.warning("%s of job %s in %s: lock lost, result dropped", what, item[1], item[0])
+            elif isinstance(outcome, BaseException):
+                log.error("%s of job %s in %s failed: %s (it will be redelivered)",
+                          what, item[1], item[0], outcome)
+            else:
+                ok += 1
+        return ok
+
+    # -- locks -------------------------------------------------------------------------
+
+    async def _extend_loop(self) -> None:
+        interval = self.lock_ms / 2000
+        while True:
+            await asyncio.sleep(interval)
+            jobs = list(self._running)
+            if not jobs:
+                continue
+            items = [[j.partition, j.id, j.token, self.lock_ms] for j in jobs]
+            outcomes = await self._cluster.bulk(protocol.EXTEND, items, _queue_of, _items_args)
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                if isinstance(outcome, LockLostError):
+                    job.lock_lost = True
+                    log.warning("%r lost its lock; its result will be dropped", job)
+                elif isinstance(outcome, BaseException):
+                    log.warning("extending the lock of %r failed: %s", job, outcome)
+
+
+def _items_args(_bid: str, sub: list[Any], _rnd: int) -> Any:
+    return {"items": sub}
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

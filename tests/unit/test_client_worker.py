@@ -1,0 +1,242 @@
+"""Worker logic over an in-memory fake broker: slots, ack-and-fetch, failures, close."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from typing import Any
+
+import msgpack
+
+from shardq.client import Client
+from shardq.router import Topology
+
+
+class FakeBroker:
+    """Just enough of a broker for one queue: PULL (long poll), ACK(+pull), FAIL, EXTEND."""
+
+    def __init__(self, n_jobs: int) -> None:
+        self.waiting = collections.deque(f"j{i}" for i in range(n_jobs))
+        self.tokens: dict[str, int] = {}
+        self.acked: list[str] = []
+        self.failed: list[tuple[str, str]] = []
+        self.frames: list[tuple[str, int]] = []  # (op, items or count)
+        self.parked: list[tuple[asyncio.Future[Any], int]] = []
+        self.next_token = 1
+
+    def _take(self, count: int) -> list[Any]:
+        out = []
+        while self.waiting and len(out) < count:
+            jid = self.waiting.popleft()
+            self.tokens[jid] = tok = self.next_token
+            self.next_token += 1
+            out.append(["q", jid, "n", msgpack.packb({"id": jid}), tok, 0, 1, 0, 1000])
+        return out
+
+    def handle(self, op: str, args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        if op == "PULL":
+            self.frames.append((op, args["count"]))
+            jobs = self._take(args["count"])
+            if jobs:
+                return jobs
+            fut: asyncio.Future[Any] = loop.create_future()
+            self.parked.append((fut, args["count"]))
+            loop.call_later(args["wait_ms"] / 1000, lambda: fut.done() or fut.set_result([]))
+            return fut
+        items = args["items"]
+        self.frames.append((op, len(items)))
+        out = []
+        for _q, jid, tok, val in items:
+            if self.tokens.get(jid) != tok:
+                out.append(["LOCK_LOST", "stale"])
+                continue
+            if op == "ACK":
+                self.acked.append(jid)
+            elif op == "FAIL":
+                self.failed.append((jid, val))
+            out.append(None)
+        if op == "ACK" and "pull" in args:
+            return {"acks": out, "jobs": self._take(args["pull"]["count"])}
+        return out
+
+
+class FakeConn:
+    def __init__(self, broker: FakeBroker) -> None:
+        self.broker, self.addr, self.broker_id, self.max_epoch = broker, "h:1", "b1", 0
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def request(self, op: str, args: Any, timeout: float | None = None) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        out: asyncio.Future[Any] = loop.create_future()
+        res = self.broker.handle(op, args)
+        if isinstance(res, asyncio.Future):
+            def relay(f: asyncio.Future[Any]) -> None:
+                if not out.done():
+                    out.set_result(f.result())
+            res.add_done_callback(relay)
+        else:
+            loop.call_soon(lambda: out.done() or out.set_result(res))
+        return out
+
+    async def wait_writable(self) -> None:
+        return None
+
+    async def drain_close(self) -> None:
+        self._closed = True
+
+    async def aclose(self) -> None:
+        self._closed = True
+
+
+async def make_client(broker: FakeBroker) -> Client:
+    async def connector(addr: str) -> Any:
+        return FakeConn(broker)
+
+    client = Client(seeds=["h:1"], connector=connector)
+    client._topology.replace(Topology.standalone("b1", "h:1"))
+    return client
+
+
+def run(coro: Any) -> Any:
+    async def bounded() -> Any:
+        async with asyncio.timeout(10):
+            return await coro
+
+    return asyncio.run(bounded())
+
+
+async def until(cond: Any) -> None:
+    while not cond():
+        await asyncio.sleep(0.005)
+
+
+def test_slots_bound_concurrency_and_acks_refill_by_ack_and_fetch() -> None:
+    async def main() -> None:
+        broker = FakeBroker(500)
+        client = await make_client(broker)
+        running = [0]
+        peak = [0]
+
+        async def handle(job: Any) -> Any:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            await asyncio.sleep(0.001)
+            running[0] -= 1
+            return job.data["id"]
+
+        worker = client.worker("q", handle, concurrency=10, wait_ms=50)
+        task = asyncio.create_task(worker.run())
+        await until(lambda: worker.completed >= 500)
+        await worker.close()
+        await task
+        assert peak[0] == 10
+        assert sorted(broker.acked) == sorted(f"j{i}" for i in range(500))
+        pulls = [n for op, n in broker.frames if op == "PULL"]
+        acks = [n for op, n in broker.frames if op == "ACK"]
+        # the refill rides on acks: far fewer PULL frames than jobs, acks batched
+        assert len(pulls) < 25
+        assert len(acks) < 250
+        await client.aclose()
+
+    run(main())
+
+
+def test_handler_errors_become_fail_items_with_the_reason() -> None:
+    async def main() -> None:
+        broker = FakeBroker(3)
+        client = await make_client(broker)
+
+        async def handle(job: Any) -> None:
+            raise ValueError(f"no {job.id}")
+
+        worker = client.worker("q", handle, concurrency=3, wait_ms=50)
+        task = asyncio.create_task(worker.run())
+        await until(lambda: worker.failed >= 3)
+        await worker.close()
+        await task
+        assert sorted(broker.failed) == [("j0", "no j0"), ("j1", "no j1"), ("j2", "no j2")]
+        await client.aclose()
+
+    run(main())
+
+
+def test_a_lost_lock_drops_the_result_and_does_not_count_it() -> None:
+    async def main() -> None:
+        broker = FakeBroker(1)
+        client = await make_client(broker)
+        gate = asyncio.Event()
+
+        async def handle(job: Any) -> str:
+            await gate.wait()
+            return "late"
+
+        worker = client.worker("q", handle, wait_ms=50)
+        task = asyncio.create_task(worker.run())
+        await until(lambda: worker.running == 1)
+        broker.tokens["j0"] = -1  # the broker revoked the token (lock expired)
+        gate.set()
+        await until(lambda: worker.running == 0)
+        await worker.close()
+        await task
+        assert broker.acked == [] and worker.completed == 0
+        await client.aclose()
+
+    run(main())
+
+
+def test_close_waits_for_running_handlers_and_flushes_their_acks() -> None:
+    async def main() -> None:
+        broker = FakeBroker(4)
+        client = await make_client(broker)
+        gate = asyncio.Event()
+
+        async def handle(job: Any) -> None:
+            await gate.wait()
+
+        worker = client.worker("q", handle, concurrency=4, wait_ms=5000)
+        task = asyncio.create_task(worker.run())
+        await until(lambda: worker.running == 4)
+        closing = asyncio.create_task(worker.close())
+        await asyncio.sleep(0.05)
+        assert not closing.done()  # handlers still running
+        gate.set()
+        await closing
+        await task
+        assert sorted(broker.acked) == ["j0", "j1", "j2", "j3"]
+        await client.aclose()
+
+    run(main())
+
+
+def test_cancelling_run_cancels_handlers_without_acking() -> None:
+    async def main() -> None:
+        broker = FakeBroker(2)
+        client = await make_client(broker)
+        cancelled: list[str] = []
+
+        async def handle(job: Any) -> None:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.append(job.id)
+                raise
+
+        worker = client.worker("q", handle, concurrency=2, wait_ms=50)
+        task = asyncio.create_task(worker.run())
+        await until(lambda: worker.running == 2)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0)
+        assert sorted(cancelled) == ["j0", "j1"]
+        assert broker.acked == [] and broker.failed == []
+        await worker.close()  # returns at once after run() ended
+        await client.aclose()
+
+    run(main())
