@@ -14,9 +14,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import uvloop  # noqa: E402
+import uvloop
 
-from shardq.codec import FrameDecoder, encode_frame  # noqa: E402
+from shardq.codec import FrameDecoder, encode_frame
 
 
 class Echo(asyncio.Protocol):

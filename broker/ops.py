@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from shardq import protocol as p
 from shardq.broker import validate as v
 from shardq.broker.engine import Broker, Sink, Waiter
 from shardq.broker.queue import LOCK_LOST, NOT_FOUND, QueueState
-from shardq import protocol as p
 from shardq.errors import BadRequestError, LockLostError, NotFoundError, ServerError
 
 PARKED = object()

@@ -17,9 +17,9 @@ import socket
 import sys
 from typing import Any
 
+from shardq import protocol as p
 from shardq.broker.engine import Broker, BrokerConfig
 from shardq.broker.ops import HANDLERS, PARKED, WRITE_OPS
-from shardq import protocol as p
 from shardq.codec import FrameDecoder, encode_frame, is_bad_frame
 from shardq.errors import AuthError, BadRequestError, ServerError, TooLargeError
 

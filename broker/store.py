@@ -25,9 +25,9 @@ from typing import Any
 
 import msgpack
 
+from shardq import failpoints
 from shardq.broker.job import Job
 from shardq.broker.replay import Images, QueueImage, apply_op
-from shardq import failpoints
 
 log = logging.getLogger("shardq.broker.store")
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+
 from shardq.router import BrokerState, Topology
 
 DB_NAME = "coordinator.db"

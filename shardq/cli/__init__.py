@@ -20,11 +20,13 @@ def _root() -> None:
 def _register() -> None:
     # Each module adds its commands to `app`; imported here so `shardq --help`
     # lists them all and each stays a small file.
-    from shardq.cli import broker_cmd  # noqa: F401
-    from shardq.cli import coordinator_cmd  # noqa: F401
-    from shardq.cli import cluster_cmd  # noqa: F401
-    from shardq.cli import admin_cmd  # noqa: F401
-    from shardq.cli import demo_cmd  # noqa: F401
+    from shardq.cli import (
+        admin_cmd,  # noqa: F401
+        broker_cmd,  # noqa: F401
+        cluster_cmd,  # noqa: F401
+        coordinator_cmd,  # noqa: F401
+        demo_cmd,  # noqa: F401
+    )
 
 
 _register()

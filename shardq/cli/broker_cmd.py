@@ -39,9 +39,9 @@ def broker(
     """Run one broker."""
     import uvloop
 
+    from shardq import failpoints
     from shardq.broker.engine import BrokerConfig
     from shardq.broker.server import serve
-    from shardq import failpoints
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     failpoints.configure(os.environ.get("SHARDQ_FAILPOINTS"))

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from shardq.broker.membership import MembershipAgent
 from shardq.router import NUM_SLOTS, Topology
 

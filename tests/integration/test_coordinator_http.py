@@ -10,10 +10,10 @@ from typing import Any
 
 import httpx
 import pytest
-from shardq.router import NUM_SLOTS, Ring, Topology, slot_of
 from typer.testing import CliRunner
 
 from shardq.cli import app
+from shardq.router import NUM_SLOTS, Ring, Topology, slot_of
 
 from ..conftest import Proc
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from shardq.coordinator import Conflict, Forbidden, Membership, NotFound, Store
 from shardq.coordinator.errors import BadRequest
 from shardq.router import NUM_SLOTS, BrokerState, Ring, Topology

@@ -16,9 +16,10 @@ from collections import Counter
 
 import mmh3
 import pytest
-import shardq.router as router
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import shardq.router as router
 from shardq.router import (
     NUM_SLOTS,
     Ring,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+
 from shardq.router import (
     NUM_SLOTS,
     BrokerInfo,

@@ -9,6 +9,7 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from shardq.router import NUM_SLOTS, BrokerInfo, BrokerState, Topology, hash64, slot_of
 from shardq.router import slots as slots_module
 
