@@ -43,7 +43,7 @@ PAYLOAD = {"to": "user@example.com", "body": "x" * 60}  # packs to ~100 bytes
 
 def start(args: list[str]) -> tuple[subprocess.Popen[bytes], str]:
     p = subprocess.Popen([sys.executable, "-m", "shardq", *args], stdout=subprocess.PIPE,
-                         stderr=open("/tmp/bench-broker.err", "ab"), cwd=ROOT)
+                         stderr=subprocess.DEVNULL, cwd=ROOT)
     assert p.stdout is not None
     line = p.stdout.readline().decode().strip()
     if not line.startswith("READY "):
@@ -71,7 +71,7 @@ async def w_add_bulk(client: shardq.Client, n: int) -> float:
     batch = 1000
     t0 = time.perf_counter()
     pending: list[asyncio.Task[Any]] = []
-    for i in range(0, n, batch):
+    for _ in range(0, n, batch):
         pending.append(asyncio.ensure_future(q.add_bulk([("j", PAYLOAD)] * batch)))
         if len(pending) >= 4:
             await pending.pop(0)
@@ -79,7 +79,8 @@ async def w_add_bulk(client: shardq.Client, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-async def w_concurrent(client: shardq.Client, n: int, inflight: int = 200) -> tuple[float, list[float]]:
+async def w_concurrent(client: shardq.Client, n: int,
+                       inflight: int = 200) -> tuple[float, list[float]]:
     q = client.queue("bench-conc")
     lat: list[float] = []
     per = n // inflight
@@ -108,7 +109,7 @@ async def w_serial(client: shardq.Client, seconds: float) -> tuple[float, list[f
 
 async def w_end_to_end(client: shardq.Client, n: int) -> float:
     q = client.queue("bench-e2e")
-    for i in range(0, n, 1000):
+    for _ in range(0, n, 1000):
         await q.add_bulk([("j", PAYLOAD)] * 1000)
     done = 0
     finished = asyncio.Event()
@@ -136,7 +137,7 @@ async def w_memory(addr: str, pid: int, n: int) -> float:
         await q.add_bulk([("j", b"")] * 10)  # warm the queue
         before = rss_of(pid)
         data = os.urandom(50).hex()  # ~100 packed bytes each, distinct
-        for i in range(0, n, 1000):
+        for _ in range(0, n, 1000):
             await q.add_bulk([("j", data)] * 1000)
         after = rss_of(pid)
     return (after - before) / n

@@ -307,7 +307,8 @@ class Broker:
     # ------------------------------------------------------------ checkpoints
     def _ckpt_due(self) -> bool:
         return self._ckpt_requested or self._commits_since_ckpt >= CHECKPOINT_EVERY_COMMITS or (
-            time.monotonic() - self._last_ckpt > CHECKPOINT_EVERY_S and self._commits_since_ckpt)
+            time.monotonic() - self._last_ckpt > CHECKPOINT_EVERY_S
+            and self._commits_since_ckpt > 0)
 
     def _begin_checkpoint(self, seq: int) -> None:
         # Called right after handing batch `seq` to the writer with the open

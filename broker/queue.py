@@ -257,7 +257,7 @@ class QueueState:
         moved = 0
         heap = self._delayed
         while heap and heap[0][0] <= now:
-            due, order, job = heapq.heappop(heap)
+            _, order, job = heapq.heappop(heap)
             if job.state != DELAYED or job.order != order:
                 continue
             self.n_delayed -= 1

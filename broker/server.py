@@ -46,15 +46,15 @@ class BrokerConnection(asyncio.Protocol):
             except OSError:
                 pass
         if len(self.server.connections) >= self.broker.config.max_connections:
-            transport.write(encode_frame([0, "BUSY", {"retry_after_ms": 1000,
-                                                      "message": "too many connections"}, 0]))
+            self.write(encode_frame([0, "BUSY", {"retry_after_ms": 1000,
+                                     "message": "too many connections"}, 0]))
             transport.close()
             return
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        self.broker.drop_sink(self)  # type: ignore[arg-type]
+        self.broker.drop_sink(self)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -79,7 +79,7 @@ class BrokerConnection(asyncio.Protocol):
         if immediate:
             self.write(b"".join(immediate))
         if deferred:
-            self.broker.defer_reply(self, b"".join(deferred))  # type: ignore[arg-type]
+            self.broker.defer_reply(self, b"".join(deferred))
 
     # requests ---------------------------------------------------------
     def _handle(self, frame: Any, immediate: list[bytes], deferred: list[bytes]) -> None:
@@ -102,7 +102,7 @@ class BrokerConnection(asyncio.Protocol):
             handler = HANDLERS.get(op) if isinstance(op, str) else None
             if handler is None:
                 raise BadRequestError(f"unknown op {op!r}")
-            body = handler(b, args, self, req_id)  # type: ignore[arg-type]
+            body = handler(b, args, self, req_id)
             if body is PARKED:
                 return
             out = self._reply(req_id, p.OK, body)

@@ -113,7 +113,7 @@ def token(v: Any) -> int:
 
 
 def item_list(args: Any, key: str = "items") -> list[Any]:
-    items = arg(args, key, list)
+    items: list[Any] = arg(args, key, list)
     for it in items:
         if not isinstance(it, list) or len(it) < 3:
             raise BadRequestError(f"each of {key!r} must be a list [queue, id, token, ...]")

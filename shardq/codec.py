@@ -19,7 +19,7 @@ _HEADER = struct.Struct(">I")
 
 def encode_frame(value: Any) -> bytes:
     """Pack one value as a length-prefixed msgpack frame."""
-    body = msgpack.packb(value, use_bin_type=True)
+    body: bytes = msgpack.packb(value, use_bin_type=True)
     return _HEADER.pack(len(body)) + body
 
 

@@ -42,7 +42,8 @@ class ServerError(ShardqError):
 class MovedError(ServerError):
     code = "MOVED"
 
-    def __init__(self, slot: int, owner: str, addr: str, epoch: int, queue: str | None = None) -> None:
+    def __init__(self, slot: int, owner: str, addr: str, epoch: int,
+                 queue: str | None = None) -> None:
         super().__init__(f"slot {slot} moved to {owner} at {addr} (epoch {epoch})")
         self.slot, self.owner, self.addr, self.epoch, self.queue = slot, owner, addr, epoch, queue
 
@@ -56,7 +57,8 @@ class MovedError(ServerError):
 class TryAgainError(ServerError):
     code = "TRYAGAIN"
 
-    def __init__(self, message: str = "slot is frozen for a handoff", retry_after_ms: int = 10) -> None:
+    def __init__(self, message: str = "slot is frozen for a handoff",
+                 retry_after_ms: int = 10) -> None:
         super().__init__(message)
         self.retry_after_ms = retry_after_ms
 
@@ -71,7 +73,8 @@ class StaleTermError(ServerError):
 class BusyError(ServerError):
     code = "BUSY"
 
-    def __init__(self, message: str = "broker is over its limits", retry_after_ms: int = 50) -> None:
+    def __init__(self, message: str = "broker is over its limits",
+                 retry_after_ms: int = 50) -> None:
         super().__init__(message)
         self.retry_after_ms = retry_after_ms
 

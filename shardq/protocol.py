@@ -70,7 +70,8 @@ STATS = "STATS"
 TOPOLOGY = "TOPOLOGY"
 
 # index of fields in a delivered job (PULL / ACK-with-pull)
-J_QUEUE, J_ID, J_NAME, J_DATA, J_TOKEN, J_ATTEMPTS_MADE, J_ATTEMPTS_STARTED, J_TIMESTAMP, J_LOCK_MS = range(9)
+(J_QUEUE, J_ID, J_NAME, J_DATA, J_TOKEN, J_ATTEMPTS_MADE, J_ATTEMPTS_STARTED, J_TIMESTAMP,
+ J_LOCK_MS) = range(9)
 
 JOB_FIELDS = (
     "id", "name", "data", "state", "priority", "attempts", "attempts_made",

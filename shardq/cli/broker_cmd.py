@@ -14,7 +14,8 @@ from shardq.cli import app
 @app.command("broker")
 def broker(
     broker_id: str = typer.Option(..., "--id", help="Stable broker id, e.g. b1."),
-    port: int = typer.Option(7101, help="TCP port; 0 binds a free port and prints READY host:port."),
+    port: int = typer.Option(
+        7101, help="TCP port; 0 binds a free port and prints READY host:port."),
     data_dir: str = typer.Option(..., help="Directory for this broker's SQLite file."),
     coordinator: str | None = typer.Option(
         None, help="Coordinator URL; without it the broker owns all slots (standalone)."),
@@ -26,10 +27,12 @@ def broker(
         False, "--fast",
         help="Answer writes BEFORE they are committed: a crash may lose the last few ms of "
              "answered writes. Default is durable (answer after fsync)."),
-    token: str | None = typer.Option(None, envvar="SHARDQ_TOKEN", help="Shared secret clients must send."),
+    token: str | None = typer.Option(
+        None, envvar="SHARDQ_TOKEN", help="Shared secret clients must send."),
     metrics_port: int | None = typer.Option(None, help="Serve Prometheus /metrics on this port."),
     max_jobs: int = typer.Option(10_000_000, min=1, help="Over this many jobs, adds get BUSY."),
-    max_memory: int = typer.Option(0, min=0, help="Over this RSS in bytes, adds get BUSY (0: off)."),
+    max_memory: int = typer.Option(
+        0, min=0, help="Over this RSS in bytes, adds get BUSY (0: off)."),
     max_frame: int = typer.Option(16 * 1024 * 1024, min=1024, help="Largest frame in bytes."),
     max_job_data: int = typer.Option(1024 * 1024, min=1, help="Largest job data in bytes."),
     max_connections: int = typer.Option(10_000, min=1, help="Most client connections."),
@@ -43,7 +46,8 @@ def broker(
     from shardq.broker.engine import BrokerConfig
     from shardq.broker.server import serve
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     failpoints.configure(os.environ.get("SHARDQ_FAILPOINTS"))
     config = BrokerConfig(
         broker_id=broker_id, data_dir=data_dir, advertise=advertise or "", durable=not fast,

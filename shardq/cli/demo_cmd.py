@@ -65,7 +65,8 @@ def _wait_ready(proc: subprocess.Popen[bytes]) -> str:
         line = raw.decode().strip()
         if line.startswith("READY "):
             return line.split(" ", 1)[1]
-    raise typer.Exit(f"the cluster did not start (exit code {proc.wait()})")
+    typer.echo(f"the cluster did not start (exit code {proc.wait()}); see its logs", err=True)
+    raise typer.Exit(1)
 
 
 async def _workload(url: str, n_jobs: int, n_queues: int, console: Console) -> None:
@@ -73,7 +74,6 @@ async def _workload(url: str, n_jobs: int, n_queues: int, console: Console) -> N
 
     names = [f"demo-{i}" for i in range(n_queues)]
     handled: collections.Counter[str] = collections.Counter()
-    attempts: collections.Counter[int] = collections.Counter()
     done = asyncio.Event()
     finished = 0
 

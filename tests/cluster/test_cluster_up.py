@@ -9,12 +9,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
 from shardq.router import NUM_SLOTS, Ring, Topology, slot_of
 
 from ..conftest import Proc
@@ -25,15 +26,7 @@ WAIT_S = 30.0
 QUEUES = ["emails", "enrich", "webhook", "tenant-7:reports"]
 
 
-@pytest.fixture
-def cluster(procs: list[Proc], tmp_path: Path) -> Iterator[Proc]:
-    """`cluster up -n 3` on free ports; `.addr` is the coordinator URL from READY."""
-    p = Proc(["cluster", "up", "-n", "3", "--data-dir", str(tmp_path / "data"),
-              "--coordinator-port", "0", "--base-port", "0"],
-             log_path=tmp_path / "supervisor.log")
-    procs.append(p)
-    assert p.addr.startswith("http://")
-    yield p
+# The `cluster` fixture (`cluster up -n 3` on free ports) lives in conftest.py.
 
 
 def cli(*args: str) -> Any:
