@@ -42,6 +42,38 @@ OBLITERATE {queue} -> nil (removes the queue and every job in it)
 QUEUES     {} -> {queue: {waiting, delayed, active, completed, failed, paused}}
 STATS      {} -> broker-wide figures (jobs, queues, commits, rss, ...)
 TOPOLOGY   {} -> the topology map this broker holds (DESIGN §5) | nil
+
+Handoff of a set of slots from source A to target B (DESIGN §6). The
+coordinator sends these with its `term`; a broker answers STALE_TERM to a
+term lower than the highest it has seen. Every step is idempotent for the
+same move_id (a retried step answers as the first did).
+
+HANDOFF_PREPARE  (to B) {move_id, slots, source, source_addr, term} -> {"state": "importing"}
+                 B durably records importing(move_id, slots) and wipes stale staging.
+HANDOFF_COPY     (to A) {move_id, slots, target, target_addr, term}
+                 -> {"queues": n, "jobs": n}
+                 A starts recording every op on those slots, streams a snapshot of
+                 their queues to B (IMPORT_CHUNKS on A's own connection to B) while
+                 it keeps serving, and answers once B stored them durably.
+HANDOFF_FREEZE   (to A) {move_id, slots, term} -> {"frozen": true}
+                 A durably records the freeze before answering; from then on every
+                 request for those slots answers TRYAGAIN. Survives restart.
+HANDOFF_CATCHUP  (to A) {move_id, term} -> {"ops": n}
+                 A sends B the ops recorded since the snapshot (IMPORT_OPS) and
+                 answers once B committed them: B is ready.
+  -- commit point: the coordinator persists epoch e+1 with owner B --
+HANDOFF_ACTIVATE (to B) {move_id, epoch, term} -> {"active": true}
+                 B moves staging to live in one small transaction and serves.
+HANDOFF_RELEASE  (to A) {move_id, epoch, owner, addr, term} -> {"released": true}
+                 A gives the slots up (answers MOVED naming B) and deletes their data.
+HANDOFF_ABORT    (to A and B) {move_id, term} -> {"aborted": true}
+                 Before the commit point only: A unfreezes, B drops staging and
+                 records move_id as aborted so it can never be activated.
+HANDOFF_STATUS   (to B; asked by a frozen A cut off from the coordinator)
+                 {move_id} -> "committed" | "aborted" | "pending"
+                 A move B has no record of is recorded as aborted.
+IMPORT_CHUNKS    (A to B) {move_id, chunks: [export chunk, ...]} -> nil
+IMPORT_OPS       (A to B) {move_id, ops: [redo op, ...]} -> nil
 """
 
 from __future__ import annotations
@@ -68,6 +100,19 @@ OBLITERATE = "OBLITERATE"
 QUEUES = "QUEUES"
 STATS = "STATS"
 TOPOLOGY = "TOPOLOGY"
+HANDOFF_PREPARE = "HANDOFF_PREPARE"
+HANDOFF_COPY = "HANDOFF_COPY"
+HANDOFF_FREEZE = "HANDOFF_FREEZE"
+HANDOFF_CATCHUP = "HANDOFF_CATCHUP"
+HANDOFF_ACTIVATE = "HANDOFF_ACTIVATE"
+HANDOFF_RELEASE = "HANDOFF_RELEASE"
+HANDOFF_ABORT = "HANDOFF_ABORT"
+HANDOFF_STATUS = "HANDOFF_STATUS"
+IMPORT_CHUNKS = "IMPORT_CHUNKS"
+IMPORT_OPS = "IMPORT_OPS"
+
+# Handoff phases as the topology's `moving` entries name them (DESIGN §5).
+PHASES = ("prepare", "copy", "freeze", "catch-up", "commit", "activate", "cleanup")
 
 # index of fields in a delivered job (PULL / ACK-with-pull)
 (J_QUEUE, J_ID, J_NAME, J_DATA, J_TOKEN, J_ATTEMPTS_MADE, J_ATTEMPTS_STARTED, J_TIMESTAMP,
