@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import msgpack
 
+from shardq.broker.handoff import Handoffs
 from shardq.broker.queue import QueueDefaults, QueueState
 from shardq.broker.replay import Images
 from shardq.broker.store import Store
@@ -109,15 +110,21 @@ class Broker:
         self._idle_waiters: list[asyncio.Future[None]] = []
         self.total_jobs = 0
         self.rss = 0
-        self.handoffs: dict[str, int] = {}
+        self.handoffs: dict[str, int] = {}  # handoff results, for metrics
+        self.handoff = Handoffs(self)
+        self._asking = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._committed_seq = 0
+        self._seq_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.started = time.time()
 
     # ------------------------------------------------------------ startup
     def recover(self) -> None:
         """Rebuild memory from SQLite; serve exactly the slots persisted."""
-        images, state, last_seq = self.store.open_and_recover()
-        self._seq = last_seq
+        images, state, staging, last_seq = self.store.open_and_recover()
+        self._seq = self._committed_seq = last_seq
         self._restore_ownership(state)
+        self.handoff.restore(state.get("handoff", {}), staging)
         self._build_queues(images)
         self.total_jobs = sum(len(q.jobs) for q in self.queues.values())
 
@@ -164,16 +171,24 @@ class Broker:
             return
         me = self.config.broker_id
         changed = False
+        lost: dict[str, list[int]] = {}
         for s in range(NUM_SLOTS):
             owner = topo.owner_of_slot(s)
             e = topo.slot_epoch(s)
             if owner == me and not self.owned[s] and e >= self.slot_epochs[s]:
-                self.owned[s], self.slot_epochs[s], changed = 1, e, True
-            elif owner != me and self.owned[s] and e > self.slot_epochs[s]:
-                self.owned[s], self.slot_epochs[s], changed = 0, e, True
+                # Bootstrap or forget hand slots over empty; a handoff's slots
+                # wait for ACTIVATE (guarantee 4), never for the map.
+                if not self.handoff.importing_slot(s):
+                    self.owned[s], self.slot_epochs[s], changed = 1, e, True
+            elif owner is not None and owner != me and self.owned[s] and e > self.slot_epochs[s]:
+                lost.setdefault(owner, []).append(s)  # a committed handoff moved it
         self.topology = topo
         self.term = max(self.term, topo.term)
         self.epoch = topo.epoch
+        for owner, slots in lost.items():
+            self.handoff.give_up(slots, owner, topo.addr_of(owner) or "",
+                                 max(topo.slot_epoch(s) for s in slots))
+            changed = True
         self.log.append(("O", None, self.ownership_state()))
         self._schedule_flush()
         if changed:
@@ -191,23 +206,30 @@ class Broker:
                 s += 1
             runs.append([start, s, e])
             s += 1
-        return {"slots": runs, "term": self.term, "topology": self.topology.to_dict()}
+        return {"slots": runs, "term": self.term, "topology": self.topology.to_dict(),
+                "handoff": self.handoff.state()}
 
     def queue_for(self, name: str) -> QueueState:
         """The queue if this broker owns its slot; raises MOVED/TRYAGAIN."""
         q = self.queues.get(name)
         if q is not None:
-            if self.owned[q.slot]:
-                return q
             slot = q.slot
+            if self.owned[slot] and not (self.handoff.frozen and slot in self.handoff.frozen):
+                return q
         else:
             slot = slot_of(name)
-            if self.owned[slot]:
+            if self.owned[slot] and not (self.handoff.frozen and slot in self.handoff.frozen):
                 q = self.queues[name] = QueueState(name, slot, self.log, self.defaults)
                 return q
         raise self._not_owner(slot, name)
 
+    def serves(self, q: QueueState) -> bool:
+        """Owned and not frozen for a handoff."""
+        return bool(self.owned[q.slot]) and q.slot not in self.handoff.frozen
+
     def _not_owner(self, slot: int, queue: str) -> Exception:
+        if slot in self.handoff.frozen:
+            return TryAgainError(f"slot {slot} is frozen for a handoff", 20)
         owner = self.topology.owner_of_slot(slot)
         addr = self.topology.addr_of(owner) if owner else None
         if owner is None or addr is None or owner == self.config.broker_id:
@@ -247,6 +269,8 @@ class Broker:
             return
         ops = self.log[:]
         self.log.clear()
+        if self.handoff.taps:
+            self.handoff.tap_batch(ops)
         replies = self._pending_replies
         self._pending_replies = []
         self._seq += 1
@@ -260,26 +284,29 @@ class Broker:
             try:
                 self.store.commit(seq, ops)
             except Exception as exc:
-                self._after_commit(exc, replies)
+                self._after_commit(exc, replies, seq)
             else:
-                self._after_commit(None, replies)
+                self._after_commit(None, replies, seq)
             return
         self._writer_busy = True
         assert self._loop is not None
         fut = self._loop.run_in_executor(self._writer, self.store.commit, seq, ops)
-        fut.add_done_callback(lambda f: self._after_commit(f.exception(), replies))
+        fut.add_done_callback(lambda f: self._after_commit(f.exception(), replies, seq))
         if start_ckpt:
             self._begin_checkpoint(seq)
 
     def _after_commit(self, exc: BaseException | None,
-                      replies: list[tuple[Sink, bytes]]) -> None:
+                      replies: list[tuple[Sink, bytes]], seq: int) -> None:
         self._writer_busy = False
+        self._committed_seq = seq
         if exc is not None:
             # A failed commit means answered writes could be lost: stop now and
             # let the supervisor restart us on the data that did commit.
             log.critical("commit failed: %r; exiting", exc)
             os._exit(3)
         self._send(replies)
+        if self._seq_waiters:
+            self._wake_seq_waiters()
         if self._ckpt_active and (
                 not self.log or time.monotonic() - self._last_step > CHECKPOINT_STEP_EVERY_S):
             self._checkpoint_step()  # commits come first, but the checkpoint never starves
@@ -306,6 +333,8 @@ class Broker:
 
     # ------------------------------------------------------------ checkpoints
     def _ckpt_due(self) -> bool:
+        if self.handoff.importing:
+            return False  # staging lives in the log until activation or abort
         return self._ckpt_requested or self._commits_since_ckpt >= CHECKPOINT_EVERY_COMMITS or (
             time.monotonic() - self._last_ckpt > CHECKPOINT_EVERY_S
             and self._commits_since_ckpt > 0)
@@ -360,6 +389,29 @@ class Broker:
                     f.set_result(None)
             self._idle_waiters = []
 
+    async def durable(self) -> None:
+        """Return once everything logged so far is committed. Unlike
+        `flush_all`, this does not wait for the log to run dry, so it ends
+        under any load."""
+        target = self._seq + (1 if self.log else 0)
+        if self._committed_seq >= target:
+            return
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._seq_waiters.append((target, fut))
+        self._schedule_flush()
+        await fut
+
+    def _wake_seq_waiters(self) -> None:
+        keep = []
+        for target, fut in self._seq_waiters:
+            if target <= self._committed_seq:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                keep.append((target, fut))
+        self._seq_waiters = keep
+
     async def flush_all(self, checkpoint: bool = False) -> None:
         """Wait until everything logged is committed (and checkpointed)."""
         assert self._loop is not None
@@ -374,6 +426,17 @@ class Broker:
             self._idle_waiters.append(fut)
             self._schedule_flush()
             await fut
+
+    def spawn(self, coro: Any) -> None:
+        """Run a task the broker owns (handoff steps); kept until it ends."""
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def mark_dirty(self, keys: list[tuple[str, str]]) -> None:
+        """Have the next checkpoint write these jobs (imported without ops)."""
+        self._writer.submit(self.store.mark_dirty, keys)
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
@@ -403,7 +466,10 @@ class Broker:
     def run_timers(self) -> None:
         """Promote due delayed jobs and expire locks in every queue."""
         now = self.clock()
+        frozen = self.handoff.frozen
         for q in self.queues.values():
+            if frozen and q.slot in frozen:
+                continue  # the target takes over its timers
             due = q.next_timer()
             if due is not None and due <= now:
                 moved = q.promote(now)
@@ -424,6 +490,18 @@ class Broker:
             if q.tombstones:
                 q.expire_tombstones(now)
         self.run_timers()
+        if self.handoff.frozen_moves and not self._asking:
+            self._asking = True
+            assert self._loop is not None
+            task = self._loop.create_task(self._ask_targets())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _ask_targets(self) -> None:
+        try:
+            await self.handoff.ask_targets()
+        finally:
+            self._asking = False
 
     # ------------------------------------------------------------ long polls
     def park(self, w: Waiter, wait_ms: int) -> None:
@@ -476,7 +554,7 @@ class Broker:
             out: list[list[Any]] = []
             for qn in w.queues:
                 qq = self.queues.get(qn)
-                if qq is not None and self.owned[qq.slot] and len(out) < w.count:
+                if qq is not None and self.serves(qq) and len(out) < w.count:
                     qq.pull(w.count - len(out), w.lock_ms, now, out)
             self._unpark(w)
             if out:

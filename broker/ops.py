@@ -8,14 +8,21 @@ PULL was parked and will be answered later by the broker.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shardq import protocol as p
 from shardq.broker import validate as v
 from shardq.broker.engine import Broker, Sink, Waiter
 from shardq.broker.queue import LOCK_LOST, NOT_FOUND, QueueState
-from shardq.errors import BadRequestError, LockLostError, NotFoundError, ServerError
+from shardq.errors import (
+    BadRequestError,
+    LockLostError,
+    NotFoundError,
+    ServerError,
+    ShardqError,
+)
 
 PARKED = object()
 
@@ -221,7 +228,65 @@ def op_topology(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
     return b.topology.to_dict() if b.topology.epoch else None
 
 
+# ---------------------------------------------------------------- handoffs
+def _spawn(b: Broker, sink: Sink, req_id: int, step: str,
+           work: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a handoff step as a task and answer when it is done (durably)."""
+    from shardq.broker.handoff import hit
+    from shardq.codec import encode_frame
+
+    async def run() -> None:
+        try:
+            hit(step, "before")
+            body = await work()
+            hit(step, "after")
+            frame = encode_frame([req_id, p.OK, body, b.epoch])
+        except ServerError as exc:
+            frame = encode_frame([req_id, exc.code, exc.to_body(), b.epoch])
+        except (OSError, ShardqError, TimeoutError) as exc:
+            frame = encode_frame([req_id, "UNAVAILABLE", f"{step}: {exc!r}", b.epoch])
+        except Exception as exc:  # a bug costs this step, not the broker
+            logging.getLogger("shardq.broker").exception("handoff step %s failed", step)
+            frame = encode_frame([req_id, BadRequestError.code, f"{step}: {exc!r}", b.epoch])
+        if not sink.is_closing():
+            sink.write(frame)
+
+    b.spawn(run())
+    return PARKED
+
+
+def _handoff(step: str, method: str) -> Handler:
+    def handler(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+        if not isinstance(args, dict):
+            raise BadRequestError("args must be a map")
+        return _spawn(b, sink, req_id, step, lambda: getattr(b.handoff, method)(args))
+
+    return handler
+
+
+def op_import_chunks(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    return b.handoff.import_chunks(v.arg(args, "move_id", str) and args)
+
+
+def op_import_ops(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    return b.handoff.import_ops(v.arg(args, "move_id", str) and args)
+
+
+def op_handoff_status(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    return b.handoff.status(v.arg(args, "move_id", str) and args)
+
+
 HANDLERS: dict[str, Handler] = {
+    p.HANDOFF_PREPARE: _handoff("prepare", "prepare"),
+    p.HANDOFF_COPY: _handoff("copy", "copy"),
+    p.HANDOFF_FREEZE: _handoff("freeze", "freeze"),
+    p.HANDOFF_CATCHUP: _handoff("catchup", "catchup"),
+    p.HANDOFF_ACTIVATE: _handoff("activate", "activate"),
+    p.HANDOFF_RELEASE: _handoff("cleanup", "release"),
+    p.HANDOFF_ABORT: _handoff("abort", "abort"),
+    p.HANDOFF_STATUS: op_handoff_status,
+    p.IMPORT_CHUNKS: op_import_chunks,
+    p.IMPORT_OPS: op_import_ops,
     p.PING: op_ping, p.ADD: op_add, p.PULL: op_pull, p.ACK: op_ack, p.FAIL: op_fail,
     p.EXTEND: op_extend, p.PROGRESS: op_progress, p.COUNTS: op_counts,
     p.GET_JOB: op_get_job, p.PAUSE: op_pause, p.RESUME: op_resume, p.DRAIN: op_drain,
@@ -231,4 +296,4 @@ HANDLERS: dict[str, Handler] = {
 
 # Replies to these wait for the group commit holding their ops (durable mode).
 WRITE_OPS = frozenset({p.ADD, p.ACK, p.FAIL, p.PROGRESS, p.PAUSE, p.RESUME, p.DRAIN,
-                       p.OBLITERATE})
+                       p.OBLITERATE, p.IMPORT_CHUNKS, p.IMPORT_OPS, p.HANDOFF_STATUS})

@@ -384,9 +384,12 @@ class QueueState:
     def export_chunks(self, chunk_size: int = 1000) -> Iterator[dict[str, Any]]:
         """Everything the queue holds as a stream of versioned chunks."""
         yield {"v": 1, "kind": "meta", "queue": self.name, "meta": self.meta()}
-        recs = [j.to_record() for j in sorted(self.jobs.values(), key=lambda j: j.order)]
-        for i in range(0, len(recs), chunk_size):
-            yield {"v": 1, "kind": "jobs", "queue": self.name, "jobs": recs[i:i + chunk_size]}
+        # Records are made chunk by chunk, so a caller that yields to the event
+        # loop between chunks (the handoff's copy) never blocks it for long.
+        jobs = sorted(self.jobs.values(), key=lambda j: j.order)
+        for i in range(0, len(jobs), chunk_size):
+            yield {"v": 1, "kind": "jobs", "queue": self.name,
+                   "jobs": [j.to_record() for j in jobs[i:i + chunk_size]]}
         tombs = list(self.tombstones.items())
         for i in range(0, len(tombs), chunk_size * 10):
             yield {"v": 1, "kind": "tombstones", "queue": self.name,

@@ -122,6 +122,60 @@ _APPLY: dict[str, Callable[[QueueImage, list[Any]], None]] = {
 QUEUE_OPS = frozenset(_APPLY)
 
 
+def apply_chunk(images: Images, chunk: dict[str, Any]) -> None:
+    """Apply one `QueueState.export_chunks` chunk (a handoff's copy step)."""
+    if chunk.get("v") != 1:
+        raise ValueError(f"unsupported export version {chunk.get('v')!r}")
+    img = images.get(chunk["queue"])
+    if img is None:
+        img = images[chunk["queue"]] = QueueImage()
+    kind = chunk["kind"]
+    if kind == "meta":
+        img.meta = dict(chunk["meta"])
+    elif kind == "jobs":
+        for rec in chunk["jobs"]:
+            job = Job.from_record(list(rec))
+            img.jobs[job.id] = job
+    elif kind == "tombstones":
+        for jid, ts in chunk["tombstones"]:
+            img.tombstones[jid] = ts
+    else:
+        raise ValueError(f"unknown export chunk kind {kind!r}")
+
+
+def apply_broker_op(images: Images, broker_state: dict[str, Any],
+                    staging: dict[str, Images], op: list[Any]) -> None:
+    """Broker-level ops (their second element is None):
+
+        ("O", None, state)            ownership, freezes, imports, terms
+        ("SC", None, move_id, chunks) a handoff's copy chunks, into staging
+        ("SO", None, move_id, ops)    a handoff's catch-up ops, into staging
+        ("I", None, move_id)          activation: staging becomes live
+        ("AB", None, move_id)         an aborted import: staging dropped
+        ("G", None, [queues])         queues handed off: dropped
+    """
+    code = op[0]
+    if code == "O":
+        broker_state.update(op[2])
+    elif code == "SC":
+        stage = staging.setdefault(op[2], {})
+        for chunk in op[3]:
+            apply_chunk(stage, chunk)
+    elif code == "SO":
+        stage = staging.setdefault(op[2], {})
+        for sub in op[3]:
+            apply_op(stage, sub)
+    elif code == "I":
+        images.update(staging.pop(op[2], {}))
+    elif code == "AB":
+        staging.pop(op[2], None)
+    elif code == "G":
+        for name in op[2]:
+            images.pop(name, None)
+    else:
+        raise ValueError(f"unknown broker op {code!r}")
+
+
 def apply_op(images: Images, op: list[Any]) -> None:
     """Apply one queue op; broker-level ops are handled by the caller."""
     img = images.get(op[1])

@@ -27,7 +27,7 @@ import msgpack
 
 from shardq import failpoints
 from shardq.broker.job import Job
-from shardq.broker.replay import Images, QueueImage, apply_op
+from shardq.broker.replay import Images, QueueImage, apply_broker_op, apply_op
 
 log = logging.getLogger("shardq.broker.store")
 
@@ -52,10 +52,11 @@ class Store:
         self._wal_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ startup
-    def open_and_recover(self) -> tuple[Images, dict[str, Any], int]:
+    def open_and_recover(self) -> tuple[Images, dict[str, Any], dict[str, Images], int]:
         """Open (creating) the file and rebuild queue images from it.
 
-        Returns (images, broker_state, last_seq)."""
+        Returns (images, broker_state, staging, last_seq): `staging` holds the
+        queues of handoffs this broker is importing, by move id."""
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
@@ -87,17 +88,18 @@ class Store:
             else:
                 img.jobs[jid] = Job.from_record(rec)
         last_seq = ckpt_seq
+        staging: dict[str, Images] = {}
         for seq, blob in db.execute("SELECT seq, ops FROM log WHERE seq > ? ORDER BY seq",
                                     (ckpt_seq,)):
             for op in unpack(blob, raw=False):
-                if op[0] == "O":
-                    broker_state.update(op[2])
+                if op[1] is None:
+                    apply_broker_op(images, broker_state, staging, op)
                 else:
                     apply_op(images, op)
             last_seq = seq
         self.log_rows = db.execute("SELECT count(*) FROM log").fetchone()[0]
         self._start_wal_checkpointer()
-        return images, broker_state, last_seq
+        return images, broker_state, staging, last_seq
 
     def _start_wal_checkpointer(self) -> None:
         # Passive WAL checkpoints from a second connection never block the
@@ -132,7 +134,9 @@ class Store:
                     dirty.add((op[1], jid))
             elif code == "X":
                 self._obliterated.add(op[1])
-            elif code not in ("O", "M"):
+            elif code == "G":
+                self._obliterated.update(op[2])
+            elif op[1] is not None and code != "M":
                 dirty.add((op[1], op[2]))
         db = self._db
         assert db is not None
@@ -147,6 +151,10 @@ class Store:
         self.commit_seconds += time.perf_counter() - t0
         self.commits += 1
         self.log_rows += 1
+
+    def mark_dirty(self, keys: list[tuple[str, str]]) -> None:
+        """Jobs that arrived without an op of their own (a handoff's import)."""
+        self._dirty.update(keys)
 
     def checkpoint_begin(self, seq: int, metas: dict[str, dict[str, Any]],
                          broker_state: dict[str, Any], row_source: RowSource) -> None:
@@ -167,6 +175,7 @@ class Store:
         if ck.gone:
             for queue in ck.gone:
                 db.execute("DELETE FROM jobs WHERE queue = ?", (queue,))
+                db.execute("DELETE FROM state WHERE key = ?", ("q:" + queue,))
             ck.gone = set()
         chunk = ck.keys[ck.pos:ck.pos + CHECKPOINT_CHUNK]
         ck.pos += len(chunk)

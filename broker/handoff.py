@@ -1,0 +1,410 @@
+"""The broker's half of a slot handoff A -> B (DESIGN §6, ops in shardq.protocol).
+
+States of a move on each side (every transition is persisted before it is
+answered, in the same redo log as the data):
+
+    source A:  serving --COPY--> tapping --FREEZE--> frozen --CATCHUP--> frozen
+               frozen --RELEASE (or newer topology)--> gone (MOVED to B)
+               tapping|frozen --ABORT (or B says aborted)--> serving
+    target B:  none --PREPARE--> importing --IMPORT_*--> importing (staged)
+               importing --ACTIVATE--> owner (serves)
+               importing --ABORT / unknown move asked--> aborted (never activates)
+
+The tap records every op on the moving slots from the instant the snapshot
+begins; ops carry absolute values, so applying them over a snapshot read
+while the queues kept changing converges on A's state at the freeze.
+Guarantee 4 (one writer per slot): A is frozen durably before the
+coordinator commits, and B serves only after ACTIVATE, which comes after
+the commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from shardq import failpoints
+from shardq.broker.queue import QueueState
+from shardq.broker.replay import Images, apply_chunk, apply_op
+from shardq.errors import BadRequestError, ShardqError, StaleTermError
+from shardq.router import NUM_SLOTS, slot_of
+
+if TYPE_CHECKING:
+    from shardq.broker.engine import Broker
+
+log = logging.getLogger("shardq.broker.handoff")
+
+COPY_FRAME_BYTES = 4 * 1024 * 1024  # bound on one IMPORT_CHUNKS frame
+FROZEN_ASK_TARGET_AFTER_S = 5.0
+REMEMBERED_MOVES = 1000
+
+
+@dataclass(slots=True)
+class Tap:
+    """Ops on the moving slots since the snapshot began (source side)."""
+
+    slots: frozenset[int]
+    target: str
+    target_addr: str
+    skip: int  # ops already in the open batch when the tap began
+    ops: list[Any] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Import:
+    """A move this broker is receiving (target side)."""
+
+    slots: list[int]
+    source: str
+    staging: Images = field(default_factory=dict)
+
+
+class Handoffs:
+    def __init__(self, broker: Broker) -> None:
+        self.b = broker
+        self.frozen: dict[int, str] = {}  # slot -> move_id
+        self.frozen_moves: dict[str, dict[str, Any]] = {}  # move_id -> {slots, target, addr, at}
+        self.importing: dict[str, Import] = {}
+        self.finished: OrderedDict[str, str] = OrderedDict()  # move_id -> committed|aborted
+        self.taps: dict[str, Tap] = {}
+        self._tapped: set[int] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------ persistence
+    def state(self) -> dict[str, Any]:
+        return {
+            "frozen": [[mid, sorted(s for s, m in self.frozen.items() if m == mid), info]
+                       for mid, info in self.frozen_moves.items()],
+            "importing": {mid: {"slots": imp.slots, "source": imp.source}
+                          for mid, imp in self.importing.items()},
+            "finished": list(self.finished.items()),
+        }
+
+    def restore(self, state: dict[str, Any], staging: dict[str, Images]) -> None:
+        for mid, slots, info in state.get("frozen", []):
+            self.frozen_moves[mid] = dict(info)
+            for s in slots:
+                self.frozen[s] = mid
+        for mid, imp in state.get("importing", {}).items():
+            self.importing[mid] = Import(list(imp["slots"]), imp["source"],
+                                         staging.get(mid, {}))
+        self.finished = OrderedDict((m, r) for m, r in state.get("finished", []))
+
+    def _persist(self) -> None:
+        self.b.log.append(("O", None, self.b.ownership_state()))
+
+    def _finish(self, move_id: str, result: str) -> None:
+        self.finished[move_id] = result
+        self.finished.move_to_end(move_id)
+        while len(self.finished) > REMEMBERED_MOVES:
+            self.finished.popitem(last=False)
+        self.b.handoffs[result] = self.b.handoffs.get(result, 0) + 1
+
+    # ------------------------------------------------------------ hot-path hooks
+    def tap_batch(self, ops: list[Any]) -> None:
+        """Called with every batch handed to the writer while a tap runs."""
+        queues = self.b.queues
+        for tap in self.taps.values():
+            start, tap.skip = tap.skip, 0
+            for op in ops[start:] if start else ops:
+                name = op[1]
+                if name is None:
+                    continue
+                q = queues.get(name)
+                if q is not None and q.slot in tap.slots:
+                    tap.ops.append(op)
+
+    def importing_slot(self, slot: int) -> bool:
+        return any(slot in imp.slots for imp in self.importing.values())
+
+    # ------------------------------------------------------------ term
+    def check_term(self, term: Any) -> None:
+        if not isinstance(term, int) or isinstance(term, bool):
+            raise BadRequestError("term must be an integer")
+        if term < self.b.term:
+            raise StaleTermError(f"term {term} is older than {self.b.term}")
+        self.b.term = term
+
+    # ------------------------------------------------------------ target side
+    async def prepare(self, args: dict[str, Any]) -> Any:
+        mid, slots = _move_id(args), _slots(args)
+        self.check_term(args.get("term"))
+        if self.finished.get(mid) == "aborted":
+            raise BadRequestError(f"move {mid} was aborted here; it can never be prepared again")
+        if mid not in self.importing:
+            owned = [s for s in slots if self.b.owned[s]]
+            if owned:
+                raise BadRequestError(f"already own slots {owned[:5]}")
+            # Stale staging of aborted imports of the same slots goes first.
+            for other in [m for m, imp in self.importing.items() if set(imp.slots) & set(slots)]:
+                self._drop_import(other)
+            self.importing[mid] = Import(slots, str(args.get("source", "")))
+            self._persist()
+        await self.b.durable()
+        return {"state": "importing"}
+
+    def import_chunks(self, args: dict[str, Any]) -> Any:
+        imp = self._import(args)
+        chunks = args.get("chunks")
+        if not isinstance(chunks, list):
+            raise BadRequestError("chunks must be a list")
+        for ch in chunks:
+            apply_chunk(imp.staging, ch)
+        self.b.log.append(("SC", None, _move_id(args), chunks))
+        return None
+
+    def import_ops(self, args: dict[str, Any]) -> Any:
+        imp = self._import(args)
+        ops = args.get("ops")
+        if not isinstance(ops, list):
+            raise BadRequestError("ops must be a list")
+        for op in ops:
+            apply_op(imp.staging, op)
+        self.b.log.append(("SO", None, _move_id(args), ops))
+        return None
+
+    def _import(self, args: dict[str, Any]) -> Import:
+        imp = self.importing.get(_move_id(args))
+        if imp is None:
+            raise BadRequestError(f"no import {args.get('move_id')!r} in progress here")
+        return imp
+
+    async def activate(self, args: dict[str, Any]) -> Any:
+        mid = _move_id(args)
+        self.check_term(args.get("term"))
+        epoch = int(args.get("epoch", 0))
+        if self.finished.get(mid) == "committed":
+            return {"active": True}
+        imp = self.importing.get(mid)
+        if imp is None:
+            raise BadRequestError(f"move {mid} is not importing here (state "
+                                  f"{self.finished.get(mid, 'unknown')})")
+        b = self.b
+        for name, img in imp.staging.items():
+            q = QueueState(name, slot_of(name), b.log, b.defaults)
+            q.restore(img.meta, img.jobs, img.tombstones)
+            b.queues[name] = q
+        for s in imp.slots:
+            b.owned[s], b.slot_epochs[s] = 1, max(epoch, b.slot_epochs[s])
+        del self.importing[mid]
+        self._finish(mid, "committed")
+        b.log.append(("I", None, mid))
+        self._persist()
+        keys = [(name, jid) for name, img in imp.staging.items()
+                for jid in (*img.jobs, *img.tombstones)]
+        b.mark_dirty(keys)
+        await b.durable()
+        for name in imp.staging:
+            q = b.queues[name]
+            b.arm(q)
+            if name in b.waiters:
+                b.serve_waiters(name)
+        log.info("move %s activated: %d slots, %d queues", mid, len(imp.slots),
+                 len(imp.staging))
+        return {"active": True}
+
+    def _drop_import(self, mid: str) -> None:
+        self.importing.pop(mid, None)
+        self._finish(mid, "aborted")
+        self.b.log.append(("AB", None, mid))
+
+    def status(self, args: dict[str, Any]) -> Any:
+        mid = _move_id(args)
+        if mid in self.importing:
+            return "pending"
+        result = self.finished.get(mid)
+        if result is None:
+            # Never heard of it: record it aborted so it can never activate later.
+            self._finish(mid, "aborted")
+            self._persist()
+            return "aborted"
+        return result
+
+    # ------------------------------------------------------------ source side
+    async def copy(self, args: dict[str, Any]) -> Any:
+        mid, slots = _move_id(args), _slots(args)
+        self.check_term(args.get("term"))
+        target, addr = str(args.get("target", "")), str(args.get("target_addr", ""))
+        b = self.b
+        not_mine = [s for s in slots if not b.owned[s]]
+        if not_mine:
+            raise BadRequestError(f"do not own slots {not_mine[:5]}")
+        conn = await self._connect(addr)
+        # The tap and the queue metas are taken in the same loop step: the
+        # snapshot's counters are exactly those of the ops before the tap.
+        tap = Tap(frozenset(slots), target, addr, skip=len(b.log))
+        self.taps[mid] = tap
+        metas = {n: q.meta() for n, q in b.queues.items() if q.slot in tap.slots}
+        names = list(metas)
+        sent_jobs = 0
+        try:
+            batch: list[dict[str, Any]] = []
+            size = 0
+            for name in names:
+                q = b.queues.get(name)
+                if q is None:
+                    continue
+                for chunk in q.export_chunks():
+                    if chunk["kind"] == "meta":
+                        chunk["meta"] = metas[name]
+                    batch.append(chunk)
+                    size += 100 * len(chunk.get("jobs", ())) + 64
+                    sent_jobs += len(chunk.get("jobs", ()))
+                    if size >= COPY_FRAME_BYTES // 4 or len(batch) >= 8:
+                        await conn.request("IMPORT_CHUNKS", {"move_id": mid, "chunks": batch},
+                                           timeout=60)
+                        batch, size = [], 0
+                    await asyncio.sleep(0)  # keep serving between chunks
+            if batch:
+                await conn.request("IMPORT_CHUNKS", {"move_id": mid, "chunks": batch}, timeout=60)
+            # B's IMPORT_* replies are durable (write ops), so the copy is on disk there.
+        except BaseException:
+            self.taps.pop(mid, None)
+            raise
+        finally:
+            await conn.aclose()
+        return {"queues": len(names), "jobs": sent_jobs}
+
+    async def freeze(self, args: dict[str, Any]) -> Any:
+        mid, slots = _move_id(args), _slots(args)
+        self.check_term(args.get("term"))
+        tap = self.taps.get(mid)
+        if mid not in self.frozen_moves:
+            if tap is None:
+                raise BadRequestError(f"move {mid} has no copy in progress here; abort it")
+            loop = asyncio.get_running_loop()
+            self.frozen_moves[mid] = {"target": tap.target, "addr": tap.target_addr,
+                                      "at": loop.time()}
+            for s in slots:
+                self.frozen[s] = mid
+            self._persist()
+        await self.b.durable()  # durable before answered (DESIGN §6 step 3)
+        return {"frozen": True}
+
+    async def catchup(self, args: dict[str, Any]) -> Any:
+        mid = _move_id(args)
+        self.check_term(args.get("term"))
+        tap = self.taps.get(mid)
+        if tap is None or mid not in self.frozen_moves:
+            raise BadRequestError(f"move {mid}: nothing recorded to catch up (restarted?); abort")
+        await self.b.durable()  # every tapped op is in a batch the tap has seen
+        ops = tap.ops
+        conn = await self._connect(tap.target_addr)
+        try:
+            for i in range(0, len(ops), 2000):
+                await conn.request("IMPORT_OPS", {"move_id": mid, "ops": ops[i:i + 2000]},
+                                   timeout=60)
+            await conn.request("IMPORT_OPS", {"move_id": mid, "ops": []}, timeout=60)
+        finally:
+            await conn.aclose()
+        del self.taps[mid]
+        return {"ops": len(ops)}
+
+    async def release(self, args: dict[str, Any]) -> Any:
+        mid = _move_id(args)
+        self.check_term(args.get("term"))
+        info = self.frozen_moves.get(mid)
+        if info is None:
+            return {"released": True}  # already released (idempotent)
+        slots = [s for s, m in self.frozen.items() if m == mid]
+        owner = str(args.get("owner", info["target"]))
+        addr = str(args.get("addr", info["addr"]))
+        self.give_up(slots, owner, addr, int(args.get("epoch", 0)))
+        self._finish(mid, "committed")
+        await self.b.durable()
+        return {"released": True}
+
+    def give_up(self, slots: Iterable[int], owner: str, addr: str, epoch: int) -> None:
+        """The slots now belong to `owner`: answer MOVED and drop their data."""
+        b = self.b
+        slot_set = set(slots)
+        for s in slot_set:
+            b.owned[s] = 0
+            b.slot_epochs[s] = max(b.slot_epochs[s], epoch)
+            b.topology.patch_slot(s, owner, addr, max(epoch, b.topology.slot_epoch(s)))
+            mid = self.frozen.pop(s, None)
+            if mid is not None and mid not in self.frozen.values():
+                self.frozen_moves.pop(mid, None)
+        gone = [n for n, q in b.queues.items() if q.slot in slot_set]
+        for n in gone:
+            del b.queues[n]
+        if gone:
+            b.log.append(("G", None, gone))
+        self._persist()
+        b.flush_soon()
+
+    async def abort(self, args: dict[str, Any]) -> Any:
+        mid = _move_id(args)
+        self.check_term(args.get("term"))
+        self._abort_local(mid)
+        await self.b.durable()
+        return {"aborted": True}
+
+    def _abort_local(self, mid: str) -> None:
+        self.taps.pop(mid, None)
+        if mid in self.frozen_moves:
+            del self.frozen_moves[mid]
+            for s in [s for s, m in self.frozen.items() if m == mid]:
+                del self.frozen[s]
+        if mid in self.importing:
+            self._drop_import(mid)
+        elif mid not in self.finished:
+            self._finish(mid, "aborted")
+        self._persist()
+        self.b.flush_soon()
+        log.info("move %s aborted here", mid)
+
+    # ------------------------------------------------------------ cut-off source
+    async def ask_targets(self) -> None:
+        """A source frozen for long asks its target how the move ended."""
+        loop = asyncio.get_running_loop()
+        for mid, info in list(self.frozen_moves.items()):
+            if loop.time() - info.get("at", 0) < FROZEN_ASK_TARGET_AFTER_S:
+                continue
+            try:
+                conn = await self._connect(info["addr"])
+                try:
+                    result = await conn.request("HANDOFF_STATUS", {"move_id": mid}, timeout=5)
+                finally:
+                    await conn.aclose()
+            except (OSError, ShardqError, TimeoutError) as exc:
+                log.debug("target of move %s unreachable: %r", mid, exc)
+                continue
+            if result == "aborted":
+                self._abort_local(mid)
+            elif result == "committed" and mid in self.frozen_moves:
+                slots = [s for s, m in self.frozen.items() if m == mid]
+                epoch = max((self.b.slot_epochs[s] for s in slots), default=0) + 1
+                self.give_up(slots, info["target"], info["addr"], epoch)
+                self._finish(mid, "committed")
+
+    async def _connect(self, addr: str) -> Any:
+        from shardq.client.connection import open_connection
+
+        return await open_connection(addr, token=self.b.config.token,
+                                     client_name=f"broker-{self.b.config.broker_id}",
+                                     request_timeout=60)
+
+
+def _move_id(args: Any) -> str:
+    mid = args.get("move_id") if isinstance(args, dict) else None
+    if not isinstance(mid, str) or not mid:
+        raise BadRequestError("move_id must be a non-empty string")
+    return mid
+
+
+def _slots(args: dict[str, Any]) -> list[int]:
+    slots = args.get("slots")
+    if not isinstance(slots, list) or not slots or not all(
+            isinstance(s, int) and 0 <= s < NUM_SLOTS for s in slots):
+        raise BadRequestError(f"slots must be a non-empty list of ints in [0, {NUM_SLOTS})")
+    return slots
+
+
+def hit(step: str, when: str) -> None:
+    if failpoints.ACTIVE:
+        failpoints.hit(f"broker.{when}_{step}")
