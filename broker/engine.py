@@ -53,6 +53,7 @@ class BrokerConfig:
     max_connections: int = 10_000
     coordinator: str | None = None
     weight: int = 1
+    drain_on_term: bool = False
 
 
 class Sink(Protocol):

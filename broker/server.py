@@ -203,6 +203,9 @@ async def serve(config: BrokerConfig, host: str, port: int, metrics_port: int | 
         tg.create_task(_housekeeping(broker, stop))
         agent_task = tg.create_task(agent.run()) if agent else None
         await stop.wait()
+        if agent is not None and _should_drain(broker):
+            stop.clear()
+            await _drain_self(broker, stop)
         if agent_task is not None:
             agent_task.cancel()
     if metrics_task is not None:
@@ -215,6 +218,42 @@ def _with_advertise(config: BrokerConfig, addr: str) -> BrokerConfig:
     from dataclasses import replace
 
     return replace(config, advertise=addr)
+
+
+DRAIN_TIMEOUT_S = 600.0
+
+
+def _should_drain(broker: Broker) -> bool:
+    """SIGTERM drains first only when asked to (--drain-on-term) or when the
+    coordinator is scaling this broker in; a plain restart moves nothing."""
+    me = broker.topology.brokers.get(broker.config.broker_id)
+    state = str(me.state) if me is not None else ""
+    return broker.config.drain_on_term or state in ("leaving", "draining")
+
+
+async def _drain_self(broker: Broker, stop: asyncio.Event) -> None:
+    """Ask the coordinator to move every slot away, and wait until none is
+    left (bounded; a second SIGTERM stops waiting)."""
+    import httpx
+
+    cfg = broker.config
+    headers = {"Authorization": f"Bearer {cfg.token}"} if cfg.token else {}
+    log.warning("draining %s before exit", cfg.broker_id)
+    try:
+        async with httpx.AsyncClient(timeout=10, headers=headers) as http:
+            r = await http.post(f"{cfg.coordinator}/brokers/{cfg.broker_id}/drain", json={})
+            if r.status_code >= 400:
+                log.error("coordinator refused to drain %s: %s", cfg.broker_id, r.text)
+                return
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            while any(broker.owned) and not stop.is_set():
+                try:
+                    async with asyncio.timeout(0.2):
+                        await stop.wait()
+                except TimeoutError:
+                    pass
+    except (httpx.HTTPError, TimeoutError) as exc:
+        log.error("drain of %s did not finish: %r; exiting with slots kept", cfg.broker_id, exc)
 
 
 async def _housekeeping(broker: Broker, stop: asyncio.Event) -> None:
