@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 import msgpack
 
@@ -52,6 +52,7 @@ class BrokerConfig:
     max_job_data: int = 1024 * 1024
     max_connections: int = 10_000
     coordinator: str | None = None
+    ack_journal: str | None = None  # append every accepted ack here (tests, DESIGN §9)
     weight: int = 1
     drain_on_term: bool = False
 
@@ -113,6 +114,9 @@ class Broker:
         self.rss = 0
         self.handoffs: dict[str, int] = {}  # handoff results, for metrics
         self.handoff = Handoffs(self)
+        self.ack_journal: TextIO | None = (
+            open(config.ack_journal, "a", encoding="utf-8")  # noqa: SIM115 - lives with the broker
+            if config.ack_journal else None)
         self._asking = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._committed_seq = 0
@@ -300,6 +304,8 @@ class Broker:
                       replies: list[tuple[Sink, bytes]], seq: int) -> None:
         self._writer_busy = False
         self._committed_seq = seq
+        if self.ack_journal is not None:
+            self.ack_journal.flush()  # every answered ack is in the journal
         if exc is not None:
             # A failed commit means answered writes could be lost: stop now and
             # let the supervisor restart us on the data that did commit.
@@ -440,6 +446,8 @@ class Broker:
         self._writer.submit(self.store.mark_dirty, keys)
 
     def close(self) -> None:
+        if self.ack_journal is not None:
+            self.ack_journal.close()
         self._writer.shutdown(wait=True)
         self.store.close()
 

@@ -124,7 +124,10 @@ def _ack(b: Broker, q: QueueState, it: list[Any], now: int) -> str | None:
     result = it[3] if len(it) > 3 else None
     if result is not None and not isinstance(result, bytes):
         raise BadRequestError("result must be msgpack bytes or nil")
-    return q.ack(it[1], it[2], result, now)
+    err = q.ack(it[1], it[2], result, now)
+    if err is None and b.ack_journal is not None:
+        b.ack_journal.write(f"{q.name}\t{it[1]}\t{it[2]}\n")
+    return err
 
 
 def _fail(b: Broker, q: QueueState, it: list[Any], now: int) -> str | None:

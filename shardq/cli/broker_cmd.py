@@ -53,6 +53,7 @@ def broker(
         broker_id=broker_id, data_dir=data_dir, advertise=advertise or "", durable=not fast,
         token=token, max_jobs=max_jobs, max_memory=max_memory, max_frame=max_frame,
         max_job_data=max_job_data, max_connections=max_connections, coordinator=coordinator,
-        weight=weight, drain_on_term=drain_on_term)
+        weight=weight, drain_on_term=drain_on_term,
+        ack_journal=os.environ.get("SHARDQ_ACK_JOURNAL") or None)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(serve(config, bind, port, metrics_port=metrics_port))

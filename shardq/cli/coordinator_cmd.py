@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -25,13 +26,29 @@ def coordinator(
         None, envvar="SHARDQ_TOKEN", help="Require `Authorization: Bearer T` on every request."),
     heartbeat_timeout_ms: int = typer.Option(
         5000, min=1, help="A broker silent this long is marked dead (it keeps its slots)."),
+    rebalance_concurrency: int = typer.Option(
+        2, min=1, help="Handoffs (moves of up to 64 slots) run at once."),
+    rebalance_throttle_ms: int = typer.Option(
+        0, min=0, help="Minimum time between the starts of two handoffs."),
+    auto_rebalance: bool = typer.Option(
+        True, help="Activate brokers that join after bootstrap and move slots onto them."),
+    handoff_copy_timeout_s: float = typer.Option(
+        600.0, min=1.0, help="How long a handoff's snapshot copy may take."),
+    handoff_retry_budget_s: float = typer.Option(
+        30.0, min=0.0,
+        help="A handoff step failing this long before the commit point aborts the handoff."),
     log_level: str = typer.Option("INFO", envvar="SHARDQ_LOG_LEVEL"),
 ) -> None:
-    """Run the coordinator: membership, topology and status over HTTP."""
+    """Run the coordinator: membership, topology, handoffs and status over HTTP."""
+    from shardq import failpoints
     from shardq.coordinator import CoordinatorConfig, serve
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    failpoints.configure(os.environ.get("SHARDQ_FAILPOINTS"))
     serve(CoordinatorConfig(
         data_dir=data_dir, port=port, bind=bind, advertise=advertise, expect=expect,
-        token=token, heartbeat_timeout_ms=heartbeat_timeout_ms))
+        token=token, heartbeat_timeout_ms=heartbeat_timeout_ms,
+        rebalance_concurrency=rebalance_concurrency, rebalance_throttle_ms=rebalance_throttle_ms,
+        auto_rebalance=auto_rebalance, handoff_copy_timeout_s=handoff_copy_timeout_s,
+        handoff_retry_budget_s=handoff_retry_budget_s))

@@ -164,3 +164,17 @@ def test_restart_rebuilds_every_kind_of_state(start_broker, tmp_path: Path, stop
     assert c2.ok("ADD", add_args("s", "w1")) == ["w1"]
     assert c2.ok("GET_JOB", {"queue": "s", "id": "w1"})["state"] == "completed"
     c2.close()
+
+
+def test_the_ack_journal_records_each_accepted_ack_once(start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    journal = tmp_path / "acks.tsv"
+    b = start_broker("b1", env={"SHARDQ_ACK_JOURNAL": str(journal)})
+    c = RawConn(b.addr)
+    c.ok("ADD", add_args("jq", "a", "b", "c"))
+    jobs = c.ok("PULL", {"queues": ["jq"], "count": 3})
+    items = [["jq", j[1], j[4], None] for j in jobs]
+    assert c.ok("ACK", {"items": items}) == [None] * 3
+    assert all(r[0] == "LOCK_LOST" for r in c.ok("ACK", {"items": items}))  # refused twice
+    lines = journal.read_text().splitlines()
+    assert sorted(line.split("\t")[1] for line in lines) == ["a", "b", "c"]
+    c.close()
