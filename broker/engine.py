@@ -239,7 +239,9 @@ class Broker:
         addr = self.topology.addr_of(owner) if owner else None
         if owner is None or addr is None or owner == self.config.broker_id:
             return TryAgainError(f"slot {slot} has no serving owner yet", 200)
-        return MovedError(slot, owner, addr, self.topology.slot_epoch(slot), queue)
+        # A slot's MOVED names no queue: the client patches the whole slot
+        # (DESIGN §4/§5; `queue` is for pinned-queue overrides only).
+        return MovedError(slot, owner, addr, self.topology.slot_epoch(slot))
 
     def check_capacity(self) -> None:
         cfg = self.config

@@ -266,8 +266,14 @@ class Worker:
             self._free += n
             self._slots.set()
 
-    async def _wait_slots(self) -> None:
-        while self._free <= 0 and not self._closing:
+    async def _wait_slots(self, at_least: int = 1) -> None:
+        """Wait for a free slot; while other slots are still taken (running
+        jobs, in-flight pulls and ack-and-fetches will hand them back), for
+        `at_least`, so a pull asks for a batch, not for the one slot that freed."""
+        while not self._closing and (
+                self._free <= 0
+                or (self._free < min(at_least, self.concurrency)
+                    and self._free < self.concurrency)):
             self._slots.clear()
             await self._slots.wait()
 
@@ -280,10 +286,11 @@ class Worker:
                 queues = self._queues_on(bid)
                 if not queues:
                     return  # none of our queues lives there any more
-                await self._wait_slots()
+                loops = max(self._pull_loops, 1)
+                await self._wait_slots(max(1, self.concurrency // (4 * loops)))
                 if self._closing:
                     return
-                n = self._reserve(math.ceil(self._free / max(self._pull_loops, 1)))
+                n = self._reserve(math.ceil(self._free / loops))
                 try:
                     jobs = await self._pull(bid, queues, n)
                 except BaseException:

@@ -231,11 +231,6 @@ def test_a_wrong_broker_answers_moved_and_a_client_with_a_stale_map_recovers(
             assert on_the_wire(addr[wrong], "GET_JOB", {"queue": q, "id": jid})[1] == "MOVED"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a broker's MOVED for a slot always carries `queue` (broker/engine.py _not_owner), "
-    "and the client patches an override for that one queue whenever `queue` is set "
-    "(client/topology.py TopologyManager.patch), so the slot stays wrong in the client's map "
-    "(DESIGN §5: MOVED patches one slot; §4: `queue?` is for overrides)"))
 def test_moved_repairs_the_slot_so_other_queues_of_that_slot_need_no_redirect(
         cluster: Proc) -> None:
     topo = synced_topology(cluster.addr)
@@ -287,11 +282,6 @@ class CountingChannel:
         return self._conn.request(op, args, timeout)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (performance): client/worker.py gives each per-broker pull loop ceil(free / loops) "
-    "of the slots as soon as any slot frees, so over 3 brokers PULLs ask ~2 jobs and ACKs "
-    "carry ~6-12 items (over 1 broker: 100 each): 8-14x the frames per job, and in "
-    "bench/bench_cluster.py 1.8-2.5x the broker CPU and 2.4-3.7x the client CPU per drained job"))
 def test_a_worker_over_three_brokers_moves_jobs_in_batches_of_its_share_of_slots(
         cluster: Proc) -> None:
     topo = synced_topology(cluster.addr)
