@@ -8,8 +8,9 @@ state (see broker/replay.py). Op codes:
     ("A", q, record)                                   add (full record)
     ("L", q, id, token, lock_until, attempts_started, processed_on)   activate
     ("E", q, id, lock_until)                           extend lock
-    ("C", q, id, result, finished_on, attempts_made)   complete
-    ("F", q, id, reason, finished_on, attempts_made, stalled)   fail for good
+    ("C", q, id, result, finished_on, attempts_made, order)   complete
+    ("F", q, id, reason, finished_on, attempts_made, stalled, stalled_count, order)
+                                                       fail for good
     ("W", q, id, state, delay_until, attempts_made, stalled_count, order, reason)
                                                        retry: back to waiting/delayed
     ("S", q, id, ...same as W)                          stalled (lock ran out)
@@ -72,7 +73,7 @@ class QueueState:
         self._delayed: list[tuple[int, int, Job]] = []
         self.n_delayed = 0
         self.active: dict[str, Job] = {}
-        self._locks: list[tuple[int, int, Job]] = []
+        self._locks: list[tuple[int, int, int, Job]] = []  # (deadline, order, token, job)
         self._finished: dict[str, deque[Job]] = {COMPLETED: deque(), FAILED: deque()}
         self._order = 0
         self.durations_ms: deque[int] = deque(maxlen=512)
@@ -143,7 +144,7 @@ class QueueState:
                 job.attempts_started += 1
                 job.processed_on = now
                 self.active[job.id] = job
-                heapq.heappush(self._locks, (lock_until, order, job))
+                heapq.heappush(self._locks, (lock_until, order, token, job))
                 self.seq += 1
                 log.append(("L", name, job.id, token, lock_until, job.attempts_started, now))
                 out.append([name, job.id, job.name, job.data, token, job.attempts_made,
@@ -173,9 +174,11 @@ class QueueState:
         job.finished_on = now
         job.attempts_made += 1
         job.token = 0
+        self._order += 1
+        job.order = self._order  # history keeps completion order, exactly
         self.counters["completed"] += 1
         self.durations_ms.append(now - job.processed_on)
-        self._emit(("C", self.name, job_id, result, now, job.attempts_made))
+        self._emit(("C", self.name, job_id, result, now, job.attempts_made, job.order))
         self._retain(job, COMPLETED, job.remove_on_complete, self.defaults.keep_completed, now)
         return None
 
@@ -198,8 +201,11 @@ class QueueState:
         job.state = FAILED
         job.failed_reason = reason
         job.finished_on = now
+        self._order += 1
+        job.order = self._order
         self.counters["failed"] += 1
-        self._emit(("F", self.name, job.id, reason, now, job.attempts_made, stalled))
+        self._emit(("F", self.name, job.id, reason, now, job.attempts_made, stalled,
+                    job.stalled_count, job.order))
         self._retain(job, FAILED, job.remove_on_fail, self.defaults.keep_failed, now)
 
     def _requeue(self, job: Job, delay: int, now: int, code: str) -> None:
@@ -217,6 +223,9 @@ class QueueState:
                     job.stalled_count, job.order, job.failed_reason))
 
     def _retain(self, job: Job, state: str, per_job: int, default: int, now: int) -> None:
+        if per_job == 0:  # BullMQ's removeOnComplete: true: this job only
+            self._remove(job, now)
+            return
         keep = default if per_job < 0 else per_job
         hist = self._finished[state]
         hist.append(job)
@@ -239,7 +248,7 @@ class QueueState:
         if isinstance(job, str):
             return job
         job.lock_until = now + lock_ms
-        heapq.heappush(self._locks, (job.lock_until, job.order, job))
+        heapq.heappush(self._locks, (job.lock_until, job.order, token, job))
         self._emit(("E", self.name, job_id, job.lock_until))
         return None
 
@@ -263,6 +272,8 @@ class QueueState:
             self.n_delayed -= 1
             job.state = WAITING
             job.delay_until = 0
+            self._order += 1
+            job.order = self._order  # joins the back of the line, also after a restore
             self._push_waiting(job)
             self._emit(("D", self.name, job.id, WAITING, 0, job.attempts_made,
                         job.stalled_count, job.order, job.failed_reason))
@@ -275,9 +286,9 @@ class QueueState:
         stalled = 0
         heap = self._locks
         while heap and heap[0][0] <= now:
-            lock_until, _, job = heapq.heappop(heap)
-            if job.state != ACTIVE or job.lock_until != lock_until:
-                continue
+            lock_until, _, token, job = heapq.heappop(heap)
+            if job.state != ACTIVE or job.lock_until != lock_until or job.token != token:
+                continue  # an entry of an earlier delivery or of a renewed lock
             del self.active[job.id]
             job.token = 0
             job.stalled_count += 1
@@ -375,10 +386,10 @@ class QueueState:
                 self._push_delayed(job)
             elif st == ACTIVE:
                 self.active[job.id] = job
-                heapq.heappush(self._locks, (job.lock_until, job.order, job))
+                heapq.heappush(self._locks, (job.lock_until, job.order, job.token, job))
         for st in (COMPLETED, FAILED):
             done = [j for j in self.jobs.values() if j.state == st]
-            done.sort(key=lambda j: (j.finished_on, j.order))
+            done.sort(key=lambda j: j.order)  # finishing assigns a new order
             self._finished[st].extend(done)
 
     def export_chunks(self, chunk_size: int = 1000) -> Iterator[dict[str, Any]]:

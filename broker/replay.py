@@ -34,6 +34,11 @@ def _count(img: QueueImage, name: str) -> None:
     img.meta["counters"][name] = img.meta["counters"].get(name, 0) + 1
 
 
+def _raise_order(img: QueueImage, order: int) -> None:
+    if order > img.meta.get("order", 0):
+        img.meta["order"] = order
+
+
 def _add(img: QueueImage, op: list[Any]) -> None:
     job = Job.from_record(list(op[2]))
     img.jobs[job.id] = job
@@ -57,20 +62,22 @@ def _extend(img: QueueImage, op: list[Any]) -> None:
 
 def _complete(img: QueueImage, op: list[Any]) -> None:
     _count(img, "completed")
+    _raise_order(img, op[6])
     job = img.jobs.get(op[2])
     if job is not None:
-        job.state, job.result, job.finished_on, job.attempts_made, job.token = (
-            COMPLETED, op[3], op[4], op[5], 0)
+        job.state, job.result, job.finished_on, job.attempts_made, job.token, job.order = (
+            COMPLETED, op[3], op[4], op[5], 0, op[6])
 
 
 def _fail(img: QueueImage, op: list[Any]) -> None:
     _count(img, "failed")
     if op[6]:
         _count(img, "stalled")
+    _raise_order(img, op[8])
     job = img.jobs.get(op[2])
     if job is not None:
-        job.state, job.failed_reason, job.finished_on, job.attempts_made, job.token = (
-            FAILED, op[3], op[4], op[5], 0)
+        (job.state, job.failed_reason, job.finished_on, job.attempts_made, job.token,
+         job.stalled_count, job.order) = (FAILED, op[3], op[4], op[5], 0, op[7], op[8])
 
 
 def _requeue(img: QueueImage, op: list[Any]) -> None:
@@ -78,12 +85,12 @@ def _requeue(img: QueueImage, op: list[Any]) -> None:
         _count(img, "retried")
     elif op[0] == "S":
         _count(img, "stalled")
+    _raise_order(img, op[7])
     job = img.jobs.get(op[2])
     if job is not None:
         (job.state, job.delay_until, job.attempts_made, job.stalled_count, job.order,
          job.failed_reason) = op[3:9]
         job.token = 0
-        img.meta["order"] = max(img.meta.get("order", 0), job.order)
 
 
 def _progress(img: QueueImage, op: list[Any]) -> None:

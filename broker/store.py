@@ -91,11 +91,18 @@ class Store:
         staging: dict[str, Images] = {}
         for seq, blob in db.execute("SELECT seq, ops FROM log WHERE seq > ? ORDER BY seq",
                                     (ckpt_seq,)):
-            for op in unpack(blob, raw=False):
+            ops = unpack(blob, raw=False)
+            for op in ops:
                 if op[1] is None:
+                    if op[0] == "I":  # imported jobs arrived without ops of their own
+                        for name, img in staging.get(op[2], {}).items():
+                            self._dirty.update((name, jid) for jid in (*img.jobs, *img.tombstones))
                     apply_broker_op(images, broker_state, staging, op)
                 else:
                     apply_op(images, op)
+            # What only this log holds must reach the next checkpoint, or that
+            # checkpoint would delete these rows without writing their jobs.
+            self._track(ops)
             last_seq = seq
         self.log_rows = db.execute("SELECT count(*) FROM log").fetchone()[0]
         self._start_wal_checkpointer()
@@ -124,6 +131,23 @@ class Store:
         import time
 
         blob = msgpack.packb(ops, use_bin_type=True)
+        self._track(ops)
+        db = self._db
+        assert db is not None
+        t0 = time.perf_counter()
+        db.execute("BEGIN")
+        db.execute("INSERT INTO log(seq, ops) VALUES (?, ?)", (seq, blob))
+        if failpoints.ACTIVE:
+            failpoints.hit("commit.before_fsync")
+        db.execute("COMMIT")
+        if failpoints.ACTIVE:
+            failpoints.hit("commit.after_fsync")
+        self.commit_seconds += time.perf_counter() - t0
+        self.commits += 1
+        self.log_rows += 1
+
+    def _track(self, ops: list[Any]) -> None:
+        """Note the jobs and queues these ops touched, for the next checkpoint."""
         dirty = self._dirty
         for op in ops:
             code = op[0]
@@ -138,19 +162,6 @@ class Store:
                 self._obliterated.update(op[2])
             elif op[1] is not None and code != "M":
                 dirty.add((op[1], op[2]))
-        db = self._db
-        assert db is not None
-        t0 = time.perf_counter()
-        db.execute("BEGIN")
-        db.execute("INSERT INTO log(seq, ops) VALUES (?, ?)", (seq, blob))
-        if failpoints.ACTIVE:
-            failpoints.hit("commit.before_fsync")
-        db.execute("COMMIT")
-        if failpoints.ACTIVE:
-            failpoints.hit("commit.after_fsync")
-        self.commit_seconds += time.perf_counter() - t0
-        self.commits += 1
-        self.log_rows += 1
 
     def mark_dirty(self, keys: list[tuple[str, str]]) -> None:
         """Jobs that arrived without an op of their own (a handoff's import)."""
@@ -172,11 +183,12 @@ class Store:
         if ck is None or db is None:
             return False
         db.execute("BEGIN")
-        if ck.gone:
+        if ck.gone and ck.pos == 0:
+            # Rows of obliterated / handed-off queues can go early: replay of
+            # the log from the old checkpoint deletes them again. Their meta
+            # goes only with the new checkpoint seq, in the last step.
             for queue in ck.gone:
                 db.execute("DELETE FROM jobs WHERE queue = ?", (queue,))
-                db.execute("DELETE FROM state WHERE key = ?", ("q:" + queue,))
-            ck.gone = set()
         chunk = ck.keys[ck.pos:ck.pos + CHECKPOINT_CHUNK]
         ck.pos += len(chunk)
         puts, dels = [], []
@@ -200,6 +212,7 @@ class Store:
         # Last chunk: meta, broker state and the new checkpoint seq in the same
         # transaction, then the log it replaces.
         pack = msgpack.packb
+        db.executemany("DELETE FROM state WHERE key = ?", [("q:" + q,) for q in ck.gone])
         db.executemany("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)",
                        [("q:" + q, pack(m, use_bin_type=True)) for q, m in ck.metas.items()])
         db.execute("INSERT OR REPLACE INTO state(key, value) VALUES ('broker', ?)",

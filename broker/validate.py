@@ -54,7 +54,8 @@ def _backoff(v: Any) -> list[Any] | None:
         return None
     if isinstance(v, int) and not isinstance(v, bool):
         return ["fixed", non_neg_int(v, "backoff")]
-    if not isinstance(v, dict) or v.get("type") not in ("fixed", "exponential"):
+    if (not isinstance(v, dict) or v.get("type") not in ("fixed", "exponential")
+            or not set(v) <= {"type", "delay_ms"}):
         raise BadRequestError('backoff must be {"type": "fixed"|"exponential", "delay_ms": n}')
     return [v["type"], non_neg_int(v.get("delay_ms", 0), "backoff.delay_ms")]
 

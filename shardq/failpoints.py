@@ -33,7 +33,7 @@ def configure(spec: str | None) -> None:
         if not part:
             continue
         name, sep, action = part.partition("=")
-        if not sep or not _ACTION.match(action.strip()):
+        if not sep or not name.strip() or not _ACTION.match(action.strip()):
             raise ValueError(f"bad failpoint {part!r}: expected name=kill|error|sleep(ms)")
         ACTIVE[name.strip()] = action.strip()
 

@@ -62,8 +62,6 @@ def test_configure_rejects_a_bad_spec_with_value_error(spec: str) -> None:
         failpoints.configure(spec)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor): a spec with an empty name (`=kill`) is "
-                   "accepted and stored under the name ''")
 def test_configure_rejects_an_empty_name() -> None:
     with pytest.raises(ValueError):
         failpoints.configure("=kill")

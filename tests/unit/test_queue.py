@@ -306,7 +306,7 @@ def test_job_fails_for_good_after_its_last_attempt(attempts: int) -> None:
     assert q.counters["retried"] == attempts - 1
     assert q.counts()[FAILED] == 1
     assert q.log[-1] == ("F", "q", "j", f"boom {attempts - 1}", job.finished_on, attempts,
-                         False)
+                         False, 0, job.order)
     assert pull(q, now=10**6) == []
 
 
@@ -704,9 +704,6 @@ def test_remove_on_complete_0_removes_the_job_at_once() -> None:
     assert q.counters["completed"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: remove_on_complete=0 (True) trims the whole "
-                   "completed history to 0, deleting other jobs kept by the queue default; "
-                   "BullMQ's removeOnComplete: true removes only the job itself")
 def test_remove_on_complete_0_removes_only_that_job() -> None:
     q = make()
     q.add("kept", "n", b"", None, now=0)
@@ -717,8 +714,6 @@ def test_remove_on_complete_0_removes_only_that_job() -> None:
     assert set(q.jobs) == {"kept"}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: remove_on_fail=0 trims the whole failed history "
-                   "to 0, deleting other failed jobs kept by the queue default")
 def test_remove_on_fail_0_removes_only_that_job() -> None:
     q = make()
     q.add("kept", "n", b"", None, now=0)
@@ -850,9 +845,6 @@ def test_import_rejects_bad_exports(chunks: list[dict[str, Any]], message: str) 
         import_chunks(chunks, [], QueueDefaults())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: promote() appends a due job behind jobs added "
-                   "after it, but restore() orders waiting jobs by their original `order`, so "
-                   "pull order changes across export/import (and recovery)")
 def test_promoted_job_keeps_its_place_in_line_across_import() -> None:
     q = make()
     q.add("early", "n", b"", {"delay_ms": 10}, now=0)
@@ -862,9 +854,6 @@ def test_promoted_job_keeps_its_place_in_line_across_import() -> None:
     assert pull_ids(q2, now=20) == pull_ids(q, now=20)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: restore() rebuilds completed history sorted by "
-                   "(finished_on, order), not completion order, so retention then removes a "
-                   "different job than the original queue would")
 def test_completed_history_order_survives_import() -> None:
     q = make()
     for jid in "abc":
@@ -879,10 +868,6 @@ def test_completed_history_order_survives_import() -> None:
     assert sorted(q2.jobs) == sorted(q.jobs) == ["a", "c"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor): expire_locks() acts on a stale lock-heap "
-                   "entry from an earlier delivery when its deadline equals the current one; "
-                   "it then orders same-tick stalls by the old `order`, while an imported "
-                   "(or recovered) queue orders them by the current one, so FIFO differs")
 def test_jobs_stalling_in_one_tick_requeue_in_the_same_order_after_import() -> None:
     q = make(max_stalled_count=5)
     q.add("a", "n", b"", None, now=0)

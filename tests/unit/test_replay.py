@@ -167,7 +167,7 @@ def test_replay_recomputes_counters_from_op_codes() -> None:
 def test_ops_on_jobs_missing_from_the_image_only_count() -> None:
     img = QueueImage()
     images = {"qa": img}
-    apply_op(images, ["C", "qa", "ghost", None, 5, 1])
+    apply_op(images, ["C", "qa", "ghost", None, 5, 1, 8])
     apply_op(images, ["L", "qa", "ghost", 7, 100, 1, 5])
     apply_op(images, ["W", "qa", "ghost", WAITING, 0, 1, 0, 9, "x"])
     assert img.jobs == {}
@@ -197,9 +197,6 @@ def test_obliterate_op_clears_everything_but_seq_and_order() -> None:
     assert (img.meta["seq"], img.meta["order"]) == (3, 1)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor): replay raises meta['order'] on W/S/D ops "
-                   "only when the job is in the image; over a checkpoint row read after the "
-                   "job was removed, the recovered order high-water mark lags the live one")
 def test_requeue_of_a_job_missing_from_the_image_still_advances_order() -> None:
     q, log = single()
     q.add("a", "n", b"", None, now=0)
@@ -221,8 +218,6 @@ def test_replayed_active_job_keeps_its_lock_token() -> None:
     assert r.ack(jid, tok, None, now=2) is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the final stall's F op does not carry "
-                   "stalled_count, so replay leaves the job with one stall too few")
 def test_replay_of_a_job_failed_for_stalling_keeps_its_stalled_count() -> None:
     q, log = single(max_stalled_count=1)
     q.add("a", "n", b"", None, now=0)

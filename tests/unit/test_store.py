@@ -454,9 +454,6 @@ def test_checkpoint_after_an_interrupted_one_completes_the_job(
     brokers(assert_recovered(path, b))  # recovering twice changes nothing
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Store forgets which rows are dirty across a "
-                   "restart: the first checkpoint after reopening deletes log rows whose "
-                   "jobs were never written to the jobs table, losing committed jobs")
 def test_checkpoint_after_a_restart_keeps_jobs_only_in_the_old_log(
         path: str, brokers: Any) -> None:
     b = brokers(Broker(path))
@@ -473,8 +470,6 @@ def test_checkpoint_after_a_restart_keeps_jobs_only_in_the_old_log(
     assert set(again.queues["emails"].jobs) == {"before-crash", "after-restart"}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: same as above, after an interrupted checkpoint: "
-                   "keys it had not reached are not dirty after the restart")
 def test_checkpoint_after_a_restart_mid_checkpoint_keeps_every_job(
         path: str, brokers: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_module, "CHECKPOINT_CHUNK", 1)
@@ -492,10 +487,6 @@ def test_checkpoint_after_a_restart_mid_checkpoint_keeps_every_job(
     brokers(assert_recovered(path, b))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the first step of a checkpoint after an "
-                   "obliterate deletes the queue's meta row ('q:<queue>'); if the checkpoint "
-                   "is cut short, recovery rebuilds the queue from a zero meta and its op seq "
-                   "goes backwards")
 def test_interrupted_checkpoint_after_obliterate_keeps_the_queue_seq(
         path: str, brokers: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_module, "CHECKPOINT_CHUNK", 1)
