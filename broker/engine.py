@@ -32,7 +32,7 @@ log = logging.getLogger("shardq.broker")
 CHECKPOINT_EVERY_COMMITS = 20_000
 CHECKPOINT_EVERY_S = 30.0
 CHECKPOINT_STEP_EVERY_S = 0.02  # under load, one checkpoint chunk per 20 ms of commits
-INLINE_COMMIT_MAX_OPS = 16  # smaller batches commit on the loop thread when the writer is idle
+INLINE_COMMIT_MAX_OPS = 256  # smaller batches commit on the loop thread when the writer is idle
 
 
 def wall_ms() -> int:
