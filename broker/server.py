@@ -204,8 +204,9 @@ async def serve(config: BrokerConfig, host: str, port: int, metrics_port: int | 
         agent_task = tg.create_task(agent.run()) if agent else None
         await stop.wait()
         if agent is not None and _should_drain(broker):
-            stop.clear()
+            stop.clear()  # a second SIGTERM stops waiting for the drain
             await _drain_self(broker, stop)
+            stop.set()  # and ends the housekeeping task
         if agent_task is not None:
             agent_task.cancel()
     if metrics_task is not None:

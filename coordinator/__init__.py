@@ -8,25 +8,40 @@ while it is down.
     membership.py   the decisions: register, heartbeat, dead, bootstrap, forget
     app.py          starlette routes over Membership, bearer-token check
     server.py       data-dir lock, socket bind, uvicorn, READY line
-    api_client.py   a small sync HTTP client for the CLI (status, topology, forget)
-    supervisor.py   `shardq cluster up`: the coordinator and brokers as child processes
+    moves.py        the move executor: one handoff through its phases, commit point, abort
+    rebalance.py    plans and runs moves (K at a time, throttle, progress, cancel), drain
+    links.py        cached wire connections to brokers for the handoff ops
+    api_client.py   a small sync HTTP client for the CLI (status, topology, forget, drain...)
+    supervisor.py   `shardq cluster up`: the coordinator and brokers as child processes,
+                    with a loopback control port for `shardq scale out|in`
 """
 
 from .app import create_app
 from .errors import BadRequest, Conflict, CoordinatorError, Forbidden, NotFound, Unauthorized
+from .links import BrokerGone, BrokerLinks
 from .membership import Membership
+from .moves import MoveExecutor, MovePolicy, SendOp
+from .rebalance import Rebalancer
 from .server import CoordinatorConfig, serve, serve_async
-from .state import BrokerRecord, Snapshot, Store
+from .state import BrokerRecord, MoveRecord, MoveState, Snapshot, Store
 
 __all__ = [
     "BadRequest",
+    "BrokerGone",
+    "BrokerLinks",
     "BrokerRecord",
     "Conflict",
     "CoordinatorConfig",
     "CoordinatorError",
     "Forbidden",
     "Membership",
+    "MoveExecutor",
+    "MovePolicy",
+    "MoveRecord",
+    "MoveState",
     "NotFound",
+    "Rebalancer",
+    "SendOp",
     "Snapshot",
     "Store",
     "Unauthorized",

@@ -26,7 +26,8 @@ class CoordinatorRefused(CoordinatorCallError):
 
 
 class CoordinatorApi:
-    """Calls `GET /status`, `GET /topology`, `POST /brokers/{id}/forget`...
+    """Calls `GET /status`, `GET /topology`, `POST /brokers/{id}/forget|drain|undrain`,
+    `GET|POST /rebalance`...
 
     Args:
         url: the coordinator's base URL.
@@ -60,6 +61,24 @@ class CoordinatorApi:
 
     def forget(self, broker_id: str) -> dict[str, Any]:
         return self._call("POST", f"/brokers/{broker_id}/forget", {"accept_data_loss": True})
+
+    def drain(self, broker_id: str, leaving: bool = False) -> dict[str, Any]:
+        return self._call("POST", f"/brokers/{broker_id}/drain", {"leaving": leaving})
+
+    def undrain(self, broker_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/brokers/{broker_id}/undrain", {})
+
+    def leave(self, broker_id: str) -> dict[str, Any]:
+        return self._call("POST", "/brokers/leave", {"id": broker_id})
+
+    def rebalance(self, dry_run: bool = False) -> dict[str, Any]:
+        return self._call("POST", "/rebalance", {"dry_run": dry_run})
+
+    def rebalance_progress(self) -> dict[str, Any]:
+        return self._call("GET", "/rebalance")
+
+    def rebalance_cancel(self) -> dict[str, Any]:
+        return self._call("POST", "/rebalance/cancel", {})
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None
               ) -> dict[str, Any]:

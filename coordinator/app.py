@@ -8,6 +8,15 @@
     POST /brokers/leave              {id} -> {term, epoch, state}
     POST /brokers/{id}/forget        {accept_data_loss: true} -> {term, epoch, forgotten, slots,
                                                                   reassigned: {broker: n}}
+    POST /brokers/{id}/drain         {leaving?: bool} -> {term, epoch, state, slots, moves}
+                                     off the ring; its slots move away; `drained` once empty
+    POST /brokers/{id}/undrain       {} -> {term, epoch, state, moves}   back on the ring
+    GET  /rebalance                  progress {running, total, done, failed, skipped, pending,
+                                     slots_moved, moves_in_flight: [...], errors, ...}
+    POST /rebalance                  {dry_run?: bool} -> the plan {epoch, activate, moves:
+                                     [{source, target, slots, first, last}], slots,
+                                     load_before, load_after, started}
+    POST /rebalance/cancel           {} -> progress; moves not started are dropped
 
 Errors answer `{"error": message}` with 400 (malformed), 401 (token),
 403 (barred id), 404 (unknown broker), 409 (conflicting state).
@@ -15,6 +24,11 @@ Errors answer `{"error": message}` with 400 (malformed), 401 (token),
 Membership methods are synchronous and persist before returning, and the
 handlers never await between reading and changing state, so requests are
 applied one at a time without a lock and each answer is already durable.
+The rebalancer's moves run as tasks on the same loop and change state the
+same way (synchronously, between their awaits). The first heartbeat of a
+broker that joined after bootstrap (not its registration: a broker that
+never heartbeats never gets slots) starts a scale-out rebalance, unless
+the coordinator runs with `--no-auto-rebalance`.
 """
 
 from __future__ import annotations
@@ -35,7 +49,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import BadRequest, CoordinatorError
+from .links import BrokerLinks
 from .membership import Membership
+from .moves import MoveExecutor, MovePolicy
+from .rebalance import Rebalancer
 
 log = logging.getLogger("shardq.coordinator")
 
@@ -43,25 +60,42 @@ MAX_BODY = 16 * 1024 * 1024
 T = TypeVar("T")
 
 
+def default_rebalancer(membership: Membership, token: str | None = None, *,
+                       policy: MovePolicy | None = None, concurrency: int = 2,
+                       throttle_ms: int = 0, auto: bool = True) -> Rebalancer:
+    """A rebalancer sending handoff ops over real broker connections (HELLO with `token`)."""
+    links = BrokerLinks(lambda b: membership.topology.addr_of(b), token)
+    executor = MoveExecutor(membership, links.send, policy, on_close=links.aclose,
+                            epoch_of=links.epoch)
+    return Rebalancer(membership, executor, concurrency=concurrency, throttle_ms=throttle_ms,
+                      auto=auto)
+
+
 def create_app(membership: Membership, *, token: str | None = None,
-               check_interval_ms: int = 1000) -> Starlette:
-    """The ASGI app; its lifespan runs the liveness check every `check_interval_ms`.
+               check_interval_ms: int = 1000, rebalancer: Rebalancer | None = None) -> Starlette:
+    """The ASGI app; its lifespan runs the liveness check every `check_interval_ms`,
+    recovers unfinished moves at start and stops the rebalancer at the end.
 
     Args:
         membership: the state it serves and changes.
-        token: when set, every request needs `Authorization: Bearer <token>`.
+        token: when set, every request needs `Authorization: Bearer <token>`
+            (and brokers get it in HELLO from the default rebalancer).
         check_interval_ms: how often silent brokers are looked for.
+        rebalancer: runs moves; default: `default_rebalancer(membership, token)`.
     """
     m = membership
+    rb = rebalancer or default_rebalancer(membership, token)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         task = asyncio.create_task(_liveness_loop(m, check_interval_ms / 1000.0))
         try:
+            await rb.recover()
             yield
         finally:
             task.cancel()
             await asyncio.wait([task])
+            await rb.aclose()
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True, "term": m.term, "epoch": m.epoch,
@@ -84,7 +118,13 @@ def create_app(membership: Membership, *, token: str | None = None,
         body = await _json_body(request)
         bid = _field(body, "id", str)
         stats = _field(body, "stats", dict, None)
-        return _logged(m, f"broker {bid} is back", lambda: m.heartbeat(bid, stats))
+
+        def beat() -> dict[str, Any]:
+            answer = m.heartbeat(bid, stats)
+            # Scale out once a joining broker heartbeats: it is up and has our map.
+            return m.answer(bid) if rb.notice(bid) else answer
+
+        return _logged(m, f"broker {bid} is back", beat)
 
     async def leave(request: Request) -> Response:
         bid = _field(await _json_body(request), "id", str)
@@ -103,6 +143,7 @@ def create_app(membership: Membership, *, token: str | None = None,
         Route("/brokers/heartbeat", heartbeat, methods=["POST"]),
         Route("/brokers/leave", leave, methods=["POST"]),
         Route("/brokers/{broker_id}/forget", forget, methods=["POST"]),
+        *_rebalance_routes(m, rb),
     ]
     middleware = [Middleware(BearerAuth, token=token)] if token else []
     return Starlette(
@@ -112,6 +153,39 @@ def create_app(membership: Membership, *, token: str | None = None,
         lifespan=lifespan,
         max_body_size=MAX_BODY,
     )
+
+
+def _rebalance_routes(m: Membership, rb: Rebalancer) -> list[Route]:
+    """Drain, undrain and rebalance: the routes over the rebalancer."""
+
+    async def drain(request: Request) -> Response:
+        bid = request.path_params["broker_id"]
+        leaving = _field(await _json_body(request, empty_ok=True), "leaving", bool, False)
+        return _logged(m, f"broker {bid} drains", lambda: rb.drain(bid, leaving), always=True)
+
+    async def undrain(request: Request) -> Response:
+        bid = request.path_params["broker_id"]
+        return _logged(m, f"broker {bid} undrained", lambda: rb.undrain(bid), always=True)
+
+    async def rebalance_progress(request: Request) -> Response:
+        return JSONResponse(rb.progress())
+
+    async def rebalance(request: Request) -> Response:
+        dry_run = _field(await _json_body(request, empty_ok=True), "dry_run", bool, False)
+        if dry_run:
+            return JSONResponse({**rb.plan(), "started": False})
+        return _logged(m, "rebalance requested", lambda: rb.start("requested"))
+
+    async def rebalance_cancel(request: Request) -> Response:
+        return JSONResponse(rb.cancel())
+
+    return [
+        Route("/brokers/{broker_id}/drain", drain, methods=["POST"]),
+        Route("/brokers/{broker_id}/undrain", undrain, methods=["POST"]),
+        Route("/rebalance", rebalance_progress, methods=["GET"]),
+        Route("/rebalance", rebalance, methods=["POST"]),
+        Route("/rebalance/cancel", rebalance_cancel, methods=["POST"]),
+    ]
 
 
 def _logged(m: Membership, what: str, call: Callable[[], dict[str, Any]],
@@ -143,7 +217,9 @@ async def _error_response(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": str(exc)}, status_code=status)
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
+async def _json_body(request: Request, empty_ok: bool = False) -> dict[str, Any]:
+    if empty_ok and not await request.body():
+        return {}
     try:
         body = await request.json()
     except (ValueError, UnicodeDecodeError):

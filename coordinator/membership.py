@@ -18,19 +18,29 @@ Epoch rules:
 Broker states never move slots by themselves (DESIGN §5): a broker that
 misses heartbeats is marked `dead` and keeps its slots; a heartbeat or
 re-registration brings it back to the state it had (`revive_state`).
-Only bootstrap and `forget` assign slots here; live moves come with the
-rebalancer (see `Membership.plan_moves`).
+Bootstrap, `forget` and `commit_move` are the only ownership changes.
+
+Moves (handoffs, executed by moves.py) are recorded here too: `begin_move`,
+`set_move_phase`, `mark_move_aborting` and `finish_move` persist the move
+and republish the topology's `moving` list *at the same epoch* (a phase is
+not an ownership change); `commit_move` is the commit point of DESIGN §6
+step 5: the slots' new owner at epoch e+1 and the move's `commit` phase in
+one SQLite transaction. A `draining`/`leaving` broker whose last slot moves
+away becomes `drained` in that same transaction.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from shardq.router import (
+    DEFAULT_MAX_SLOTS_PER_MOVE,
     DEFAULT_VNODES,
     BrokerInfo,
     BrokerState,
@@ -42,9 +52,10 @@ from shardq.router import (
 )
 
 from .errors import BadRequest, Conflict, Forbidden, NotFound
-from .state import BrokerRecord, Store
+from .state import BrokerRecord, MoveRecord, MoveState, Store
 
 MAX_WEIGHT = 1000
+_OUT_OF_RING = frozenset({BrokerState.DRAINING, BrokerState.LEAVING, BrokerState.DRAINED})
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _DIGITS = re.compile(r"(\d+)")
 
@@ -105,6 +116,9 @@ class Membership:
         self._topo = snap.topology
         self._records = snap.records
         self._barred = snap.barred
+        # The moves table is the truth about moves in flight; `moving` mirrors it.
+        self._moves = {r.move_id: r for r in snap.moves}
+        self._topo.moving = [r.moving_entry() for r in snap.moves]
         now = self._clock()
         self._last_seen = dict.fromkeys(self._topo.brokers, now)
         self._json: bytes | None = None
@@ -156,18 +170,34 @@ class Membership:
         """The last stats `broker_id` sent with a heartbeat (since this start)."""
         return self._stats.get(broker_id)
 
-    def plan_moves(self) -> list[Move]:
-        """Hook for live rebalancing: the handoffs that would bring joining brokers in.
+    def plan_moves(self, max_slots_per_move: int = DEFAULT_MAX_SLOTS_PER_MOVE) -> list[Move]:
+        """The handoffs that would bring every slot to its ring target.
 
-        Nothing executes these yet; the rebalancer (scale out, drain) will
-        run them as handoffs (DESIGN §6) and activate the joining brokers.
+        Joining brokers count as on the ring (a rebalance activates them
+        first); a dead broker that was not active when it died (draining,
+        joining...) is left off it. Slots already moving are skipped.
         """
         if not self.bootstrapped:
             return []
         joining = [b.id for b in self._topo.brokers.values() if b.state is BrokerState.JOINING]
-        moves: list[Move] = plan_rebalance(
-            self._topo, ring_for(self._topo, self._vnodes, include=joining))
+        off = [bid for bid, b in self._topo.brokers.items() if b.state is BrokerState.DEAD
+               and self._records[bid].revive_state is not BrokerState.ACTIVE]
+        try:
+            ring = ring_for(self._topo, self._vnodes, include=joining, exclude=off)
+        except ValueError:  # nobody left on the ring
+            return []
+        moves: list[Move] = plan_rebalance(self._topo, ring, max_slots_per_move)
         return moves
+
+    @property
+    def moves(self) -> dict[str, MoveRecord]:
+        """Unfinished moves (running or aborting) by id, oldest first. A copy."""
+        return dict(self._moves)
+
+    def revive_state(self, broker_id: str) -> BrokerState | None:
+        """The state a dead broker comes back in (its state, if not dead)."""
+        rec = self._records.get(broker_id)
+        return None if rec is None else rec.revive_state
 
     # -- broker calls --------------------------------------------------------
 
@@ -249,6 +279,88 @@ class Membership:
 
     # -- operator calls ------------------------------------------------------
 
+    def activate_joining(self, only: Iterable[str] | None = None) -> list[str]:
+        """Put joining brokers (all, or those in `only`) on the ring; one epoch bump for all.
+
+        Before bootstrap this does nothing: bootstrap activates them.
+
+        Returns:
+            The ids activated.
+        """
+        if not self.bootstrapped:
+            return []
+        wanted = None if only is None else set(only)
+        ids = sorted((b.id for b in self._topo.brokers.values()
+                      if b.state is BrokerState.JOINING and (wanted is None or b.id in wanted)),
+                     key=natural_key)
+        if ids:
+            topo = self._topo.copy()
+            for bid in ids:
+                topo.brokers[bid].state = BrokerState.ACTIVE
+                self._records[bid].revive_state = BrokerState.ACTIVE
+            self._commit(topo)
+        return ids
+
+    def drain(self, broker_id: str, leaving: bool = False) -> dict[str, Any]:
+        """Take a broker off the ring so that its slots move to the others.
+
+        It becomes `draining` (`leaving` when it is being scaled in), or
+        `drained` at once when it owns nothing. Draining again is a no-op
+        (`leaving` may upgrade a `draining` broker).
+
+        Raises:
+            NotFound: unknown id.
+            Conflict: it is dead (its data cannot move; restart or forget
+                it), or it owns slots and no other broker is active.
+        """
+        info = self._topo.brokers.get(broker_id)
+        if info is None:
+            raise NotFound(f"unknown broker {broker_id!r}")
+        if info.state is BrokerState.DEAD:
+            raise Conflict(f"broker {broker_id} is dead: its slots cannot move until it is "
+                           "back (restart it), or forget it if its disk is lost")
+        owned = len(self._topo.slots_of(broker_id))
+        if owned:
+            want = BrokerState.LEAVING if leaving else BrokerState.DRAINING
+            others = [b for b in self._topo.brokers.values()
+                      if b.id != broker_id and b.state is BrokerState.ACTIVE]
+            if not others:
+                raise Conflict(f"broker {broker_id} owns {owned} slots and no other broker is "
+                               "active to take them; scale out first")
+        else:
+            want = BrokerState.DRAINED
+        if info.state is not want and not (
+                info.state is BrokerState.LEAVING and want is BrokerState.DRAINING):
+            topo = self._topo.copy()
+            topo.brokers[broker_id].state = want
+            self._records[broker_id].revive_state = want
+            self._commit(topo)
+        return {**self._answer(broker_id), "slots": owned}
+
+    def undrain(self, broker_id: str) -> dict[str, Any]:
+        """Put a draining, leaving, drained (or joining) broker back on the ring.
+
+        A dead broker comes back active when it returns.
+
+        Raises:
+            NotFound: unknown id.
+        """
+        info = self._topo.brokers.get(broker_id)
+        if info is None:
+            raise NotFound(f"unknown broker {broker_id!r}")
+        rec = self._records[broker_id]
+        if info.state is BrokerState.DEAD:
+            if rec.revive_state is not BrokerState.ACTIVE:
+                rec.revive_state = BrokerState.ACTIVE
+                self._commit(self._topo.copy())
+        elif info.state is not BrokerState.ACTIVE and (
+                info.state in _OUT_OF_RING or self.bootstrapped):
+            topo = self._topo.copy()
+            topo.brokers[broker_id].state = BrokerState.ACTIVE
+            rec.revive_state = BrokerState.ACTIVE
+            self._commit(topo)
+        return self._answer(broker_id)
+
     def forget(self, broker_id: str, accept_data_loss: bool) -> dict[str, Any]:
         """Give a lost broker's slots away, empty, and bar its id (DESIGN §6 runbook).
 
@@ -301,6 +413,127 @@ class Membership:
             counts[target] = counts.get(target, 0) + 1
         return counts
 
+    # -- moves (DESIGN §6 handoffs) -------------------------------------------
+
+    def begin_move(self, move: Move, move_id: str | None = None) -> MoveRecord:
+        """Record a new move in phase `prepare` (persisted before PREPARE is sent).
+
+        Raises:
+            Conflict: the source does not own every slot, a slot is already
+                moving, or source/target is unknown, the same, or the target
+                is not active.
+        """
+        src, dst = move.source, move.target
+        if src == dst or src not in self._topo.brokers or dst not in self._topo.brokers:
+            raise Conflict(f"cannot move slots from {src!r} to {dst!r}")
+        if self._topo.brokers[dst].state is not BrokerState.ACTIVE:
+            raise Conflict(f"target {dst} is {self._topo.brokers[dst].state.value}, not active")
+        if not move.slots:
+            raise Conflict("a move needs at least one slot")
+        busy = {s for r in self._moves.values() for s in r.slots}
+        for s in move.slots:
+            if self._topo.owner_of_slot(s) != src or s in busy:
+                raise Conflict(f"slot {s} is not {src}'s to move (owner "
+                               f"{self._topo.owner_of_slot(s)}, moving: {s in busy})")
+        now = self._wall()
+        rec = MoveRecord(move_id or str(uuid.uuid4()), src, dst, tuple(sorted(move.slots)),
+                         created_ms=now, updated_ms=now)
+        if rec.move_id in self._moves:
+            raise Conflict(f"move {rec.move_id} exists")
+        self._save_moves([rec])
+        return rec
+
+    def set_move_phase(self, move_id: str, phase: str) -> MoveRecord:
+        """Persist that `move_id` is now carrying out `phase` (no epoch bump)."""
+        rec = self._move(move_id)
+        if rec.phase == phase:
+            return rec
+        new = dataclasses.replace(rec, phase=phase, updated_ms=self._wall())
+        if new.committed != rec.committed:
+            raise Conflict(f"move {move_id}: {rec.phase} -> {phase} crosses the commit point")
+        self._save_moves([new])
+        return new
+
+    def commit_move(self, move_id: str) -> MoveRecord:
+        """The commit point: the slots belong to the target at epoch e+1 (durable on return).
+
+        Idempotent for a committed move.
+
+        Raises:
+            Conflict: the move is aborting, the source no longer owns every
+                slot, or the target is no longer on the ring.
+        """
+        rec = self._move(move_id)
+        if rec.committed:
+            return rec
+        if rec.state is not MoveState.RUNNING:
+            raise Conflict(f"move {move_id} is {rec.state.value}")
+        lost = [s for s in rec.slots if self._topo.owner_of_slot(s) != rec.source]
+        if lost:
+            raise Conflict(f"{rec.source} no longer owns slots {lost[:8]}")
+        target = self._topo.brokers.get(rec.target)
+        if target is None or not (
+                target.state is BrokerState.ACTIVE
+                or (target.state is BrokerState.DEAD
+                    and self._records[rec.target].revive_state is BrokerState.ACTIVE)):
+            state = "gone" if target is None else target.state.value
+            raise Conflict(f"target {rec.target} is {state}: not committing")
+        topo = self._topo.copy()
+        epoch = self._topo.epoch + 1
+        for s in rec.slots:
+            topo.slot_owners[s] = rec.target
+            topo.slot_epochs[s] = epoch
+        new = dataclasses.replace(rec, phase="commit", epoch=epoch, updated_ms=self._wall())
+        self._commit(topo, moves=[new])
+        return new
+
+    def mark_move_aborting(self, move_id: str, error: str) -> MoveRecord:
+        """Persist the decision to abort (before the ABORTs are sent).
+
+        Raises:
+            Conflict: the move is committed (it can only roll forward).
+        """
+        rec = self._move(move_id)
+        if rec.committed:
+            raise Conflict(f"move {move_id} is committed: it cannot abort")
+        if rec.state is MoveState.ABORTING:
+            return rec
+        new = dataclasses.replace(rec, state=MoveState.ABORTING, error=error,
+                                  updated_ms=self._wall())
+        self._save_moves([new])
+        return new
+
+    def finish_move(self, move_id: str, error: str | None = None) -> MoveRecord:
+        """Close a move: `done` if committed, else `aborted`; it leaves `moving`.
+
+        A `draining`/`leaving` source that now owns nothing becomes `drained`
+        in the same transaction (an epoch bump).
+        """
+        rec = self._move(move_id)
+        state = MoveState.DONE if rec.committed else MoveState.ABORTED
+        new = dataclasses.replace(rec, state=state, error=error or rec.error,
+                                  updated_ms=self._wall())
+        src = self._topo.brokers.get(rec.source)
+        if (state is MoveState.DONE and src is not None and src.state in _OUT_OF_RING
+                and src.state is not BrokerState.DRAINED and not _owns(self._topo, src.id)):
+            topo = self._topo.copy()
+            topo.brokers[src.id].state = BrokerState.DRAINED
+            self._records[src.id].revive_state = BrokerState.DRAINED
+            self._commit(topo, moves=[new])
+        else:
+            self._save_moves([new])
+        return new
+
+    def _move(self, move_id: str) -> MoveRecord:
+        rec = self._moves.get(move_id)
+        if rec is None:
+            raise NotFound(f"no move {move_id!r} in flight")
+        return rec
+
+    def _save_moves(self, moves: list[MoveRecord]) -> None:
+        """Persist move records and the `moving` list at the current epoch."""
+        self._commit(self._topo.copy(), moves=moves, bump=False)
+
     # -- timers --------------------------------------------------------------
 
     def check_liveness(self) -> list[str]:
@@ -341,21 +574,35 @@ class Membership:
         self._commit(topo)
 
     def _commit(self, topo: Topology, drop: Iterable[str] = (),
-                bar: Iterable[tuple[str, int]] = ()) -> None:
-        """Persist `topo` as the next state, then publish it."""
+                bar: Iterable[tuple[str, int]] = (), moves: Iterable[MoveRecord] = (),
+                bump: bool = True) -> None:
+        """Persist `topo` (and `moves`) as the next state, then publish it.
+
+        `bump=False` keeps the epoch: only `moving` and move records change.
+        """
         for bid in drop:
             self._records.pop(bid, None)
             self._last_seen.pop(bid, None)
             self._stats.pop(bid, None)
+        moves = list(moves)
+        in_flight = dict(self._moves)
+        for r in moves:
+            if r.finished:
+                in_flight.pop(r.move_id, None)
+            else:
+                in_flight[r.move_id] = r
+        topo.moving = [r.moving_entry() for r in in_flight.values()]
         topo.term = self.term
-        topo.epoch = self._topo.epoch + 1 if _owns_any(topo) else self._topo.epoch
+        topo.epoch = (self._topo.epoch + 1 if bump and _owns_any(topo)
+                      else self._topo.epoch)
         try:
-            self._store.save(topo, self._records, bar)
+            self._store.save(topo, self._records, bar, moves)
         except Exception:
             # Memory must never run ahead of the disk: reload what is there.
             self._load()
             raise
         self._topo = topo
+        self._moves = in_flight
         self._json = None
 
     def _touch(self, broker_id: str) -> None:
@@ -370,6 +617,10 @@ class Membership:
                 f"broker {broker_id!r} was forgotten (shardq forget) and may not register "
                 "again; start it with a new --id and an empty data dir"
             )
+
+    def answer(self, broker_id: str) -> dict[str, Any]:
+        """What register/heartbeat answer: {term, epoch, state}."""
+        return self._answer(broker_id)
 
     def _answer(self, broker_id: str) -> dict[str, Any]:
         return {"term": self.term, "epoch": self.epoch,

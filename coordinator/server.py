@@ -24,8 +24,10 @@ from typing import IO
 import uvicorn
 import uvloop
 
-from .app import create_app
+from .app import create_app, default_rebalancer
 from .membership import Membership
+from .moves import MovePolicy
+from .rebalance import Rebalancer
 from .state import Store
 
 log = logging.getLogger("shardq.coordinator")
@@ -42,6 +44,12 @@ class CoordinatorConfig:
     expect: int = 1
     token: str | None = None
     heartbeat_timeout_ms: int = 5000
+    rebalance_concurrency: int = 2
+    rebalance_throttle_ms: int = 0
+    auto_rebalance: bool = True
+    handoff_copy_timeout_s: float = 600.0
+    handoff_step_timeout_s: float = 10.0
+    handoff_retry_budget_s: float = 30.0
 
 
 def serve(config: CoordinatorConfig) -> None:
@@ -57,7 +65,8 @@ async def serve_async(config: CoordinatorConfig) -> None:
         membership = Membership(store, expect=config.expect,
                                 heartbeat_timeout_ms=config.heartbeat_timeout_ms)
         interval = max(20, min(1000, config.heartbeat_timeout_ms // 5))
-        app = create_app(membership, token=config.token, check_interval_ms=interval)
+        app = create_app(membership, token=config.token, check_interval_ms=interval,
+                         rebalancer=_rebalancer(membership, config))
         server = _Server(uvicorn.Config(app, log_config=None, access_log=False,
                                         lifespan="on", timeout_graceful_shutdown=5))
         loop = asyncio.get_running_loop()
@@ -76,6 +85,16 @@ async def serve_async(config: CoordinatorConfig) -> None:
         await serving
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+def _rebalancer(membership: Membership, config: CoordinatorConfig) -> Rebalancer:
+    policy = MovePolicy(step_timeout_s=config.handoff_step_timeout_s,
+                        copy_timeout_s=config.handoff_copy_timeout_s,
+                        retry_budget_s=config.handoff_retry_budget_s)
+    return default_rebalancer(membership, config.token, policy=policy,
+                              concurrency=config.rebalance_concurrency,
+                              throttle_ms=config.rebalance_throttle_ms,
+                              auto=config.auto_rebalance)
 
 
 class _Server(uvicorn.Server):

@@ -10,6 +10,11 @@ Tables:
                                      {slots (runs), overrides, partitions, moving};
                                      the last `HISTORY` epochs are kept
     barred(id, at_ms)                forgotten broker ids, refused at register
+    moves(move_id, source, target, slots, phase, epoch, state, error, created_ms, updated_ms)
+                                     handoffs (moves.py): a row is written before each
+                                     step is sent, and the commit point writes the new
+                                     ownership and `phase = commit` in one transaction;
+                                     the last `MOVE_HISTORY` finished moves are kept
 
 Every `save` is one transaction committed with `synchronous=FULL` before it
 returns, so whatever the coordinator answers after a save survives a
@@ -22,15 +27,20 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
+from shardq.protocol import PHASES
 from shardq.router import BrokerState, Topology
 
 DB_NAME = "coordinator.db"
 HISTORY = 100
+MOVE_HISTORY = 1000
+COMMIT_PHASE = "commit"
+_COMMIT_INDEX = PHASES.index(COMMIT_PHASE)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -39,7 +49,60 @@ CREATE TABLE IF NOT EXISTS brokers(
     revive_state TEXT NOT NULL, last_heartbeat_ms INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS topology(epoch INTEGER PRIMARY KEY, blob BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS barred(id TEXT PRIMARY KEY, at_ms INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS moves(
+    move_id TEXT PRIMARY KEY, source TEXT NOT NULL, target TEXT NOT NULL, slots BLOB NOT NULL,
+    phase TEXT NOT NULL, epoch INTEGER NOT NULL, state TEXT NOT NULL, error TEXT,
+    created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL) WITHOUT ROWID;
 """
+
+
+class MoveState(StrEnum):
+    """Where a handoff stands as a whole (its `phase` says which step)."""
+
+    RUNNING = "running"  # going forward (before or after the commit point)
+    ABORTING = "aborting"  # failed before the commit point; ABORT not yet acknowledged
+    ABORTED = "aborted"  # finished, ownership unchanged
+    DONE = "done"  # finished, committed, activated and released
+
+
+@dataclass(frozen=True, slots=True)
+class MoveRecord:
+    """One handoff of `slots` from `source` to `target` (DESIGN §6), as persisted.
+
+    `phase` is the step being carried out (one of `shardq.protocol.PHASES`):
+    it is persisted before that step's op is sent. `epoch` is the epoch at
+    which `target` got the slots: 0 until the commit point.
+    """
+
+    move_id: str
+    source: str
+    target: str
+    slots: tuple[int, ...]
+    phase: str = PHASES[0]
+    epoch: int = 0
+    state: MoveState = MoveState.RUNNING
+    error: str | None = None
+    created_ms: int = 0
+    updated_ms: int = 0
+
+    @property
+    def committed(self) -> bool:
+        """True from the commit point on: from then on the move only rolls forward."""
+        return PHASES.index(self.phase) >= _COMMIT_INDEX
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (MoveState.ABORTED, MoveState.DONE)
+
+    def moving_entry(self) -> dict[str, Any]:
+        """The topology's `moving` entry (DESIGN §5)."""
+        return {"move_id": self.move_id, "slots": list(self.slots), "from": self.source,
+                "to": self.target, "phase": self.phase}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe view, for the HTTP API."""
+        return {**self.moving_entry(), "epoch": self.epoch, "state": self.state.value,
+                "error": self.error}
 
 
 @dataclass(slots=True)
@@ -58,6 +121,7 @@ class Snapshot:
     topology: Topology
     records: dict[str, BrokerRecord]
     barred: dict[str, int]
+    moves: list[MoveRecord]  # unfinished ones (running or aborting), oldest first
 
 
 class Store:
@@ -108,21 +172,41 @@ class Store:
         body: dict[str, Any] = msgpack.unpackb(top[0]) if top else {"epoch": 0, "slots": []}
         topology = Topology.from_dict({**body, "term": term, "brokers": brokers})
         barred = dict(self._db.execute("SELECT id, at_ms FROM barred").fetchall())
-        return Snapshot(term, topology, records, barred)
+        return Snapshot(term, topology, records, barred, self.load_moves())
+
+    def load_moves(self, finished: bool = False) -> list[MoveRecord]:
+        """Unfinished moves, oldest first (or, with `finished`, the kept finished ones)."""
+        states = ("aborted", "done") if finished else ("running", "aborting")
+        rows = self._db.execute(
+            "SELECT move_id, source, target, slots, phase, epoch, state, error, created_ms, "
+            "updated_ms FROM moves WHERE state IN (?, ?) ORDER BY created_ms, move_id", states)
+        return [
+            MoveRecord(mid, src, dst, tuple(msgpack.unpackb(slots)), phase, int(epoch),
+                       MoveState(state), error, int(created), int(updated))
+            for mid, src, dst, slots, phase, epoch, state, error, created, updated in rows
+        ]
 
     def save(
         self,
         topology: Topology,
         records: Mapping[str, BrokerRecord],
         bar: Iterable[tuple[str, int]] = (),
+        moves: Iterable[MoveRecord] = (),
     ) -> None:
-        """Persist membership and ownership in one durable transaction.
+        """Persist membership, ownership and move records in one durable transaction.
 
         Args:
             topology: the whole current topology; its brokers must all be in `records`.
+                Saving at an unchanged epoch replaces that epoch's row (a phase change).
             records: per-broker extras, keyed like `topology.brokers`.
             bar: (broker id, wall ms) pairs to add to the barred list.
+            moves: move records to insert or replace.
         """
+        move_rows = [
+            (r.move_id, r.source, r.target, msgpack.packb(list(r.slots)), r.phase, r.epoch,
+             r.state.value, r.error, r.created_ms, r.updated_ms)
+            for r in moves
+        ]
         d = topology.to_dict()
         body = {k: d[k] for k in ("epoch", "slots", "overrides", "partitions", "moving")}
         with self._tx():
@@ -141,6 +225,15 @@ class Store:
             )
             self._db.execute("DELETE FROM topology WHERE epoch <= ?", (topology.epoch - HISTORY,))
             self._db.executemany("INSERT OR REPLACE INTO barred VALUES (?, ?)", list(bar))
+            if move_rows:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO moves VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    move_rows)
+                if any(row[6] in ("aborted", "done") for row in move_rows):
+                    self._db.execute(
+                        "DELETE FROM moves WHERE state IN ('aborted', 'done') AND move_id NOT IN "
+                        "(SELECT move_id FROM moves WHERE state IN ('aborted', 'done') "
+                        "ORDER BY updated_ms DESC LIMIT ?)", (MOVE_HISTORY,))
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db)

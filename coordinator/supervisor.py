@@ -7,6 +7,12 @@ port it first bound (so `--base-port 0` brokers keep their address). On
 SIGINT/SIGTERM the brokers are stopped first (so they can tell the
 coordinator), then the coordinator. Once every broker is active at epoch
 >= 1 the supervisor prints `READY http://host:port` (the coordinator URL).
+
+For `shardq scale out|in` it then listens on a loopback control port,
+recorded with the broker list in DATA_DIR/cluster.json (cluster_control.py):
+a scale out starts b(N+1)... as supervised children like the others; a
+scale in stops one for good. The next `cluster up` on the same data dir
+starts b1..bN plus the brokers scaled out, minus those scaled in.
 """
 
 from __future__ import annotations
@@ -14,7 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import hmac
+import json
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +35,8 @@ import httpx
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
+
+from .cluster_control import MAX_LINE, ClusterFile
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
@@ -67,12 +78,19 @@ class Child:
         self.name = name
         self.port = port
         self.addr: str | None = None
+        self.returncode: int | None = None
         self.log_path = log_path
         self.first_ready = asyncio.Event()
         self._make_args = make_args
         self._notify = notify
         self._stop = asyncio.Event()
         self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The running process's pid, if any."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
 
     def request_stop(self) -> None:
         """Stop it (SIGTERM, then SIGKILL after STOP_TIMEOUT_S) and do not restart."""
@@ -134,6 +152,7 @@ class Child:
                 self._notify(f"{self.name} did not print READY within {READY_TIMEOUT_S:g}s")
         finally:
             await _terminate(proc)
+        self.returncode = proc.returncode
         return proc.returncode
 
 
@@ -205,9 +224,10 @@ def _tail(path: Path, n: int = 2000) -> str:
 
 
 class Cluster:
-    """The coordinator and brokers b1..bN of one `cluster up`."""
+    """The coordinator and the brokers of one `cluster up`: b1..bN, plus any scaled out."""
 
-    def __init__(self, config: ClusterConfig, console: Console) -> None:
+    def __init__(self, config: ClusterConfig, console: Console,
+                 saved: ClusterFile | None = None) -> None:
         self.config = config
         self.console = console
         d = config.data_dir
@@ -216,12 +236,33 @@ class Cluster:
             lambda port: ["coordinator", "--port", str(port), "--data-dir", str(d / "coordinator"),
                           "--expect", str(config.brokers), *self._token_args()],
             config.coordinator_port, d / "logs" / "coordinator.log", self.notify)
-        self.brokers = [
-            Child(f"b{i}", self._broker_args(f"b{i}"),
-                  config.base_port + i - 1 if config.base_port else 0,
-                  d / "logs" / f"b{i}.log", self.notify)
-            for i in range(1, config.brokers + 1)
-        ]
+        self.removed: list[str] = list(saved.removed) if saved else []
+        names = {f"b{i}" for i in range(1, config.brokers + 1)}
+        names.update(saved.brokers if saved else ())
+        names.difference_update(self.removed)
+        self.brokers = [self._child(name) for name in sorted(names, key=_natural)]
+
+    def _child(self, name: str) -> Child:
+        index = _index(name)
+        port = self.config.base_port + index - 1 if self.config.base_port and index else 0
+        return Child(name, self._broker_args(name), port,
+                     self.config.data_dir / "logs" / f"{name}.log", self.notify)
+
+    def add_broker(self) -> Child:
+        """A new child b(K+1), K the highest index used so far (here, on disk, or removed)."""
+        used = [_index(n) for n in (*(b.name for b in self.brokers), *self.removed)]
+        used += [_index(p.name) for p in self.config.data_dir.iterdir() if p.is_dir()]
+        child = self._child(f"b{max(used, default=0) + 1}")
+        self.brokers.append(child)
+        return child
+
+    def broker(self, name: str) -> Child | None:
+        return next((b for b in self.brokers if b.name == name), None)
+
+    def save(self, control: str) -> None:
+        """Record the cluster in DATA_DIR/cluster.json (cluster_control.py)."""
+        ClusterFile(os.getpid(), self.url, control, [b.name for b in self.brokers],
+                    self.removed).write(self.config.data_dir)
 
     @property
     def url(self) -> str:
@@ -255,7 +296,7 @@ async def run_cluster(config: ClusterConfig, out: TextIO, console: Console) -> N
         ChildFailed: a child could not be started.
     """
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(config, console)
+    cluster = Cluster(config, console, ClusterFile.read(config.data_dir))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -269,28 +310,126 @@ async def run_cluster(config: ClusterConfig, out: TextIO, console: Console) -> N
         loop.add_signal_handler(sig, on_signal)
     try:
         async with asyncio.TaskGroup() as tg:
+            control = _Control(cluster, tg)
             coord_task = tg.create_task(cluster.coordinator.supervise())
             await _first_of(cluster.coordinator.first_ready.wait(), stop.wait(), None)
             if not stop.is_set():
-                broker_tasks = [tg.create_task(b.supervise()) for b in cluster.brokers]
+                for b in cluster.brokers:
+                    control.tasks[b.name] = tg.create_task(b.supervise())
                 await _first_of(_all_ready(cluster.brokers), stop.wait(), None)
-            else:
-                broker_tasks = []
             if not stop.is_set():
                 _print_listeners(cluster, out)
                 await _first_of(_bootstrapped(cluster), stop.wait(), None)
             if not stop.is_set():
+                await control.listen()
                 print(f"READY {cluster.url}", file=out, flush=True)
                 await _first_of(_show_status(cluster), stop.wait(), None)
+            await control.close()
             for b in cluster.brokers:
                 b.request_stop()
-            if broker_tasks:
-                await asyncio.wait(broker_tasks)
+            if control.tasks:
+                await asyncio.wait(list(control.tasks.values()))
             cluster.coordinator.request_stop()
             await coord_task
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+class _Control:
+    """The loopback control port of `shardq scale out|in` (protocol: cluster_control.py)."""
+
+    def __init__(self, cluster: Cluster, tg: asyncio.TaskGroup) -> None:
+        self.cluster = cluster
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._tg = tg
+        self._server: asyncio.Server | None = None
+        self._addr = ""
+        self._lock = asyncio.Lock()  # one add/stop at a time: names and cluster.json
+
+    async def listen(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, limit=MAX_LINE)
+        host, port = self._server.sockets[0].getsockname()[:2]
+        self._addr = f"{host}:{port}"
+        self.cluster.save(self._addr)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                request = json.loads(await reader.readline())
+                reply = await self._dispatch(request if isinstance(request, dict) else {})
+            except (ValueError, KeyError, TypeError, OSError, ChildFailed) as e:
+                reply = {"ok": False, "error": str(e) or repr(e)}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    async def _dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
+        token = self.cluster.config.token
+        if token and not hmac.compare_digest(str(request.get("token", "")), token):
+            return {"ok": False, "error": "missing or wrong token"}
+        op = request.get("op")
+        if op == "list":
+            return {"ok": True, "brokers": [{"id": b.name, "addr": b.addr, "pid": b.pid}
+                                            for b in self.cluster.brokers]}
+        async with self._lock:
+            if op == "add":
+                count = request.get("count", 1)
+                if not isinstance(count, int) or not 1 <= count <= 64:
+                    raise ValueError(f"count must be an int in [1, 64], got {count!r}")
+                return {"ok": True, "brokers": await self._add(count)}
+            if op == "stop":
+                return {"ok": True, **await self._stop(str(request.get("id")))}
+        raise ValueError(f"unknown op {op!r}")
+
+    async def _add(self, count: int) -> list[dict[str, Any]]:
+        children = [self.cluster.add_broker() for _ in range(count)]
+        for child in children:
+            self.tasks[child.name] = self._tg.create_task(self._supervise_added(child))
+        self.cluster.save(self._addr)
+        self.cluster.notify(f"scale out: starting {', '.join(c.name for c in children)}")
+        started = []
+        for child in children:
+            ready = asyncio.ensure_future(child.first_ready.wait())
+            await asyncio.wait([ready, self.tasks[child.name]],
+                               return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            if not child.first_ready.is_set():
+                raise ChildFailed(f"{child.name} did not start; see {child.log_path}")
+            started.append({"id": child.name, "addr": child.addr})
+        return started
+
+    async def _supervise_added(self, child: Child) -> None:
+        # A broker that fails to start must not take the running cluster down.
+        try:
+            await child.supervise()
+        except ChildFailed as e:
+            self.cluster.notify(f"scale out failed: {e}")
+            if child in self.cluster.brokers:
+                self.cluster.brokers.remove(child)
+                self.cluster.save(self._addr)
+
+    async def _stop(self, name: str) -> dict[str, Any]:
+        child = self.cluster.broker(name)
+        if child is None:
+            raise KeyError(f"{name} is not a broker of this cluster")
+        self.cluster.notify(f"scale in: stopping {name}")
+        child.request_stop()
+        task = self.tasks.pop(name, None)
+        if task is not None:
+            await asyncio.wait([task])
+        self.cluster.brokers.remove(child)
+        self.cluster.removed.append(name)
+        self.cluster.save(self._addr)
+        return {"id": name, "code": child.returncode}
 
 
 async def _all_ready(children: list[Child]) -> bool:
@@ -309,18 +448,34 @@ def _print_listeners(cluster: Cluster, out: TextIO) -> None:
 
 
 async def _bootstrapped(cluster: Cluster) -> bool:
-    """Until the coordinator reports epoch >= 1 and every broker active."""
+    """Until the coordinator reports epoch >= 1 (bootstrap made b1..bN active) and
+    every broker is registered and not dead (a broker drained before keeps its state)."""
+    names = [b.name for b in cluster.brokers]
     async with cluster.http() as http:
         while True:
             status = await _get_status(http)
-            if status is not None and _is_up(status, len(cluster.brokers)):
+            if status is not None and _is_up(status, names):
                 return True
             await asyncio.sleep(0.1)
 
 
-def _is_up(status: dict[str, Any], n: int) -> bool:
-    active = [b for b in status.get("brokers", []) if b.get("state") == "active"]
-    return int(status.get("epoch", 0)) >= 1 and len(active) >= n
+def _is_up(status: dict[str, Any], names: list[str]) -> bool:
+    states = {b.get("id"): b.get("state") for b in status.get("brokers", [])}
+    return int(status.get("epoch", 0)) >= 1 and all(
+        states.get(n) not in (None, "dead") for n in names)
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def _natural(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in _DIGITS.split(name)]
+
+
+def _index(name: str) -> int:
+    """3 for "b3"; 0 for a name that is not b<number>."""
+    m = re.fullmatch(r"b(\d+)", name)
+    return int(m.group(1)) if m else 0
 
 
 async def _get_status(http: httpx.AsyncClient) -> dict[str, Any] | None:

@@ -79,6 +79,9 @@ def drain(broker_id: str = typer.Argument(..., help="The broker to empty, e.g. b
             err.print(f"{broker_id} is {answer['state']}: moving {answer['slots']} slots "
                       f"({answer['moves']} moves); `shardq rebalance` shows progress",
                       highlight=False)
+        else:
+            err.print(f"{broker_id} drained: {answer['slots_moved']} slots moved "
+                      f"(epoch {answer['epoch']})", highlight=False)
 
     _run(coordinator, token, body)
 
@@ -190,6 +193,10 @@ def rebalance(dry_run: bool = typer.Option(False, "--dry-run", help="Print the p
 
 def _print_plan(plan: dict[str, Any]) -> None:
     console = Console()
+    if not plan["moves"]:
+        console.print(f"nothing to move: every slot is on its ring target (epoch "
+                      f"{plan['epoch']})", highlight=False)
+        return
     moves = Table(title=f"plan at epoch {plan['epoch']}: {len(plan['moves'])} moves, "
                         f"{plan['slots']} slots", box=box.SIMPLE_HEAD)
     for col in ("source", "target", "slots", "first", "last"):
