@@ -186,8 +186,9 @@ class Cluster:
                 conn = await self.connection(bid, addr)
                 return await conn.request(op, args, timeout)
             except MovedError as exc:
+                stale = self.topology.is_stale(exc)
                 self.topology.patch(exc)
-                decision = budget.moved(exc, bid)
+                decision = budget.moved(exc, bid, stale)
             except TryAgainError as exc:
                 decision = budget.tryagain(exc)
             except BusyError as exc:
@@ -303,11 +304,12 @@ class Cluster:
             exc, bid = entries[0][1], entries[0][2]
             try:
                 if kind is MovedError:
+                    assert isinstance(exc, MovedError)
+                    stale = self.topology.is_stale(exc)
                     for _, err, _ in entries:
                         assert isinstance(err, MovedError)
                         self.topology.patch(err)
-                    assert isinstance(exc, MovedError)
-                    decisions.append(budget.moved(exc, bid))
+                    decisions.append(budget.moved(exc, bid, stale))
                 elif kind is TryAgainError:
                     assert isinstance(exc, TryAgainError)
                     decisions.append(budget.tryagain(exc))

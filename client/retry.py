@@ -56,8 +56,15 @@ class Budget:
     down_since: float | None = None
     down_attempts: int = 0
 
-    def moved(self, err: MovedError, sent_to: str) -> Decision:
-        """A MOVED answer from broker `sent_to` (already patched by the caller)."""
+    def moved(self, err: MovedError, sent_to: str, stale: bool = False) -> Decision:
+        """A MOVED answer from broker `sent_to` (already patched by the caller).
+
+        `stale`: the answer names an owner older than our map's, so the broker
+        has not learned the new map yet (it will at its next heartbeat): wait
+        and resend to it, within the TRYAGAIN budget, instead of redirecting."""
+        if stale:
+            return self.tryagain(TryAgainError(
+                f"{sent_to} still routes slot {err.slot} by epoch {err.epoch}", 50))
         self.redirects += 1
         if self.redirects > self.policy.max_redirects:
             raise err

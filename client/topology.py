@@ -72,6 +72,14 @@ class TopologyManager:
             await self._changed.wait()
         return self.version
 
+    def is_stale(self, err: MovedError) -> bool:
+        """The broker that answered MOVED knows an older owner than our map."""
+        if err.queue is not None:
+            known = self.topo.overrides.get(err.queue)
+            return known is not None and err.epoch < known[1]
+        return 0 <= err.slot < len(self.topo.slot_epochs) and (
+            err.epoch < self.topo.slot_epoch(err.slot))
+
     def patch(self, err: MovedError) -> None:
         """Apply one MOVED (slot or override) to the map."""
         if err.owner == "" or err.addr == "":
