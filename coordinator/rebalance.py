@@ -57,6 +57,9 @@ class Progress:
     errors: list[str] = field(default_factory=list)
 
 
+MAX_DRAIN_RETRIES = 20
+
+
 class Rebalancer:
     """Plans and runs moves; owns the tasks that run them.
 
@@ -91,6 +94,7 @@ class Rebalancer:
         self._in_flight: set[str] = set()
         self._recovered: list[MoveRecord] = []
         self._recovering = 0  # recovered moves not finished yet
+        self._retries = 0  # automatic re-plans of an unfinished drain
         self._progress = Progress()
         self._runner: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -308,8 +312,32 @@ class Rebalancer:
                 asyncio.get_running_loop().call_soon(self._restart_if_pending)
 
     def _restart_if_pending(self) -> None:
-        if self._pending and not self._closing and not self.running:
+        if self._closing or self.running:
+            return
+        if self._pending:
             self._runner = asyncio.create_task(self._run(), name="shardq-rebalance")
+            return
+        # Moves that aborted (a second drain re-targeted them, a broker restarted
+        # mid-copy) leave draining brokers with slots: plan those again, with a
+        # growing pause, so a drain always ends unless it keeps failing.
+        topo = self._m.topology
+        draining = sorted(b.id for b in topo.brokers.values()
+                          if b.state in (BrokerState.DRAINING, BrokerState.LEAVING)
+                          and topo.slots_of(b.id))
+        if self._progress.failed == 0 or self._progress.cancelled:
+            self._retries = 0
+        if not draining or self._progress.cancelled or self._retries >= MAX_DRAIN_RETRIES:
+            return
+        self._retries += 1
+        delay = min(5.0, 0.5 * self._retries)
+        log.info("draining %s still own slots: planning again in %.1fs (retry %d)",
+                 ", ".join(draining), delay, self._retries)
+
+        def again() -> None:
+            if not self._closing and not self.running:
+                self.start(f"retry drain of {', '.join(draining)}")
+
+        asyncio.get_running_loop().call_later(delay, again)
 
     async def _throttle(self) -> bool:
         """Wait out the throttle; True if it waited."""
