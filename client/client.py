@@ -22,7 +22,7 @@ import httpx
 import msgpack
 
 from shardq import protocol
-from shardq.errors import AuthError, UnavailableError
+from shardq.errors import AuthError, BadRequestError, ShardqError, UnavailableError
 from shardq.router import Topology
 
 from .batcher import DEFAULT_MAX_ITEMS, AddBatcher
@@ -104,6 +104,25 @@ class Client:
     def add_frames_sent(self) -> int:
         """How many ADD frames the add batcher has sent (for tests and stats)."""
         return self._batcher.frames
+
+    async def declare_queue(self, name: str, partitions: int) -> None:
+        """Store queue `name` as `partitions` queues `name~0..name~P-1`, spread
+        over brokers by their slots (DESIGN §7); adds pick a partition by
+        `partition_key` (else job id), workers and `counts` fan out.
+
+        Raises:
+            ShardqError: no coordinator (connect by URL), or it refused.
+        """
+        if not self.coordinator or self._http is None:
+            raise ShardqError("declare_queue needs the coordinator: connect with its URL")
+        try:
+            resp = await self._http.post(f"{self.coordinator}/queues/{name}/declare",
+                                         json={"partitions": partitions})
+        except httpx.HTTPError as exc:
+            raise UnavailableError("coordinator", str(exc)) from exc
+        if resp.status_code >= 400:
+            raise BadRequestError(f"declare_queue({name!r}): {resp.text}")
+        await self.refresh_topology()
 
     async def refresh_topology(self) -> None:
         """Fetch the whole topology now."""

@@ -135,8 +135,15 @@ def create_app(membership: Membership, *, token: str | None = None,
         accept = _field(await _json_body(request), "accept_data_loss", bool, False)
         return _logged(m, f"broker {bid} forgotten", lambda: m.forget(bid, accept), always=True)
 
+    async def declare(request: Request) -> Response:
+        name = request.path_params["name"]
+        partitions = _field(await _json_body(request), "partitions", int)
+        return _logged(m, f"queue {name} declared with {partitions} partitions",
+                       lambda: m.declare_queue(name, partitions), always=True)
+
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/queues/{name}/declare", declare, methods=["POST"]),
         Route("/topology", topology, methods=["GET"]),
         Route("/status", status, methods=["GET"]),
         Route("/brokers/register", register, methods=["POST"]),

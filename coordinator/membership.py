@@ -55,6 +55,7 @@ from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .state import BrokerRecord, MoveRecord, MoveState, Store
 
 MAX_WEIGHT = 1000
+MAX_PARTITIONS = 1024
 _OUT_OF_RING = frozenset({BrokerState.DRAINING, BrokerState.LEAVING, BrokerState.DRAINED})
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _DIGITS = re.compile(r"(\d+)")
@@ -360,6 +361,28 @@ class Membership:
             rec.revive_state = BrokerState.ACTIVE
             self._commit(topo)
         return self._answer(broker_id)
+
+    def declare_queue(self, name: str, partitions: int) -> dict[str, Any]:
+        """Record a partitioned queue: stored as `name~0 .. name~P-1` (DESIGN §7).
+
+        Declaring again with the same P changes nothing; another P is refused,
+        since jobs already routed by the old P would be stranded.
+
+        Raises:
+            BadRequest: a bad name or count. Conflict: declared with another P.
+        """
+        if not name or "~" in name or len(name) > 512:
+            raise BadRequest("queue name must be 1-512 characters without '~'")
+        if not 1 <= partitions <= MAX_PARTITIONS:
+            raise BadRequest(f"partitions must be in 1..{MAX_PARTITIONS}")
+        current = self._topo.partitions.get(name)
+        if current is not None and current != partitions:
+            raise Conflict(f"queue {name!r} is already declared with {current} partitions")
+        if current is None:
+            topo = self._topo.copy()
+            topo.partitions[name] = partitions
+            self._commit(topo)
+        return {"queue": name, "partitions": partitions, "epoch": self.epoch}
 
     def forget(self, broker_id: str, accept_data_loss: bool) -> dict[str, Any]:
         """Give a lost broker's slots away, empty, and bar its id (DESIGN §6 runbook).
