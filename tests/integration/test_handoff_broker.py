@@ -150,3 +150,31 @@ def test_a_freeze_survives_a_kill_and_activation_survives_a_kill(
     assert a.call("ADD", add_args(q, "y"))[1] == "MOVED"
     for c in (a, b):
         c.close()
+
+
+@pytest.mark.parametrize("outcome", ["committed", "aborted"])
+def test_a_frozen_source_cut_off_from_the_coordinator_asks_the_target(
+        pair, outcome: str) -> None:  # type: ignore[no-untyped-def]
+    b1, b2, t, term = pair
+    q = queue_on(t, "b1", f"ask-{outcome}")
+    slot = slot_of(q)
+    a, b = RawConn(b1.addr), RawConn(b2.addr)
+    a.ok("ADD", add_args(q, "j1", "j2"))
+    move = {"move_id": str(uuid.uuid4()), "slots": [slot], "term": term}
+    b.ok("HANDOFF_PREPARE", {**move, "source": "b1", "source_addr": b1.addr})
+    a.ok("HANDOFF_COPY", {**move, "target": "b2", "target_addr": b2.addr})
+    a.ok("HANDOFF_FREEZE", move)
+    a.ok("HANDOFF_CATCHUP", move)
+    # The coordinator "disappears": it committed (target activated) or aborted
+    # (target dropped staging), and never tells the source.
+    if outcome == "committed":
+        b.ok("HANDOFF_ACTIVATE", {**move, "epoch": t.epoch + 1})
+    else:
+        b.ok("HANDOFF_ABORT", move)
+    expected = "MOVED" if outcome == "committed" else "ok"
+    wait_for(lambda: a.call("ADD", add_args(q, "probe"))[1] == expected,
+             f"the source to learn the move was {outcome}", timeout=20)
+    if outcome == "committed":
+        assert b.ok("COUNTS", {"queue": q})["waiting"] == 2
+    for c in (a, b):
+        c.close()
