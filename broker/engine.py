@@ -485,6 +485,8 @@ class Broker:
             if due is not None and due <= now:
                 moved = q.promote(now)
                 stalled = q.expire_locks(now)
+                if q.schedulers:
+                    moved += q.fire_schedulers(now)
                 if (moved or stalled) and q.name in self.waiters:
                     self.serve_waiters(q.name)
         for q in self.queues.values():

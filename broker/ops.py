@@ -219,6 +219,39 @@ def op_obliterate(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
     return None
 
 
+def op_sched_upsert(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    from shardq.broker import schedule
+
+    q = b.queue_for(v.queue_name(v.arg(args, "queue", str)))
+    sid = v.arg(args, "id", str)
+    if not sid or len(sid) > v.ID_MAX or ":" in sid:
+        raise BadRequestError(f"scheduler id must be 1-{v.ID_MAX} characters without ':'")
+    data = v.arg(args, "data", bytes, None)
+    if data is not None and len(data) > b.config.max_job_data:
+        raise BadRequestError(f"scheduler data over {b.config.max_job_data} bytes")
+    spec = schedule.validate(args)
+    spec.update(id=sid, name=v.arg(args, "name", str, None) or sid, data=data,
+                opts=v.job_opts(args.get("opts")))
+    sched = q.upsert_scheduler(spec, b.clock())
+    b.arm(q)
+    return _public_scheduler(sched)
+
+
+def _public_scheduler(s: dict[str, Any]) -> dict[str, Any]:
+    return {k: s.get(k) for k in ("id", "every_ms", "cron", "tz", "name", "data", "opts",
+                                  "next_tick_ms")}
+
+
+def op_sched_remove(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    q = b.queue_for(v.queue_name(v.arg(args, "queue", str)))
+    return q.remove_scheduler(v.arg(args, "id", str))
+
+
+def op_sched_list(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    q = b.queue_for(v.queue_name(v.arg(args, "queue", str)))
+    return [_public_scheduler(s) for s in q.schedulers.values()]
+
+
 def op_queues(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
     return {name: q.counts() for name, q in b.queues.items() if b.owned[q.slot]}
 
@@ -295,8 +328,11 @@ HANDLERS: dict[str, Handler] = {
     p.GET_JOB: op_get_job, p.PAUSE: op_pause, p.RESUME: op_resume, p.DRAIN: op_drain,
     p.OBLITERATE: op_obliterate, p.QUEUES: op_queues, p.STATS: op_stats,
     p.TOPOLOGY: op_topology,
+    p.SCHED_UPSERT: op_sched_upsert, p.SCHED_REMOVE: op_sched_remove,
+    p.SCHED_LIST: op_sched_list,
 }
 
 # Replies to these wait for the group commit holding their ops (durable mode).
 WRITE_OPS = frozenset({p.ADD, p.ACK, p.FAIL, p.PROGRESS, p.PAUSE, p.RESUME, p.DRAIN,
+                       p.SCHED_UPSERT, p.SCHED_REMOVE,
                        p.OBLITERATE, p.IMPORT_CHUNKS, p.IMPORT_OPS, p.HANDOFF_STATUS})

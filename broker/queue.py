@@ -20,6 +20,8 @@ state (see broker/replay.py). Op codes:
     ("T", q, [ids])                                    tombstones expired
     ("M", q, meta)                                     queue meta (paused, options)
     ("X", q)                                           obliterate
+    ("SU", q, scheduler) / ("SR", q, id) / ("SN", q, id, next_tick_ms)
+                                                       scheduler upsert/remove/advance
 
 Every op adds one to the queue's `seq`, and counter effects are implied by the
 op code alone, so replay recomputes both from a checkpointed meta.
@@ -35,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from shardq.broker import schedule
 from shardq.broker.job import ACTIVE, COMPLETED, DELAYED, FAILED, WAITING, Job, backoff_delay
 
 # Per-item results of ack/fail/extend: None is success.
@@ -67,6 +70,7 @@ class QueueState:
         self.seq = 0  # op sequence number of this queue
         self.counters = {"added": 0, "completed": 0, "failed": 0, "retried": 0, "stalled": 0}
         self.tombstones: dict[str, int] = {}  # removed id -> removed_at (insertion ordered)
+        self.schedulers: dict[str, dict[str, Any]] = {}
         self._waiting: dict[int, deque[tuple[int, Job]]] = {}
         self._prios: list[int] = []
         self.n_waiting = 0
@@ -302,13 +306,47 @@ class QueueState:
         return stalled
 
     def next_timer(self) -> int | None:
-        """Earliest due time of a delayed job or lock deadline, if any."""
+        """Earliest due time of a delayed job, lock deadline or scheduler tick."""
         cands = []
         if self._delayed:
             cands.append(self._delayed[0][0])
         if self._locks:
             cands.append(self._locks[0][0])
+        if self.schedulers:
+            cands.append(min(s["next_tick_ms"] for s in self.schedulers.values()))
         return min(cands) if cands else None
+
+    # ---------------------------------------------------------------- schedulers
+    def upsert_scheduler(self, sched: dict[str, Any], now: int) -> dict[str, Any]:
+        """Create or replace a scheduler (validated by the caller); its first
+        tick is the next one after now."""
+        sched = dict(sched)
+        sched["next_tick_ms"] = schedule.next_tick(sched, now)
+        self.schedulers[sched["id"]] = sched
+        self._emit(("SU", self.name, sched))
+        return sched
+
+    def remove_scheduler(self, sid: str) -> bool:
+        if self.schedulers.pop(sid, None) is None:
+            return False
+        self._emit(("SR", self.name, sid))
+        return True
+
+    def fire_schedulers(self, now: int) -> int:
+        """Make the job of each due tick and advance the tick in the same batch
+        (one transaction); the job id `f"{id}:{tick_ms}"` guards the rest
+        (guarantee 5). After downtime only the latest missed tick fires."""
+        made = 0
+        for sid, s in self.schedulers.items():
+            tick = schedule.latest_due(s, now)
+            if tick is None:
+                continue
+            if self.add(f"{sid}:{tick}", s.get("name") or sid, s.get("data") or b"\xc0",
+                        s.get("opts"), now):
+                made += 1
+            s["next_tick_ms"] = schedule.next_tick(s, max(now, tick))
+            self._emit(("SN", self.name, sid, s["next_tick_ms"]))
+        return made
 
     def expire_tombstones(self, now: int) -> None:
         cutoff = now - self.defaults.dedup_ttl_ms
@@ -350,6 +388,7 @@ class QueueState:
         self.tombstones.clear()
         self.active.clear()
         self.paused = False
+        self.schedulers.clear()
         self.counters = dict.fromkeys(self.counters, 0)
         self._rebuild_indexes()
         self._emit(("X", self.name))
@@ -357,13 +396,15 @@ class QueueState:
     def meta(self) -> dict[str, Any]:
         """Queue-level state persisted beside its jobs (and exported)."""
         return {"paused": self.paused, "seq": self.seq, "order": self._order,
-                "counters": dict(self.counters), "slot": self.slot}
+                "counters": dict(self.counters), "slot": self.slot,
+                "schedulers": {k: dict(v) for k, v in self.schedulers.items()}}
 
     # ---------------------------------------------------------------- restore / export
     def restore(self, meta: dict[str, Any], jobs: dict[str, Job],
                 tombstones: dict[str, int]) -> None:
         """Rebuild every index from jobs (recovery, import). Logs nothing."""
         self.paused = bool(meta.get("paused", False))
+        self.schedulers = {k: dict(v) for k, v in meta.get("schedulers", {}).items()}
         self.seq = int(meta.get("seq", 0))
         self.counters.update(meta.get("counters", {}))
         self.jobs = jobs

@@ -117,10 +117,26 @@ def _obliterate(img: QueueImage, op: list[Any]) -> None:
     img.jobs.clear()
     img.tombstones.clear()
     img.meta["paused"] = False
+    img.meta["schedulers"] = {}
     img.meta["counters"] = dict.fromkeys(img.meta["counters"], 0)
 
 
+def _sched_upsert(img: QueueImage, op: list[Any]) -> None:
+    img.meta.setdefault("schedulers", {})[op[2]["id"]] = dict(op[2])
+
+
+def _sched_remove(img: QueueImage, op: list[Any]) -> None:
+    img.meta.setdefault("schedulers", {}).pop(op[2], None)
+
+
+def _sched_next(img: QueueImage, op: list[Any]) -> None:
+    s = img.meta.setdefault("schedulers", {}).get(op[2])
+    if s is not None:
+        s["next_tick_ms"] = op[3]
+
+
 _APPLY: dict[str, Callable[[QueueImage, list[Any]], None]] = {
+    "SU": _sched_upsert, "SR": _sched_remove, "SN": _sched_next,
     "A": _add, "L": _lock, "E": _extend, "C": _complete, "F": _fail,
     "W": _requeue, "S": _requeue, "D": _requeue, "P": _progress, "R": _remove,
     "T": _expire, "M": _meta, "X": _obliterate,

@@ -34,6 +34,7 @@ log = logging.getLogger("shardq.broker.store")
 # (queue, id) -> (slot, blob) to write, or (slot, None) to delete
 RowSource = Callable[[str, str], tuple[int, bytes | None] | None]
 
+_META_OPS = frozenset({"M", "SU", "SR", "SN"})  # queue-level: in the meta, not a job row
 CHECKPOINT_CHUNK = 1000  # rows per checkpoint transaction: keeps each write short
 
 
@@ -160,7 +161,7 @@ class Store:
                 self._obliterated.add(op[1])
             elif code == "G":
                 self._obliterated.update(op[2])
-            elif op[1] is not None and code != "M":
+            elif op[1] is not None and code not in _META_OPS:
                 dirty.add((op[1], op[2]))
 
     def mark_dirty(self, keys: list[tuple[str, str]]) -> None:

@@ -258,3 +258,49 @@ class Queue:
     async def obliterate(self) -> None:
         """Remove the queue and every job in it."""
         await self._each(protocol.OBLITERATE)
+
+    # -- job schedulers (DESIGN §6, §10) ----------------------------------------
+
+    async def upsert_scheduler(self, scheduler_id: str, *, every_ms: int | None = None,
+                               cron: str | None = None, tz: str = "UTC",
+                               name: str | None = None, data: Any = None,
+                               opts: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Create or replace a job scheduler: a job named `name` with `data` at
+        every tick (`every_ms` multiples since the epoch, or 5-field `cron` in
+        `tz`). Only the queue's owner fires it; each tick makes exactly one job,
+        id `f"{scheduler_id}:{tick_ms}"`, across restarts and moves.
+
+        Returns:
+            The scheduler, with `next_tick_ms`.
+        Raises:
+            BadRequestError: bad cron, zone, interval or options.
+        """
+        args: dict[str, Any] = {"queue": self._scheduler_home(), "id": scheduler_id, "tz": tz,
+                                "name": name, "data": msgpack.packb(data, use_bin_type=True),
+                                "opts": opts}
+        if every_ms is not None:
+            args["every_ms"] = every_ms
+        if cron is not None:
+            args["cron"] = cron
+        reply: dict[str, Any] = await self._client._call(
+            self._scheduler_home(), protocol.SCHED_UPSERT, args)
+        reply["data"] = unpack(reply.get("data"))
+        return reply
+
+    async def list_schedulers(self) -> list[dict[str, Any]]:
+        """The queue's schedulers with their next tick."""
+        reply: list[dict[str, Any]] = await self._client._call(
+            self._scheduler_home(), protocol.SCHED_LIST, {"queue": self._scheduler_home()})
+        for s in reply:
+            s["data"] = unpack(s.get("data"))
+        return reply
+
+    async def remove_scheduler(self, scheduler_id: str) -> bool:
+        """Remove a scheduler; False if there was none."""
+        home = self._scheduler_home()
+        return bool(await self._client._call(home, protocol.SCHED_REMOVE,
+                                             {"queue": home, "id": scheduler_id}))
+
+    def _scheduler_home(self) -> str:
+        # A partitioned queue keeps its schedulers on partition 0.
+        return self.partitions()[0]

@@ -42,6 +42,11 @@ OBLITERATE {queue} -> nil (removes the queue and every job in it)
 QUEUES     {} -> {queue: {waiting, delayed, active, completed, failed, paused}}
 STATS      {} -> broker-wide figures (jobs, queues, commits, rss, ...)
 TOPOLOGY   {} -> the topology map this broker holds (DESIGN §5) | nil
+SCHED_UPSERT {queue, id, every_ms | cron, tz?, name?, data?: bytes, opts?}
+           -> {id, every_ms, cron, tz, name, data, opts, next_tick_ms}
+           Each tick makes job `f"{id}:{tick_ms}"` (DESIGN §6, §10).
+SCHED_REMOVE {queue, id} -> bool
+SCHED_LIST   {queue} -> [scheduler, ...]
 
 Handoff of a set of slots from source A to target B (DESIGN §6). The
 coordinator sends these with its `term`; a broker answers STALE_TERM to a
@@ -100,6 +105,9 @@ OBLITERATE = "OBLITERATE"
 QUEUES = "QUEUES"
 STATS = "STATS"
 TOPOLOGY = "TOPOLOGY"
+SCHED_UPSERT = "SCHED_UPSERT"
+SCHED_REMOVE = "SCHED_REMOVE"
+SCHED_LIST = "SCHED_LIST"
 HANDOFF_PREPARE = "HANDOFF_PREPARE"
 HANDOFF_COPY = "HANDOFF_COPY"
 HANDOFF_FREEZE = "HANDOFF_FREEZE"
