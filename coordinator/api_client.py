@@ -65,6 +65,9 @@ class CoordinatorApi:
     def drain(self, broker_id: str, leaving: bool = False) -> dict[str, Any]:
         return self._call("POST", f"/brokers/{broker_id}/drain", {"leaving": leaving})
 
+    def move_queue(self, queue: str, to: str) -> dict[str, Any]:
+        return self._call("POST", f"/queues/{queue}/move", {"to": to})
+
     def undrain(self, broker_id: str) -> dict[str, Any]:
         return self._call("POST", f"/brokers/{broker_id}/undrain", {})
 

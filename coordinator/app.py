@@ -135,6 +135,12 @@ def create_app(membership: Membership, *, token: str | None = None,
         accept = _field(await _json_body(request), "accept_data_loss", bool, False)
         return _logged(m, f"broker {bid} forgotten", lambda: m.forget(bid, accept), always=True)
 
+    async def move_queue(request: Request) -> Response:
+        name = request.path_params["name"]
+        to = _field(await _json_body(request), "to", str)
+        return _logged(m, f"queue {name} pinned to {to}", lambda: rb.move_queue(name, to),
+                       always=True)
+
     async def declare(request: Request) -> Response:
         name = request.path_params["name"]
         partitions = _field(await _json_body(request), "partitions", int)
@@ -144,6 +150,7 @@ def create_app(membership: Membership, *, token: str | None = None,
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/queues/{name}/declare", declare, methods=["POST"]),
+        Route("/queues/{name}/move", move_queue, methods=["POST"]),
         Route("/topology", topology, methods=["GET"]),
         Route("/status", status, methods=["GET"]),
         Route("/brokers/register", register, methods=["POST"]),

@@ -49,6 +49,7 @@ from shardq.router import (
     Topology,
     plan_rebalance,
     ring_for,
+    slot_of,
 )
 
 from .errors import BadRequest, Conflict, Forbidden, NotFound
@@ -117,6 +118,7 @@ class Membership:
         self._topo = snap.topology
         self._records = snap.records
         self._barred = snap.barred
+        self._pins = self._store.load_pins()
         # The moves table is the truth about moves in flight; `moving` mirrors it.
         self._moves = {r.move_id: r for r in snap.moves}
         self._topo.moving = [r.moving_entry() for r in snap.moves]
@@ -187,8 +189,32 @@ class Membership:
             ring = ring_for(self._topo, self._vnodes, include=joining, exclude=off)
         except ValueError:  # nobody left on the ring
             return []
-        moves: list[Move] = plan_rebalance(self._topo, ring, max_slots_per_move)
+        moves: list[Move] = plan_rebalance(self._topo, ring, max_slots_per_move, self._pins)
         return moves
+
+    @property
+    def pins(self) -> dict[int, str]:
+        """Slots pinned to a broker by `shardq move`. A copy."""
+        return dict(self._pins)
+
+    def pin(self, queue: str, broker_id: str) -> dict[str, Any]:
+        """Pin the slot of `queue` to an active broker (persisted); the next
+        rebalance moves it there and no later one moves it away.
+
+        Raises:
+            NotFound: unknown broker. Conflict: the broker is not active.
+        """
+        info = self._topo.brokers.get(broker_id)
+        if info is None:
+            raise NotFound(f"unknown broker {broker_id!r}")
+        if info.state is not BrokerState.ACTIVE:
+            raise Conflict(f"broker {broker_id} is {info.state}, not active")
+        slot = slot_of(queue)
+        pins = {**self._pins, slot: broker_id}
+        self._store.save_pins(pins)
+        self._pins = pins
+        return {"queue": queue, "slot": slot, "from": self._topo.owner_of_slot(slot),
+                "to": broker_id, "epoch": self.epoch}
 
     @property
     def moves(self) -> dict[str, MoveRecord]:

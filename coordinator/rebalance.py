@@ -226,6 +226,14 @@ class Rebalancer:
         plan = self.start(f"drain {broker_id}") if answer["slots"] else None
         return {**answer, "moves": len(plan["moves"]) if plan else 0}
 
+    def move_queue(self, queue: str, broker_id: str) -> dict[str, Any]:
+        """`shardq move`: pin the queue's slot to `broker_id` and move it there."""
+        answer = self._m.pin(queue, broker_id)
+        started = False
+        if answer["from"] != broker_id:
+            started = bool(self.start(f"move {queue} to {broker_id}")["started"])
+        return {**answer, "started": started}
+
     def undrain(self, broker_id: str) -> dict[str, Any]:
         """Put a broker back on the ring and rebalance onto it."""
         answer = self._m.undrain(broker_id)

@@ -24,6 +24,7 @@ changes, never heartbeats alone), so they run on the caller's thread.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -154,6 +155,16 @@ class Store:
             term = (int(row[0]) if row else 0) + 1
             self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('term', ?)", (term,))
         return term
+
+    def load_pins(self) -> dict[int, str]:
+        """Slots pinned to a broker by `shardq move` (slot -> broker id)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'pins'").fetchone()
+        return {int(k): str(v) for k, v in json.loads(row[0]).items()} if row else {}
+
+    def save_pins(self, pins: dict[int, str]) -> None:
+        with self._tx():
+            self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('pins', ?)",
+                             (json.dumps({str(k): v for k, v in sorted(pins.items())}),))
 
     def load(self) -> Snapshot:
         """Read the last saved state (an empty topology on a fresh file)."""

@@ -9,7 +9,7 @@ handoffs.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .members import BrokerState
@@ -69,6 +69,7 @@ def plan_rebalance(
     topology: Topology,
     ring: Ring,
     max_slots_per_move: int = DEFAULT_MAX_SLOTS_PER_MOVE,
+    pins: Mapping[int, str] | None = None,
 ) -> list[Move]:
     """The moves that bring every slot to its ring target.
 
@@ -81,6 +82,8 @@ def plan_rebalance(
         topology: current ownership.
         ring: where slots should live, usually `ring_for(topology)`.
         max_slots_per_move: upper bound on a move's slot count.
+        pins: slot -> broker, overriding the ring target (`shardq move`); a
+            pin to a broker that is not active is ignored.
 
     Returns:
         Moves sorted by (source, target, first slot); each has 1 to
@@ -94,7 +97,12 @@ def plan_rebalance(
     dead = {b.id for b in topology.brokers.values() if b.state is BrokerState.DEAD}
     busy = _slots_in_flight(topology)
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for slot, (owner, target) in enumerate(zip(topology.slot_owners, ring.targets(), strict=True)):
+    targets = ring.targets()
+    for slot, pinned in (pins or {}).items():
+        info = topology.brokers.get(pinned)
+        if info is not None and info.state is BrokerState.ACTIVE:
+            targets[slot] = pinned
+    for slot, (owner, target) in enumerate(zip(topology.slot_owners, targets, strict=True)):
         if owner is None or owner == target or owner in dead or target in dead or slot in busy:
             continue
         groups[(owner, target)].append(slot)

@@ -32,6 +32,7 @@ app.add_typer(scale_app, name="scale")
 
 POLL_S = 0.25
 JOIN_TIMEOUT_S = 60.0
+MOVE_WAIT_S = 120.0
 NO_WAIT_OPT = typer.Option(False, "--no-wait", help="Return at once; do not wait for the moves.")
 DATA_DIR_OPT = typer.Option(Path("shardq-data"), "--data-dir", envvar="SHARDQ_DATA_DIR",
                             help="The local cluster's data dir (as given to `cluster up`).")
@@ -82,6 +83,33 @@ def drain(broker_id: str = typer.Argument(..., help="The broker to empty, e.g. b
         else:
             err.print(f"{broker_id} drained: {answer['slots_moved']} slots moved "
                       f"(epoch {answer['epoch']})", highlight=False)
+
+    _run(coordinator, token, body)
+
+
+@app.command("move")
+def move(queue: str = typer.Argument(..., help="The queue to pin, e.g. emails."),
+         to: str = typer.Option(..., "--to", help="The broker to move it to, e.g. b2."),
+         no_wait: bool = NO_WAIT_OPT, coordinator: str = COORDINATOR_OPT,
+         token: str | None = TOKEN_OPT, json_out: bool = JSON_OPT) -> None:
+    """Pin a (hot) queue's slot to a broker and move it there; waits for the commit."""
+    def body(api: CoordinatorApi) -> None:
+        from shardq.router import Topology
+
+        answer = api.move_queue(queue, to)
+        deadline = time.monotonic() + MOVE_WAIT_S
+        while not no_wait and Topology.from_dict(api.topology()).owner_of_slot(
+                answer["slot"]) != to:
+            if time.monotonic() > deadline:
+                err.print(f"[red]the move of {queue} to {to} did not commit within "
+                          f"{MOVE_WAIT_S:.0f}s[/red]; see `shardq rebalance`")
+                raise typer.Exit(1)
+            time.sleep(0.1)
+        if json_out:
+            _echo_json(answer)
+        else:
+            err.print(f"{queue} (slot {answer['slot']}) pinned to {to}"
+                      + ("" if no_wait else " and moved"), highlight=False)
 
     _run(coordinator, token, body)
 
