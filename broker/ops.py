@@ -145,8 +145,22 @@ def op_ack(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
     pull = args.get("pull")
     if pull is None:
         return acks
-    _, queues, count, lock_ms = _pull_args(b, pull)
+    # The acks above are applied: the refill must not turn this reply into an
+    # error (a resent ack would then be refused), so it skips queues this
+    # broker does not serve right now (moved, frozen) and never raises.
     jobs: list[list[Any]] = []
+    try:
+        names = v.arg(pull, "queues", list)
+        count = min(v.non_neg_int(v.arg(pull, "count", int, 1), "count", 1), 10_000)
+        lock_ms = v.non_neg_int(v.arg(pull, "lock_ms", int, p.DEFAULT_LOCK_MS), "lock_ms", 1)
+    except ServerError:
+        return {"acks": acks, "jobs": jobs}
+    queues = []
+    for name in names:
+        try:
+            queues.append(b.queue_for(v.queue_name(name)))
+        except ServerError:
+            continue
     _pull_into(b, queues, count, lock_ms, jobs)
     return {"acks": acks, "jobs": jobs}
 

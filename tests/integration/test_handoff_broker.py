@@ -178,3 +178,23 @@ def test_a_frozen_source_cut_off_from_the_coordinator_asks_the_target(
         assert b.ok("COUNTS", {"queue": q})["waiting"] == 2
     for c in (a, b):
         c.close()
+
+
+def test_an_ack_and_fetch_naming_a_frozen_queue_still_answers_its_acks(pair) -> None:  # type: ignore[no-untyped-def]
+    b1, b2, t, term = pair
+    q, frozen_q = queue_on(t, "b1", "af"), queue_on(t, "b1", "fz")
+    a, b = RawConn(b1.addr), RawConn(b2.addr)
+    a.ok("ADD", add_args(q, "j1", "j2"))
+    jobs = a.ok("PULL", {"queues": [q], "count": 1})
+    move = {"move_id": str(uuid.uuid4()), "slots": [slot_of(frozen_q)], "term": term}
+    b.ok("HANDOFF_PREPARE", {**move, "source": "b1", "source_addr": b1.addr})
+    a.ok("HANDOFF_COPY", {**move, "target": "b2", "target_addr": b2.addr})
+    a.ok("HANDOFF_FREEZE", move)
+    reply = a.ok("ACK", {"items": [[q, jobs[0][1], jobs[0][4], None]],
+                         "pull": {"queues": [frozen_q, q], "count": 5}})
+    assert reply["acks"] == [None]  # the ack counted, though one pull queue is frozen
+    assert [j[1] for j in reply["jobs"]] == ["j2"]
+    a.ok("HANDOFF_ABORT", move)
+    b.ok("HANDOFF_ABORT", move)
+    for c in (a, b):
+        c.close()
