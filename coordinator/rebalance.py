@@ -334,16 +334,21 @@ class Rebalancer:
                           and topo.slots_of(b.id))
         if self._progress.failed == 0 or self._progress.cancelled:
             self._retries = 0
-        if not draining or self._progress.cancelled or self._retries >= MAX_DRAIN_RETRIES:
+        # A broker that joined while the run was planned (brokers joining in
+        # quick succession) also leaves slots off their targets.
+        left = self._m.plan_moves(self.max_slots_per_move)
+        if (not left or self._progress.cancelled or self._retries >= MAX_DRAIN_RETRIES
+                or not (draining or self.auto)):
             return
         self._retries += 1
         delay = min(5.0, 0.5 * self._retries)
-        log.info("draining %s still own slots: planning again in %.1fs (retry %d)",
-                 ", ".join(draining), delay, self._retries)
+        log.info("%d slots still off their targets%s: planning again in %.1fs (retry %d)",
+                 sum(len(m.slots) for m in left),
+                 f" (draining {', '.join(draining)})" if draining else "", delay, self._retries)
 
         def again() -> None:
             if not self._closing and not self.running:
-                self.start(f"retry drain of {', '.join(draining)}")
+                self.start("re-plan: slots still off their targets")
 
         asyncio.get_running_loop().call_later(delay, again)
 
