@@ -7,6 +7,8 @@ while it is down.
     state.py        the SQLite store (term, brokers, topology per epoch, barred ids)
     membership.py   the decisions: register, heartbeat, dead, bootstrap, forget
     app.py          starlette routes over Membership, bearer-token check
+    stats.py        the brokers' heartbeat stats aggregated: rates, owner dedupe, GET /stats
+    metrics.py      that view as Prometheus text, GET /metrics
     server.py       data-dir lock, socket bind, uvicorn, READY line
     moves.py        the move executor: one handoff through its phases, commit point, abort
     rebalance.py    plans and runs moves (K at a time, throttle, progress, cancel), drain
@@ -24,12 +26,15 @@ from .moves import MoveExecutor, MovePolicy, SendOp
 from .rebalance import Rebalancer
 from .server import CoordinatorConfig, serve, serve_async
 from .state import BrokerRecord, MoveRecord, MoveState, Snapshot, Store
+from .stats import BrokerView, ClusterView, QueueView, StatsBook
 
 __all__ = [
     "BadRequest",
     "BrokerGone",
     "BrokerLinks",
     "BrokerRecord",
+    "BrokerView",
+    "ClusterView",
     "Conflict",
     "CoordinatorConfig",
     "CoordinatorError",
@@ -40,9 +45,11 @@ __all__ = [
     "MoveRecord",
     "MoveState",
     "NotFound",
+    "QueueView",
     "Rebalancer",
     "SendOp",
     "Snapshot",
+    "StatsBook",
     "Store",
     "Unauthorized",
     "create_app",

@@ -56,6 +56,10 @@ class CoordinatorApi:
     def topology(self) -> dict[str, Any]:
         return self._call("GET", "/topology")
 
+    def stats(self) -> dict[str, Any]:
+        """`GET /stats`: the cluster stats of DESIGN §10."""
+        return self._call("GET", "/stats")
+
     def healthz(self) -> dict[str, Any]:
         return self._call("GET", "/healthz")
 

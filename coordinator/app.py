@@ -3,6 +3,8 @@
     GET  /healthz                    {ok, term, epoch, bootstrapped, pid}
     GET  /topology                   the §5 topology JSON
     GET  /status                     the §10 `shardq status --json` shape
+    GET  /stats                      the §10 cluster stats JSON (stats.py), from heartbeats
+    GET  /metrics                    the same as Prometheus text (metrics.py)
     POST /brokers/register           {id, addr, weight?} -> {term, epoch, state}
     POST /brokers/heartbeat          {id, stats?} -> {term, epoch, state}
     POST /brokers/leave              {id} -> {term, epoch, state}
@@ -41,6 +43,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -51,8 +54,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .errors import BadRequest, CoordinatorError
 from .links import BrokerLinks
 from .membership import Membership
+from .metrics import render as render_metrics
 from .moves import MoveExecutor, MovePolicy
 from .rebalance import Rebalancer
+from .stats import StatsBook
 
 log = logging.getLogger("shardq.coordinator")
 
@@ -72,7 +77,8 @@ def default_rebalancer(membership: Membership, token: str | None = None, *,
 
 
 def create_app(membership: Membership, *, token: str | None = None,
-               check_interval_ms: int = 1000, rebalancer: Rebalancer | None = None) -> Starlette:
+               check_interval_ms: int = 1000, rebalancer: Rebalancer | None = None,
+               stats: StatsBook | None = None) -> Starlette:
     """The ASGI app; its lifespan runs the liveness check every `check_interval_ms`,
     recovers unfinished moves at start and stops the rebalancer at the end.
 
@@ -82,9 +88,12 @@ def create_app(membership: Membership, *, token: str | None = None,
             (and brokers get it in HELLO from the default rebalancer).
         check_interval_ms: how often silent brokers are looked for.
         rebalancer: runs moves; default: `default_rebalancer(membership, token)`.
+        stats: keeps the brokers' heartbeat stats for /stats and /metrics;
+            default: a fresh `StatsBook()`.
     """
     m = membership
     rb = rebalancer or default_rebalancer(membership, token)
+    book = stats or StatsBook()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -121,6 +130,7 @@ def create_app(membership: Membership, *, token: str | None = None,
 
         def beat() -> dict[str, Any]:
             answer = m.heartbeat(bid, stats)
+            book.observe(bid, stats)
             # Scale out once a joining broker heartbeats: it is up and has our map.
             return m.answer(bid) if rb.notice(bid) else answer
 
@@ -158,6 +168,7 @@ def create_app(membership: Membership, *, token: str | None = None,
         Route("/brokers/leave", leave, methods=["POST"]),
         Route("/brokers/{broker_id}/forget", forget, methods=["POST"]),
         *_rebalance_routes(m, rb),
+        *_stats_routes(m, book),
     ]
     middleware = [Middleware(BearerAuth, token=token)] if token else []
     return Starlette(
@@ -199,6 +210,21 @@ def _rebalance_routes(m: Membership, rb: Rebalancer) -> list[Route]:
         Route("/rebalance", rebalance_progress, methods=["GET"]),
         Route("/rebalance", rebalance, methods=["POST"]),
         Route("/rebalance/cancel", rebalance_cancel, methods=["POST"]),
+    ]
+
+
+def _stats_routes(m: Membership, book: StatsBook) -> list[Route]:
+    """GET /stats and GET /metrics: the heartbeat stats over the current topology."""
+
+    async def cluster_stats(request: Request) -> Response:
+        return JSONResponse(book.view(m.topology).to_json())
+
+    async def metrics(request: Request) -> Response:
+        return Response(render_metrics(book.view(m.topology)), media_type=CONTENT_TYPE_LATEST)
+
+    return [
+        Route("/stats", cluster_stats, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
     ]
 
 

@@ -27,6 +27,7 @@ def _register() -> None:
         coordinator_cmd,  # noqa: F401
         demo_cmd,  # noqa: F401
         scale_cmd,  # noqa: F401
+        stats_cmd,  # noqa: F401
     )
 
 
