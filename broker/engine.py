@@ -584,7 +584,8 @@ class Broker:
 
     # ------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:
-        queues = {name: {**q.counts(), **{f"{k}_total": v for k, v in q.counters.items()}}
+        queues = {name: {**q.counts(), **{f"{k}_total": v for k, v in q.counters.items()},
+                         "p99_ms": _p99(q.durations_ms)}
                   for name, q in self.queues.items() if self.owned[q.slot]}
         return {
             "broker_id": self.config.broker_id,
@@ -605,6 +606,14 @@ def _reply(req_id: int, body: Any, epoch: int) -> bytes:
     from shardq.codec import encode_frame
 
     return encode_frame([req_id, "ok", body, epoch])
+
+
+def _p99(samples: Any) -> int | None:
+    """p99 of a queue's recent start-to-ack durations (a sliding sample)."""
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    return int(ordered[min(len(ordered) - 1, len(ordered) * 99 // 100)])
 
 
 def _rss_bytes() -> int:

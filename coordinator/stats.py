@@ -29,10 +29,9 @@ Rules the view keeps (and tests/integration/test_coordinator_stats.py checks):
   broker's first sample after a coordinator start has rate 0. A counter
   that went down (obliterate) gives rate 0 for that interval, not a
   negative one.
-* `p99_ms` is null: broker stats carry no latency sample today (the
-  broker's own /metrics has `shardq_job_duration_seconds`). A numeric
-  `p99_ms` in a broker's queue stats is passed through, so adding it
-  broker-side needs no change here.
+* `p99_ms` is what each broker reports per queue: the p99 of that queue's
+  recent start-to-ack durations (a sliding sample of 512), null before any
+  job finished there.
 """
 
 from __future__ import annotations

@@ -116,7 +116,8 @@ def test_10k_completed_jobs_show_in_metrics_from_every_broker_and_in_the_cluster
     assert (totals["added_total"], totals["completed_total"], totals["failed_total"]) == (
         JOBS, JOBS, 0)
     assert (totals["waiting"], totals["active"], totals["delayed"]) == (0, 0, 0)
-    assert totals["p99_ms"] is None, "brokers report no latency sample yet"
+    # Brokers report the p99 of each queue's recent start-to-ack durations.
+    assert isinstance(totals["p99_ms"], (int, float)) and totals["p99_ms"] >= 0
     for b in BROKERS:
         entry = stats["brokers"][b]
         assert entry["state"] == "active"
