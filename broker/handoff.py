@@ -152,6 +152,9 @@ class Handoffs:
         chunks = args.get("chunks")
         if not isinstance(chunks, list):
             raise BadRequestError("chunks must be a list")
+        if args.get("reset"):
+            imp.staging = {}
+            self.b.log.append(("SX", None, _move_id(args)))
         for ch in chunks:
             apply_chunk(imp.staging, ch)
         self.b.log.append(("SC", None, _move_id(args), chunks))
@@ -242,6 +245,10 @@ class Handoffs:
         names = list(metas)
         sent_jobs = 0
         try:
+            # A retried COPY starts over: the target drops what an earlier
+            # attempt staged, or jobs removed since would come back.
+            await conn.request("IMPORT_CHUNKS", {"move_id": mid, "chunks": [], "reset": True},
+                               timeout=60)
             batch: list[dict[str, Any]] = []
             size = 0
             for name in names:
@@ -293,6 +300,10 @@ class Handoffs:
             raise BadRequestError(f"move {mid}: nothing recorded to catch up (restarted?); abort")
         await self.b.durable()  # every tapped op is in a batch the tap has seen
         ops = tap.ops
+        # The target may have restarted elsewhere since the copy: use the
+        # freshest address (the coordinator's, then our map's).
+        addr = args.get("target_addr") or self.b.topology.addr_of(tap.target) or tap.target_addr
+        tap.target_addr = self.frozen_moves[mid]["addr"] = str(addr)
         conn = await self._connect(tap.target_addr)
         try:
             for i in range(0, len(ops), 2000):
@@ -365,8 +376,9 @@ class Handoffs:
         for mid, info in list(self.frozen_moves.items()):
             if loop.time() - info.get("at", 0) < FROZEN_ASK_TARGET_AFTER_S:
                 continue
+            addr = self.b.topology.addr_of(info["target"]) or info["addr"]
             try:
-                conn = await self._connect(info["addr"])
+                conn = await self._connect(addr)
                 try:
                     result = await conn.request("HANDOFF_STATUS", {"move_id": mid}, timeout=5)
                 finally:
@@ -379,7 +391,7 @@ class Handoffs:
             elif result == "committed" and mid in self.frozen_moves:
                 slots = [s for s, m in self.frozen.items() if m == mid]
                 epoch = max((self.b.slot_epochs[s] for s in slots), default=0) + 1
-                self.give_up(slots, info["target"], info["addr"], epoch)
+                self.give_up(slots, info["target"], addr, epoch)
                 self._finish(mid, "committed")
 
     async def _connect(self, addr: str) -> Any:

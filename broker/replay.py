@@ -175,6 +175,7 @@ def apply_broker_op(images: Images, broker_state: dict[str, Any],
         ("SO", None, move_id, ops)    a handoff's catch-up ops, into staging
         ("I", None, move_id)          activation: staging becomes live
         ("AB", None, move_id)         an aborted import: staging dropped
+        ("SX", None, move_id)         a retried copy: staging starts over
         ("G", None, [queues])         queues handed off: dropped
     """
     code = op[0]
@@ -190,7 +191,7 @@ def apply_broker_op(images: Images, broker_state: dict[str, Any],
             apply_op(stage, sub)
     elif code == "I":
         images.update(staging.pop(op[2], {}))
-    elif code == "AB":
+    elif code in ("AB", "SX"):  # aborted, or a copy that starts over
         staging.pop(op[2], None)
     elif code == "G":
         for name in op[2]:

@@ -407,6 +407,9 @@ class MoveExecutor:
                         target_addr=topo.addr_of(rec.target))
         elif step.name == "freeze":
             args.update(slots=list(rec.slots))
+        elif step.name == "catchup":
+            # The target may have restarted on a new address since the copy.
+            args.update(target_addr=topo.addr_of(rec.target))
         elif step.name == "activate":
             args.update(epoch=rec.epoch)
         elif step.name == "cleanup":
