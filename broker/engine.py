@@ -117,6 +117,10 @@ class Broker:
         self.ack_journal: TextIO | None = (
             open(config.ack_journal, "a", encoding="utf-8")  # noqa: SIM115 - lives with the broker
             if config.ack_journal else None)
+        # Journal lines of the open batch, and of batches being committed: a
+        # line reaches the file only once its own commit did (no false doubles).
+        self.journal_lines: list[str] = []
+        self._journal_batches: dict[int, list[str]] = {}
         self._asking = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._committed_seq = 0
@@ -282,6 +286,9 @@ class Broker:
         self._pending_replies = []
         self._seq += 1
         seq = self._seq
+        if self.journal_lines:
+            self._journal_batches[seq] = self.journal_lines
+            self.journal_lines = []
         self._commits_since_ckpt += 1
         start_ckpt = not self._ckpt_active and self._ckpt_due()
         if len(ops) <= INLINE_COMMIT_MAX_OPS and not self._ckpt_active and not start_ckpt:
@@ -306,8 +313,10 @@ class Broker:
                       replies: list[tuple[Sink, bytes]], seq: int) -> None:
         self._writer_busy = False
         self._committed_seq = seq
-        if self.ack_journal is not None:
-            self.ack_journal.flush()  # every answered ack is in the journal
+        lines = self._journal_batches.pop(seq, None)
+        if lines and self.ack_journal is not None and exc is None:
+            self.ack_journal.write("".join(lines))
+            self.ack_journal.flush()  # before the acks are answered
         if exc is not None:
             # A failed commit means answered writes could be lost: stop now and
             # let the supervisor restart us on the data that did commit.

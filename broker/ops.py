@@ -126,7 +126,7 @@ def _ack(b: Broker, q: QueueState, it: list[Any], now: int) -> str | None:
         raise BadRequestError("result must be msgpack bytes or nil")
     err = q.ack(it[1], it[2], result, now)
     if err is None and b.ack_journal is not None:
-        b.ack_journal.write(f"{q.name}\t{it[1]}\t{it[2]}\n")
+        b.journal_lines.append(f"{q.name}\t{it[1]}\t{it[2]}\n")
     return err
 
 
