@@ -452,9 +452,10 @@ class Broker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def mark_dirty(self, keys: list[tuple[str, str]]) -> None:
-        """Have the next checkpoint write these jobs (imported without ops)."""
-        self._writer.submit(self.store.mark_dirty, keys)
+    def mark_dirty_queues(self, queues: list[tuple[str, dict[str, Any], dict[str, int]]]
+                          ) -> None:
+        """Have the next checkpoint write every job of these (imported) queues."""
+        self._writer.submit(self.store.mark_dirty_queues, queues)
 
     def close(self) -> None:
         if self.ack_journal is not None:

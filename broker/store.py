@@ -164,9 +164,13 @@ class Store:
             elif op[1] is not None and code not in _META_OPS:
                 dirty.add((op[1], op[2]))
 
-    def mark_dirty(self, keys: list[tuple[str, str]]) -> None:
-        """Jobs that arrived without an op of their own (a handoff's import)."""
-        self._dirty.update(keys)
+    def mark_dirty_queues(self, queues: list[tuple[str, dict[str, Any], dict[str, int]]]
+                          ) -> None:
+        """Jobs that arrived without ops of their own (a handoff's import).
+        `list(d)` copies a dict's keys in one step under the GIL, so reading
+        the live queues from the writer thread is safe."""
+        for name, jobs, tombstones in queues:
+            self._dirty.update((name, jid) for jid in list(jobs) + list(tombstones))
 
     def checkpoint_begin(self, seq: int, metas: dict[str, dict[str, Any]],
                          broker_state: dict[str, Any], row_source: RowSource) -> None:

@@ -198,3 +198,27 @@ def test_an_ack_and_fetch_naming_a_frozen_queue_still_answers_its_acks(pair) -> 
     b.ok("HANDOFF_ABORT", move)
     for c in (a, b):
         c.close()
+
+
+def test_imported_jobs_reach_the_checkpoint_of_the_target(
+        pair, start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    b1, b2, t, term = pair
+    q = queue_on(t, "b1", "ck")
+    a, b = RawConn(b1.addr), RawConn(b2.addr)
+    a.ok("ADD", add_args(q, *[f"j{i}" for i in range(300)]))
+    move = {"move_id": str(uuid.uuid4()), "slots": [slot_of(q)], "term": term}
+    b.ok("HANDOFF_PREPARE", {**move, "source": "b1", "source_addr": b1.addr})
+    a.ok("HANDOFF_COPY", {**move, "target": "b2", "target_addr": b2.addr})
+    a.ok("HANDOFF_FREEZE", move)
+    a.ok("HANDOFF_CATCHUP", move)
+    b.ok("HANDOFF_ACTIVATE", {**move, "epoch": t.epoch + 1})
+    b.close()
+    # SIGTERM checkpoints everything and deletes the log rows it covers: the
+    # imported jobs must be in that checkpoint, not only in the deleted log.
+    assert b2.terminate() == 0
+    url = b2.args[b2.args.index("--coordinator") + 1]
+    b2 = start_broker("b2", "--coordinator", url, data_dir=tmp_path / "b2-data")
+    b = RawConn(b2.addr)
+    assert b.ok("COUNTS", {"queue": q})["waiting"] == 300
+    for c in (a, b):
+        c.close()
