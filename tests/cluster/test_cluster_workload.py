@@ -319,9 +319,10 @@ def test_a_worker_over_three_brokers_moves_jobs_in_batches_of_its_share_of_slots
     counts = run(main())
     # Over one broker this drain takes 2 * jobs / concurrency = 120 frames (one PULL of
     # 100 and one ACK of 100 per round). Over B brokers each loop has about
-    # concurrency / B slots, so about B times that; allow twice the B-fold.
+    # concurrency / B slots, so about B times that; allow twice the B-fold. A pull
+    # loop waits for a quarter of its share before it pulls (client/worker.py).
     b = len(BROKERS)
-    assert counts["PULL jobs asked"] / counts["PULL"] >= concurrency / (2 * b), dict(counts)
+    assert counts["PULL jobs asked"] / counts["PULL"] >= concurrency / (4 * b), dict(counts)
     assert counts["PULL"] + counts["ACK"] <= 2 * b * (2 * jobs / concurrency), dict(counts)
 
 
