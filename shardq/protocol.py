@@ -63,7 +63,7 @@ HANDOFF_COPY     (to A) {move_id, slots, target, target_addr, term}
 HANDOFF_FREEZE   (to A) {move_id, slots, term} -> {"frozen": true}
                  A durably records the freeze before answering; from then on every
                  request for those slots answers TRYAGAIN. Survives restart.
-HANDOFF_CATCHUP  (to A) {move_id, term} -> {"ops": n}
+HANDOFF_CATCHUP  (to A) {move_id, term, target_addr?} -> {"ops": n}
                  A sends B the ops recorded since the snapshot (IMPORT_OPS) and
                  answers once B committed them: B is ready.
   -- commit point: the coordinator persists epoch e+1 with owner B --

@@ -155,7 +155,7 @@ def test_ops_carry_the_protocol_args_the_term_and_their_timeouts(
     assert by_op[p.HANDOFF_COPY].args == {
         **common, "slots": slots, "target": "b3", "target_addr": "127.0.0.1:7103"}
     assert by_op[p.HANDOFF_FREEZE].args == {**common, "slots": slots}
-    assert by_op[p.HANDOFF_CATCHUP].args == common
+    assert by_op[p.HANDOFF_CATCHUP].args == {**common, "target_addr": "127.0.0.1:7103"}
     assert by_op[p.HANDOFF_ACTIVATE].args == {**common, "epoch": rec.epoch}
     assert by_op[p.HANDOFF_RELEASE].args == {
         **common, "epoch": rec.epoch, "owner": "b3", "addr": "127.0.0.1:7103"}
