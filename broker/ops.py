@@ -77,14 +77,20 @@ def _pull_into(b: Broker, queues: list[QueueState], count: int, lock_ms: int,
             b.arm(q)
 
 
-def _pull_args(b: Broker, args: Any) -> tuple[list[str], list[QueueState], int, int]:
+def _pull_limits(args: Any) -> tuple[list[Any], int, int]:
+    """(queue names, count, lock_ms) of a PULL or of an ACK's `pull`."""
     names = v.arg(args, "queues", list)
+    count = v.non_neg_int(v.arg(args, "count", int, 1), "count", 1)
+    lock_ms = v.non_neg_int(v.arg(args, "lock_ms", int, p.DEFAULT_LOCK_MS), "lock_ms", 1)
+    return names, min(count, 10_000), lock_ms
+
+
+def _pull_args(b: Broker, args: Any) -> tuple[list[str], list[QueueState], int, int]:
+    names, count, lock_ms = _pull_limits(args)
     if not names:
         raise BadRequestError("queues must be a non-empty list")
     queues = [b.queue_for(v.queue_name(n)) for n in names]
-    count = v.non_neg_int(v.arg(args, "count", int, 1), "count", 1)
-    lock_ms = v.non_neg_int(v.arg(args, "lock_ms", int, p.DEFAULT_LOCK_MS), "lock_ms", 1)
-    return names, queues, min(count, 10_000), lock_ms
+    return names, queues, count, lock_ms
 
 
 def op_pull(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
@@ -150,9 +156,7 @@ def op_ack(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
     # broker does not serve right now (moved, frozen) and never raises.
     jobs: list[list[Any]] = []
     try:
-        names = v.arg(pull, "queues", list)
-        count = min(v.non_neg_int(v.arg(pull, "count", int, 1), "count", 1), 10_000)
-        lock_ms = v.non_neg_int(v.arg(pull, "lock_ms", int, p.DEFAULT_LOCK_MS), "lock_ms", 1)
+        names, count, lock_ms = _pull_limits(pull)
     except ServerError:
         return {"acks": acks, "jobs": jobs}
     queues = []

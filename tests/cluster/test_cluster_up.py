@@ -8,17 +8,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from shardq.router import NUM_SLOTS, Ring, Topology, slot_of
 
 from ..conftest import Proc
+from .conftest import http_get, poll
 
 pytestmark = pytest.mark.slow
 
@@ -37,24 +35,8 @@ def cli(*args: str) -> Any:
     return json.loads(r.stdout)
 
 
-def wait_until(cond: Callable[[], Any], what: str) -> Any:
-    """Poll (process and HTTP states have no event to await) until truthy, within WAIT_S."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def get(url: str, path: str) -> Any:
-    try:
-        r = httpx.get(url + path, timeout=5.0)
-    except httpx.HTTPError:
-        return None
-    return r.json() if r.status_code == 200 else None
+wait_until = poll  # the cluster conftest's helpers, under this file's names
+get = http_get
 
 
 def children(pid: int) -> dict[str, int]:
