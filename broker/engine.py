@@ -370,16 +370,7 @@ class Broker:
 
     def _row_source(self, queue: str, jid: str) -> tuple[int, bytes | None] | None:
         # Runs on the writer thread; see broker/store.py for why racing reads are safe.
-        q = self.queues.get(queue)
-        if q is None:
-            return None
-        job = q.jobs.get(jid)
-        if job is not None:
-            return q.slot, msgpack.packb(job.to_record(), use_bin_type=True)
-        ts = q.tombstones.get(jid)
-        if ts is not None:
-            return q.slot, msgpack.packb([ts])
-        return q.slot, None
+        return live_row(self.queues, queue, jid)
 
     def _checkpoint_step(self) -> None:
         self._last_step = time.monotonic()
@@ -610,6 +601,22 @@ class Broker:
             "durable": self.config.durable,
             "uptime_s": time.time() - self.started,
         }
+
+
+def live_row(queues: dict[str, QueueState], queue: str,
+             jid: str) -> tuple[int, bytes | None] | None:
+    """A job's checkpoint row from live memory: (slot, blob), (slot, None) to
+    delete it, or None for an unknown queue. A tombstone is a 1-item blob."""
+    q = queues.get(queue)
+    if q is None:
+        return None
+    job = q.jobs.get(jid)
+    if job is not None:
+        return q.slot, msgpack.packb(job.to_record(), use_bin_type=True)
+    ts = q.tombstones.get(jid)
+    if ts is not None:
+        return q.slot, msgpack.packb([ts])
+    return q.slot, None
 
 
 def _reply(req_id: int, body: Any, epoch: int) -> bytes:

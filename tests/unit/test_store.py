@@ -20,6 +20,7 @@ import msgpack
 import pytest
 
 from shardq.broker import store as store_module
+from shardq.broker.engine import live_row
 from shardq.broker.job import ACTIVE, COMPLETED, WAITING
 from shardq.broker.queue import QueueDefaults, QueueState
 from shardq.broker.store import Store
@@ -59,17 +60,8 @@ class Broker:
         return self.seq
 
     def row_source(self, queue: str, jid: str) -> tuple[int, bytes | None] | None:
-        # As broker/engine.py: rows come from live memory, maybe newer than the seq.
-        q = self.queues.get(queue)
-        if q is None:
-            return None
-        job = q.jobs.get(jid)
-        if job is not None:
-            return q.slot, msgpack.packb(job.to_record(), use_bin_type=True)
-        ts = q.tombstones.get(jid)
-        if ts is not None:
-            return q.slot, msgpack.packb([ts])
-        return q.slot, None
+        # The broker's own: rows come from live memory, maybe newer than the seq.
+        return live_row(self.queues, queue, jid)
 
     def checkpoint_begin(self) -> int:
         """Begin a checkpoint right after a commit, as the engine does."""
