@@ -1,0 +1,184 @@
+"""Shared pieces of the issue-7 benchmarks: processes, CPU accounting, results files, progress.
+
+Everything runs on this machine and talks to loopback only. Each benchmark writes JSON lines
+(one per measurement) to a results file and prints a rich summary table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "cpu": cpu,
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": sys.version.split()[0], "platform": platform.platform()}
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """user+system CPU of these processes and their live children (every thread).
+
+    A process that is gone counts 0, so take both readings while the servers run.
+    """
+    total = 0.0
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            for p in [proc, *proc.children(recursive=True)]:
+                t = p.cpu_times()
+                total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+@dataclass
+class Proc:
+    """A child process the bench started (a server), stopped by pid."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    addr: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def spawn_ready(name: str, argv: list[str], log: Path, *, cwd: Path = ROOT,
+                env: dict[str, str] | None = None, timeout: float = 60) -> Proc:
+    """Start argv and wait for its first stdout line `READY <addr>`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as err:
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, cwd=cwd, env=env,
+                             start_new_session=True)
+    assert p.stdout is not None
+    deadline = time.monotonic() + timeout
+    line = ""
+    while time.monotonic() < deadline:
+        line = p.stdout.readline().decode().strip()
+        if line.startswith("READY ") or p.poll() is not None:
+            break
+    if not line.startswith("READY "):
+        p.kill()
+        p.wait()
+        raise RuntimeError(f"{name} did not start ({line!r}); see {log}")
+    return Proc(name, p, line.split(" ", 1)[1])
+
+
+def wait_port(host: str, port: int, timeout: float = 30) -> None:
+    import socket
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Results:
+    """Appends JSON lines to one results file (and keeps them for the summary)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, row: dict[str, Any]) -> None:
+        row = {"ts": round(time.time(), 3), **row}
+        self.rows.append(row)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=False)
+
+
+def run_driver(argv: list[str], seconds: float, prog: Progress | None, label: str,
+               cwd: Path = ROOT, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one driver process, showing a time bar; returns its JSON line."""
+    task = prog.add_task(label, total=int(seconds)) if prog is not None else None
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env)
+    t0 = time.monotonic()
+    hard = seconds * 3 + 120  # a stuck driver must not hang the bench
+    while p.poll() is None:
+        time.sleep(0.2)
+        if prog is not None and task is not None:
+            prog.update(task, completed=min(int(time.monotonic() - t0), int(seconds)))
+        if time.monotonic() - t0 > hard:
+            p.kill()
+    out, err = p.communicate()
+    if prog is not None and task is not None:
+        prog.update(task, completed=int(seconds))
+        prog.remove_task(task)
+    lines = [ln for ln in out.decode().splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        raise RuntimeError(f"{label}: driver exited {p.returncode}: "
+                           f"{err.decode()[-1500:] or out.decode()[-500:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+@contextmanager
+def stopping(procs: list[Proc]) -> Iterator[list[Proc]]:
+    try:
+        yield procs
+    finally:
+        for p in reversed(procs):
+            p.stop()
