@@ -26,6 +26,7 @@ def _register() -> None:
         cluster_cmd,  # noqa: F401
         coordinator_cmd,  # noqa: F401
         demo_cmd,  # noqa: F401
+        deploy_cmd,  # noqa: F401
         scale_cmd,  # noqa: F401
         stats_cmd,  # noqa: F401
     )
