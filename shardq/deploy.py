@@ -242,12 +242,17 @@ def clear_stale_entry(api: CoordinatorApi, broker_id: str) -> str:
     return "kept"
 
 
-def claim_broker_id(root: Path, prefix: str = "b") -> tuple[str, int]:
+def claim_broker_id(root: Path, prefix: str = "b", prefer: str | None = None
+                    ) -> tuple[str, int]:
     """Take the lowest `f"{prefix}{n}"` (n >= 1) that no live process holds under `root`.
 
     The claim is an exclusive `flock` on `root/<id>/.claim`; it lasts as long
     as the returned descriptor is open in some process (it is inheritable,
     so it survives the exec into the broker).
+
+    Args:
+        prefer: an id to try first (the one this container ran as before a
+            restart), so a restarted container keeps its id when it is free.
 
     Returns:
         (broker id, the descriptor holding the claim).
@@ -255,19 +260,26 @@ def claim_broker_id(root: Path, prefix: str = "b") -> tuple[str, int]:
     Raises:
         OSError: `root` is not writable. RuntimeError: MAX_CLAIMS ids are held.
     """
-    for n in range(1, MAX_CLAIMS + 1):
-        broker_id = f"{prefix}{n}"
-        d = root / broker_id
-        d.mkdir(parents=True, exist_ok=True)
-        fd = os.open(d / ".claim", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        os.set_inheritable(fd, True)
-        return broker_id, fd
+    candidates = [f"{prefix}{n}" for n in range(1, MAX_CLAIMS + 1)]
+    if prefer in candidates:
+        candidates.insert(0, prefer)
+    for broker_id in candidates:
+        fd = _try_claim(root / broker_id)
+        if fd is not None:
+            return broker_id, fd
     raise RuntimeError(f"all {MAX_CLAIMS} broker ids under {root} are held")
+
+
+def _try_claim(data_dir: Path) -> int | None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / ".claim", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.set_inheritable(fd, True)
+    return fd
 
 
 def broker_argv(*, broker_id: str, data_dir: Path, coordinator: str, port: int,

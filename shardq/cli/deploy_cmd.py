@@ -62,7 +62,9 @@ def broker(
     if broker_id is None and not claim:
         raise typer.BadParameter("give --id or --claim")
     if broker_id is None:
-        broker_id, _fd = deploy.claim_broker_id(data_root)  # held across the exec
+        before = _read_id(id_file)  # a restarted container keeps its id if it is free
+        broker_id, _fd = deploy.claim_broker_id(data_root, prefer=before)  # held across exec
+    (data_root / broker_id).mkdir(parents=True, exist_ok=True)
     _write_id(id_file, broker_id)
     if rejoin:
         try:
@@ -135,11 +137,9 @@ def drain(
     token: str | None = TOKEN_OPT,
 ) -> None:
     """Move every slot of this container's broker away and wait (before a compose scale in)."""
+    broker_id = broker_id or _read_id(id_file)
     if broker_id is None:
-        try:
-            broker_id = id_file.read_text().strip()
-        except OSError:
-            raise typer.BadParameter(f"no --id and no {id_file}") from None
+        raise typer.BadParameter(f"no --id and no {id_file}")
     _drain(coordinator, token, broker_id, timeout)
 
 
@@ -168,6 +168,13 @@ def probe(
     if problem is not None:
         _say(problem)
         raise typer.Exit(1)
+
+
+def _read_id(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _write_id(path: Path, broker_id: str) -> None:
