@@ -23,8 +23,10 @@ test: $(STAMP)
 lint: typecheck
 	$(VENV)/bin/ruff check .
 
+# peers side by side (installs redis-server/npm/pip peers on first use), CPU per job vs
+# brokers, the broadcast scenario and the plots, into bench/results/ (about 15 minutes)
 bench: $(STAMP)
-	$(PY) bench/bench_core.py
+	$(VENV)/bin/shardq bench all
 
 clean:
 	rm -rf $(VENV) shardq-data .pytest_cache .mypy_cache .ruff_cache

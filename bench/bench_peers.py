@@ -34,9 +34,9 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_cluster  # noqa: E402
-import peers_setup  # noqa: E402
-from benchlib import (  # noqa: E402
+import bench_cluster
+import peers_setup
+from benchlib import (
     BENCH,
     RESULTS,
     Proc,

@@ -29,79 +29,92 @@ def pct(xs: list[float], p: float) -> float | None:
     return xs[min(len(xs) - 1, int(len(xs) * p))]
 
 
-async def main(cfg: dict[str, Any]) -> dict[str, Any]:
-    conn = {"connection": f"redis://{cfg['host']}:{cfg['port']}"}
-    names = [f"{cfg['prefix']}-{i}" for i in range(int(cfg["queues"]))]
-    queues = [Queue(n, conn) for n in names]
-    payload = {"body": "x" * int(cfg["payload"])}
-    jobs = int(cfg["jobs"])
-    state = {"ops": 0, "next": 0}
-    lat: list[float] = []
-    t0 = time.perf_counter()
-    deadline = t0 + float(cfg["seconds"])
+class Run:
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.conn = {"connection": f"redis://{cfg['host']}:{cfg['port']}"}
+        self.names = [f"{cfg['prefix']}-{i}" for i in range(int(cfg["queues"]))]
+        self.queues = [Queue(n, self.conn) for n in self.names]
+        self.payload = {"body": "x" * int(cfg["payload"])}
+        self.jobs = int(cfg["jobs"])
+        self.ops = 0
+        self.next = 0
+        self.lat: list[float] = []
+        self.t0 = time.perf_counter()
+        self.deadline = self.t0 + float(cfg["seconds"])
 
-    def more() -> bool:
-        return state["ops"] < jobs and time.perf_counter() < deadline
+    def more(self) -> bool:
+        return self.ops < self.jobs and time.perf_counter() < self.deadline
 
-    def pick() -> Queue:
-        state["next"] += 1
-        return queues[state["next"] % len(queues)]
+    def pick(self) -> Queue:
+        self.next += 1
+        return self.queues[self.next % len(self.queues)]
 
-    async def single_lane() -> None:
-        while more():
-            q = pick()
-            state["ops"] += 1
+    async def single_lane(self) -> None:
+        while self.more():
+            q = self.pick()
+            self.ops += 1
             t = time.perf_counter()
-            await q.add("j", payload, RETENTION)
-            lat.append((time.perf_counter() - t) * 1000)
+            await q.add("j", self.payload, RETENTION)
+            self.lat.append((time.perf_counter() - t) * 1000)
 
-    async def bulk_lane() -> None:
-        while more():
-            k = min(int(cfg["bulk"]), jobs - state["ops"])
-            state["ops"] += k
-            q = pick()
+    async def bulk_lane(self) -> None:
+        while self.more():
+            k = min(int(self.cfg["bulk"]), self.jobs - self.ops)
+            self.ops += k
+            q = self.pick()
             t = time.perf_counter()
-            await q.addBulk([{"name": "j", "data": payload, "opts": RETENTION}] * k)
-            lat.append((time.perf_counter() - t) * 1000)
+            await q.addBulk([{"name": "j", "data": self.payload, "opts": RETENTION}] * k)
+            self.lat.append((time.perf_counter() - t) * 1000)
 
-    w = cfg["workload"]
-    seconds = None
-    if w in ("add_single", "add_concurrent"):
-        n = 1 if w == "add_single" else int(cfg["concurrency"])
-        await asyncio.gather(*(single_lane() for _ in range(n)))
-    elif w == "add_bulk":
-        await asyncio.gather(*(bulk_lane() for _ in range(int(cfg["bulk_inflight"]))))
-    elif w == "e2e":
+    async def bulk(self) -> None:
+        await asyncio.gather(*(self.bulk_lane() for _ in range(int(self.cfg["bulk_inflight"]))))
+
+    async def e2e(self) -> float:
         done = 0
         finished = asyncio.Event()
 
         async def process(job: Any, token: str) -> None:
             nonlocal done
             done += 1
-            if done >= jobs:
+            if done >= self.jobs:
                 finished.set()
 
-        per = max(1, -(-int(cfg["concurrency"]) // len(names)))
-        workers = [Worker(n, process, {**conn, "concurrency": per}) for n in names]
-        producer = asyncio.gather(*(bulk_lane() for _ in range(int(cfg["bulk_inflight"]))))
+        per = max(1, -(-int(self.cfg["concurrency"]) // len(self.names)))
+        workers = [Worker(n, process, {**self.conn, "concurrency": per}) for n in self.names]
+        producer = asyncio.ensure_future(self.bulk())
         try:
-            async with asyncio.timeout(float(cfg["seconds"])):
+            async with asyncio.timeout(float(self.cfg["seconds"])):
                 await finished.wait()
         except TimeoutError:
             pass
-        seconds = time.perf_counter() - t0
-        state["ops"] = min(done, jobs)
+        seconds = time.perf_counter() - self.t0
+        self.ops = min(done, self.jobs)
         await producer
         for wk in workers:
             await wk.close()
+        return seconds
+
+
+async def main(cfg: dict[str, Any]) -> dict[str, Any]:
+    run = Run(cfg)
+    w = cfg["workload"]
+    seconds = None
+    if w in ("add_single", "add_concurrent"):
+        n = 1 if w == "add_single" else int(cfg["concurrency"])
+        await asyncio.gather(*(run.single_lane() for _ in range(n)))
+    elif w == "add_bulk":
+        await run.bulk()
+    elif w == "e2e":
+        seconds = await run.e2e()
     else:
         raise SystemExit(f"unknown workload {w}")
     if seconds is None:
-        seconds = time.perf_counter() - t0
-    for q in queues:
+        seconds = time.perf_counter() - run.t0
+    for q in run.queues:
         await q.close()
-    return {"ops": state["ops"], "seconds": seconds, "rate": state["ops"] / seconds,
-            "p50_ms": pct(lat, .5), "p99_ms": pct(lat, .99)}
+    return {"ops": run.ops, "seconds": seconds, "rate": run.ops / seconds,
+            "p50_ms": pct(run.lat, .5), "p99_ms": pct(run.lat, .99)}
 
 
 if __name__ == "__main__":

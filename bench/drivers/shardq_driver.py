@@ -1,6 +1,6 @@
 """One workload against a shardq broker or cluster; the Python twin of bench/peers/driver.mjs.
 
-    python bench/drivers/shardq_driver.py '{"target": "127.0.0.1:7101", "workload": "add_bulk", ...}'
+    python bench/drivers/shardq_driver.py '{"target": "127.0.0.1:7101", "workload": ...}'
 
 Prints one JSON line `{"ops", "seconds", "rate", "p50_ms", "p99_ms"}`. Every workload stops
 at `jobs` or after `seconds`, whichever comes first. Workloads (identical for every peer):
@@ -25,7 +25,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import shardq  # noqa: E402
+import shardq
 
 
 def pct(xs: list[float], p: float) -> float | None:

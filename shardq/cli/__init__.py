@@ -22,6 +22,7 @@ def _register() -> None:
     # lists them all and each stays a small file.
     from shardq.cli import (
         admin_cmd,  # noqa: F401
+        bench_cmd,  # noqa: F401
         broker_cmd,  # noqa: F401
         cluster_cmd,  # noqa: F401
         coordinator_cmd,  # noqa: F401
