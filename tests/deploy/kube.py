@@ -52,7 +52,8 @@ class FakeKubeApi:
 
         self._server = ThreadingHTTPServer((bind, 0), Handler)
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        daemon=True)
         self._thread.start()
 
     def url(self, host: str = "127.0.0.1") -> str:
