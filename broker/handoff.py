@@ -23,13 +23,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shardq import failpoints
-from shardq.broker.queue import QueueState
-from shardq.broker.replay import Images, apply_chunk, apply_op
+from shardq.broker.queue import QueueDefaults, QueueState
+from shardq.broker.replay import Images, QueueImage, apply_chunk, apply_op, op_job_id
 from shardq.errors import BadRequestError, ShardqError, StaleTermError
 from shardq.router import NUM_SLOTS, slot_of
 
@@ -41,6 +41,9 @@ log = logging.getLogger("shardq.broker.handoff")
 COPY_FRAME_BYTES = 4 * 1024 * 1024  # bound on one IMPORT_CHUNKS frame
 FROZEN_ASK_TARGET_AFTER_S = 5.0
 REMEMBERED_MOVES = 1000
+CATCHUP_FRAME_OPS = 2000
+PRE_CATCHUP_ROUNDS = 3  # rounds of tapped ops sent before the freeze ...
+PRE_CATCHUP_ENOUGH = 500  # ... stopping early once a round is this small
 
 
 @dataclass(slots=True)
@@ -61,6 +64,10 @@ class Import:
     slots: list[int]
     source: str
     staging: Images = field(default_factory=dict)
+    # Queues with their indexes built, from the end of the copy on; catch-up
+    # ops keep them current. None until then (and after a restart: activation
+    # then builds them from staging, the slow path).
+    live: dict[str, QueueState] | None = None
 
 
 class Handoffs:
@@ -153,20 +160,32 @@ class Handoffs:
         if not isinstance(chunks, list):
             raise BadRequestError("chunks must be a list")
         if args.get("reset"):
-            imp.staging = {}
+            imp.staging, imp.live = {}, None
             self.b.log.append(("SX", None, _move_id(args)))
+        if chunks:
+            imp.live = None  # (a resent frame after the end: rebuild at activation)
         for ch in chunks:
             apply_chunk(imp.staging, ch)
         self.b.log.append(("SC", None, _move_id(args), chunks))
+        if args.get("done"):
+            # The copy is complete: build the indexes now, while the source
+            # still serves, so the freeze never waits for it.
+            imp.live = {name: self._build(name, img) for name, img in imp.staging.items()}
         return None
+
+    def _build(self, name: str, img: QueueImage) -> QueueState:
+        return build_queue(name, img, self.b.log, self.b.defaults)
 
     def import_ops(self, args: dict[str, Any]) -> Any:
         imp = self._import(args)
         ops = args.get("ops")
         if not isinstance(ops, list):
             raise BadRequestError("ops must be a list")
-        for op in ops:
-            apply_op(imp.staging, op)
+        if imp.live is None:
+            for op in ops:
+                apply_op(imp.staging, op)
+        else:
+            apply_ops_live(imp.staging, imp.live, ops, self._build)
         self.b.log.append(("SO", None, _move_id(args), ops))
         return None
 
@@ -187,9 +206,13 @@ class Handoffs:
             raise BadRequestError(f"move {mid} is not importing here (state "
                                   f"{self.finished.get(mid, 'unknown')})")
         b = self.b
+        live = imp.live or {}
         for name, img in imp.staging.items():
-            q = QueueState(name, slot_of(name), b.log, b.defaults)
-            q.restore(img.meta, img.jobs, img.tombstones)
+            q = live.get(name)
+            if q is None:
+                q = self._build(name, img)
+            else:
+                q.adopt_meta(img.meta)
             b.queues[name] = q
         for s in imp.slots:
             b.owned[s], b.slot_epochs[s] = 1, max(epoch, b.slot_epochs[s])
@@ -244,7 +267,7 @@ class Handoffs:
         self.taps[mid] = tap
         metas = {n: q.meta() for n, q in b.queues.items() if q.slot in tap.slots}
         names = list(metas)
-        sent_jobs = 0
+        sent_jobs = sent_ops = 0
         try:
             # A retried COPY starts over: the target drops what an earlier
             # attempt staged, or jobs removed since would come back.
@@ -269,15 +292,30 @@ class Handoffs:
                                            timeout=60)
                         batch, size = [], 0
                     await asyncio.sleep(0)  # keep serving between chunks
-            if batch:
-                await conn.request("IMPORT_CHUNKS", {"move_id": mid, "chunks": batch}, timeout=60)
+            await conn.request("IMPORT_CHUNKS", {"move_id": mid, "chunks": batch, "done": True},
+                               timeout=60)
             # B's IMPORT_* replies are durable (write ops), so the copy is on disk there.
+            # Ops tapped during the copy go now, while still serving, so the
+            # frozen catch-up only carries what arrives after this.
+            sent_ops = 0
+            for _ in range(PRE_CATCHUP_ROUNDS):
+                ops, tap.ops = tap.ops, []
+                await self._send_ops(conn, mid, ops)
+                sent_ops += len(ops)
+                if len(ops) <= PRE_CATCHUP_ENOUGH:
+                    break
         except BaseException:
             self.taps.pop(mid, None)
             raise
         finally:
             await conn.aclose()
-        return {"queues": len(names), "jobs": sent_jobs}
+        return {"queues": len(names), "jobs": sent_jobs, "ops": sent_ops}
+
+    @staticmethod
+    async def _send_ops(conn: Any, mid: str, ops: list[Any]) -> None:
+        for i in range(0, len(ops), CATCHUP_FRAME_OPS):
+            await conn.request("IMPORT_OPS", {"move_id": mid, "ops": ops[i:i + CATCHUP_FRAME_OPS]},
+                               timeout=60)
 
     async def freeze(self, args: dict[str, Any]) -> Any:
         mid, slots = _move_id(args), _slots(args)
@@ -309,9 +347,7 @@ class Handoffs:
         tap.target_addr = self.frozen_moves[mid]["addr"] = str(addr)
         conn = await self._connect(tap.target_addr)
         try:
-            for i in range(0, len(ops), 2000):
-                await conn.request("IMPORT_OPS", {"move_id": mid, "ops": ops[i:i + 2000]},
-                                   timeout=60)
+            await self._send_ops(conn, mid, ops)
             await conn.request("IMPORT_OPS", {"move_id": mid, "ops": []}, timeout=60)
         finally:
             await conn.aclose()
@@ -403,6 +439,30 @@ class Handoffs:
         return await open_connection(addr, token=self.b.config.token,
                                      client_name=f"broker-{self.b.config.broker_id}",
                                      request_timeout=60)
+
+
+def build_queue(name: str, img: QueueImage, log: list[Any], defaults: QueueDefaults
+                ) -> QueueState:
+    """A queue with its indexes built over an image's jobs (shared, not copied)."""
+    q = QueueState(name, slot_of(name), log, defaults)
+    q.restore(img.meta, img.jobs, img.tombstones)
+    img.tombstones = q.tombstones  # one dict, so replayed ops reach both
+    return q
+
+
+def apply_ops_live(staging: Images, live: dict[str, QueueState], ops: list[Any],
+                   build: Callable[[str, QueueImage], QueueState]) -> None:
+    """Replay catch-up ops onto staged images whose queues are already built,
+    re-indexing only the job each op touches (O(ops), not O(jobs))."""
+    for op in ops:
+        name, jid = op[1], op_job_id(op)
+        q = live.get(name)
+        before = q.index_key(jid) if q is not None and jid is not None else None
+        apply_op(staging, op)
+        if q is None or op[0] == "X":
+            live[name] = build(name, staging[name])  # new (small) or emptied queue
+        elif jid is not None:
+            q.reindex(before, jid)
 
 
 def _move_id(args: Any) -> str:

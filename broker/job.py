@@ -50,6 +50,11 @@ class Job:
     remove_on_complete: int = -1  # -1: queue default; 0: remove at once; n: keep the last n
     remove_on_fail: int = -1
 
+    def __lt__(self, other: Job) -> bool:
+        # Heap entries end with the job; two entries for one job with equal
+        # keys (a replayed handoff op can push one again) must not compare it.
+        return False
+
     def to_record(self) -> list[Any]:
         return [
             self.id, self.name, self.data, self.state, self.priority, self.attempts,

@@ -46,6 +46,9 @@ NOT_FOUND = "NOT_FOUND"
 
 _rand = random.Random()
 
+# (job, state, order, lock_until, token) of a job just before a replayed op.
+IndexKey = tuple[Job, str, int, int, int]
+
 
 @dataclass(slots=True)
 class QueueDefaults:
@@ -80,6 +83,7 @@ class QueueState:
         self._locks: list[tuple[int, int, int, Job]] = []  # (deadline, order, token, job)
         self._finished: dict[str, deque[Job]] = {COMPLETED: deque(), FAILED: deque()}
         self._order = 0
+        self._finished_stale = False  # history may list jobs that left it (handoff replay)
         self.durations_ms: deque[int] = deque(maxlen=512)
 
     def _emit(self, op: tuple[Any, ...]) -> None:
@@ -432,6 +436,89 @@ class QueueState:
             done = [j for j in self.jobs.values() if j.state == st]
             done.sort(key=lambda j: j.order)  # finishing assigns a new order
             self._finished[st].extend(done)
+
+    # ---------------------------------------------------------------- handoff catch-up
+    # A handoff's target builds the imported queues' indexes when the copy
+    # ends, before the freeze; the catch-up ops are then replayed onto the
+    # same Job objects (broker/replay.py) and each one re-indexes only the job
+    # it touched, so activation costs O(catch-up ops), not O(jobs).
+    def index_key(self, job_id: str) -> IndexKey | None:
+        """What `reindex` needs to know about a job before an op changes it."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        return job, job.state, job.order, job.lock_until, job.token
+
+    def reindex(self, before: IndexKey | None, job_id: str) -> None:
+        """Update the indexes after a replayed op changed job `job_id`
+        (`before` is its `index_key` from just before). Index entries are
+        lazy: an entry whose job no longer matches its state and order is
+        skipped when reached, so only counts and `active` are fixed here."""
+        new = self.jobs.get(job_id)
+        if before is not None and not self._unindex(before, new):
+            return
+        if new is None:
+            return
+        state = new.state
+        if state == WAITING:
+            self._insert_waiting(new)
+        elif state == DELAYED:
+            self._push_delayed(new)
+        elif state == ACTIVE:
+            self.active[job_id] = new
+            heapq.heappush(self._locks, (new.lock_until, new.order, new.token, new))
+        elif state in self._finished:
+            self._finished[state].append(new)
+        if new.order > self._order:
+            self._order = new.order
+
+    def _insert_waiting(self, job: Job) -> None:
+        """`_push_waiting` for a replayed job, whose order may be older than
+        the line's tail (the snapshot saw later jobs): keep the line sorted."""
+        dq = self._waiting.get(job.priority)
+        if not dq or dq[-1][0] < job.order:
+            self._push_waiting(job)
+            return
+        i = len(dq)
+        while i and dq[i - 1][0] > job.order:
+            i -= 1
+        dq.insert(i, (job.order, job))
+        self.n_waiting += 1
+
+    def _unindex(self, before: IndexKey, new: Job | None) -> bool:
+        """Take a job out of the place `before` describes; False when it is
+        still there (same object, state and order: nothing to re-index)."""
+        old, state, order, lock_until, token = before
+        if new is old and new.state == state and new.order == order:
+            if state == ACTIVE and (new.lock_until, new.token) != (lock_until, token):
+                heapq.heappush(self._locks, (new.lock_until, new.order, new.token, new))
+            return False
+        if state == WAITING:
+            self.n_waiting -= 1
+        elif state == DELAYED:
+            self.n_delayed -= 1
+        elif state == ACTIVE:
+            self.active.pop(old.id, None)
+        elif state in self._finished:
+            self._finished_stale = True  # the history lists it; compacted on adopt_meta
+        if new is not old:
+            old.state = "removed"  # its old entries must never match again
+        return True
+
+    def adopt_meta(self, meta: dict[str, Any]) -> None:
+        """Take queue-level state (paused, schedulers, seq, counters) from a
+        replayed image's meta; the jobs and indexes are already current."""
+        self.paused = bool(meta.get("paused", False))
+        self.schedulers = {k: dict(v) for k, v in meta.get("schedulers", {}).items()}
+        self.seq = int(meta.get("seq", 0))
+        self.counters.update(meta.get("counters", {}))
+        self._order = max(self._order, int(meta.get("order", 0)))
+        if self._finished_stale:
+            self._finished_stale = False
+            for state, hist in self._finished.items():
+                # Bounded by the retention (keep_completed/keep_failed), not by jobs.
+                kept = {j.id: j for j in hist if self.jobs.get(j.id) is j and j.state == state}
+                self._finished[state] = deque(sorted(kept.values(), key=lambda j: j.order))
 
     def export_chunks(self, chunk_size: int = 1000) -> Iterator[dict[str, Any]]:
         """Everything the queue holds as a stream of versioned chunks."""

@@ -9,6 +9,7 @@ so its counter effects are re-derived from the op codes alone.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,7 +155,7 @@ def apply_chunk(images: Images, chunk: dict[str, Any]) -> None:
         img = images[chunk["queue"]] = QueueImage()
     kind = chunk["kind"]
     if kind == "meta":
-        img.meta = dict(chunk["meta"])
+        img.meta = copy.deepcopy(chunk["meta"])  # never share a frame's dicts
     elif kind == "jobs":
         for rec in chunk["jobs"]:
             job = Job.from_record(list(rec))
@@ -198,6 +199,17 @@ def apply_broker_op(images: Images, broker_state: dict[str, Any],
             images.pop(name, None)
     else:
         raise ValueError(f"unknown broker op {code!r}")
+
+
+_JOB_OPS = frozenset("LECFWSDPR")
+
+
+def op_job_id(op: list[Any]) -> str | None:
+    """The id of the one job a queue op changes, or None (queue-level ops)."""
+    code = op[0]
+    if code == "A":
+        return str(op[2][0])
+    return str(op[2]) if code in _JOB_OPS else None
 
 
 def apply_op(images: Images, op: list[Any]) -> None:

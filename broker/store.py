@@ -44,6 +44,9 @@ class Store:
         self.durable = durable
         self._db: sqlite3.Connection | None = None
         self._dirty: set[tuple[str, str]] = set()
+        # Whole queues to write at the next checkpoint (a handoff's imports),
+        # listed only then, so activating an import costs O(1) here.
+        self._dirty_queues: list[tuple[str, dict[str, Any], dict[str, int]]] = []
         self._obliterated: set[str] = set()
         self._ckpt: _Checkpoint | None = None
         self.commits = 0
@@ -166,17 +169,20 @@ class Store:
 
     def mark_dirty_queues(self, queues: list[tuple[str, dict[str, Any], dict[str, int]]]
                           ) -> None:
-        """Jobs that arrived without ops of their own (a handoff's import).
-        `list(d)` copies a dict's keys in one step under the GIL, so reading
-        the live queues from the writer thread is safe."""
-        for name, jobs, tombstones in queues:
-            self._dirty.update((name, jid) for jid in list(jobs) + list(tombstones))
+        """Jobs that arrived without ops of their own (a handoff's import)."""
+        self._dirty_queues.extend(queues)
 
     def checkpoint_begin(self, seq: int, metas: dict[str, dict[str, Any]],
                          broker_state: dict[str, Any], row_source: RowSource) -> None:
         """Start a checkpoint at `seq` (every op <= seq is in `metas`)."""
         keys = sorted(self._dirty)  # B-tree order: each chunk touches few pages
         self._dirty = set()
+        # `list(d)` copies a dict's keys in one step under the GIL, so reading
+        # the live queues from the writer thread is safe. A key listed twice
+        # is only written twice.
+        for name, jobs, tombstones in self._dirty_queues:
+            keys.extend([(name, jid) for jid in list(jobs) + list(tombstones)])
+        self._dirty_queues = []
         gone = self._obliterated
         self._obliterated = set()
         self._ckpt = _Checkpoint(seq, metas, broker_state, keys, gone, row_source)
