@@ -248,7 +248,7 @@ def claim_broker_id(root: Path, prefix: str = "b", prefer: str | None = None
 
     The claim is an exclusive `flock` on `root/<id>/.claim`; it lasts as long
     as the returned descriptor is open in some process (it is inheritable,
-    so it survives the exec into the broker).
+    so it also survives an exec into the broker).
 
     Args:
         prefer: an id to try first (the one this container ran as before a
@@ -284,7 +284,7 @@ def _try_claim(data_dir: Path) -> int | None:
 
 def broker_argv(*, broker_id: str, data_dir: Path, coordinator: str, port: int,
                 advertise: str | None, extra: list[str]) -> list[str]:
-    """`shardq broker ...` arguments (after `python -m shardq`) for the wrapper to exec."""
+    """`shardq broker ...` arguments (after `python -m shardq`) for the wrapper to run."""
     argv = ["broker", "--id", broker_id, "--data-dir", str(data_dir), "--port", str(port),
             "--coordinator", coordinator]
     if advertise:

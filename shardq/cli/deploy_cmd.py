@@ -1,6 +1,6 @@
 """`shardq deploy ...`: helpers the container image runs under Kubernetes and compose.
 
-`broker` wraps `shardq broker` (stable id, stale-entry cleanup, then exec);
+`broker` wraps `shardq broker` (stable id, stale-entry cleanup, then runs it);
 `prestop` is the StatefulSet's preStop hook (drain only on a scale in);
 `drain` drains the broker of this container (compose scale in); `probe`
 is the image's health check. The logic lives in shardq/deploy.py; see
@@ -63,7 +63,7 @@ def broker(
         raise typer.BadParameter("give --id or --claim")
     if broker_id is None:
         before = _read_id(id_file)  # a restarted container keeps its id if it is free
-        broker_id, _fd = deploy.claim_broker_id(data_root, prefer=before)  # held across exec
+        broker_id, _fd = deploy.claim_broker_id(data_root, prefer=before)  # held while it runs
     (data_root / broker_id).mkdir(parents=True, exist_ok=True)
     _write_id(id_file, broker_id)
     if rejoin:
@@ -80,7 +80,9 @@ def broker(
         port=port, advertise=f"{host}:{port}" if host else None, extra=list(ctx.args))
     if token:
         os.environ["SHARDQ_TOKEN"] = token  # not on argv, where `ps` shows it
-    os.execv(sys.executable, [sys.executable, "-m", "shardq", *argv])
+    # Run `shardq broker` in this process (no second interpreter start); the
+    # claim's descriptor stays open for the broker's lifetime. Exits with it.
+    typer.main.get_command(app).main(args=argv, prog_name="shardq")
 
 
 @deploy_app.command("prestop")
