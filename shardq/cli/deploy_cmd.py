@@ -2,8 +2,9 @@
 
 `broker` wraps `shardq broker` (stable id, stale-entry cleanup, then runs it);
 `prestop` is the StatefulSet's preStop hook (drain only on a scale in);
-`drain` drains the broker of this container (compose scale in); `probe`
-is the image's health check. The logic lives in shardq/deploy.py; see
+`drain` drains the broker of this container (compose scale in);
+`remove-drained` drops scaled-in brokers' entries; `probe` is the image's
+health check. The logic lives in shardq/deploy.py; see
 deploy/README.md for how they fit together.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import typer
 
 from shardq.cli import app
-from shardq.cli.admin_cmd import TOKEN_OPT
+from shardq.cli.admin_cmd import COORDINATOR_OPT, TOKEN_OPT
 
 deploy_app = typer.Typer(
     help="Helpers for containers: broker wrapper, Kubernetes preStop hook, drain, probe.",
@@ -153,6 +154,36 @@ def _drain(coordinator: str, token: str | None, broker_id: str, timeout: float) 
         outcome = deploy.drain_and_wait(api, broker_id, timeout_s=timeout)
     _say(outcome.reason)
     if not outcome.drained:
+        raise typer.Exit(1)
+
+
+@deploy_app.command("remove-drained")
+def remove_drained(
+    broker_ids: list[str] = typer.Argument(..., help="Ids of scaled-in brokers, e.g. broker-4."),
+    coordinator: str = COORDINATOR_OPT,
+    token: str | None = TOKEN_OPT,
+) -> None:
+    """Remove scaled-in brokers' entries (drained or dead, owning no slot) from the topology.
+
+    An entry that still owns slots is kept (exit code 1): its data is on that
+    broker's volume; bring it back, or see `shardq forget`.
+    """
+    from shardq import deploy
+    from shardq.coordinator.api_client import CoordinatorApi, CoordinatorCallError
+
+    kept = []
+    try:
+        with CoordinatorApi(coordinator, token) as api:
+            for broker_id in broker_ids:
+                what = deploy.clear_stale_entry(api, broker_id)
+                _say(f"{broker_id}: " + {"new": "not in the topology", "cleared": "removed",
+                                          "kept": "kept: it is serving or owns slots"}[what])
+                if what == "kept":
+                    kept.append(broker_id)
+    except CoordinatorCallError as e:
+        _say(str(e))
+        raise typer.Exit(1) from None
+    if kept:
         raise typer.Exit(1)
 
 

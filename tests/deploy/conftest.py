@@ -117,8 +117,7 @@ class ContainerCluster:
 
     def add_broker(self) -> str:
         c = self._start(
-            ["deploy", "broker", "--claim", "--data-root", "/data",
-             "--coordinator", "http://coordinator:7070", "--port", "7101",
+            ["deploy", "broker", "--claim", "--data-root", "/data", "--port", "7101",
              "--advertise-host", "auto", "--", "--bind", "0.0.0.0"],
             {"SHARDQ_COORDINATOR": "http://coordinator:7070"}, volume=True)
         code, out = c.exec(["cat", "/tmp/shardq-broker-id"])

@@ -234,7 +234,7 @@ def test_compose_brokers_scale_and_every_command_parses() -> None:
     # `--scale broker=N` needs no fixed name and no host port per broker.
     assert "container_name" not in broker and "ports" not in broker
     assert int(flag(coord["command"], "expect")) == broker["deploy"]["replicas"]
-    assert flag(broker["command"], "coordinator") == "http://coordinator:7070"
+    assert broker["environment"]["SHARDQ_COORDINATOR"] == "http://coordinator:7070"
     assert "--claim" in broker["command"]
     assert broker["volumes"][0].split(":")[0] in doc["volumes"]
     assert broker["depends_on"]["coordinator"]["condition"] == "service_healthy"

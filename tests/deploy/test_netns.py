@@ -71,8 +71,9 @@ class Hosts:
         self._procs.append(p)
         return p
 
-    def on_client(self, fn, *args):  # type: ignore[no-untyped-def]
-        return self.client.call(fn, *args)
+    def on_client(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        """Run `fn` on the client host: the LAN is reachable from its hosts only."""
+        return self.client.call(fn, *args, **kwargs)
 
 
 def test_scale_out_and_in_across_hosts_keeps_every_job_exactly_once(
@@ -105,6 +106,12 @@ def test_scale_out_and_in_across_hosts_keeps_every_job_exactly_once(
     assert {b: state for b, (state, _) in rows.items()} == {
         "b1": "active", "b2": "drained", "b3": "active", "b4": "active"}
     assert all(rows[b][1] > 0 for b in ("b1", "b3", "b4"))
+    r = hosts.on_client(subprocess.run, [
+        sys.executable, "-m", "shardq", "deploy", "remove-drained", "b2", "b3",
+        "--coordinator", hosts.url], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr  # b3 serves: kept
+    assert "b2: removed" in r.stderr and "b3: kept" in r.stderr
+    assert "b2" not in hosts.on_client(slots_by_broker, hosts.url)
 
     handled, totals = hosts.on_client(run, work(hosts.url, len(pushed)))
     assert set(handled) == pushed
