@@ -425,7 +425,8 @@ async def pause_run(n: int, a: argparse.Namespace) -> dict[str, Any]:
             return res
     finally:
         stop_all(children)
-        shutil.rmtree(data, ignore_errors=True)
+        if not os.environ.get("BENCH_KEEP_DATA"):  # keep logs to read step timings
+            shutil.rmtree(data, ignore_errors=True)
 
 
 async def _pause_measure(http: httpx.AsyncClient, url: str, n: int,
@@ -670,7 +671,8 @@ async def scale_run(a: argparse.Namespace) -> dict[str, Any]:
             return res
     finally:
         stop_all(children)
-        shutil.rmtree(data, ignore_errors=True)
+        if not os.environ.get("BENCH_KEEP_DATA"):  # keep logs to read step timings
+            shutil.rmtree(data, ignore_errors=True)
 
 
 async def _scale_measure(http: httpx.AsyncClient, url: str, children: list[Child], data: Path,

@@ -443,6 +443,18 @@ class Broker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def free_later(self, queues: list[QueueState]) -> None:
+        """Free dropped queues' jobs a slice per loop step (see free_in_steps)."""
+        if self._loop is None or not queues:
+            return
+
+        async def free() -> None:
+            for q in queues:
+                for _ in q.free_in_steps():
+                    await asyncio.sleep(0)
+
+        self.spawn(free())
+
     def mark_dirty_queues(self, queues: list[tuple[str, dict[str, Any], dict[str, int]]]
                           ) -> None:
         """Have the next checkpoint write every job of these (imported) queues."""

@@ -64,9 +64,9 @@ class Import:
     slots: list[int]
     source: str
     staging: Images = field(default_factory=dict)
-    # Queues with their indexes built, from the end of the copy on; catch-up
-    # ops keep them current. None until then (and after a restart: activation
-    # then builds them from staging, the slow path).
+    # The staged queues with their indexes, built chunk by chunk as the copy
+    # arrives and kept current by the catch-up ops. None after a restart
+    # (activation then builds them from staging: the slow path).
     live: dict[str, QueueState] | None = None
 
 
@@ -160,17 +160,14 @@ class Handoffs:
         if not isinstance(chunks, list):
             raise BadRequestError("chunks must be a list")
         if args.get("reset"):
-            imp.staging, imp.live = {}, None
+            imp.staging, imp.live = {}, {}
             self.b.log.append(("SX", None, _move_id(args)))
-        if chunks:
-            imp.live = None  # (a resent frame after the end: rebuild at activation)
-        for ch in chunks:
-            apply_chunk(imp.staging, ch)
+        if imp.live is None:
+            for ch in chunks:
+                apply_chunk(imp.staging, ch)
+        else:
+            apply_chunks_live(imp.staging, imp.live, chunks, self._build)
         self.b.log.append(("SC", None, _move_id(args), chunks))
-        if args.get("done"):
-            # The copy is complete: build the indexes now, while the source
-            # still serves, so the freeze never waits for it.
-            imp.live = {name: self._build(name, img) for name, img in imp.staging.items()}
         return None
 
     def _build(self, name: str, img: QueueImage) -> QueueState:
@@ -292,8 +289,9 @@ class Handoffs:
                                            timeout=60)
                         batch, size = [], 0
                     await asyncio.sleep(0)  # keep serving between chunks
-            await conn.request("IMPORT_CHUNKS", {"move_id": mid, "chunks": batch, "done": True},
-                               timeout=60)
+            if batch:
+                await conn.request("IMPORT_CHUNKS", {"move_id": mid, "chunks": batch},
+                                   timeout=60)
             # B's IMPORT_* replies are durable (write ops), so the copy is on disk there.
             # Ops tapped during the copy go now, while still serving, so the
             # frozen catch-up only carries what arrives after this.
@@ -380,8 +378,7 @@ class Handoffs:
             if mid is not None and mid not in self.frozen.values():
                 self.frozen_moves.pop(mid, None)
         gone = [n for n, q in b.queues.items() if q.slot in slot_set]
-        for n in gone:
-            del b.queues[n]
+        b.free_later([b.queues.pop(n) for n in gone])
         if gone:
             b.log.append(("G", None, gone))
         self._persist()
@@ -448,6 +445,25 @@ def build_queue(name: str, img: QueueImage, log: list[Any], defaults: QueueDefau
     q.restore(img.meta, img.jobs, img.tombstones)
     img.tombstones = q.tombstones  # one dict, so replayed ops reach both
     return q
+
+
+def apply_chunks_live(staging: Images, live: dict[str, QueueState],
+                      chunks: list[dict[str, Any]],
+                      build: Callable[[str, QueueImage], QueueState]) -> None:
+    """Apply copy chunks to staging and index their jobs as they arrive, so
+    the queues are ready when the copy ends (no O(jobs) step later)."""
+    for ch in chunks:
+        name = ch.get("queue")
+        q = live.get(name) if isinstance(name, str) else None
+        ids = [rec[0] for rec in ch.get("jobs", ())] if q is not None else []
+        befores = [q.index_key(jid) for jid in ids] if q is not None else []
+        apply_chunk(staging, ch)
+        if q is None:
+            live[ch["queue"]] = build(ch["queue"], staging[ch["queue"]])
+        elif ch["kind"] == "meta":
+            q.adopt_meta(staging[name].meta)
+        for jid, before in zip(ids, befores, strict=True):
+            q.reindex(before, jid)
 
 
 def apply_ops_live(staging: Images, live: dict[str, QueueState], ops: list[Any],

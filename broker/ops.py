@@ -9,6 +9,7 @@ PULL was parked and will be answered later by the broker.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +24,8 @@ from shardq.errors import (
     ServerError,
     ShardqError,
 )
+
+log = logging.getLogger("shardq.broker.ops")
 
 PARKED = object()
 
@@ -292,7 +295,9 @@ def _spawn(b: Broker, sink: Sink, req_id: int, step: str,
     async def run() -> None:
         try:
             hit(step, "before")
+            t0 = time.perf_counter()
             body = await work()
+            log.info("handoff step %s took %.1f ms", step, (time.perf_counter() - t0) * 1e3)
             hit(step, "after")
             frame = encode_frame([req_id, p.OK, body, b.epoch])
         except ServerError as exc:
@@ -300,7 +305,7 @@ def _spawn(b: Broker, sink: Sink, req_id: int, step: str,
         except (OSError, ShardqError, TimeoutError) as exc:
             frame = encode_frame([req_id, "UNAVAILABLE", f"{step}: {exc!r}", b.epoch])
         except Exception as exc:  # a bug costs this step, not the broker
-            logging.getLogger("shardq.broker").exception("handoff step %s failed", step)
+            log.exception("handoff step %s failed", step)
             frame = encode_frame([req_id, BadRequestError.code, f"{step}: {exc!r}", b.epoch])
         if not sink.is_closing():
             sink.write(frame)

@@ -520,6 +520,19 @@ class QueueState:
                 kept = {j.id: j for j in hist if self.jobs.get(j.id) is j and j.state == state}
                 self._finished[state] = deque(sorted(kept.values(), key=lambda j: j.order))
 
+    def free_in_steps(self, step: int = 5000) -> Iterator[None]:
+        """Let go of every job, `step` objects at a time: freeing a big queue
+        (one handed off) in one go would stall the event loop for tens of ms."""
+        containers: list[Any] = [*self._waiting.values(), self._delayed, self._locks,
+                                 *self._finished.values(), self.active, self.jobs,
+                                 self.tombstones]
+        for c in containers:
+            pop = c.popitem if isinstance(c, dict) else c.pop
+            while c:
+                for _ in range(min(step, len(c))):
+                    pop()
+                yield
+
     def export_chunks(self, chunk_size: int = 1000) -> Iterator[dict[str, Any]]:
         """Everything the queue holds as a stream of versioned chunks."""
         yield {"v": 1, "kind": "meta", "queue": self.name, "meta": self.meta()}

@@ -386,8 +386,11 @@ class MoveExecutor:
     async def _attempt(self, step: Step, rec: MoveRecord) -> Any:
         _hit(f"coordinator.before_{step.name}")
         timeout = self.policy.copy_timeout_s if step.name == "copy" else self.policy.step_timeout_s
+        t0 = time.perf_counter()
         reply = await self._send(self._recipient(step, rec), step.op, self._args(step, rec),
                                  timeout)
+        log.info("move %s: %s took %.1f ms", rec.move_id, step.name,
+                 (time.perf_counter() - t0) * 1e3)
         _hit(f"coordinator.after_{step.name}")
         return reply
 

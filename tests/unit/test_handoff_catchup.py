@@ -1,4 +1,4 @@
-"""A handoff's target builds the imported queues' indexes when the copy ends
+"""A handoff's target indexes the imported jobs as the copy's chunks arrive
 and then re-indexes only the jobs each catch-up op touches (DESIGN §6 step 4,
 broker/handoff.py `apply_ops_live`), so activation does not grow with queue size.
 
@@ -16,7 +16,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shardq.broker.handoff import apply_ops_live, build_queue
+from shardq.broker.handoff import apply_chunks_live, apply_ops_live, build_queue
 from shardq.broker.queue import QueueDefaults, QueueState
 from shardq.broker.replay import Images, QueueImage, apply_chunk, apply_op
 from shardq.router import slot_of
@@ -35,6 +35,10 @@ ACTIONS = st.lists(st.one_of(
     st.tuples(st.just("pause"), st.booleans()), st.tuples(st.just("drain")),
     st.tuples(st.just("progress")), st.tuples(st.just("obliterate")),
 ), min_size=5, max_size=60)
+
+
+def build(name: str, img: QueueImage) -> QueueState:
+    return build_queue(name, img, [], DEFAULTS)
 
 
 class Source:
@@ -119,15 +123,15 @@ def handoff(before: list[tuple[Any, ...]], during: list[tuple[Any, ...]], split:
     ops = wire(src.log[skip:])
     chunks = wire(chunks)
 
-    # Fast: indexes built at the end of the copy, ops replayed in two rounds
-    # (before and after the freeze).
+    # Fast: indexes built chunk by chunk as the copy arrives (frames of two
+    # chunks), ops replayed in two rounds (before and after the freeze).
     staging: Images = {}
-    for ch in chunks:
-        apply_chunk(staging, ch)
-    live = {name: build_queue(name, img, [], DEFAULTS) for name, img in staging.items()}
+    live: dict[str, QueueState] = {}
+    for i in range(0, len(chunks), 2):
+        apply_chunks_live(staging, live, chunks[i:i + 2], build)
     cut = int(len(ops) * split)
-    apply_ops_live(staging, live, ops[:cut], lambda n, i: build_queue(n, i, [], DEFAULTS))
-    apply_ops_live(staging, live, ops[cut:], lambda n, i: build_queue(n, i, [], DEFAULTS))
+    apply_ops_live(staging, live, ops[:cut], build)
+    apply_ops_live(staging, live, ops[cut:], build)
     fast = live["qa"]
     fast.adopt_meta(staging["qa"].meta)
 
@@ -173,11 +177,22 @@ def test_a_job_replaced_by_a_replayed_add_is_never_handed_out_twice() -> None:
     staging: Images = {"qa": QueueImage()}
     for ch in wire(list(Source().q.export_chunks())):
         apply_chunk(staging, {**ch, "queue": "qa"})
-    live = {"qa": build_queue("qa", staging["qa"], [], DEFAULTS)}
-    apply_ops_live(staging, live, ops[:1], lambda n, i: build_queue(n, i, [], DEFAULTS))
-    apply_ops_live(staging, live, ops, lambda n, i: build_queue(n, i, [], DEFAULTS))
+    live = {"qa": build("qa", staging["qa"])}
+    apply_ops_live(staging, live, ops[:1], build)
+    apply_ops_live(staging, live, ops, build)
     q = live["qa"]
     q.adopt_meta(staging["qa"].meta)
     out: list[list[Any]] = []
     q.pull(10, 100, 1000, out)
     assert out == [] and q.counts()["waiting"] == 0 and q.counts()["active"] == 1
+
+
+def test_a_handed_off_queue_is_freed_in_bounded_steps() -> None:
+    src = Source()
+    for _ in range(30):
+        src.run(("add", 0, 0, 1, -1))
+    src.run(("pull", 5))
+    q = src.q
+    steps = sum(1 for _ in q.free_in_steps(step=4))
+    assert steps >= 30 // 4
+    assert not q.jobs and not q.active and q.counts()["active"] == 0
