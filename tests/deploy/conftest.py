@@ -161,9 +161,11 @@ class ContainerCluster:
     def _start(self, command: list[str], env: dict[str, str], aliases: list[str] | None = None,
                volume: bool = False) -> Any:
         from testcontainers.core.container import DockerContainer
-        from testcontainers.core.waiting_utils import wait_for_logs
+        from testcontainers.core.wait_strategies import LogMessageWaitStrategy
 
-        c = DockerContainer(self._image).with_command(command).with_network(self._network)
+        ready = LogMessageWaitStrategy("READY").with_startup_timeout(60)
+        c = (DockerContainer(self._image).with_command(command).with_network(self._network)
+             .waiting_for(ready))
         for k, v in env.items():
             c = c.with_env(k, v)
         if aliases:
@@ -171,8 +173,7 @@ class ContainerCluster:
         if volume:  # one named volume for all brokers, as in compose (ids are claimed in it)
             c = c.with_volume_mapping(self._volume, "/data", "rw")
         self._containers.append(c)
-        c.start()
-        wait_for_logs(c, "READY", timeout=60)
+        c.start()  # returns once READY is logged
         return c
 
     def _ip(self, c: Any) -> str:

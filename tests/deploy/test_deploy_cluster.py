@@ -35,9 +35,12 @@ def test_scale_out_then_in_by_prestop_keeps_every_job_exactly_once(
     c = deploy_cluster
     first = {"b1", "b2", "b3"}
     poll(lambda: serving(c.url, first), "bootstrap of b1..b3")
-    synced_topology(c.url, tuple(first))  # every broker serves the map: no TRYAGAIN wait
-    for bid in first:  # what the image's HEALTHCHECK and the liveness probe run
-        c.shardq(bid, "deploy", "probe")  # inside: 127.0.0.1:7101 (processes: refused, fine)
+    # every broker serves the coordinator's map (so no TRYAGAIN wait below)
+    topo = synced_topology(c.url, tuple(sorted(first)))
+    for bid in first:  # every broker answers HELLO at its advertised address
+        assert deploy.probe(topo.brokers[bid].addr) is None
+        if c.kind == "containers":  # and the image's HEALTHCHECK passes inside it
+            assert c.shardq(bid, "deploy", "probe")[0] == 0
     assert deploy.probe(c.url) is None
     pushed = run(push(c.url))
 
@@ -74,3 +77,19 @@ def test_scale_out_then_in_by_prestop_keeps_every_job_exactly_once(
     assert c.add_broker() == b4
     poll(lambda: (slots_by_broker(c.url) or {}).get(b4, ("", 0))[1] > 0,
          "b4 to get slots again after its scale in")
+
+
+def test_the_image_builds_runs_shardq_as_an_unprivileged_user_with_a_healthcheck(
+        shardq_image: str) -> None:
+    import docker
+
+    client = docker.from_env()
+    try:
+        config = client.images.get(shardq_image).attrs["Config"]
+        assert config["User"] == "10001:10001"
+        assert config["Entrypoint"] == ["shardq"]
+        assert config["Healthcheck"]["Test"] == ["CMD", "shardq", "deploy", "probe"]
+        out = client.containers.run(shardq_image, ["deploy", "--help"], remove=True)
+        assert b"prestop" in out and b"probe" in out
+    finally:
+        client.close()
