@@ -78,7 +78,8 @@ def broker(
     host = deploy.own_address() if advertise_host == "auto" else advertise_host
     argv = deploy.broker_argv(
         broker_id=broker_id, data_dir=data_root / broker_id, coordinator=coordinator,
-        port=port, advertise=f"{host}:{port}" if host else None, extra=list(ctx.args))
+        port=port, advertise=f"{host}:{port}" if host and port else None,
+        extra=list(ctx.args))
     if token:
         os.environ["SHARDQ_TOKEN"] = token  # not on argv, where `ps` shows it
     # Run `shardq broker` in this process (no second interpreter start); the
