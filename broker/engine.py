@@ -238,7 +238,8 @@ class Broker:
 
     def _not_owner(self, slot: int, queue: str) -> Exception:
         if slot in self.handoff.frozen:
-            return TryAgainError(f"slot {slot} is frozen for a handoff", 20)
+            # Short: a freeze lasts tens of ms, and a resend costs the broker ~µs.
+            return TryAgainError(f"slot {slot} is frozen for a handoff", 5)
         owner = self.topology.owner_of_slot(slot)
         addr = self.topology.addr_of(owner) if owner else None
         if owner is None or addr is None or owner == self.config.broker_id:

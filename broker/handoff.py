@@ -21,14 +21,16 @@ the commit.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shardq import failpoints
-from shardq.broker.queue import QueueDefaults, QueueState
+from shardq.broker.job import Job
+from shardq.broker.queue import BY_ORDER, QueueDefaults, QueueState
 from shardq.broker.replay import Images, QueueImage, apply_chunk, apply_op, op_job_id
 from shardq.errors import BadRequestError, ShardqError, StaleTermError
 from shardq.router import NUM_SLOTS, slot_of
@@ -42,6 +44,7 @@ COPY_FRAME_BYTES = 4 * 1024 * 1024  # bound on one IMPORT_CHUNKS frame
 FROZEN_ASK_TARGET_AFTER_S = 5.0
 REMEMBERED_MOVES = 1000
 CATCHUP_FRAME_OPS = 2000
+SORT_RUN = 50_000  # jobs sorted per loop step when a copy starts
 PRE_CATCHUP_ROUNDS = 3  # rounds of tapped ops sent before the freeze ...
 PRE_CATCHUP_ENOUGH = 500  # ... stopping early once a round is this small
 
@@ -276,7 +279,7 @@ class Handoffs:
                 q = b.queues.get(name)
                 if q is None:
                     continue
-                for chunk in q.export_chunks():
+                for chunk in q.export_chunks(jobs=await _jobs_by_order(q)):
                     if chunk["kind"] == "meta":
                         chunk["meta"] = metas[name]
                     batch.append(chunk)
@@ -438,6 +441,19 @@ class Handoffs:
                                      request_timeout=60)
 
 
+async def _jobs_by_order(q: QueueState) -> Iterator[Job]:
+    """The queue's jobs in `order`: sorted in runs, a loop step each, and
+    merged lazily as the copy reads them (one sort of 1M jobs holds the loop
+    ~100 ms). A job whose order changes meanwhile may come a little out of
+    place; the target's indexes put it right (QueueState._insert_waiting)."""
+    jobs = list(q.jobs.values())
+    runs = []
+    for i in range(0, len(jobs), SORT_RUN):
+        runs.append(sorted(jobs[i:i + SORT_RUN], key=BY_ORDER))
+        await asyncio.sleep(0)
+    return heapq.merge(*runs, key=BY_ORDER)
+
+
 def build_queue(name: str, img: QueueImage, log: list[Any], defaults: QueueDefaults
                 ) -> QueueState:
     """A queue with its indexes built over an image's jobs (shared, not copied)."""
@@ -453,14 +469,16 @@ def apply_chunks_live(staging: Images, live: dict[str, QueueState],
     """Apply copy chunks to staging and index their jobs as they arrive, so
     the queues are ready when the copy ends (no O(jobs) step later)."""
     for ch in chunks:
-        name = ch.get("queue")
-        q = live.get(name) if isinstance(name, str) else None
-        ids = [rec[0] for rec in ch.get("jobs", ())] if q is not None else []
-        befores = [q.index_key(jid) for jid in ids] if q is not None else []
-        apply_chunk(staging, ch)
+        name = str(ch.get("queue"))
+        q = live.get(name)
         if q is None:
-            live[ch["queue"]] = build(ch["queue"], staging[ch["queue"]])
-        elif ch["kind"] == "meta":
+            apply_chunk(staging, ch)
+            live[name] = build(name, staging[name])
+            continue
+        ids = [rec[0] for rec in ch.get("jobs", ())]
+        befores = [q.index_key(jid) for jid in ids]
+        apply_chunk(staging, ch)
+        if ch["kind"] == "meta":
             q.adopt_meta(staging[name].meta)
         for jid, before in zip(ids, befores, strict=True):
             q.reindex(before, jid)
