@@ -430,8 +430,10 @@ class Broker:
             self._commits_since_ckpt = max(self._commits_since_ckpt, 1)
             if not self.log:
                 self.log.append(("O", None, self.ownership_state()))
+        # A checkpoint cannot start while an import is staged (its data lives
+        # in the log until activation or abort): then the log is enough.
         while self.log or self._writer_busy or self._ckpt_active or (
-                checkpoint and self._ckpt_requested):
+                checkpoint and self._ckpt_requested and not self.handoff.importing):
             fut: asyncio.Future[None] = self._loop.create_future()
             self._idle_waiters.append(fut)
             self._schedule_flush()

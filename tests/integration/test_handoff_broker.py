@@ -222,3 +222,28 @@ def test_imported_jobs_reach_the_checkpoint_of_the_target(
     assert b.ok("COUNTS", {"queue": q})["waiting"] == 300
     for c in (a, b):
         c.close()
+
+
+def test_a_target_with_a_staged_import_stops_at_once_on_sigterm_and_keeps_it(
+        pair, start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Its coordinator gone mid-move, the target still holds the staged copy;
+    # SIGTERM must not wait for a checkpoint that cannot start while it does.
+    b1, b2, t, term = pair
+    q = queue_on(t, "b1", "st")
+    a, b = RawConn(b1.addr), RawConn(b2.addr)
+    a.ok("ADD", add_args(q, *[f"j{i}" for i in range(50)]))
+    move = {"move_id": str(uuid.uuid4()), "slots": [slot_of(q)], "term": term}
+    b.ok("HANDOFF_PREPARE", {**move, "source": "b1", "source_addr": b1.addr})
+    a.ok("HANDOFF_COPY", {**move, "target": "b2", "target_addr": b2.addr})
+    b.close()
+    assert b2.terminate(timeout=10) == 0
+    url = b2.args[b2.args.index("--coordinator") + 1]
+    b2 = start_broker("b2", "--coordinator", url, data_dir=tmp_path / "b2-data")
+    b = RawConn(b2.addr)
+    assert b.ok("HANDOFF_STATUS", move) == "pending"  # the import survived the restart
+    a.ok("HANDOFF_FREEZE", move)
+    a.ok("HANDOFF_CATCHUP", {**move, "target_addr": b2.addr})
+    b.ok("HANDOFF_ACTIVATE", {**move, "epoch": t.epoch + 1})
+    assert b.ok("COUNTS", {"queue": q})["waiting"] == 50
+    for c in (a, b):
+        c.close()
