@@ -170,11 +170,13 @@ def stop_all(children: list[Child]) -> None:
             print(f"warning: could not stop {c.name} (pid {c.popen.pid}): {e!r}", file=sys.stderr)
 
 
-def start_cluster(children: list[Child], n: int, data: Path, fast: bool) -> str:
+def start_cluster(children: list[Child], n: int, data: Path, fast: bool,
+                  copy_rate: int = 0) -> str:
     logs = data / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     coord = spawn(children, "coordinator", ["coordinator", "--port", "0", "--expect", str(n),
-                                            "--data-dir", str(data / "coordinator")], logs)
+                                            "--data-dir", str(data / "coordinator"),
+                                            "--handoff-copy-rate", str(copy_rate)], logs)
     url = f"http://{coord.addr}"
     for i in range(1, n + 1):
         start_broker(children, f"b{i}", url, data, fast)
@@ -417,7 +419,7 @@ async def pause_run(n: int, a: argparse.Namespace) -> dict[str, Any]:
     children: list[Child] = []
     before = machine_note("start")
     try:
-        url = start_cluster(children, 2, data, a.fast)
+        url = start_cluster(children, 2, data, a.fast, a.copy_rate)
         async with httpx.AsyncClient(timeout=10) as http:
             await wait_bootstrapped(http, url, ["b1", "b2"])
             res = await _pause_measure(http, url, n, a)
@@ -663,7 +665,7 @@ async def scale_run(a: argparse.Namespace) -> dict[str, Any]:
     children: list[Child] = []
     before = machine_note("start")
     try:
-        url = start_cluster(children, 3, data, a.fast)
+        url = start_cluster(children, 3, data, a.fast, a.copy_rate)
         async with httpx.AsyncClient(timeout=10) as http:
             await wait_bootstrapped(http, url, ["b1", "b2", "b3"])
             res = await _scale_measure(http, url, children, data, a)
@@ -882,6 +884,8 @@ def main() -> None:
     ap.add_argument("--warmup-s", type=float, default=4.0, help="part 2 load warm-up")
     ap.add_argument("--before-s", type=float, default=10.0, help="part 2 time before scale out")
     ap.add_argument("--lag", type=int, default=5000, help="part 2 max outstanding load jobs")
+    ap.add_argument("--copy-rate", type=int, default=0,
+                    help="coordinator --handoff-copy-rate (jobs/s per move; 0: unpaced)")
     ap.add_argument("--json", action="store_true", help="print JSON lines only")
     a = ap.parse_args()
     sizes = ([int(x) for x in a.sizes.split(",")] if a.sizes

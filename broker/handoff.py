@@ -256,6 +256,9 @@ class Handoffs:
         mid, slots = _move_id(args), _slots(args)
         self.check_term(args.get("term"))
         target, addr = str(args.get("target", "")), str(args.get("target_addr", ""))
+        rate = args.get("max_jobs_per_s") or 0
+        if not isinstance(rate, int | float) or isinstance(rate, bool) or rate < 0:
+            raise BadRequestError("max_jobs_per_s must be a non-negative number")
         b = self.b
         not_mine = [s for s in slots if not b.owned[s]]
         if not_mine:
@@ -266,35 +269,8 @@ class Handoffs:
         tap = Tap(frozenset(slots), target, addr, skip=len(b.log))
         self.taps[mid] = tap
         metas = {n: q.meta() for n, q in b.queues.items() if q.slot in tap.slots}
-        names = list(metas)
-        sent_jobs = sent_ops = 0
         try:
-            # A retried COPY starts over: the target drops what an earlier
-            # attempt staged, or jobs removed since would come back.
-            await conn.request("IMPORT_CHUNKS", {"move_id": mid, "chunks": [], "reset": True},
-                               timeout=60)
-            batch: list[dict[str, Any]] = []
-            size = 0
-            for name in names:
-                q = b.queues.get(name)
-                if q is None:
-                    continue
-                for chunk in q.export_chunks(jobs=await _jobs_by_order(q)):
-                    if chunk["kind"] == "meta":
-                        chunk["meta"] = metas[name]
-                    batch.append(chunk)
-                    size += 100 * len(chunk.get("jobs", ())) + 64
-                    sent_jobs += len(chunk.get("jobs", ()))
-                    # Small frames: the target applies each in one loop step,
-                    # so its other queues stall for ~10 ms at most per frame.
-                    if size >= COPY_FRAME_BYTES // 16 or len(batch) >= 2:
-                        await conn.request("IMPORT_CHUNKS", {"move_id": mid, "chunks": batch},
-                                           timeout=60)
-                        batch, size = [], 0
-                    await asyncio.sleep(0)  # keep serving between chunks
-            if batch:
-                await conn.request("IMPORT_CHUNKS", {"move_id": mid, "chunks": batch},
-                                   timeout=60)
+            sent_jobs = await self._stream_snapshot(conn, mid, metas, float(rate))
             # B's IMPORT_* replies are durable (write ops), so the copy is on disk there.
             # Ops tapped during the copy go now, while still serving, so the
             # frozen catch-up only carries what arrives after this.
@@ -310,7 +286,43 @@ class Handoffs:
             raise
         finally:
             await conn.aclose()
-        return {"queues": len(names), "jobs": sent_jobs, "ops": sent_ops}
+        return {"queues": len(metas), "jobs": sent_jobs, "ops": sent_ops}
+
+    async def _stream_snapshot(self, conn: Any, mid: str, metas: dict[str, Any],
+                               rate: float) -> int:
+        """Send the queues' export chunks in small frames, `rate` jobs/s at
+        most (0: unpaced); returns the number of jobs sent."""
+        clock = asyncio.get_running_loop().time
+        started, sent = clock(), 0
+        # A retried COPY starts over: the target drops what an earlier
+        # attempt staged, or jobs removed since would come back.
+        await conn.request("IMPORT_CHUNKS", {"move_id": mid, "chunks": [], "reset": True},
+                           timeout=60)
+        batch: list[dict[str, Any]] = []
+        size = 0
+        for name, meta in metas.items():
+            q = self.b.queues.get(name)
+            if q is None:
+                continue
+            for chunk in q.export_chunks(jobs=await _jobs_by_order(q)):
+                if chunk["kind"] == "meta":
+                    chunk["meta"] = meta
+                batch.append(chunk)
+                size += 100 * len(chunk.get("jobs", ())) + 64
+                sent += len(chunk.get("jobs", ()))
+                # Small frames: the target applies each in one loop step,
+                # so its other queues stall for ~10 ms at most per frame.
+                if size >= COPY_FRAME_BYTES // 16 or len(batch) >= 2:
+                    await conn.request("IMPORT_CHUNKS", {"move_id": mid, "chunks": batch},
+                                       timeout=60)
+                    batch, size = [], 0
+                    ahead = sent / rate - (clock() - started) if rate else 0.0
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+                await asyncio.sleep(0)  # keep serving between chunks
+        if batch:
+            await conn.request("IMPORT_CHUNKS", {"move_id": mid, "chunks": batch}, timeout=60)
+        return sent
 
     @staticmethod
     async def _send_ops(conn: Any, mid: str, ops: list[Any]) -> None:

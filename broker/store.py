@@ -28,6 +28,7 @@ import msgpack
 from shardq import failpoints
 from shardq.broker.job import Job
 from shardq.broker.replay import Images, QueueImage, apply_broker_op, apply_op
+from shardq.router import slot_of
 
 log = logging.getLogger("shardq.broker.store")
 
@@ -36,6 +37,7 @@ RowSource = Callable[[str, str], tuple[int, bytes | None] | None]
 
 _META_OPS = frozenset({"M", "SU", "SR", "SN"})  # queue-level: in the meta, not a job row
 CHECKPOINT_CHUNK = 1000  # rows per checkpoint transaction: keeps each write short
+GONE_ROWS_PER_STEP = 5000  # rows of dropped queues deleted per checkpoint transaction
 
 
 class Store:
@@ -194,12 +196,24 @@ class Store:
         if ck is None or db is None:
             return False
         db.execute("BEGIN")
-        if ck.gone and ck.pos == 0:
+        if ck.gone_left:
             # Rows of obliterated / handed-off queues can go early: replay of
             # the log from the old checkpoint deletes them again. Their meta
-            # goes only with the new checkpoint seq, in the last step.
-            for queue in ck.gone:
-                db.execute("DELETE FROM jobs WHERE queue = ?", (queue,))
+            # goes only with the new checkpoint seq, in the last step. A few
+            # thousand rows per step, by primary key: commits wait meanwhile.
+            budget = GONE_ROWS_PER_STEP
+            while ck.gone_left and budget > 0:
+                queue = ck.gone_left[-1]
+                slot = slot_of(queue)
+                n = db.execute(
+                    "DELETE FROM jobs WHERE slot = ? AND queue = ? AND id IN"
+                    " (SELECT id FROM jobs WHERE slot = ? AND queue = ? LIMIT ?)",
+                    (slot, queue, slot, queue, budget)).rowcount
+                if n < budget:  # none of its rows left
+                    ck.gone_left.pop()
+                budget -= max(n, 1)  # an empty one still costs a lookup
+            db.execute("COMMIT")
+            return True
         chunk = ck.keys[ck.pos:ck.pos + CHECKPOINT_CHUNK]
         ck.pos += len(chunk)
         puts, dels = [], []
@@ -254,7 +268,7 @@ class Store:
 
 
 class _Checkpoint:
-    __slots__ = ("broker_state", "gone", "keys", "metas", "pos", "row_source", "seq")
+    __slots__ = ("broker_state", "gone", "gone_left", "keys", "metas", "pos", "row_source", "seq")
 
     def __init__(self, seq: int, metas: dict[str, dict[str, Any]], broker_state: dict[str, Any],
                  keys: list[tuple[str, str]], gone: set[str], row_source: RowSource) -> None:
@@ -263,5 +277,6 @@ class _Checkpoint:
         self.broker_state = broker_state
         self.keys = keys
         self.gone = gone
+        self.gone_left = sorted(gone)  # queues whose rows are still to delete
         self.pos = 0
         self.row_source = row_source

@@ -81,6 +81,9 @@ class MovePolicy:
     abort_budget_s: float = 60.0  # how long HANDOFF_ABORT is retried
     backoff_min_s: float = 0.1
     backoff_max_s: float = 5.0
+    # Jobs per second one move's copy may stream (0: as fast as it can). The
+    # copy costs CPU on both brokers; pacing it keeps their serving going.
+    copy_rate: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,6 +411,8 @@ class MoveExecutor:
         elif step.name == "copy":
             args.update(slots=list(rec.slots), target=rec.target,
                         target_addr=topo.addr_of(rec.target))
+            if self.policy.copy_rate:
+                args.update(max_jobs_per_s=self.policy.copy_rate)
         elif step.name == "freeze":
             args.update(slots=list(rec.slots))
         elif step.name == "catchup":

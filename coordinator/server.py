@@ -50,6 +50,7 @@ class CoordinatorConfig:
     handoff_copy_timeout_s: float = 600.0
     handoff_step_timeout_s: float = 10.0
     handoff_retry_budget_s: float = 30.0
+    handoff_copy_rate: int = 0
 
 
 def serve(config: CoordinatorConfig) -> None:
@@ -90,7 +91,8 @@ async def serve_async(config: CoordinatorConfig) -> None:
 def _rebalancer(membership: Membership, config: CoordinatorConfig) -> Rebalancer:
     policy = MovePolicy(step_timeout_s=config.handoff_step_timeout_s,
                         copy_timeout_s=config.handoff_copy_timeout_s,
-                        retry_budget_s=config.handoff_retry_budget_s)
+                        retry_budget_s=config.handoff_retry_budget_s,
+                        copy_rate=config.handoff_copy_rate)
     return default_rebalancer(membership, config.token, policy=policy,
                               concurrency=config.rebalance_concurrency,
                               throttle_ms=config.rebalance_throttle_ms,

@@ -55,11 +55,14 @@ same move_id (a retried step answers as the first did).
 
 HANDOFF_PREPARE  (to B) {move_id, slots, source, source_addr, term} -> {"state": "importing"}
                  B durably records importing(move_id, slots) and wipes stale staging.
-HANDOFF_COPY     (to A) {move_id, slots, target, target_addr, term}
-                 -> {"queues": n, "jobs": n}
+HANDOFF_COPY     (to A) {move_id, slots, target, target_addr, term, max_jobs_per_s?}
+                 -> {"queues": n, "jobs": n, "ops": n}
                  A starts recording every op on those slots, streams a snapshot of
                  their queues to B (IMPORT_CHUNKS on A's own connection to B) while
-                 it keeps serving, and answers once B stored them durably.
+                 it keeps serving, at most max_jobs_per_s jobs/s when given, then
+                 sends the ops recorded meanwhile (IMPORT_OPS, up to 3 rounds), and
+                 answers once B stored them durably. B indexes the jobs as they
+                 arrive, so activation does not depend on the queues' size.
 HANDOFF_FREEZE   (to A) {move_id, slots, term} -> {"frozen": true}
                  A durably records the freeze before answering; from then on every
                  request for those slots answers TRYAGAIN. Survives restart.

@@ -37,6 +37,9 @@ def coordinator(
     handoff_retry_budget_s: float = typer.Option(
         30.0, min=0.0,
         help="A handoff step failing this long before the commit point aborts the handoff."),
+    handoff_copy_rate: int = typer.Option(
+        0, min=0, help="Jobs/s one handoff's copy may stream (0: unpaced); pacing trades "
+                       "a longer move for less CPU taken from serving."),
     log_level: str = typer.Option("INFO", envvar="SHARDQ_LOG_LEVEL"),
 ) -> None:
     """Run the coordinator: membership, topology, handoffs and status over HTTP."""
@@ -51,4 +54,4 @@ def coordinator(
         token=token, heartbeat_timeout_ms=heartbeat_timeout_ms,
         rebalance_concurrency=rebalance_concurrency, rebalance_throttle_ms=rebalance_throttle_ms,
         auto_rebalance=auto_rebalance, handoff_copy_timeout_s=handoff_copy_timeout_s,
-        handoff_retry_budget_s=handoff_retry_budget_s))
+        handoff_retry_budget_s=handoff_retry_budget_s, handoff_copy_rate=handoff_copy_rate))

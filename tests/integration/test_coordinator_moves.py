@@ -8,6 +8,7 @@ by a new Membership (a new term) exactly as a restarted coordinator would.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -162,6 +163,15 @@ def test_ops_carry_the_protocol_args_the_term_and_their_timeouts(
     assert by_op[p.HANDOFF_COPY].timeout == POLICY.copy_timeout_s
     assert {c.timeout for c in brokers.calls if c.op != p.HANDOFF_COPY} == {
         POLICY.step_timeout_s}
+
+
+def test_a_paced_copy_carries_its_rate(m: Membership, clock: Clock) -> None:
+    brokers = FakeBrokers()
+    policy = dataclasses.replace(POLICY, copy_rate=25_000)
+    run(executor(m, brokers, clock, policy).execute(first_move(m)))
+    by_op = {c.op: c for c in brokers.calls}
+    assert by_op[p.HANDOFF_COPY].args["max_jobs_per_s"] == 25_000
+    assert all("max_jobs_per_s" not in c.args for c in brokers.calls if c.op != p.HANDOFF_COPY)
 
 
 def test_transient_errors_before_commit_are_retried_within_the_budget(

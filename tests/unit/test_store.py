@@ -24,8 +24,10 @@ from shardq.broker.engine import live_row
 from shardq.broker.job import ACTIVE, COMPLETED, WAITING
 from shardq.broker.queue import QueueDefaults, QueueState
 from shardq.broker.store import Store
+from shardq.router import slot_of
 
-SLOTS = {"emails": 101, "sms": 2002, "webhooks": 4095}
+# A queue lives in slot_of(name), as in the broker (the store relies on it).
+SLOTS = {name: slot_of(name) for name in ("emails", "sms", "webhooks")}
 # A job that stalls for good is left out of random workloads: its replay is
 # wrong (see test_replay.py::test_replay_of_a_job_failed_for_stalling_keeps_its_stalled_count).
 DEFAULTS = QueueDefaults(keep_completed=4, keep_failed=3, dedup_ttl_ms=200, max_tombstones=6,
@@ -279,7 +281,7 @@ def test_checkpoint_writes_rows_and_deletes_log_up_to_its_seq(path: str, brokers
     live_rows = sum(len(q.jobs) + len(q.tombstones) for q in b.queues.values())
     assert sql(path, "SELECT count(*) FROM jobs")[0][0] == live_rows
     slots = {r[0]: r[1] for r in sql(path, "SELECT DISTINCT queue, slot FROM jobs")}
-    assert slots == {"emails": 101, "sms": 2002}
+    assert slots == {"emails": SLOTS["emails"], "sms": SLOTS["sms"]}
     e = b.q("emails")
     e.promote(600)
     jid, tok = pull_one(e, now=600)
@@ -518,8 +520,10 @@ def test_obliterate_then_complete_checkpoint_recovers_exactly(path: str, brokers
 
 
 # ======================================================================== what survives
-def test_obliterated_queue_rows_are_deleted_by_the_next_checkpoint(path: str,
-                                                                  brokers: Any) -> None:
+@pytest.mark.parametrize("rows_per_step", [5000, 2])  # 2: over several transactions
+def test_obliterated_queue_rows_are_deleted_by_the_next_checkpoint(
+        path: str, brokers: Any, monkeypatch: pytest.MonkeyPatch, rows_per_step: int) -> None:
+    monkeypatch.setattr(store_module, "GONE_ROWS_PER_STEP", rows_per_step)
     b = brokers(Broker(path))
     q = b.q("emails")
     for i in range(5):
