@@ -171,12 +171,14 @@ def stop_all(children: list[Child]) -> None:
 
 
 def start_cluster(children: list[Child], n: int, data: Path, fast: bool,
-                  copy_rate: int = 0) -> str:
+                  copy_rate: int = 0, auto_rebalance: bool = True) -> str:
     logs = data / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     coord = spawn(children, "coordinator", ["coordinator", "--port", "0", "--expect", str(n),
                                             "--data-dir", str(data / "coordinator"),
-                                            "--handoff-copy-rate", str(copy_rate)], logs)
+                                            "--handoff-copy-rate", str(copy_rate),
+                                            "--auto-rebalance" if auto_rebalance
+                                            else "--no-auto-rebalance"], logs)
     url = f"http://{coord.addr}"
     for i in range(1, n + 1):
         start_broker(children, f"b{i}", url, data, fast)
@@ -665,7 +667,8 @@ async def scale_run(a: argparse.Namespace) -> dict[str, Any]:
     children: list[Child] = []
     before = machine_note("start")
     try:
-        url = start_cluster(children, 3, data, a.fast, a.copy_rate)
+        url = start_cluster(children, 3, data, a.fast, a.copy_rate,
+                            auto_rebalance=not a.prestart)
         async with httpx.AsyncClient(timeout=10) as http:
             await wait_bootstrapped(http, url, ["b1", "b2", "b3"])
             res = await _scale_measure(http, url, children, data, a)
@@ -675,6 +678,44 @@ async def scale_run(a: argparse.Namespace) -> dict[str, Any]:
         stop_all(children)
         if not os.environ.get("BENCH_KEEP_DATA"):  # keep logs to read step timings
             shutil.rmtree(data, ignore_errors=True)
+
+
+async def _push_backlog(loader: Any, backlog: list[str], m: int) -> None:
+    """`m` waiting jobs spread evenly over the backlog queues (add_bulk of <= 1000)."""
+    per, extra = divmod(m, len(backlog))
+    calls = []
+    for i, q in enumerate(backlog):
+        left = per + (1 if i < extra else 0)
+        while left:
+            k = min(1000, left)
+            calls.append((q, k))
+            left -= k
+    sem = asyncio.Semaphore(8)
+
+    async def push(q: str, k: int) -> None:
+        async with sem:
+            await loader.queue(q).add_bulk([("j", PAYLOAD)] * k)
+
+    async with asyncio.timeout(PUSH_TIMEOUT_S):
+        await asyncio.gather(*(push(q, k) for q, k in calls))
+
+
+async def _prestart(http: httpx.AsyncClient, url: str, children: list[Child], data: Path,
+                    new: list[str], fast: bool) -> float:
+    """Start the new brokers before the load; they register and idle with no
+    slots (the coordinator runs with --no-auto-rebalance). On a real cluster
+    they start on new hosts, not on the cores the measured brokers use, so
+    the window then measures the moves alone. Returns the seconds it took."""
+    t = CLK()
+    for b in new:
+        start_broker(children, b, url, data, fast)
+
+    async def registered() -> bool:
+        rows = {b["id"] for b in (await get_json(http, url, "/status"))["brokers"]}
+        return set(new) <= rows
+
+    await until(registered, "the new brokers to register", START_TIMEOUT_S, every=0.1)
+    return CLK() - t
 
 
 async def _scale_measure(http: httpx.AsyncClient, url: str, children: list[Child], data: Path,
@@ -687,24 +728,13 @@ async def _scale_measure(http: httpx.AsyncClient, url: str, children: list[Child
     load_q = [f"load-{i:03d}" for i in range(100)]
     async with await shardq.connect(url) as loader:
         t = CLK()
-        per, extra = divmod(m, len(backlog))
-        calls = []
-        for i, q in enumerate(backlog):
-            left = per + (1 if i < extra else 0)
-            while left:
-                k = min(1000, left)
-                calls.append((q, k))
-                left -= k
-        sem = asyncio.Semaphore(8)
-
-        async def push(q: str, k: int) -> None:
-            async with sem:
-                await loader.queue(q).add_bulk([("j", PAYLOAD)] * k)
-
-        async with asyncio.timeout(PUSH_TIMEOUT_S):
-            await asyncio.gather(*(push(q, k) for q, k in calls))
+        await _push_backlog(loader, backlog, m)
         res["push_s"] = CLK() - t
 
+        new = ["b4", "b5", "b6"]
+        res["prestart"] = a.prestart
+        if a.prestart:
+            res["spawn_s"] = await _prestart(http, url, children, data, new, a.fast)
         t0 = CLK()
         load = Load(url, load_q, a.lag, t0)
         await load.start()
@@ -714,11 +744,13 @@ async def _scale_measure(http: httpx.AsyncClient, url: str, children: list[Child
             t_before = CLK()
             await asyncio.sleep(a.before_s)
             t_scale = CLK()
-            for i in (4, 5, 6):
-                start_broker(children, f"b{i}", url, data, a.fast)
+            if a.prestart:
+                await post_json(http, url, "/rebalance", {})
+            else:
+                for b in new:
+                    start_broker(children, b, url, data, a.fast)
+                res["spawn_s"] = CLK() - t_scale
             t_started = CLK()
-            res["spawn_s"] = t_started - t_scale
-            new = ["b4", "b5", "b6"]
             first_move: float | None = None
 
             async def done() -> bool:
@@ -818,7 +850,10 @@ def print_scale(r: dict[str, Any]) -> None:
     print(f"\nPart 2: scale out 3 -> 6 brokers, {r['backlog_jobs']:,} waiting jobs over 1000 "
           f"queues (pushed in {r['push_s']:.1f}s), steady load on 100 other queues "
           f"(2 producers add_bulk 50, <= {r['lag_cap']} outstanding; 1 worker, concurrency 100)")
-    print(f"  scale out took {r['scale_out_s']:.1f}s (spawning 3 brokers {r['spawn_s']:.1f}s, "
+    spawn = ("started and registered before the load, idle" if r.get("prestart")
+             else "spawned inside the window")
+    print(f"  new brokers {spawn} ({r['spawn_s']:.1f}s)")
+    print(f"  scale out took {r['scale_out_s']:.1f}s ("
           f"first move seen {r['first_move_after_s'] or float('nan'):.1f}s in); "
           f"{r['moves_done']} moves, {r['slots_moved']} slots, {r['moves_failed']} failed")
     print(f"  slots after: {r['slots_after']}; backlog queues per broker: "
@@ -884,6 +919,9 @@ def main() -> None:
     ap.add_argument("--warmup-s", type=float, default=4.0, help="part 2 load warm-up")
     ap.add_argument("--before-s", type=float, default=10.0, help="part 2 time before scale out")
     ap.add_argument("--lag", type=int, default=5000, help="part 2 max outstanding load jobs")
+    ap.add_argument("--prestart", action=argparse.BooleanOptionalAction, default=True,
+                    help="part 2: start the new brokers before the load and time only the "
+                         "rebalance onto them (--no-prestart: spawn them inside the window)")
     ap.add_argument("--copy-rate", type=int, default=0,
                     help="coordinator --handoff-copy-rate (jobs/s per move; 0: unpaced)")
     ap.add_argument("--json", action="store_true", help="print JSON lines only")
