@@ -54,6 +54,13 @@ def queue_on(t: Topology, owner: str, prefix: str) -> str:
             return q
     raise AssertionError("no queue found")
 
+def prepare_move(b1: Proc, b: RawConn, slots: list[int], term: int) -> dict[str, Any]:
+    """A new move of `slots` from b1 to the broker behind `b`, prepared there."""
+    move = {"move_id": str(uuid.uuid4()), "slots": slots, "term": term}
+    b.ok("HANDOFF_PREPARE", {**move, "source": "b1", "source_addr": b1.addr})
+    return move
+
+
 
 def test_a_slot_moves_with_its_jobs_locks_and_writes_made_during_the_copy(pair) -> None:  # type: ignore[no-untyped-def]
     b1, b2, t, term = pair
@@ -103,8 +110,7 @@ def test_an_aborted_move_leaves_the_source_owner_and_the_target_clean(pair) -> N
     slot = slot_of(q)
     a, b = RawConn(b1.addr), RawConn(b2.addr)
     a.ok("ADD", add_args(q, *[f"j{i}" for i in range(100)]))
-    move = {"move_id": str(uuid.uuid4()), "slots": [slot], "term": term}
-    b.ok("HANDOFF_PREPARE", {**move, "source": "b1", "source_addr": b1.addr})
+    move = prepare_move(b1, b, [slot], term)
     a.ok("HANDOFF_COPY", {**move, "target": "b2", "target_addr": b2.addr})
     a.ok("HANDOFF_FREEZE", move)
     a.ok("HANDOFF_ABORT", move)
@@ -126,8 +132,7 @@ def test_a_freeze_survives_a_kill_and_activation_survives_a_kill(
     slot = slot_of(q)
     a, b = RawConn(b1.addr), RawConn(b2.addr)
     a.ok("ADD", add_args(q, *[f"j{i}" for i in range(500)]))
-    move = {"move_id": str(uuid.uuid4()), "slots": [slot], "term": term}
-    b.ok("HANDOFF_PREPARE", {**move, "source": "b1", "source_addr": b1.addr})
+    move = prepare_move(b1, b, [slot], term)
     a.ok("HANDOFF_COPY", {**move, "target": "b2", "target_addr": b2.addr})
     a.ok("HANDOFF_FREEZE", move)
     a.ok("HANDOFF_CATCHUP", move)
@@ -160,8 +165,7 @@ def test_a_frozen_source_cut_off_from_the_coordinator_asks_the_target(
     slot = slot_of(q)
     a, b = RawConn(b1.addr), RawConn(b2.addr)
     a.ok("ADD", add_args(q, "j1", "j2"))
-    move = {"move_id": str(uuid.uuid4()), "slots": [slot], "term": term}
-    b.ok("HANDOFF_PREPARE", {**move, "source": "b1", "source_addr": b1.addr})
+    move = prepare_move(b1, b, [slot], term)
     a.ok("HANDOFF_COPY", {**move, "target": "b2", "target_addr": b2.addr})
     a.ok("HANDOFF_FREEZE", move)
     a.ok("HANDOFF_CATCHUP", move)
@@ -186,8 +190,7 @@ def test_an_ack_and_fetch_naming_a_frozen_queue_still_answers_its_acks(pair) -> 
     a, b = RawConn(b1.addr), RawConn(b2.addr)
     a.ok("ADD", add_args(q, "j1", "j2"))
     jobs = a.ok("PULL", {"queues": [q], "count": 1})
-    move = {"move_id": str(uuid.uuid4()), "slots": [slot_of(frozen_q)], "term": term}
-    b.ok("HANDOFF_PREPARE", {**move, "source": "b1", "source_addr": b1.addr})
+    move = prepare_move(b1, b, [slot_of(frozen_q)], term)
     a.ok("HANDOFF_COPY", {**move, "target": "b2", "target_addr": b2.addr})
     a.ok("HANDOFF_FREEZE", move)
     reply = a.ok("ACK", {"items": [[q, jobs[0][1], jobs[0][4], None]],
@@ -206,8 +209,7 @@ def test_imported_jobs_reach_the_checkpoint_of_the_target(
     q = queue_on(t, "b1", "ck")
     a, b = RawConn(b1.addr), RawConn(b2.addr)
     a.ok("ADD", add_args(q, *[f"j{i}" for i in range(300)]))
-    move = {"move_id": str(uuid.uuid4()), "slots": [slot_of(q)], "term": term}
-    b.ok("HANDOFF_PREPARE", {**move, "source": "b1", "source_addr": b1.addr})
+    move = prepare_move(b1, b, [slot_of(q)], term)
     a.ok("HANDOFF_COPY", {**move, "target": "b2", "target_addr": b2.addr})
     a.ok("HANDOFF_FREEZE", move)
     a.ok("HANDOFF_CATCHUP", move)
@@ -232,8 +234,7 @@ def test_a_target_with_a_staged_import_stops_at_once_on_sigterm_and_keeps_it(
     q = queue_on(t, "b1", "st")
     a, b = RawConn(b1.addr), RawConn(b2.addr)
     a.ok("ADD", add_args(q, *[f"j{i}" for i in range(50)]))
-    move = {"move_id": str(uuid.uuid4()), "slots": [slot_of(q)], "term": term}
-    b.ok("HANDOFF_PREPARE", {**move, "source": "b1", "source_addr": b1.addr})
+    move = prepare_move(b1, b, [slot_of(q)], term)
     a.ok("HANDOFF_COPY", {**move, "target": "b2", "target_addr": b2.addr})
     b.close()
     assert b2.terminate(timeout=10) == 0
