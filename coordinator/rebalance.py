@@ -100,6 +100,9 @@ class Rebalancer:
         self._wake = asyncio.Event()
         self._last_start = float("-inf")
         self._closing = False
+        # A finished run may be followed by a re-plan (slots still off their
+        # targets): until that is decided, progress still reads `running`.
+        self._replan_due = False
 
     # -- reads ---------------------------------------------------------------
 
@@ -135,7 +138,7 @@ class Rebalancer:
         in_flight = [r.moving_entry() | {"state": r.state.value}
                      for r in self._m.moves.values()]
         return {
-            "running": self.running,
+            "running": self.running or self._replan_due,
             "cancelled": p.cancelled,
             "reason": p.reason,
             "total": p.done + p.failed + len(self._in_flight) + len(self._pending),
@@ -317,9 +320,11 @@ class Rebalancer:
                      p.failed, p.slots_moved, " (cancelled)" if p.cancelled else "")
             if completed:
                 # A `start` that came while the TaskGroup was closing left moves pending.
+                self._replan_due = True
                 asyncio.get_running_loop().call_soon(self._restart_if_pending)
 
     def _restart_if_pending(self) -> None:
+        self._replan_due = False
         if self._closing or self.running:
             return
         if self._pending:
@@ -341,15 +346,19 @@ class Rebalancer:
                 or not (draining or self.auto)):
             return
         self._retries += 1
-        delay = min(5.0, 0.5 * self._retries)
+        # At once after a clean run (a broker joined while it was planned);
+        # with a growing pause after failures.
+        delay = min(5.0, 0.5 * self._retries) if self._progress.failed else 0.0
         log.info("%d slots still off their targets%s: planning again in %.1fs (retry %d)",
                  sum(len(m.slots) for m in left),
                  f" (draining {', '.join(draining)})" if draining else "", delay, self._retries)
 
         def again() -> None:
+            self._replan_due = False
             if not self._closing and not self.running:
                 self.start("re-plan: slots still off their targets")
 
+        self._replan_due = True
         asyncio.get_running_loop().call_later(delay, again)
 
     async def _throttle(self) -> bool:

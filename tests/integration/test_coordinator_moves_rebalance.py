@@ -128,6 +128,42 @@ def test_scale_out_activates_the_joiner_and_moves_its_share_at_most_k_at_once(
     store.close()
 
 
+def test_a_broker_joining_mid_run_gets_its_share_and_progress_reads_running_until_then(
+        db: Path, clock: Clock) -> None:
+    # b4 joins while the moves onto b3 are in flight: slots they bring to b3
+    # whose target is now b4 must move again, and GET /rebalance must not
+    # read idle in between (a CLI waiting on it would stop early).
+    m, store = cluster(db, clock, active=2, joining=1)
+    seen_idle_with_work_left: list[int] = []
+
+    async def hook(call: Call) -> None:
+        if call.op == p.HANDOFF_COPY and "b4" not in m.topology.brokers:
+            m.register("b4", "127.0.0.1:7104", 1)
+            rb.notice("b4")
+
+    brokers = FakeBrokers(hook=hook)
+    rb = rebalancer(m, brokers, clock, concurrency=2)
+
+    async def scenario() -> dict[str, Any]:
+        rb.notice("b3")
+        async with asyncio.timeout(30):
+            while True:
+                await rb.wait_idle()
+                await asyncio.sleep(0)
+                if not rb.progress()["running"]:
+                    break
+        if m.plan_moves():
+            seen_idle_with_work_left.append(1)
+        return rb.progress()
+
+    progress = run(scenario())
+
+    assert not seen_idle_with_work_left
+    assert m.topology.slot_owners == Ring({"b1": 1, "b2": 1, "b3": 1, "b4": 1}).targets()
+    assert progress["failed"] == 0
+    store.close()
+
+
 def test_drain_moves_everything_off_and_the_broker_becomes_drained_then_leaves(
         db: Path, clock: Clock) -> None:
     m, store = cluster(db, clock, active=3)
