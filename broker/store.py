@@ -177,7 +177,9 @@ class Store:
     def checkpoint_begin(self, seq: int, metas: dict[str, dict[str, Any]],
                          broker_state: dict[str, Any], row_source: RowSource) -> None:
         """Start a checkpoint at `seq` (every op <= seq is in `metas`)."""
-        keys = sorted(self._dirty)  # B-tree order: each chunk touches few pages
+        # Not sorted here: one sort of a million keys holds the GIL (and so
+        # the event loop) for a second; each chunk is sorted when written.
+        keys = list(self._dirty)
         self._dirty = set()
         # `list(d)` copies a dict's keys in one step under the GIL, so reading
         # the live queues from the writer thread is safe. A key listed twice
@@ -214,7 +216,7 @@ class Store:
                 budget -= max(n, 1)  # an empty one still costs a lookup
             db.execute("COMMIT")
             return True
-        chunk = ck.keys[ck.pos:ck.pos + CHECKPOINT_CHUNK]
+        chunk = sorted(ck.keys[ck.pos:ck.pos + CHECKPOINT_CHUNK])  # B-tree order: few pages
         ck.pos += len(chunk)
         puts, dels = [], []
         for queue, jid in chunk:
