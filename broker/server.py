@@ -12,6 +12,7 @@ import asyncio
 import gc
 import hmac
 import logging
+import os
 import signal
 import socket
 import sys
@@ -173,6 +174,11 @@ async def serve(config: BrokerConfig, host: str, port: int, metrics_port: int | 
     gc.set_threshold(50_000, 50, 1000)
     server = BrokerServer(broker)
     await server.start(host, port)
+    watchdog_ms = int(os.environ.get("SHARDQ_WATCHDOG_MS") or 0)
+    if watchdog_ms > 0:
+        from shardq.broker import watchdog
+
+        watchdog.start(asyncio.get_running_loop(), watchdog_ms)
     adv_host = host if host not in ("0.0.0.0", "", "::") else "127.0.0.1"
     addr = config.advertise or f"{adv_host}:{server.port}"
     broker.config = _with_advertise(config, addr)
