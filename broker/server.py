@@ -168,10 +168,14 @@ async def serve(config: BrokerConfig, host: str, port: int, metrics_port: int | 
     broker = Broker(config)
     broker.recover()
     # Millions of long-lived job objects make every full GC pass walk them all;
-    # they form no cycles, so freeze what recovery built and collect rarely.
+    # they form no cycles, so freeze what recovery built and collect the old
+    # generation rarely. Young passes stay small: (50k, 50) let a gen-1 pass
+    # walk 2.5M objects (a 0.5 s stall in a burst of adds); (10k, 10) keeps
+    # every pass under ~11 ms for the same total time (measured while
+    # allocating 1M jobs).
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 50, 1000)
+    gc.set_threshold(10_000, 10, 1000)
     server = BrokerServer(broker)
     await server.start(host, port)
     watchdog_ms = int(os.environ.get("SHARDQ_WATCHDOG_MS") or 0)
