@@ -31,7 +31,8 @@ log = logging.getLogger("shardq.broker")
 
 CHECKPOINT_EVERY_COMMITS = 20_000
 CHECKPOINT_EVERY_S = 30.0
-CHECKPOINT_STEP_EVERY_S = 0.02  # under load, one checkpoint chunk per 20 ms of commits
+CHECKPOINT_STEP_EVERY_S = 0.02  # under load, one checkpoint chunk per 20 ms of commits ...
+CHECKPOINT_STEP_SHARE = 1 / 3  # ... and at most this share of the writer's time
 INLINE_COMMIT_MAX_OPS = 256  # smaller batches commit on the loop thread when the writer is idle
 
 
@@ -106,6 +107,7 @@ class Broker:
         self._ckpt_requested = False
         self._ckpt_active = False
         self._last_step = 0.0
+        self._next_step_at = 0.0  # under load, no checkpoint step before this
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -327,7 +329,7 @@ class Broker:
         if self._seq_waiters:
             self._wake_seq_waiters()
         if self._ckpt_active and (
-                not self.log or time.monotonic() - self._last_step > CHECKPOINT_STEP_EVERY_S):
+                not self.log or time.monotonic() >= self._next_step_at):
             self._checkpoint_step()  # commits come first, but the checkpoint never starves
         elif self.log:
             self._schedule_flush()
@@ -382,6 +384,11 @@ class Broker:
 
     def _checkpoint_stepped(self, fut: asyncio.Future[bool]) -> None:
         self._writer_busy = False
+        # A slow step (a big chunk, a loaded disk) waits proportionally
+        # longer before the next one while commits are waiting.
+        took = time.monotonic() - self._last_step
+        self._next_step_at = time.monotonic() + max(
+            CHECKPOINT_STEP_EVERY_S, took * (1 / CHECKPOINT_STEP_SHARE - 1))
         if fut.exception() is not None:
             log.critical("checkpoint failed: %r; exiting", fut.exception())
             os._exit(3)
@@ -566,6 +573,19 @@ class Broker:
             for w in list(lst):
                 if w.sink is sink and not w.done:
                     self._unpark(w)
+
+    def release_waiters(self, slots: set[int], epoch: int) -> None:
+        """Answer parked pulls on queues of slots just given up with what they
+        have (nothing), stamped with the new epoch: the worker then refreshes
+        its map and pulls from the new owner instead of waiting out wait_ms
+        with its slots reserved here."""
+        for name in [n for n in self.waiters if slot_of(n) in slots]:
+            for w in list(self.waiters.get(name, ())):
+                if w.done:
+                    continue
+                self._unpark(w)
+                if not w.sink.is_closing():
+                    w.sink.write(_reply(w.req_id, [], max(self.epoch, epoch)))
 
     def serve_waiters(self, name: str) -> None:
         """Hand newly available jobs of queue `name` to parked pulls, FIFO."""

@@ -394,6 +394,7 @@ class Handoffs:
                 self.frozen_moves.pop(mid, None)
         gone = [n for n, q in b.queues.items() if q.slot in slot_set]
         b.free_later([b.queues.pop(n) for n in gone])
+        b.release_waiters(slot_set, epoch)
         if gone:
             b.log.append(("G", None, gone))
         self._persist()

@@ -13,6 +13,7 @@ import httpx
 import msgpack
 import pytest
 
+from shardq.codec import encode_frame
 from shardq.router import Topology, slot_of
 from tests.conftest import Proc
 from tests.integration.rawwire import RawConn, add_args
@@ -247,4 +248,27 @@ def test_a_target_with_a_staged_import_stops_at_once_on_sigterm_and_keeps_it(
     b.ok("HANDOFF_ACTIVATE", {**move, "epoch": t.epoch + 1})
     assert b.ok("COUNTS", {"queue": q})["waiting"] == 50
     for c in (a, b):
+        c.close()
+
+
+def test_a_pull_parked_on_a_queue_that_moves_away_is_answered_at_once(
+        pair) -> None:  # type: ignore[no-untyped-def]
+    # Otherwise the worker's slots stay reserved by a long poll on a broker
+    # that no longer serves the queue, for up to wait_ms.
+    b1, b2, t, term = pair
+    q = queue_on(t, "b1", "pk")
+    a, b, poller = RawConn(b1.addr), RawConn(b2.addr), RawConn(b1.addr, timeout=3.0)
+    poller.send_raw(encode_frame([99, "PULL", {"queues": [q], "count": 5, "wait_ms": 30_000,
+                                               "lock_ms": 10_000}]))
+    a.ok("PING", {})  # the pull is parked by now (one connection's frames run in order)
+    move = prepare_move(b1, b, [slot_of(q)], term)
+    a.ok("HANDOFF_COPY", {**move, "target": "b2", "target_addr": b2.addr})
+    a.ok("HANDOFF_FREEZE", move)
+    a.ok("HANDOFF_CATCHUP", move)
+    b.ok("HANDOFF_ACTIVATE", {**move, "epoch": t.epoch + 1})
+    a.ok("HANDOFF_RELEASE", {**move, "epoch": t.epoch + 1, "owner": "b2", "addr": b2.addr})
+    req_id, status, body, epoch = poller.recv_frame()  # within the 3 s socket timeout
+    assert (req_id, status, body) == (99, "ok", [])
+    assert epoch >= t.epoch + 1  # newer than the worker's map: it refreshes
+    for c in (a, b, poller):
         c.close()
