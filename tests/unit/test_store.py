@@ -519,6 +519,29 @@ def test_obliterate_then_complete_checkpoint_recovers_exactly(path: str, brokers
     brokers(assert_recovered(path, b))
 
 
+def test_intermediate_checkpoint_steps_skip_the_fsync_and_commits_keep_it(
+        path: str, brokers: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "CHECKPOINT_CHUNK", 1)
+    b = brokers(Broker(path))
+    for i in range(4):
+        b.q("emails").add(f"j{i}", "n", b"", None, now=i)
+    b.commit()
+    b.checkpoint_begin()
+    seen = []
+    real = b.store._checkpoint_chunk
+
+    def spy(ck: Any, db: Any) -> bool:
+        seen.append(db.execute("PRAGMA synchronous").fetchone()[0])
+        return bool(real(ck, db))
+
+    monkeypatch.setattr(b.store, "_checkpoint_chunk", spy)
+    while b.store.checkpoint_step():
+        assert b.store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
+    assert seen[:-1] == [1] * (len(seen) - 1) and seen[-1] == 2  # NORMAL..., FULL last
+    b.close()
+    brokers(assert_recovered(path, b))
+
+
 # ======================================================================== what survives
 @pytest.mark.parametrize("rows_per_step", [5000, 2])  # 2: over several transactions
 def test_obliterated_queue_rows_are_deleted_by_the_next_checkpoint(
