@@ -21,7 +21,7 @@ FIELDS = (
     "delay_until", "attempts_made", "attempts_started", "stalled_count", "progress",
     "result", "failed_reason", "processed_on", "finished_on", "token", "lock_until",
     "order", "remove_on_complete", "remove_on_fail",
-    "timeout_ms", "expires_at", "dlq_reason", "log_count", "logs",
+    "timeout_ms", "expires_at", "dlq_reason", "logs",
 )
 RECORD_VERSION = 1
 
@@ -58,8 +58,10 @@ class Job:
     timeout_ms: int = 0  # attempt timeout the worker enforces; 0: none
     expires_at: int = 0  # TTL deadline (ms): never handed out at or after it; 0: none
     dlq_reason: str | None = None  # set while the job is in the dead-letter queue
-    log_count: int = 0  # lines ever logged (the op index of the next line)
-    logs: list[str] | None = None  # the last MAX_LOG_LINES of them
+    # [lines ever logged, then the last MAX_LOG_LINES lines]: one value, replaced
+    # (never changed in place) at each line, so a checkpoint reading it from
+    # another thread sees the count and the lines of one instant.
+    logs: list[Any] | None = None
 
     def __lt__(self, other: Job) -> bool:
         # Heap entries end with the job; two entries for one job with equal
@@ -73,7 +75,7 @@ class Job:
             self.attempts_started, self.stalled_count, self.progress, self.result,
             self.failed_reason, self.processed_on, self.finished_on, self.token,
             self.lock_until, self.order, self.remove_on_complete, self.remove_on_fail,
-            self.timeout_ms, self.expires_at, self.dlq_reason, self.log_count, self.logs,
+            self.timeout_ms, self.expires_at, self.dlq_reason, self.logs,
         ]
 
     @classmethod

@@ -300,7 +300,7 @@ def op_log(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
 def op_get_logs(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
     q, jid = _job(b, args)
     job = q.jobs.get(jid)
-    return list(job.logs or ()) if job is not None else []
+    return job.logs[1:] if job is not None and job.logs else []
 
 
 DLQ_PAGE = 1000

@@ -451,7 +451,7 @@ class QueueState:
         if isinstance(job, str):
             return job
         line = line[:MAX_LOG_LINE]
-        index = job.log_count
+        index = job.logs[0] if job.logs else 0
         append_log(job, index, line)
         self._emit(("aL", self.name, job_id, index, line))
         return None
@@ -720,15 +720,12 @@ def import_chunks(chunks: list[dict[str, Any]], log: list[Any],
 def append_log(job: Job, index: int, line: str) -> None:
     """Log line number `index` of a job; a repeat (replayed over a newer row)
     changes nothing, and only the last MAX_LOG_LINES lines are kept."""
-    if index != job.log_count:
-        return
     logs = job.logs
-    if logs is None:
-        logs = job.logs = []
-    logs.append(line)
-    if len(logs) > MAX_LOG_LINES:
-        del logs[:len(logs) - MAX_LOG_LINES]
-    job.log_count = index + 1
+    count = logs[0] if logs else 0
+    if index != count:
+        return
+    kept = logs[max(1, len(logs) - MAX_LOG_LINES + 1):] if logs else []
+    job.logs = [count + 1, *kept, line]
 
 
 def dlq_reset(job: Job, order: int) -> None:
