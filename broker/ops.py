@@ -63,7 +63,7 @@ def op_add(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
         out.append(jid)
     if added:
         b.total_jobs += added
-        if q.n_delayed:
+        if q.n_delayed or q.ttls:
             b.arm(q)
         if q.name in b.waiters:
             b.serve_waiters(q.name)

@@ -116,7 +116,7 @@ class QueueState:
         self._order = 0
         self._finished_stale = False  # history may list jobs that left it (handoff replay)
         self.durations_ms: deque[int] = deque(maxlen=512)
-        self._ttls: list[tuple[int, Job]] = []  # (expires_at, job), lazy like the others
+        self.ttls: list[tuple[int, Job]] = []  # (expires_at, job), lazy like the others
         self.ring: EventRing | None = None  # recent events, once someone subscribed
 
     def _emit(self, op: tuple[Any, ...]) -> None:
@@ -146,7 +146,7 @@ class QueueState:
             ttl = o.get("ttl_ms", 0)
             if ttl:
                 job.expires_at = now + ttl  # from the add, paused time included
-                heapq.heappush(self._ttls, (job.expires_at, job))
+                heapq.heappush(self.ttls, (job.expires_at, job))
         self.jobs[job_id] = job
         if delay:
             job.state = DELAYED
@@ -290,7 +290,7 @@ class QueueState:
             job.delay_until = 0
             self._push_waiting(job)
         if job.expires_at:
-            heapq.heappush(self._ttls, (job.expires_at, job))
+            heapq.heappush(self.ttls, (job.expires_at, job))
         self._emit((code, self.name, job.id, job.state, job.delay_until, job.attempts_made,
                     job.stalled_count, job.order, job.failed_reason))
 
@@ -378,7 +378,7 @@ class QueueState:
         """Waiting and delayed jobs past their TTL go to the DLQ (the timer's
         half of the TTL check; pull does the other)."""
         expired = 0
-        heap = self._ttls
+        heap = self.ttls
         while heap and heap[0][0] <= now:
             expires_at, job = heapq.heappop(heap)
             if (job.expires_at == expires_at and job.state in (WAITING, DELAYED)
@@ -394,8 +394,8 @@ class QueueState:
             cands.append(self._delayed[0][0])
         if self._locks:
             cands.append(self._locks[0][0])
-        if self._ttls:
-            cands.append(self._ttls[0][0])
+        if self.ttls:
+            cands.append(self.ttls[0][0])
         if self.schedulers:
             cands.append(min(s["next_tick_ms"] for s in self.schedulers.values()))
         return min(cands) if cands else None
@@ -555,7 +555,7 @@ class QueueState:
         self._waiting, self._prios, self.n_waiting = {}, [], 0
         self._delayed, self.n_delayed = [], 0
         self._locks = []
-        self._ttls = []
+        self.ttls = []
         self._finished = {COMPLETED: deque(), FAILED: deque()}
         self.active = {k: j for k, j in self.active.items() if self.jobs.get(k) is j}
         for job in sorted(self.jobs.values(), key=lambda j: j.order):
@@ -565,7 +565,7 @@ class QueueState:
             elif st == DELAYED:
                 self._push_delayed(job)
             if job.expires_at and st in (WAITING, DELAYED):
-                self._ttls.append((job.expires_at, job))
+                self.ttls.append((job.expires_at, job))
             elif st == ACTIVE:
                 self.active[job.id] = job
                 heapq.heappush(self._locks, (job.lock_until, job.order, job.token, job))
@@ -573,7 +573,7 @@ class QueueState:
             done = [j for j in self.jobs.values() if j.state == st]
             done.sort(key=lambda j: j.order)  # finishing assigns a new order
             self._finished[st].extend(done)
-        heapq.heapify(self._ttls)
+        heapq.heapify(self.ttls)
 
     # ---------------------------------------------------------------- handoff catch-up
     # A handoff's target builds the imported queues' indexes when the copy
@@ -608,7 +608,7 @@ class QueueState:
         elif state in self._finished:
             self._finished[state].append(new)
         if new.expires_at and state in (WAITING, DELAYED):
-            heapq.heappush(self._ttls, (new.expires_at, new))
+            heapq.heappush(self.ttls, (new.expires_at, new))
         if new.order > self._order:
             self._order = new.order
 
@@ -663,7 +663,7 @@ class QueueState:
     def free_in_steps(self, step: int = 5000) -> Iterator[None]:
         """Let go of every job, `step` objects at a time: freeing a big queue
         (one handed off) in one go would stall the event loop for tens of ms."""
-        containers: list[Any] = [*self._waiting.values(), self._delayed, self._locks, self._ttls,
+        containers: list[Any] = [*self._waiting.values(), self._delayed, self._locks, self.ttls,
                                  *self._finished.values(), self.active, self.jobs,
                                  self.tombstones]
         for c in containers:

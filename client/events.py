@@ -14,7 +14,8 @@ seq it saw: the owner's ring holds the events since then, handoffs
 included, so nothing is missed within the ring (broker/events.py).
 Delivery is at-least-once from the broker; repeats are dropped here by seq,
 so each event is yielded once. `gaps` counts resumptions for which the
-owner said events may be missing (its ring overflowed, or it restarted).
+owner said events may be missing (its ring overflowed, or it restarted);
+`resumes` counts every subscription made again.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class Subscription:
     def __init__(self, client: Client, queue: str) -> None:
         self.queue = queue
         self.gaps = 0
+        self.resumes = 0  # subscriptions made again after a move or a lost link
         self._client = client
         self._cluster = client._cluster
         self._topology = client._topology
@@ -157,6 +159,8 @@ class Subscription:
                 await asyncio.sleep(0.5)
                 continue
             budget = Budget(self._cluster.policy)
+            if ready.done():
+                self.resumes += 1
             if reply.get("gap") and last is not None:
                 self.gaps += 1
                 log.warning("events of %s after seq %d may be missing", stored, last)

@@ -279,28 +279,38 @@ DEFAULTS = {"keep_completed": 3, "keep_failed": 2, "dedup_ttl_ms": 60, "max_tomb
             "max_stalled_count": 10**6}
 
 
+def _add_op(q: QueueState, op: tuple[Any, ...], now: int) -> None:
+    _, _, p1, p2, p3, p4, p5, p6, p7 = op
+    jid = IDS[p1 % len(IDS)]
+    opts: dict[str, Any] = {
+        "priority": p2 % 3, "delay_ms": (0, 0, 5, 40)[p3 % 4], "attempts": 1 + p4 % 3,
+        "backoff": (None, ["fixed", 7], ["exponential", 3])[p5 % 3],
+        "remove_on_complete": (-1, 0, 1, 2)[p6 % 4], "remove_on_fail": (-1, 0, 1)[p7 % 3],
+    }
+    ttl = (0, 0, 0, 20, 60)[(p2 + p5) % 5]
+    if ttl:
+        opts["ttl_ms"] = ttl
+    q.add(jid, "n", jid.encode(), opts, now)
+
+
+def _dlq_op(q: QueueState, p1: int, p2: int, now: int) -> None:
+    """Retry all, retry one, or purge the DLQ."""
+    if p1 % 3 == 0:
+        q.dlq_retry(None, now)
+    elif p1 % 3 == 1:
+        q.dlq_retry([IDS[p2 % len(IDS)]], now)
+    else:
+        q.dlq_purge(now)
+
+
 def run_op(q: QueueState, op: tuple[Any, ...], now: int) -> int:
     """Apply one generated operation at `now`; returns the clock after it."""
-    kind, _, p1, p2, p3, p4, p5, p6, p7 = op
+    kind, _, p1, p2 = op[:4]
     active = sorted(q.active)
     if kind == "add":
-        jid = IDS[p1 % len(IDS)]
-        opts: dict[str, Any] = {
-            "priority": p2 % 3, "delay_ms": (0, 0, 5, 40)[p3 % 4], "attempts": 1 + p4 % 3,
-            "backoff": (None, ["fixed", 7], ["exponential", 3])[p5 % 3],
-            "remove_on_complete": (-1, 0, 1, 2)[p6 % 4], "remove_on_fail": (-1, 0, 1)[p7 % 3],
-        }
-        ttl = (0, 0, 0, 20, 60)[(p2 + p5) % 5]
-        if ttl:
-            opts["ttl_ms"] = ttl
-        q.add(jid, "n", jid.encode(), opts, now)
-    elif kind == "dlq":  # retry all, retry one, or purge
-        if p1 % 3 == 0:
-            q.dlq_retry(None, now)
-        elif p1 % 3 == 1:
-            q.dlq_retry([IDS[p2 % len(IDS)]], now)
-        else:
-            q.dlq_purge(now)
+        _add_op(q, op, now)
+    elif kind == "dlq":
+        _dlq_op(q, p1, p2, now)
     elif kind == "pull":
         q.pull(1 + p1 % 3, (5, 60)[p2 % 2], now, [])
     elif kind == "tick":
@@ -317,19 +327,22 @@ def run_op(q: QueueState, op: tuple[Any, ...], now: int) -> int:
         elif p1 % 4 == 2:
             q.drain(p2 % 2 == 0, now)
     elif active:
-        pick = active[p1 % len(active)]
-        tok = q.jobs[pick].token
-        if kind == "ack":
-            q.ack(pick, tok, pick.encode(), now)
-        elif kind == "fail":
-            q.fail(pick, tok, f"err@{now}", now)
-        elif kind == "extend":
-            q.extend(pick, tok, (5, 30)[p2 % 2], now)
-        elif kind == "log":
-            q.add_log(pick, tok, f"l{p2}@{now}")
-        else:
-            q.progress(pick, tok, p2)
+        _on_active(q, kind, active[p1 % len(active)], p2, now)
     return now
+
+
+def _on_active(q: QueueState, kind: str, pick: str, p2: int, now: int) -> None:
+    tok = q.jobs[pick].token
+    if kind == "ack":
+        q.ack(pick, tok, pick.encode(), now)
+    elif kind == "fail":
+        q.fail(pick, tok, f"err@{now}", now)
+    elif kind == "extend":
+        q.extend(pick, tok, (5, 30)[p2 % 2], now)
+    elif kind == "log":
+        q.add_log(pick, tok, f"l{p2}@{now}")
+    else:
+        q.progress(pick, tok, p2)
 
 
 def live_queues(**overrides: Any) -> tuple[dict[str, QueueState], list[Any]]:
