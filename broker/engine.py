@@ -20,6 +20,7 @@ from typing import Any, Protocol, TextIO
 
 import msgpack
 
+from shardq.broker.events import EventHub
 from shardq.broker.handoff import Handoffs
 from shardq.broker.queue import QueueDefaults, QueueState
 from shardq.broker.replay import Images
@@ -116,6 +117,7 @@ class Broker:
         self.rss = 0
         self.handoffs: dict[str, int] = {}  # handoff results, for metrics
         self.handoff = Handoffs(self)
+        self.events = EventHub(self)
         self.ack_journal: TextIO | None = (
             open(config.ack_journal, "a", encoding="utf-8")  # noqa: SIM115 - lives with the broker
             if config.ack_journal else None)
@@ -287,6 +289,8 @@ class Broker:
             self.handoff.tap_batch(ops)
         replies = self._pending_replies
         self._pending_replies = []
+        # Events go out after the commit holding their ops (broker/events.py).
+        marks = self.events.marks() if self.events.subs else None
         self._seq += 1
         seq = self._seq
         if self.journal_lines:
@@ -303,17 +307,18 @@ class Broker:
             except Exception as exc:
                 self._after_commit(exc, replies, seq)
             else:
-                self._after_commit(None, replies, seq)
+                self._after_commit(None, replies, seq, marks)
             return
         self._writer_busy = True
         assert self._loop is not None
         fut = self._loop.run_in_executor(self._writer, self.store.commit, seq, ops)
-        fut.add_done_callback(lambda f: self._after_commit(f.exception(), replies, seq))
+        fut.add_done_callback(lambda f: self._after_commit(f.exception(), replies, seq, marks))
         if start_ckpt:
             self._begin_checkpoint(seq)
 
     def _after_commit(self, exc: BaseException | None,
-                      replies: list[tuple[Sink, bytes]], seq: int) -> None:
+                      replies: list[tuple[Sink, bytes]], seq: int,
+                      marks: dict[str, int] | None = None) -> None:
         self._writer_busy = False
         self._committed_seq = seq
         lines = self._journal_batches.pop(seq, None)
@@ -326,6 +331,8 @@ class Broker:
             log.critical("commit failed: %r; exiting", exc)
             os._exit(3)
         self._send(replies)
+        if marks:
+            self.events.publish(marks)
         if self._seq_waiters:
             self._wake_seq_waiters()
         if self._ckpt_active and (
@@ -508,6 +515,7 @@ class Broker:
             if due is not None and due <= now:
                 moved = q.promote(now)
                 stalled = q.expire_locks(now)
+                q.expire_ttls(now)
                 if q.schedulers:
                     moved += q.fire_schedulers(now)
                 if (moved or stalled) and q.name in self.waiters:
@@ -568,7 +576,9 @@ class Broker:
                     del self.waiters[name]
 
     def drop_sink(self, sink: Sink) -> None:
-        """A connection closed: forget its parked pulls."""
+        """A connection closed: forget its parked pulls and subscriptions."""
+        if self.events.subs:
+            self.events.drop_sink(sink)
         for lst in list(self.waiters.values()):
             for w in list(lst):
                 if w.sink is sink and not w.done:

@@ -268,7 +268,7 @@ class Handoffs:
         # snapshot's counters are exactly those of the ops before the tap.
         tap = Tap(frozenset(slots), target, addr, skip=len(b.log))
         self.taps[mid] = tap
-        metas = {n: q.meta() for n, q in b.queues.items() if q.slot in tap.slots}
+        metas = {n: q.meta(events=True) for n, q in b.queues.items() if q.slot in tap.slots}
         try:
             sent_jobs = await self._stream_snapshot(conn, mid, metas, float(rate))
             # B's IMPORT_* replies are durable (write ops), so the copy is on disk there.
@@ -395,6 +395,11 @@ class Handoffs:
         gone = [n for n, q in b.queues.items() if q.slot in slot_set]
         b.free_later([b.queues.pop(n) for n in gone])
         b.release_waiters(slot_set, epoch)
+        if b.events.subs:
+            for name in gone:
+                s = slot_of(name)
+                b.events.moved([name], {"slot": s, "owner": owner, "addr": addr,
+                                        "epoch": b.slot_epochs[s]})
         if gone:
             b.log.append(("G", None, gone))
         self._persist()
@@ -508,8 +513,11 @@ def apply_ops_live(staging: Images, live: dict[str, QueueState], ops: list[Any],
         apply_op(staging, op)
         if q is None or op[0] == "X":
             live[name] = build(name, staging[name])  # new (small) or emptied queue
-        elif jid is not None:
+            continue
+        if jid is not None:
             q.reindex(before, jid)
+        if q.ring is not None:  # the copied event ring stays complete (broker/events.py)
+            q.ring.note(op, staging[name].meta["seq"])
 
 
 def _move_id(args: Any) -> str:

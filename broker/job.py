@@ -21,8 +21,14 @@ FIELDS = (
     "delay_until", "attempts_made", "attempts_started", "stalled_count", "progress",
     "result", "failed_reason", "processed_on", "finished_on", "token", "lock_until",
     "order", "remove_on_complete", "remove_on_fail",
+    "timeout_ms", "expires_at", "dlq_reason", "logs",
 )
 RECORD_VERSION = 1
+
+# Job logs (`job.log(line)`): the last MAX_LOG_LINES lines of a job are kept,
+# each cut to MAX_LOG_LINE characters (a bound per job, like BullMQ's keepLogs).
+MAX_LOG_LINES = 1000
+MAX_LOG_LINE = 2000
 
 
 @dataclass(slots=True, eq=False)
@@ -49,6 +55,13 @@ class Job:
     order: int = 0  # FIFO position among equal priorities
     remove_on_complete: int = -1  # -1: queue default; 0: remove at once; n: keep the last n
     remove_on_fail: int = -1
+    timeout_ms: int = 0  # attempt timeout the worker enforces; 0: none
+    expires_at: int = 0  # TTL deadline (ms): never handed out at or after it; 0: none
+    dlq_reason: str | None = None  # set while the job is in the dead-letter queue
+    # [lines ever logged, then the last MAX_LOG_LINES lines]: one value, replaced
+    # (never changed in place) at each line, so a checkpoint reading it from
+    # another thread sees the count and the lines of one instant.
+    logs: list[Any] | None = None
 
     def __lt__(self, other: Job) -> bool:
         # Heap entries end with the job; two entries for one job with equal
@@ -62,6 +75,7 @@ class Job:
             self.attempts_started, self.stalled_count, self.progress, self.result,
             self.failed_reason, self.processed_on, self.finished_on, self.token,
             self.lock_until, self.order, self.remove_on_complete, self.remove_on_fail,
+            self.timeout_ms, self.expires_at, self.dlq_reason, self.logs,
         ]
 
     @classmethod
@@ -79,6 +93,7 @@ class Job:
             "timestamp": self.timestamp, "processed_on": self.processed_on or None,
             "finished_on": self.finished_on or None,
             "delay_ms": max(0, self.delay_until - self.timestamp) if self.delay_until else 0,
+            "dlq": self.dlq_reason is not None,
         }
 
 

@@ -63,7 +63,7 @@ def op_add(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
         out.append(jid)
     if added:
         b.total_jobs += added
-        if q.n_delayed:
+        if q.n_delayed or q.ttls:
             b.arm(q)
         if q.name in b.waiters:
             b.serve_waiters(q.name)
@@ -285,6 +285,60 @@ def op_topology(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
     return b.topology.to_dict() if b.topology.epoch else None
 
 
+# ---------------------------------------------------------------- logs, DLQ, events
+def op_log(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    q, jid = _job(b, args)
+    line = v.arg(args, "line", str)
+    err = q.add_log(jid, v.token(v.arg(args, "token", int)), line)
+    if err == NOT_FOUND:
+        raise NotFoundError(f"no job {jid!r} in {q.name!r}")
+    if err == LOCK_LOST:
+        raise LockLostError("lock token is stale or the lock expired")
+    return None
+
+
+def op_get_logs(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    q, jid = _job(b, args)
+    job = q.jobs.get(jid)
+    return job.logs[1:] if job is not None and job.logs else []
+
+
+DLQ_PAGE = 1000
+
+
+def op_dlq_list(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    q = b.queue_for(v.queue_name(v.arg(args, "queue", str)))
+    offset = v.non_neg_int(v.arg(args, "offset", int, 0), "offset")
+    limit = min(v.non_neg_int(v.arg(args, "limit", int, DLQ_PAGE), "limit"), DLQ_PAGE)
+    return [{**j.to_public(), "dlq_reason": j.dlq_reason}
+            for j in q.dlq_jobs()[offset:offset + limit]]
+
+
+def op_dlq_retry(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    q = b.queue_for(v.queue_name(v.arg(args, "queue", str)))
+    ids = v.arg(args, "ids", list, None)
+    if ids is not None and not all(isinstance(i, str) for i in ids):
+        raise BadRequestError("ids must be a list of job ids or nil")
+    n = q.dlq_retry(ids, b.clock())
+    if n and q.name in b.waiters:
+        b.serve_waiters(q.name)
+    return n
+
+
+def op_dlq_purge(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    q = b.queue_for(v.queue_name(v.arg(args, "queue", str)))
+    return q.dlq_purge(b.clock())
+
+
+def op_subscribe(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    q = b.queue_for(v.queue_name(v.arg(args, "queue", str)))
+    after = v.arg(args, "after_seq", int, None)
+    if after is not None:
+        v.non_neg_int(after, "after_seq")
+    b.events.subscribe(sink, req_id, q, after)
+    return PARKED  # answered once durable (broker/events.py)
+
+
 # ---------------------------------------------------------------- handoffs
 def _spawn(b: Broker, sink: Sink, req_id: int, step: str,
            work: Callable[[], Awaitable[Any]]) -> Any:
@@ -353,9 +407,12 @@ HANDLERS: dict[str, Handler] = {
     p.TOPOLOGY: op_topology,
     p.SCHED_UPSERT: op_sched_upsert, p.SCHED_REMOVE: op_sched_remove,
     p.SCHED_LIST: op_sched_list,
+    p.LOG: op_log, p.GET_LOGS: op_get_logs, p.DLQ_LIST: op_dlq_list,
+    p.DLQ_RETRY: op_dlq_retry, p.DLQ_PURGE: op_dlq_purge, p.SUBSCRIBE: op_subscribe,
 }
 
 # Replies to these wait for the group commit holding their ops (durable mode).
 WRITE_OPS = frozenset({p.ADD, p.ACK, p.FAIL, p.PROGRESS, p.PAUSE, p.RESUME, p.DRAIN,
                        p.SCHED_UPSERT, p.SCHED_REMOVE,
-                       p.OBLITERATE, p.IMPORT_CHUNKS, p.IMPORT_OPS, p.HANDOFF_STATUS})
+                       p.OBLITERATE, p.IMPORT_CHUNKS, p.IMPORT_OPS, p.HANDOFF_STATUS,
+                       p.LOG, p.DLQ_RETRY, p.DLQ_PURGE})

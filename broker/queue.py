@@ -22,6 +22,17 @@ state (see broker/replay.py). Op codes:
     ("X", q)                                           obliterate
     ("SU", q, scheduler) / ("SR", q, id) / ("SN", q, id, next_tick_ms)
                                                        scheduler upsert/remove/advance
+    ("aL", q, id, index, line)                         job log line number `index`
+    ("aQ", q, id, dlq_reason)                          into the DLQ (just before its "F")
+    ("aR", q, id, order)                               out of the DLQ: waiting again,
+                                                       attempts/stalls/TTL reset
+
+Dead-letter queue: every final failure (attempts exhausted, stalled too
+often, TTL expired before a start) keeps the job `failed` with a
+`dlq_reason`: the retained failed history is the DLQ, bounded like it
+(keep_failed / remove_on_fail). TTL: a job is never handed out at or after
+`expires_at`; pull checks it, and a heap of deadlines lets the broker timer
+discard waiting/delayed jobs that nobody pulls.
 
 Every op adds one to the queue's `seq`, and counter effects are implied by the
 op code alone, so replay recomputes both from a checkpointed meta.
@@ -40,11 +51,27 @@ from operator import attrgetter
 from typing import Any
 
 from shardq.broker import schedule
-from shardq.broker.job import ACTIVE, COMPLETED, DELAYED, FAILED, WAITING, Job, backoff_delay
+from shardq.broker.events import EventRing
+from shardq.broker.job import (
+    ACTIVE,
+    COMPLETED,
+    DELAYED,
+    FAILED,
+    MAX_LOG_LINE,
+    MAX_LOG_LINES,
+    WAITING,
+    Job,
+    backoff_delay,
+)
 
 # Per-item results of ack/fail/extend: None is success.
 LOCK_LOST = "LOCK_LOST"
 NOT_FOUND = "NOT_FOUND"
+
+DLQ_ATTEMPTS = "attempts exhausted"
+DLQ_STALLED = "stalled too many times"
+DLQ_TTL = "ttl expired"
+TTL_REASON = "ttl expired before the job started"
 
 _rand = random.Random()
 
@@ -89,10 +116,14 @@ class QueueState:
         self._order = 0
         self._finished_stale = False  # history may list jobs that left it (handoff replay)
         self.durations_ms: deque[int] = deque(maxlen=512)
+        self.ttls: list[tuple[int, Job]] = []  # (expires_at, job), lazy like the others
+        self.ring: EventRing | None = None  # recent events, once someone subscribed
 
     def _emit(self, op: tuple[Any, ...]) -> None:
         self.seq += 1
         self.log.append(op)
+        if self.ring is not None:
+            self.ring.note(op, self.seq)
 
     # ---------------------------------------------------------------- adding
     def add(self, job_id: str, name: str, data: bytes, opts: dict[str, Any] | None,
@@ -110,6 +141,12 @@ class QueueState:
                   order=self._order,
                   remove_on_complete=o.get("remove_on_complete", -1),
                   remove_on_fail=o.get("remove_on_fail", -1))
+        if o:
+            job.timeout_ms = o.get("timeout_ms", 0)
+            ttl = o.get("ttl_ms", 0)
+            if ttl:
+                job.expires_at = now + ttl  # from the add, paused time included
+                heapq.heappush(self.ttls, (job.expires_at, job))
         self.jobs[job_id] = job
         if delay:
             job.state = DELAYED
@@ -142,6 +179,7 @@ class QueueState:
         name = self.name
         prios = self._prios
         waiting = self._waiting
+        ring = self.ring
         while taken < count and prios:
             prio = prios[0]
             dq = waiting[prio]
@@ -149,6 +187,9 @@ class QueueState:
                 order, job = dq.popleft()
                 if job.state != WAITING or job.order != order:
                     continue  # stale entry: the job left waiting since
+                if job.expires_at and job.expires_at <= now:
+                    self._expire_ttl(job, now)  # never handed out after its TTL
+                    continue
                 self.n_waiting -= 1
                 job.state = ACTIVE
                 job.token = token = _rand.getrandbits(62)
@@ -158,9 +199,15 @@ class QueueState:
                 self.active[job.id] = job
                 heapq.heappush(self._locks, (lock_until, order, token, job))
                 self.seq += 1
-                log.append(("L", name, job.id, token, lock_until, job.attempts_started, now))
-                out.append([name, job.id, job.name, job.data, token, job.attempts_made,
-                            job.attempts_started, job.timestamp, lock_ms])
+                op = ("L", name, job.id, token, lock_until, job.attempts_started, now)
+                log.append(op)
+                if ring is not None:
+                    ring.note(op, self.seq)
+                row = [name, job.id, job.name, job.data, token, job.attempts_made,
+                       job.attempts_started, job.timestamp, lock_ms]
+                if job.timeout_ms:
+                    row.append(job.timeout_ms)
+                out.append(row)
                 taken += 1
             if not dq:
                 del waiting[prio]
@@ -209,16 +256,27 @@ class QueueState:
             self._fail_final(job, reason, now)
         return None
 
-    def _fail_final(self, job: Job, reason: str, now: int, stalled: bool = False) -> None:
+    def _fail_final(self, job: Job, reason: str, now: int, stalled: bool = False,
+                    dlq: str = DLQ_ATTEMPTS) -> None:
         job.state = FAILED
         job.failed_reason = reason
         job.finished_on = now
         self._order += 1
         job.order = self._order
         self.counters["failed"] += 1
+        job.dlq_reason = dlq
+        self._emit(("aQ", self.name, job.id, dlq))
         self._emit(("F", self.name, job.id, reason, now, job.attempts_made, stalled,
                     job.stalled_count, job.order))
         self._retain(job, FAILED, job.remove_on_fail, self.defaults.keep_failed, now)
+
+    def _expire_ttl(self, job: Job, now: int) -> None:
+        """A waiting or delayed job whose TTL ran out goes to the DLQ."""
+        if job.state == WAITING:
+            self.n_waiting -= 1
+        elif job.state == DELAYED:
+            self.n_delayed -= 1
+        self._fail_final(job, TTL_REASON, now, dlq=DLQ_TTL)
 
     def _requeue(self, job: Job, delay: int, now: int, code: str) -> None:
         self._order += 1
@@ -231,6 +289,8 @@ class QueueState:
             job.state = WAITING
             job.delay_until = 0
             self._push_waiting(job)
+        if job.expires_at:
+            heapq.heappush(self.ttls, (job.expires_at, job))
         self._emit((code, self.name, job.id, job.state, job.delay_until, job.attempts_made,
                     job.stalled_count, job.order, job.failed_reason))
 
@@ -308,18 +368,34 @@ class QueueState:
             stalled += 1
             if job.stalled_count > self.defaults.max_stalled_count:
                 job.attempts_made += 1
-                self._fail_final(job, "job stalled more than allowable limit", now, stalled=True)
+                self._fail_final(job, "job stalled more than allowable limit", now, stalled=True,
+                                 dlq=DLQ_STALLED)
             else:
                 self._requeue(job, 0, now, "S")
         return stalled
 
+    def expire_ttls(self, now: int) -> int:
+        """Waiting and delayed jobs past their TTL go to the DLQ (the timer's
+        half of the TTL check; pull does the other)."""
+        expired = 0
+        heap = self.ttls
+        while heap and heap[0][0] <= now:
+            expires_at, job = heapq.heappop(heap)
+            if (job.expires_at == expires_at and job.state in (WAITING, DELAYED)
+                    and self.jobs.get(job.id) is job):
+                self._expire_ttl(job, now)
+                expired += 1
+        return expired
+
     def next_timer(self) -> int | None:
-        """Earliest due time of a delayed job, lock deadline or scheduler tick."""
+        """Earliest due time of a delayed job, lock deadline, TTL or scheduler tick."""
         cands = []
         if self._delayed:
             cands.append(self._delayed[0][0])
         if self._locks:
             cands.append(self._locks[0][0])
+        if self.ttls:
+            cands.append(self.ttls[0][0])
         if self.schedulers:
             cands.append(min(s["next_tick_ms"] for s in self.schedulers.values()))
         return min(cands) if cands else None
@@ -368,6 +444,54 @@ class QueueState:
                 del self.tombstones[jid]
             self._emit(("T", self.name, expired))
 
+    # ---------------------------------------------------------------- logs
+    def add_log(self, job_id: str, token: int, line: str) -> str | None:
+        """Append a line to an active job's log (the handler's lock token)."""
+        job = self._locked(job_id, token)
+        if isinstance(job, str):
+            return job
+        line = line[:MAX_LOG_LINE]
+        index = job.logs[0] if job.logs else 0
+        append_log(job, index, line)
+        self._emit(("aL", self.name, job_id, index, line))
+        return None
+
+    # ---------------------------------------------------------------- dead letters
+    def dlq_jobs(self) -> list[Job]:
+        """Jobs in the DLQ, oldest failure first."""
+        return [j for j in self._finished[FAILED]
+                if j.state == FAILED and j.dlq_reason is not None and self.jobs.get(j.id) is j]
+
+    def dlq_retry(self, job_ids: list[str] | None, now: int) -> int:
+        """Put DLQ jobs (all, or those named) back to waiting, attempts reset."""
+        if job_ids is None:
+            jobs = self.dlq_jobs()
+        else:
+            jobs = [j for jid in dict.fromkeys(job_ids) if (j := self.jobs.get(jid)) is not None
+                    and j.state == FAILED and j.dlq_reason is not None]
+        for job in jobs:
+            self._order += 1
+            dlq_reset(job, self._order)
+            self._push_waiting(job)
+            self._emit(("aR", self.name, job.id, job.order))
+        if jobs:
+            self._compact_failed()
+        return len(jobs)
+
+    def dlq_purge(self, now: int) -> int:
+        """Remove every job in the DLQ (tombstones keep their ids for dedup)."""
+        jobs = self.dlq_jobs()
+        for job in jobs:
+            job.state = "removed"
+            self._remove(job, now)
+        if jobs:
+            self._compact_failed()
+        return len(jobs)
+
+    def _compact_failed(self) -> None:
+        self._finished[FAILED] = deque(j for j in self._finished[FAILED]
+                                       if j.state == FAILED and self.jobs.get(j.id) is j)
+
     # ---------------------------------------------------------------- admin
     def counts(self) -> dict[str, Any]:
         return {
@@ -401,11 +525,16 @@ class QueueState:
         self._rebuild_indexes()
         self._emit(("X", self.name))
 
-    def meta(self) -> dict[str, Any]:
-        """Queue-level state persisted beside its jobs (and exported)."""
-        return {"paused": self.paused, "seq": self.seq, "order": self._order,
+    def meta(self, events: bool = False) -> dict[str, Any]:
+        """Queue-level state persisted beside its jobs (and exported). A
+        handoff's copy asks for the event ring too (`events`); checkpoints
+        never hold it (broker/events.py)."""
+        meta = {"paused": self.paused, "seq": self.seq, "order": self._order,
                 "counters": dict(self.counters), "slot": self.slot,
                 "schedulers": {k: dict(v) for k, v in self.schedulers.items()}}
+        if events and self.ring is not None:
+            meta["events"] = self.ring.to_meta()
+        return meta
 
     # ---------------------------------------------------------------- restore / export
     def restore(self, meta: dict[str, Any], jobs: dict[str, Job],
@@ -420,11 +549,13 @@ class QueueState:
         self._order = max([int(meta.get("order", 0)), *(j.order for j in jobs.values())])
         self.active = {j.id: j for j in jobs.values() if j.state == ACTIVE}
         self._rebuild_indexes()
+        self.ring = EventRing.from_meta(meta["events"], self.seq) if "events" in meta else None
 
     def _rebuild_indexes(self) -> None:
         self._waiting, self._prios, self.n_waiting = {}, [], 0
         self._delayed, self.n_delayed = [], 0
         self._locks = []
+        self.ttls = []
         self._finished = {COMPLETED: deque(), FAILED: deque()}
         self.active = {k: j for k, j in self.active.items() if self.jobs.get(k) is j}
         for job in sorted(self.jobs.values(), key=lambda j: j.order):
@@ -433,6 +564,8 @@ class QueueState:
                 self._push_waiting(job)
             elif st == DELAYED:
                 self._push_delayed(job)
+            if job.expires_at and st in (WAITING, DELAYED):
+                self.ttls.append((job.expires_at, job))
             elif st == ACTIVE:
                 self.active[job.id] = job
                 heapq.heappush(self._locks, (job.lock_until, job.order, job.token, job))
@@ -440,6 +573,7 @@ class QueueState:
             done = [j for j in self.jobs.values() if j.state == st]
             done.sort(key=lambda j: j.order)  # finishing assigns a new order
             self._finished[st].extend(done)
+        heapq.heapify(self.ttls)
 
     # ---------------------------------------------------------------- handoff catch-up
     # A handoff's target builds the imported queues' indexes when the copy
@@ -473,6 +607,8 @@ class QueueState:
             heapq.heappush(self._locks, (new.lock_until, new.order, new.token, new))
         elif state in self._finished:
             self._finished[state].append(new)
+        if new.expires_at and state in (WAITING, DELAYED):
+            heapq.heappush(self.ttls, (new.expires_at, new))
         if new.order > self._order:
             self._order = new.order
 
@@ -527,7 +663,7 @@ class QueueState:
     def free_in_steps(self, step: int = 5000) -> Iterator[None]:
         """Let go of every job, `step` objects at a time: freeing a big queue
         (one handed off) in one go would stall the event loop for tens of ms."""
-        containers: list[Any] = [*self._waiting.values(), self._delayed, self._locks,
+        containers: list[Any] = [*self._waiting.values(), self._delayed, self._locks, self.ttls,
                                  *self._finished.values(), self.active, self.jobs,
                                  self.tombstones]
         for c in containers:
@@ -579,3 +715,27 @@ def import_chunks(chunks: list[dict[str, Any]], log: list[Any],
     q = QueueState(name, int(meta.get("slot", 0)), log, defaults)
     q.restore(meta, jobs, tombs)
     return q
+
+
+def append_log(job: Job, index: int, line: str) -> None:
+    """Log line number `index` of a job; a repeat (replayed over a newer row)
+    changes nothing, and only the last MAX_LOG_LINES lines are kept."""
+    logs = job.logs
+    count = logs[0] if logs else 0
+    if index != count:
+        return
+    kept = logs[max(1, len(logs) - MAX_LOG_LINES + 1):] if logs else []
+    job.logs = [count + 1, *kept, line]
+
+
+def dlq_reset(job: Job, order: int) -> None:
+    """A DLQ job back to waiting (dlq_retry), with absolute values only."""
+    job.state = WAITING
+    job.order = order
+    job.attempts_made = 0
+    job.stalled_count = 0
+    job.dlq_reason = None
+    job.expires_at = 0  # retried by hand: wanted now, whatever its TTL was
+    job.delay_until = 0
+    job.finished_on = 0
+    job.token = 0

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardq.broker.job import ACTIVE, COMPLETED, FAILED, Job
+from shardq.broker.queue import append_log, dlq_reset
 
 
 @dataclass(slots=True)
@@ -136,7 +137,27 @@ def _sched_next(img: QueueImage, op: list[Any]) -> None:
         s["next_tick_ms"] = op[3]
 
 
+def _log_line(img: QueueImage, op: list[Any]) -> None:
+    job = img.jobs.get(op[2])
+    if job is not None:
+        append_log(job, op[3], op[4])
+
+
+def _dlq_in(img: QueueImage, op: list[Any]) -> None:
+    job = img.jobs.get(op[2])
+    if job is not None:
+        job.dlq_reason = op[3]
+
+
+def _dlq_retry(img: QueueImage, op: list[Any]) -> None:
+    _raise_order(img, op[3])
+    job = img.jobs.get(op[2])
+    if job is not None:
+        dlq_reset(job, op[3])
+
+
 _APPLY: dict[str, Callable[[QueueImage, list[Any]], None]] = {
+    "aL": _log_line, "aQ": _dlq_in, "aR": _dlq_retry,
     "SU": _sched_upsert, "SR": _sched_remove, "SN": _sched_next,
     "A": _add, "L": _lock, "E": _extend, "C": _complete, "F": _fail,
     "W": _requeue, "S": _requeue, "D": _requeue, "P": _progress, "R": _remove,
@@ -201,7 +222,7 @@ def apply_broker_op(images: Images, broker_state: dict[str, Any],
         raise ValueError(f"unknown broker op {code!r}")
 
 
-_JOB_OPS = frozenset("LECFWSDPR")
+_JOB_OPS = frozenset("LECFWSDPR") | {"aL", "aQ", "aR"}
 
 
 def op_job_id(op: list[Any]) -> str | None:

@@ -64,6 +64,14 @@ class BrokerConnection(asyncio.Protocol):
     def is_closing(self) -> bool:
         return self.transport is None or self.transport.is_closing()
 
+    def write_buffer_size(self) -> int:
+        """Bytes queued for the peer (event pushes check it: a slow subscriber)."""
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
     def data_received(self, data: bytes) -> None:
         try:
             frames = self.decoder.feed(data)

@@ -62,6 +62,7 @@ def _backoff(v: Any) -> list[Any] | None:
 
 _OPT_KEYS = frozenset({"priority", "delay_ms", "attempts", "backoff", "remove_on_complete",
                        "remove_on_fail", "timestamp"})
+_OPT_KEYS |= {"timeout_ms", "ttl_ms"}  # DESIGN §11 (docs/features-jobs.md)
 
 
 def job_opts(o: Any) -> dict[str, Any] | None:
@@ -88,7 +89,15 @@ def job_opts(o: Any) -> dict[str, Any] | None:
         out["remove_on_fail"] = _keep(o["remove_on_fail"], "remove_on_fail")
     if "timestamp" in o:
         out["timestamp"] = non_neg_int(o["timestamp"], "timestamp")
+    _time_limits(o, out)
     return out
+
+
+def _time_limits(o: dict[str, Any], out: dict[str, Any]) -> None:
+    """timeout_ms / ttl_ms: positive ms, or absent/nil for none."""
+    for key in ("timeout_ms", "ttl_ms"):
+        if o.get(key) is not None:
+            out[key] = non_neg_int(o[key], key, 1)
 
 
 def job_item(item: Any, max_data: int) -> tuple[str, str, bytes, dict[str, Any] | None]:

@@ -7,8 +7,9 @@ and `batcher` (add coalescing) -> `queue` / `worker` / `client` (the API).
 """
 
 from .client import Client, connect
+from .events import Event, Subscription
 from .ids import uuid7
 from .queue import Queue
 from .worker import Job, Worker
 
-__all__ = ["Client", "Job", "Queue", "Worker", "connect", "uuid7"]
+__all__ = ["Client", "Event", "Job", "Queue", "Subscription", "Worker", "connect", "uuid7"]

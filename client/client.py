@@ -33,6 +33,7 @@ from .connection import (
     Connection,
     open_connection,
 )
+from .events import Subscription
 from .queue import Queue
 from .retry import RetryPolicy
 from .topology import TopologyManager, TopologySource
@@ -84,16 +85,36 @@ class Client:
         return q
 
     def worker(self, queues: str | Sequence[str], handler: Handler, *, concurrency: int = 1,
-               lock_ms: int = protocol.DEFAULT_LOCK_MS, wait_ms: int = 5000) -> Worker:
+               lock_ms: int = protocol.DEFAULT_LOCK_MS, wait_ms: int = 5000,
+               processes: int = 0) -> Worker:
         """A `Worker` running `handler` on jobs of `queues` (one name or a list).
 
+        With `processes=N`, `handler` is a plain (sync) top-level function,
+        run in a pool of N processes (`concurrency` jobs at a time), so
+        CPU-bound work does not block the event loop; see `Worker`.
         Call `await worker.run()` to start it and `await worker.close()` to stop.
         """
         names = [queues] if isinstance(queues, str) else list(queues)
         worker = Worker(self, names, handler, concurrency=concurrency, lock_ms=lock_ms,
-                        wait_ms=wait_ms)
+                        wait_ms=wait_ms, processes=processes)
         self._workers.append(worker)
         return worker
+
+    async def events(self, queue: str) -> Subscription:
+        """Subscribe to a queue's job events; returns once the subscription
+        is live (every event after that is delivered).
+
+        The subscription follows the queue across brokers and handoffs and
+        resumes by sequence number, so no event is missed unless the owner's
+        ring (the last 5000 events per queue) overflowed or the owner
+        restarted meanwhile (`sub.gaps` counts those). See `Subscription`.
+
+        Raises:
+            UnavailableError / TryAgainError: no owner answered within the budgets.
+        """
+        sub = Subscription(self, queue)
+        await sub._start()
+        return sub
 
     @property
     def topology(self) -> Topology:

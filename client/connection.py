@@ -77,6 +77,9 @@ class Connection(asyncio.Protocol):
         self._writable: asyncio.Event | None = None
         self._close_reason: BaseException | None = None
         self._lost = self._loop.create_future()
+        # Server pushes (SUBSCRIBE): req_id -> handler; None is sent when the
+        # link goes, so the subscriber knows to resume elsewhere.
+        self._push: dict[int, Callable[[Any], None]] = {}
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -103,6 +106,11 @@ class Connection(asyncio.Protocol):
 
     def _on_reply(self, frame: list[Any]) -> None:
         rid = frame[0]
+        if self._push and frame[1] == protocol.PUSH:
+            handler = self._push.get(rid)
+            if handler is not None:
+                handler(frame[2])
+            return
         if len(frame) > 3:
             epoch = frame[3]
             if isinstance(epoch, int) and epoch > self.max_epoch:
@@ -118,6 +126,8 @@ class Connection(asyncio.Protocol):
         if frame[1] == protocol.OK:
             fut.set_result(frame[2])
         else:
+            if self._push:
+                self._push.pop(rid, None)  # a refused SUBSCRIBE pushes nothing
             fut.set_exception(error_from_wire(str(frame[1]), frame[2]))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -126,6 +136,7 @@ class Connection(asyncio.Protocol):
             self._close_reason = ConnectionClosedError(
                 f"connection to {self.addr} lost" + (f": {exc}" if exc else ""))
         self._fail_pending(self._close_reason)
+        self._end_pushes()
         if not self._lost.done():
             self._lost.set_result(None)
         if self._writable is not None:
@@ -148,6 +159,20 @@ class Connection(asyncio.Protocol):
     @property
     def in_flight(self) -> int:
         return len(self._pending)
+
+    def subscribe(self, op: str, args: Any, on_push: Callable[[Any], None],
+                  timeout: float | None = None) -> asyncio.Future[Any]:
+        """`request`, and then call `on_push(body)` for each frame the broker
+        pushes under this request's id, and `on_push(None)` once when the
+        link goes (see protocol SUBSCRIBE)."""
+        if not self.closed:
+            self._push[self._next_id] = on_push  # the id `request` takes next
+        return self.request(op, args, timeout)
+
+    def _end_pushes(self) -> None:
+        handlers, self._push = self._push, {}
+        for handler in handlers.values():
+            handler(None)
 
     def request(self, op: str, args: Any, timeout: float | None = None) -> asyncio.Future[Any]:
         """Send one request; the future resolves to the reply body.
@@ -213,6 +238,7 @@ class Connection(asyncio.Protocol):
         log.warning("dropping connection to %s: %s", self.addr, exc)
         self._close_reason = exc
         self._fail_pending(exc)
+        self._end_pushes()
         if self._transport is not None:
             self._transport.abort()
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .client import Client
 
 COUNT_FIELDS = ("waiting", "delayed", "active", "completed", "failed")
+_DLQ_PAGE = 1000
 
 # add() options with a wire name of their own; anything else given to add()
 # is passed through as is (newer broker options, DESIGN §11).
@@ -119,7 +120,12 @@ class Queue:
                 resend after a timeout or redirect cannot add twice.
             remove_on_complete / remove_on_fail: retention override (bool or count).
             partition_key: picks the partition of a partitioned queue.
-            extra: further broker options, sent as is.
+            extra: further broker options, sent as is; among them
+                `timeout_ms` (the worker cancels an attempt running longer
+                and fails it with a reason saying "timed out"; retries and
+                backoff apply) and `ttl_ms` (counted from the add, paused
+                time included: a job not started by then is discarded to
+                the DLQ, never handed out).
 
         Raises:
             ShardqError: the add was refused (`BadRequestError`,
@@ -258,6 +264,51 @@ class Queue:
     async def obliterate(self) -> None:
         """Remove the queue and every job in it."""
         await self._each(protocol.OBLITERATE)
+
+    # -- logs and dead letters (DESIGN §11) ---------------------------------------
+
+    async def get_logs(self, job_id: str) -> list[str]:
+        """The lines the job's handlers logged with `job.log(line)`, oldest
+        first (the last 1000 are kept); [] for an unknown job."""
+        for q in self.partitions():
+            reply = await self._client._call(q, protocol.GET_LOGS, {"queue": q, "id": job_id})
+            if reply:
+                return [str(line) for line in reply]
+        return []
+
+    async def dlq_list(self) -> list[dict[str, Any]]:
+        """Jobs in the dead-letter queue, oldest failure first: `get_job`
+        dicts (state "failed", "dlq": True) plus `dlq_reason` ("attempts
+        exhausted", "stalled too many times" or "ttl expired"). Every final
+        failure lands here, bounded like failed history (the queue's
+        retention, 10,000 by default; `remove_on_fail` jobs are removed)."""
+        out: list[dict[str, Any]] = []
+        for q in self.partitions():
+            offset = 0
+            while True:
+                page = await self._client._call(
+                    q, protocol.DLQ_LIST, {"queue": q, "offset": offset, "limit": _DLQ_PAGE})
+                for reply in page:
+                    job = dict(reply)
+                    job["data"] = unpack(job.get("data"))
+                    job["result"] = unpack(job.get("result"))
+                    job.setdefault("queue", self.name)
+                    out.append(job)
+                if len(page) < _DLQ_PAGE:
+                    break
+                offset += len(page)
+        return out
+
+    async def dlq_retry(self, job_ids: Iterable[str] | None = None) -> int:
+        """Put DLQ jobs back to waiting with `attempts_made` reset to 0 (and
+        no TTL); None retries all of them. Returns how many were retried
+        (ids not in the DLQ are skipped)."""
+        ids = None if job_ids is None else list(job_ids)
+        return sum(int(n or 0) for n in await self._each(protocol.DLQ_RETRY, ids=ids))
+
+    async def dlq_purge(self) -> int:
+        """Remove every job in the DLQ; returns how many."""
+        return sum(int(n or 0) for n in await self._each(protocol.DLQ_PURGE))
 
     # -- job schedulers (DESIGN §6, §10) ----------------------------------------
 

@@ -17,6 +17,16 @@ out as `FAIL` items; the broker decides retry or final failure. Every
 `LOCK_LOST` (the lock expired and the job went back to waiting): the
 result is dropped and logged; the broker redelivers the job (at-least-once,
 DESIGN §2).
+
+Timeouts. A job added with `timeout_ms` arrives with it; when the timer
+fires the handler's task is cancelled and the attempt fails with a reason
+saying "timed out" (the broker then retries per attempts/backoff).
+
+Processes. With `processes=N` the handler is a sync top-level function run
+in a `ProcessPoolExecutor` (spawned processes) on a picklable `JobInfo`;
+its return value or exception maps to ack/fail as for async handlers. A
+timed-out process job is failed at once, but its process runs the function
+to its end (a pool process cannot be cancelled safely).
 """
 
 from __future__ import annotations
@@ -26,7 +36,10 @@ import functools
 import inspect
 import logging
 import math
+import multiprocessing
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
@@ -67,8 +80,9 @@ class Job:
         timestamp: when it was added (ms). token: this delivery's lock token.
     """
 
-    __slots__ = ("_client", "_data", "_raw", "attempts_made", "attempts_started", "broker", "id",
-                 "lock_lost", "lock_ms", "name", "partition", "queue", "timestamp", "token")
+    __slots__ = ("_client", "_data", "_raw", "_timer", "attempts_made", "attempts_started",
+                 "broker", "id", "lock_lost", "lock_ms", "name", "partition", "queue",
+                 "timed_out", "timeout_ms", "timestamp", "token")
 
     def __init__(self, client: Client, broker: str, wire: list[Any]) -> None:
         part: str = wire[protocol.J_QUEUE]
@@ -83,8 +97,12 @@ class Job:
         self.attempts_started: int = wire[protocol.J_ATTEMPTS_STARTED]
         self.timestamp: int = wire[protocol.J_TIMESTAMP]
         self.lock_ms: int = wire[protocol.J_LOCK_MS] if len(wire) > protocol.J_LOCK_MS else 0
+        self.timeout_ms: int = (wire[protocol.J_TIMEOUT_MS]
+                                if len(wire) > protocol.J_TIMEOUT_MS else 0)
         self.broker = broker
         self.lock_lost = False
+        self.timed_out = False
+        self._timer: asyncio.TimerHandle | None = None
         self._client = client
 
     @property
@@ -106,6 +124,39 @@ class Job:
         await self._client._call(self.partition, protocol.PROGRESS, {
             "queue": self.partition, "id": self.id, "token": self.token, "progress": progress})
 
+    async def log(self, line: str) -> None:
+        """Append a line to the job's log (`queue.get_logs(job_id)`); the last
+        1000 lines are kept, each cut to 2000 characters.
+
+        Raises:
+            LockLostError: this delivery no longer holds the job.
+        """
+        await self._client._call(self.partition, protocol.LOG, {
+            "queue": self.partition, "id": self.id, "token": self.token, "line": str(line)})
+
+    def info(self) -> JobInfo:
+        """The job as a picklable value (what a process-pool handler gets)."""
+        return JobInfo(self.id, self.name, self.data, self.queue, self.partition,
+                       self.attempts_made, self.attempts_started, self.timestamp)
+
+
+@dataclass(frozen=True, slots=True)
+class JobInfo:
+    """A job as a process-pool handler sees it (no client, no lock calls)."""
+
+    id: str
+    name: str
+    data: Any
+    queue: str
+    partition: str
+    attempts_made: int
+    attempts_started: int
+    timestamp: int
+
+
+def _run_in_process(handler: Callable[[Any], Any], job: JobInfo) -> Any:
+    return handler(job)
+
 
 _UNSET: Any = object()
 
@@ -120,11 +171,17 @@ class Worker:
 
     def __init__(self, client: Client, queues: list[str], handler: Handler, *,
                  concurrency: int = 1, lock_ms: int = protocol.DEFAULT_LOCK_MS,
-                 wait_ms: int = 5000) -> None:
+                 wait_ms: int = 5000, processes: int = 0) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         if not queues:
             raise ValueError("a worker needs at least one queue")
+        if processes < 0:
+            raise ValueError("processes must be >= 0")
+        if processes and inspect.iscoroutinefunction(handler):
+            raise ValueError("a process-pool handler must be a plain (sync) function")
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
         self.queues = queues
         self.handler = handler
         self.concurrency = concurrency
@@ -167,6 +224,11 @@ class Worker:
         if self._started:
             raise RuntimeError("Worker.run() was already called")
         self._started = True
+        if self.processes:
+            # Spawned, not forked: a fork of a process running an event loop
+            # (and threads) is unsafe; the handler is found by its import path.
+            self._pool = ProcessPoolExecutor(self.processes,
+                                             mp_context=multiprocessing.get_context("spawn"))
         extender = asyncio.get_running_loop().create_task(self._extend_loop())
         try:
             try:
@@ -182,6 +244,9 @@ class Worker:
             # outlives run() (their jobs' locks run out and are redelivered).
             for fut in [*self._handlers, *self._ack_tasks]:
                 fut.cancel()
+            if self._pool is not None:
+                pool, self._pool = self._pool, None
+                pool.shutdown(wait=False, cancel_futures=True)
             self._finished.set()
 
     async def close(self) -> None:
@@ -330,7 +395,11 @@ class Worker:
             job = Job(self._client, bid, wire)
             self._running.add(job)
             try:
-                res = self.handler(job)
+                if self._pool is not None:
+                    res: Any = loop.run_in_executor(self._pool, _run_in_process, self.handler,
+                                                    job.info())
+                else:
+                    res = self.handler(job)
             except Exception as exc:
                 self._finish(job, None, exc)
                 continue
@@ -339,12 +408,27 @@ class Worker:
                     else asyncio.ensure_future(res)
                 self._handlers.add(fut)
                 fut.add_done_callback(functools.partial(self._on_done, job))
+                if job.timeout_ms:
+                    job._timer = loop.call_later(job.timeout_ms / 1000, self._time_out, job, fut)
             else:
                 self._finish(job, res, None)
         return len(jobs)
 
+    @staticmethod
+    def _time_out(job: Job, fut: asyncio.Future[Any]) -> None:
+        job.timed_out = True
+        fut.cancel()
+
     def _on_done(self, job: Job, fut: asyncio.Future[Any]) -> None:
         self._handlers.discard(fut)
+        if job._timer is not None:
+            job._timer.cancel()
+        if job.timed_out:
+            # Cancelled by its timer (or it swallowed the cancel and returned):
+            # the attempt fails either way.
+            self._finish(job, None, TimeoutError(
+                f"job {job.id} timed out after {job.timeout_ms} ms"))
+            return
         if fut.cancelled():
             # Cancelled by run()'s own cancellation: no ack, the lock runs
             # out and the broker redelivers (at-least-once).

@@ -20,10 +20,14 @@ ADD        {queue, jobs: [[id, name, data, opts|nil], ...]}
            opts: priority:int>=0, delay_ms:int>=0, attempts:int>=1,
                  backoff:{type: "fixed"|"exponential", delay_ms:int},
                  remove_on_complete: bool|int, remove_on_fail: bool|int,
-                 timestamp:int (ms, default now)
+                 timestamp:int (ms, default now),
+                 timeout_ms:int>=1 (the worker cancels an attempt running longer and
+                   fails it "timed out"), ttl_ms:int>=1 (from the add, paused time
+                   included: a job not started by then goes to the DLQ, never out)
 PULL       {queues: [str], count: int, wait_ms: int, lock_ms: int}
            -> [job, ...] where job = [queue, id, name, data, token, attempts_made,
-                                      attempts_started, timestamp, lock_ms]
+                                      attempts_started, timestamp, lock_ms, timeout_ms?]
+           (timeout_ms only for jobs added with one)
            Long-poll: waits up to wait_ms for at least one job (never longer than
            60 s); an empty list when none came.
 ACK        {items: [[queue, id, token, result|nil], ...], pull?: {queues, count, lock_ms}}
@@ -47,6 +51,28 @@ SCHED_UPSERT {queue, id, every_ms | cron, tz?, name?, data?: bytes, opts?}
            Each tick makes job `f"{id}:{tick_ms}"` (DESIGN §6, §10).
 SCHED_REMOVE {queue, id} -> bool
 SCHED_LIST   {queue} -> [scheduler, ...]
+
+Job logs, dead letters and events (DESIGN §11, docs/features-jobs.md):
+
+LOG        {queue, id, token, line: str} -> nil        (the active delivery's token)
+           Keeps the last 1000 lines of a job, each cut to 2000 characters.
+GET_LOGS   {queue, id} -> [str, ...] oldest first ([] for an unknown job)
+DLQ_LIST   {queue, offset?: int, limit?: int (<= 1000, default 1000)}
+           -> [job dict + dlq_reason, ...] oldest failure first
+DLQ_RETRY  {queue, ids?: [str] | nil} -> n   DLQ jobs (all when ids is nil) back to
+           waiting with attempts_made = 0 (ids not in the DLQ are skipped)
+DLQ_PURGE  {queue} -> n                      removes every job in the DLQ
+SUBSCRIBE  {queue, after_seq?: int} -> {seq, events: [event, ...], gap: bool}
+           Answered once the queue's ops so far are committed; from then on the
+           broker PUSHES frames on this connection, with the SUBSCRIBE's req_id:
+               [req_id, "push", {"queue", "events": [event, ...]}, epoch]
+               [req_id, "push", {"queue", "moved": MOVED body}, epoch]  (then it ends)
+           event = [seq, type, job_id, data], seq the queue's op seq (ascending;
+           types added/active/progress/completed/failed/stalled, see
+           broker/events.py). `after_seq`: resume after that seq (events still in
+           the owner's ring are sent in the reply); `gap` is true when some may
+           be missing (ring overflow, broker restart). A subscription ends with
+           its connection.
 
 Handoff of a set of slots from source A to target B (DESIGN §6). The
 coordinator sends these with its `term`; a broker answers STALE_TERM to a
@@ -121,18 +147,25 @@ HANDOFF_ABORT = "HANDOFF_ABORT"
 HANDOFF_STATUS = "HANDOFF_STATUS"
 IMPORT_CHUNKS = "IMPORT_CHUNKS"
 IMPORT_OPS = "IMPORT_OPS"
+LOG = "LOG"
+GET_LOGS = "GET_LOGS"
+DLQ_LIST = "DLQ_LIST"
+DLQ_RETRY = "DLQ_RETRY"
+DLQ_PURGE = "DLQ_PURGE"
+SUBSCRIBE = "SUBSCRIBE"
+PUSH = "push"  # the status of a server-pushed frame (SUBSCRIBE)
 
 # Handoff phases as the topology's `moving` entries name them (DESIGN §5).
 PHASES = ("prepare", "copy", "freeze", "catch-up", "commit", "activate", "cleanup")
 
 # index of fields in a delivered job (PULL / ACK-with-pull)
 (J_QUEUE, J_ID, J_NAME, J_DATA, J_TOKEN, J_ATTEMPTS_MADE, J_ATTEMPTS_STARTED, J_TIMESTAMP,
- J_LOCK_MS) = range(9)
+ J_LOCK_MS, J_TIMEOUT_MS) = range(10)
 
 JOB_FIELDS = (
     "id", "name", "data", "state", "priority", "attempts", "attempts_made",
     "attempts_started", "stalled_count", "progress", "result", "failed_reason",
-    "timestamp", "processed_on", "finished_on", "delay_ms",
+    "timestamp", "processed_on", "finished_on", "delay_ms", "dlq",
 )
 
 DEFAULT_LOCK_MS = 30_000

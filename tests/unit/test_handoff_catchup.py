@@ -34,6 +34,8 @@ ACTIONS = st.lists(st.one_of(
     st.tuples(st.just("tick")), st.tuples(st.just("chunk")), st.tuples(st.just("chunk")),
     st.tuples(st.just("pause"), st.booleans()), st.tuples(st.just("drain")),
     st.tuples(st.just("progress")), st.tuples(st.just("obliterate")),
+    st.tuples(st.just("addttl"), st.sampled_from([30, 100]), st.sampled_from([0, 30])),
+    st.tuples(st.just("log")), st.tuples(st.just("dlq"), st.integers(0, 2)),
 ), min_size=5, max_size=60)
 
 
@@ -63,22 +65,15 @@ class Source:
             out: list[list[Any]] = []
             q.pull(action[1], 100, self.now, out)
             self.held += [(row[1], row[4]) for row in out]
-        elif kind in ("ack", "fail", "extend", "progress") and self.held:
-            jid, token = self.held.pop(0)
-            if kind == "ack":
-                q.ack(jid, token, b"r", self.now)
-            elif kind == "fail":
-                q.fail(jid, token, "boom", self.now)
-            elif kind == "extend":
-                q.extend(jid, token, 150, self.now)
-                self.held.append((jid, token))
-            else:
-                q.progress(jid, token, 50)
-                self.held.append((jid, token))
+        elif kind in ("addttl", "dlq"):
+            self.run_jobs_feature(action)
+        elif kind in ("ack", "fail", "extend", "progress", "log") and self.held:
+            self.run_held(kind)
         elif kind == "tick":
             self.now += 40
             q.promote(self.now)
             q.expire_locks(self.now)
+            q.expire_ttls(self.now)
             q.expire_tombstones(self.now)
         elif kind == "pause":
             q.set_paused(action[1])
@@ -86,6 +81,37 @@ class Source:
             q.drain(True, self.now)
         elif kind == "obliterate" and self.n % 5 == 0:  # rare
             q.obliterate()
+
+
+    def run_held(self, kind: str) -> None:
+        """Finish or touch the oldest job this program holds the lock of."""
+        q = self.q
+        jid, token = self.held.pop(0)
+        if kind == "ack":
+            q.ack(jid, token, b"r", self.now)
+        elif kind == "fail":
+            q.fail(jid, token, "boom", self.now)
+        else:
+            if kind == "extend":
+                q.extend(jid, token, 150, self.now)
+            elif kind == "log":
+                q.add_log(jid, token, f"line@{self.now}")
+            else:
+                q.progress(jid, token, 50)
+            self.held.append((jid, token))
+
+    def run_jobs_feature(self, action: tuple[Any, ...]) -> None:
+        q = self.q
+        if action[0] == "addttl":
+            self.n += 1
+            q.add(f"j{self.n}", "n", b"x", {"ttl_ms": action[1], "delay_ms": action[2],
+                                              "timeout_ms": 50}, self.now)
+        elif action[1] == 0:
+            q.dlq_retry(None, self.now)
+        elif action[1] == 1:
+            q.dlq_retry([f"j{self.n}"], self.now)
+        else:
+            q.dlq_purge(self.now)
 
 
 def observe(q: QueueState, now: int) -> tuple[Any, ...]:

@@ -82,7 +82,7 @@ def test_apply_op_creates_an_image_for_a_new_queue_and_counts_seq() -> None:
 
 
 def test_every_queue_op_code_has_a_handler() -> None:
-    assert frozenset("ALECFWSDPRTMX") | {"SU", "SR", "SN"} == QUEUE_OPS
+    assert frozenset("ALECFWSDPRTMX") | {"SU", "SR", "SN", "aL", "aQ", "aR"} == QUEUE_OPS
 
 
 def test_unknown_op_code_is_refused() -> None:
@@ -135,7 +135,39 @@ SCENARIOS: dict[str, Any] = {
     "progress": lambda q: q.progress(*_pulled(q), {"pct": 40}),
     "stall": lambda q: (_pulled(q), q.expire_locks(2000)),
     "obliterate": lambda q: (_pulled(q), q.obliterate()),
+    "log": lambda q: _logged(q),
+    "dlq": lambda q: (_fail_twice(q), _stalled_out(q)),
+    "dlq_retry": lambda q: (_fail_twice(q), q.dlq_retry(None, now=90)),
+    "dlq_retry_some": lambda q: (_fail_twice(q), _stalled_out(q), q.dlq_retry(["a"], now=90)),
+    "dlq_purge": lambda q: (_fail_twice(q), q.dlq_purge(now=90)),
+    "ttl_expired_at_pull": lambda q: _ttl(q, by_timer=False),
+    "ttl_expired_by_timer": lambda q: _ttl(q, by_timer=True),
 }
+
+
+def _logged(q: QueueState) -> None:
+    jid, tok = _pulled(q)
+    for i in range(3):
+        q.add_log(jid, tok, f"line {i}")
+    q.fail(jid, tok, "boom", now=20)
+
+
+def _stalled_out(q: QueueState) -> None:
+    q.add("s", "n", b"", None, now=1)
+    for now in (100, 200):
+        q.promote(now)
+        out: list[list[Any]] = []
+        q.pull(10, 10, now, out)
+        q.expire_locks(now + 10)
+
+
+def _ttl(q: QueueState, by_timer: bool) -> None:
+    q.add("t", "n", b"", {"ttl_ms": 30, "timeout_ms": 5}, now=1)
+    q.add("u", "n", b"", {"ttl_ms": 10_000, "delay_ms": 5}, now=1)
+    if by_timer:
+        q.expire_ttls(40)
+    out: list[list[Any]] = []
+    q.pull(10, 100, 40, out)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -234,7 +266,8 @@ IDS = [f"j{i}" for i in range(12)]
 # Weighted kinds, so jobs live long enough to stall, retry and be retained;
 # drain and obliterate are rare because they wipe everything.
 KINDS = (["add"] * 6 + ["pull"] * 5 + ["tick"] * 5 + ["ack"] * 2 + ["fail"] * 2
-         + ["extend"] * 2 + ["progress"] * 2 + ["pause"] * 2 + ["wipe"])
+         + ["extend"] * 2 + ["progress"] * 2 + ["pause"] * 2 + ["wipe"]
+         + ["log", "dlq"])
 # (kind, queue index, then small ints read per kind by run_op)
 op_strategy = st.tuples(st.sampled_from(KINDS), st.integers(0, 1),
                         *[st.integers(0, 11) for _ in range(7)])
@@ -246,23 +279,45 @@ DEFAULTS = {"keep_completed": 3, "keep_failed": 2, "dedup_ttl_ms": 60, "max_tomb
             "max_stalled_count": 10**6}
 
 
+def _add_op(q: QueueState, op: tuple[Any, ...], now: int) -> None:
+    _, _, p1, p2, p3, p4, p5, p6, p7 = op
+    jid = IDS[p1 % len(IDS)]
+    opts: dict[str, Any] = {
+        "priority": p2 % 3, "delay_ms": (0, 0, 5, 40)[p3 % 4], "attempts": 1 + p4 % 3,
+        "backoff": (None, ["fixed", 7], ["exponential", 3])[p5 % 3],
+        "remove_on_complete": (-1, 0, 1, 2)[p6 % 4], "remove_on_fail": (-1, 0, 1)[p7 % 3],
+    }
+    ttl = (0, 0, 0, 20, 60)[(p2 + p5) % 5]
+    if ttl:
+        opts["ttl_ms"] = ttl
+    q.add(jid, "n", jid.encode(), opts, now)
+
+
+def _dlq_op(q: QueueState, p1: int, p2: int, now: int) -> None:
+    """Retry all, retry one, or purge the DLQ."""
+    if p1 % 3 == 0:
+        q.dlq_retry(None, now)
+    elif p1 % 3 == 1:
+        q.dlq_retry([IDS[p2 % len(IDS)]], now)
+    else:
+        q.dlq_purge(now)
+
+
 def run_op(q: QueueState, op: tuple[Any, ...], now: int) -> int:
     """Apply one generated operation at `now`; returns the clock after it."""
-    kind, _, p1, p2, p3, p4, p5, p6, p7 = op
+    kind, _, p1, p2 = op[:4]
     active = sorted(q.active)
     if kind == "add":
-        jid = IDS[p1 % len(IDS)]
-        q.add(jid, "n", jid.encode(), {
-            "priority": p2 % 3, "delay_ms": (0, 0, 5, 40)[p3 % 4], "attempts": 1 + p4 % 3,
-            "backoff": (None, ["fixed", 7], ["exponential", 3])[p5 % 3],
-            "remove_on_complete": (-1, 0, 1, 2)[p6 % 4], "remove_on_fail": (-1, 0, 1)[p7 % 3],
-        }, now)
+        _add_op(q, op, now)
+    elif kind == "dlq":
+        _dlq_op(q, p1, p2, now)
     elif kind == "pull":
         q.pull(1 + p1 % 3, (5, 60)[p2 % 2], now, [])
     elif kind == "tick":
         now += (1, 10, 30, 100)[p1 % 4]
         q.promote(now)
         q.expire_locks(now)
+        q.expire_ttls(now)
         q.expire_tombstones(now)
     elif kind == "pause":  # one in three pauses, the rest resume
         q.set_paused(p1 % 3 == 2)
@@ -272,17 +327,22 @@ def run_op(q: QueueState, op: tuple[Any, ...], now: int) -> int:
         elif p1 % 4 == 2:
             q.drain(p2 % 2 == 0, now)
     elif active:
-        pick = active[p1 % len(active)]
-        tok = q.jobs[pick].token
-        if kind == "ack":
-            q.ack(pick, tok, pick.encode(), now)
-        elif kind == "fail":
-            q.fail(pick, tok, f"err@{now}", now)
-        elif kind == "extend":
-            q.extend(pick, tok, (5, 30)[p2 % 2], now)
-        else:
-            q.progress(pick, tok, p2)
+        _on_active(q, kind, active[p1 % len(active)], p2, now)
     return now
+
+
+def _on_active(q: QueueState, kind: str, pick: str, p2: int, now: int) -> None:
+    tok = q.jobs[pick].token
+    if kind == "ack":
+        q.ack(pick, tok, pick.encode(), now)
+    elif kind == "fail":
+        q.fail(pick, tok, f"err@{now}", now)
+    elif kind == "extend":
+        q.extend(pick, tok, (5, 30)[p2 % 2], now)
+    elif kind == "log":
+        q.add_log(pick, tok, f"l{p2}@{now}")
+    else:
+        q.progress(pick, tok, p2)
 
 
 def live_queues(**overrides: Any) -> tuple[dict[str, QueueState], list[Any]]:
