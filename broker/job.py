@@ -15,12 +15,16 @@ ACTIVE = "active"
 COMPLETED = "completed"
 FAILED = "failed"
 STATES = (WAITING, DELAYED, ACTIVE, COMPLETED, FAILED)
+# Flows (broker/flowqueue.py): a child written but not yet committed, and a
+# parent waiting for its children. Neither is ever handed to a worker.
+PENDING = "pending"
+WAITING_CHILDREN = "waiting-children"
 
 FIELDS = (
     "id", "name", "data", "state", "priority", "attempts", "backoff", "timestamp",
     "delay_until", "attempts_made", "attempts_started", "stalled_count", "progress",
     "result", "failed_reason", "processed_on", "finished_on", "token", "lock_until",
-    "order", "remove_on_complete", "remove_on_fail",
+    "order", "remove_on_complete", "remove_on_fail", "parent", "children",
 )
 RECORD_VERSION = 1
 
@@ -49,6 +53,11 @@ class Job:
     order: int = 0  # FIFO position among equal priorities
     remove_on_complete: int = -1  # -1: queue default; 0: remove at once; n: keep the last n
     remove_on_fail: int = -1
+    # A flow child: [parent queue, parent id, flow id, creation deadline ms,
+    # ignore_failure]. A flow parent: [flow id, child count, {child key:
+    # result}] (see broker/flowqueue.py).
+    parent: list[Any] | None = None
+    children: list[Any] | None = None
 
     def __lt__(self, other: Job) -> bool:
         # Heap entries end with the job; two entries for one job with equal
@@ -62,6 +71,7 @@ class Job:
             self.attempts_started, self.stalled_count, self.progress, self.result,
             self.failed_reason, self.processed_on, self.finished_on, self.token,
             self.lock_until, self.order, self.remove_on_complete, self.remove_on_fail,
+            self.parent, self.children,
         ]
 
     @classmethod
@@ -70,7 +80,7 @@ class Job:
 
     def to_public(self) -> dict[str, Any]:
         """The `get_job` dict (DESIGN §10); data and result stay packed bytes."""
-        return {
+        out = {
             "id": self.id, "name": self.name, "data": self.data, "state": self.state,
             "priority": self.priority, "attempts": self.attempts,
             "attempts_made": self.attempts_made, "attempts_started": self.attempts_started,
@@ -80,6 +90,13 @@ class Job:
             "finished_on": self.finished_on or None,
             "delay_ms": max(0, self.delay_until - self.timestamp) if self.delay_until else 0,
         }
+        if self.parent is not None:
+            out["parent"] = {"queue": self.parent[0], "id": self.parent[1],
+                             "flow": self.parent[2]}
+        if self.children is not None:
+            out["children"] = {"flow": self.children[0], "total": self.children[1],
+                               "done": len(self.children[2])}
+        return out
 
 
 def backoff_delay(backoff: list[Any] | None, attempts_made: int) -> int:

@@ -22,6 +22,7 @@ state (see broker/replay.py). Op codes:
     ("X", q)                                           obliterate
     ("SU", q, scheduler) / ("SR", q, id) / ("SN", q, id, next_tick_ms)
                                                        scheduler upsert/remove/advance
+    ("cO", ...) ("cX", ...) ("cD", ...) ("cR", ...)    flows: see broker/flowqueue.py
 
 Every op adds one to the queue's `seq`, and counter effects are implied by the
 op code alone, so replay recomputes both from a checkpointed meta.
@@ -40,7 +41,17 @@ from operator import attrgetter
 from typing import Any
 
 from shardq.broker import schedule
-from shardq.broker.job import ACTIVE, COMPLETED, DELAYED, FAILED, WAITING, Job, backoff_delay
+from shardq.broker.flowqueue import FlowQueue
+from shardq.broker.job import (
+    ACTIVE,
+    COMPLETED,
+    DELAYED,
+    FAILED,
+    PENDING,
+    WAITING,
+    Job,
+    backoff_delay,
+)
 
 # Per-item results of ack/fail/extend: None is success.
 LOCK_LOST = "LOCK_LOST"
@@ -63,9 +74,10 @@ class QueueDefaults:
     max_tombstones: int = 100_000  # per queue; oldest are forgotten first
 
 
-class QueueState:
+class QueueState(FlowQueue):
     """Jobs of one queue in memory: waiting by (priority, FIFO), delayed by due
-    time, active by lock deadline, and bounded completed/failed history."""
+    time, active by lock deadline, and bounded completed/failed history
+    (flow state: broker/flowqueue.py)."""
 
     def __init__(self, name: str, slot: int, log: list[Any], defaults: QueueDefaults) -> None:
         self.name = name
@@ -89,6 +101,7 @@ class QueueState:
         self._order = 0
         self._finished_stale = False  # history may list jobs that left it (handoff replay)
         self.durations_ms: deque[int] = deque(maxlen=512)
+        self._init_flows()
 
     def _emit(self, op: tuple[Any, ...]) -> None:
         self.seq += 1
@@ -96,9 +109,11 @@ class QueueState:
 
     # ---------------------------------------------------------------- adding
     def add(self, job_id: str, name: str, data: bytes, opts: dict[str, Any] | None,
-            now: int) -> bool:
+            now: int, parent: list[Any] | None = None,
+            children: list[Any] | None = None) -> bool:
         """Add a job; False (and no change) when the id exists or was removed
-        less than dedup_ttl_ms ago. `opts` must already be validated."""
+        less than dedup_ttl_ms ago. `opts` must already be validated.
+        `parent` / `children`: a flow child or parent (broker/flowqueue.py)."""
         if job_id in self.jobs or job_id in self.tombstones:
             return False
         o = opts or {}
@@ -111,7 +126,9 @@ class QueueState:
                   remove_on_complete=o.get("remove_on_complete", -1),
                   remove_on_fail=o.get("remove_on_fail", -1))
         self.jobs[job_id] = job
-        if delay:
+        if parent is not None or children is not None:
+            self._flow_added(job, parent, children)
+        elif delay:
             job.state = DELAYED
             self._push_delayed(job)
         else:
@@ -191,6 +208,8 @@ class QueueState:
         self.counters["completed"] += 1
         self.durations_ms.append(now - job.processed_on)
         self._emit(("C", self.name, job_id, result, now, job.attempts_made, job.order))
+        if job.parent is not None:
+            self._outbox_put(job, True, result)
         self._retain(job, COMPLETED, job.remove_on_complete, self.defaults.keep_completed, now)
         return None
 
@@ -218,6 +237,8 @@ class QueueState:
         self.counters["failed"] += 1
         self._emit(("F", self.name, job.id, reason, now, job.attempts_made, stalled,
                     job.stalled_count, job.order))
+        if job.parent is not None:
+            self._outbox_put(job, False, reason)
         self._retain(job, FAILED, job.remove_on_fail, self.defaults.keep_failed, now)
 
     def _requeue(self, job: Job, delay: int, now: int, code: str) -> None:
@@ -397,15 +418,19 @@ class QueueState:
         self.active.clear()
         self.paused = False
         self.schedulers.clear()
+        self.outbox.clear()
         self.counters = dict.fromkeys(self.counters, 0)
         self._rebuild_indexes()
         self._emit(("X", self.name))
 
     def meta(self) -> dict[str, Any]:
         """Queue-level state persisted beside its jobs (and exported)."""
-        return {"paused": self.paused, "seq": self.seq, "order": self._order,
+        meta = {"paused": self.paused, "seq": self.seq, "order": self._order,
                 "counters": dict(self.counters), "slot": self.slot,
                 "schedulers": {k: dict(v) for k, v in self.schedulers.items()}}
+        if self.outbox:
+            meta["outbox"] = {k: list(v) for k, v in self.outbox.items()}
+        return meta
 
     # ---------------------------------------------------------------- restore / export
     def restore(self, meta: dict[str, Any], jobs: dict[str, Job],
@@ -413,6 +438,7 @@ class QueueState:
         """Rebuild every index from jobs (recovery, import). Logs nothing."""
         self.paused = bool(meta.get("paused", False))
         self.schedulers = {k: dict(v) for k, v in meta.get("schedulers", {}).items()}
+        self.outbox = {k: list(v) for k, v in meta.get("outbox", {}).items()}
         self.seq = int(meta.get("seq", 0))
         self.counters.update(meta.get("counters", {}))
         self.jobs = jobs
@@ -426,6 +452,7 @@ class QueueState:
         self._delayed, self.n_delayed = [], 0
         self._locks = []
         self._finished = {COMPLETED: deque(), FAILED: deque()}
+        self.flows_pending = {}
         self.active = {k: j for k, j in self.active.items() if self.jobs.get(k) is j}
         for job in sorted(self.jobs.values(), key=lambda j: j.order):
             st = job.state
@@ -436,6 +463,8 @@ class QueueState:
             elif st == ACTIVE:
                 self.active[job.id] = job
                 heapq.heappush(self._locks, (job.lock_until, job.order, job.token, job))
+            elif st == PENDING:
+                self._index_pending(job)
         for st in (COMPLETED, FAILED):
             done = [j for j in self.jobs.values() if j.state == st]
             done.sort(key=lambda j: j.order)  # finishing assigns a new order
@@ -473,6 +502,8 @@ class QueueState:
             heapq.heappush(self._locks, (new.lock_until, new.order, new.token, new))
         elif state in self._finished:
             self._finished[state].append(new)
+        elif state == PENDING:
+            self._index_pending(new)
         if new.order > self._order:
             self._order = new.order
 
@@ -505,6 +536,8 @@ class QueueState:
             self.active.pop(old.id, None)
         elif state in self._finished:
             self._finished_stale = True  # the history lists it; compacted on adopt_meta
+        elif state == PENDING:
+            self._unindex_pending(old)
         if new is not old:
             old.state = "removed"  # its old entries must never match again
         return True
@@ -514,6 +547,7 @@ class QueueState:
         replayed image's meta; the jobs and indexes are already current."""
         self.paused = bool(meta.get("paused", False))
         self.schedulers = {k: dict(v) for k, v in meta.get("schedulers", {}).items()}
+        self.outbox = {k: list(v) for k, v in meta.get("outbox", {}).items()}
         self.seq = int(meta.get("seq", 0))
         self.counters.update(meta.get("counters", {}))
         self._order = max(self._order, int(meta.get("order", 0)))

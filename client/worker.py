@@ -107,6 +107,20 @@ class Job:
             "queue": self.partition, "id": self.id, "token": self.token, "progress": progress})
 
 
+    async def children_values(self) -> dict[str, Any]:
+        """A flow parent's children's results: `{f"{queue}:{job_id}": result}`
+        (None for a child that failed with `ignore_failure`).
+
+        Raises:
+            BadRequestError: this job is not a flow's parent.
+        """
+        from .queue import unpack
+
+        raw = await self._client._call(self.partition, protocol.FLOW_CHILDREN,
+                                       {"queue": self.partition, "id": self.id})
+        return {k: unpack(v) for k, v in raw.items()}
+
+
 _UNSET: Any = object()
 
 
