@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from shardq import failpoints
 from shardq import protocol as p
 from shardq.broker import validate as v
+from shardq.broker.flowqueue import DUPLICATE
 from shardq.broker.queue import QueueState
 from shardq.errors import (
     BadRequestError,
@@ -311,6 +312,8 @@ class FlowAgent:
             if isinstance(res, list):  # [code, body]
                 self._failed(entry[0], error_from_wire(res[0], res[1]))
             elif self._still_mine(q):
+                if res == DUPLICATE:
+                    log.info("flow %s: %s was already recorded on its parent", entry[2], entry[3])
                 q.outbox_done(cid)
                 self.delivered += 1
 
@@ -341,6 +344,7 @@ class FlowAgent:
 
     def _failed(self, queue: str, exc: ServerError) -> None:
         if isinstance(exc, MovedError):
+            log.info("flow message for queue %s: MOVED to %s", queue, exc.owner)
             if exc.owner and exc.addr:
                 self._redirects[queue] = (exc.owner, exc.addr, exc.epoch)
             self._soon = True
