@@ -225,6 +225,8 @@ class FlowAgent:
                 except (OSError, ShardqError, TimeoutError) as exc:
                     log.debug("flow round: %r", exc)
                     self._soon = True
+                except Exception:  # a bug costs this round, not the broker
+                    log.exception("flow round failed")
                 try:
                     async with asyncio.timeout(RETRY_SOON_S if self._soon else ROUND_S):
                         await self._wake.wait()
