@@ -21,6 +21,7 @@ from typing import Any, Protocol, TextIO
 import msgpack
 
 from shardq.broker.events import EventHub
+from shardq.broker.flows import FlowAgent
 from shardq.broker.handoff import Handoffs
 from shardq.broker.queue import QueueDefaults, QueueState
 from shardq.broker.replay import Images
@@ -118,6 +119,7 @@ class Broker:
         self.handoffs: dict[str, int] = {}  # handoff results, for metrics
         self.handoff = Handoffs(self)
         self.events = EventHub(self)
+        self.flows = FlowAgent(self)  # run by serve(); see broker/flows.py
         self.ack_journal: TextIO | None = (
             open(config.ack_journal, "a", encoding="utf-8")  # noqa: SIM115 - lives with the broker
             if config.ack_journal else None)

@@ -15,13 +15,17 @@ ACTIVE = "active"
 COMPLETED = "completed"
 FAILED = "failed"
 STATES = (WAITING, DELAYED, ACTIVE, COMPLETED, FAILED)
+# Flows (broker/flowqueue.py): a child written but not yet committed, and a
+# parent waiting for its children. Neither is ever handed to a worker.
+PENDING = "pending"
+WAITING_CHILDREN = "waiting-children"
 
 FIELDS = (
     "id", "name", "data", "state", "priority", "attempts", "backoff", "timestamp",
     "delay_until", "attempts_made", "attempts_started", "stalled_count", "progress",
     "result", "failed_reason", "processed_on", "finished_on", "token", "lock_until",
     "order", "remove_on_complete", "remove_on_fail",
-    "timeout_ms", "expires_at", "dlq_reason", "logs",
+    "timeout_ms", "expires_at", "dlq_reason", "logs", "parent", "children",
 )
 RECORD_VERSION = 1
 
@@ -62,6 +66,11 @@ class Job:
     # (never changed in place) at each line, so a checkpoint reading it from
     # another thread sees the count and the lines of one instant.
     logs: list[Any] | None = None
+    # A flow child: [parent queue, parent id, flow id, creation deadline ms,
+    # ignore_failure]. A flow parent: [flow id, child count, {child key:
+    # result}] (see broker/flowqueue.py).
+    parent: list[Any] | None = None
+    children: list[Any] | None = None
 
     def __lt__(self, other: Job) -> bool:
         # Heap entries end with the job; two entries for one job with equal
@@ -76,6 +85,7 @@ class Job:
             self.failed_reason, self.processed_on, self.finished_on, self.token,
             self.lock_until, self.order, self.remove_on_complete, self.remove_on_fail,
             self.timeout_ms, self.expires_at, self.dlq_reason, self.logs,
+            self.parent, self.children,
         ]
 
     @classmethod
@@ -84,7 +94,7 @@ class Job:
 
     def to_public(self) -> dict[str, Any]:
         """The `get_job` dict (DESIGN §10); data and result stay packed bytes."""
-        return {
+        out = {
             "id": self.id, "name": self.name, "data": self.data, "state": self.state,
             "priority": self.priority, "attempts": self.attempts,
             "attempts_made": self.attempts_made, "attempts_started": self.attempts_started,
@@ -95,6 +105,13 @@ class Job:
             "delay_ms": max(0, self.delay_until - self.timestamp) if self.delay_until else 0,
             "dlq": self.dlq_reason is not None,
         }
+        if self.parent is not None:
+            out["parent"] = {"queue": self.parent[0], "id": self.parent[1],
+                             "flow": self.parent[2]}
+        if self.children is not None:
+            out["children"] = {"flow": self.children[0], "total": self.children[1],
+                               "done": len(self.children[2])}
+        return out
 
 
 def backoff_delay(backoff: list[Any] | None, attempts_made: int) -> int:

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shardq import protocol as p
+from shardq.broker import flows
 from shardq.broker import validate as v
 from shardq.broker.engine import Broker, Sink, Waiter
 from shardq.broker.queue import LOCK_LOST, NOT_FOUND, QueueState
@@ -136,6 +137,8 @@ def _ack(b: Broker, q: QueueState, it: list[Any], now: int) -> str | None:
     err = q.ack(it[1], it[2], result, now)
     if err is None and b.ack_journal is not None:
         b.journal_lines.append(f"{q.name}\t{it[1]}\t{it[2]}\n")
+    if q.outbox:
+        b.flows.kick()  # a flow child completed: tell its parent
     return err
 
 
@@ -146,6 +149,8 @@ def _fail(b: Broker, q: QueueState, it: list[Any], now: int) -> str | None:
     err = q.fail(it[1], it[2], reason[:4096], now)
     if err is None:
         b.arm(q)
+    if q.outbox:
+        b.flows.kick()
     return err
 
 
@@ -409,10 +414,12 @@ HANDLERS: dict[str, Handler] = {
     p.SCHED_LIST: op_sched_list,
     p.LOG: op_log, p.GET_LOGS: op_get_logs, p.DLQ_LIST: op_dlq_list,
     p.DLQ_RETRY: op_dlq_retry, p.DLQ_PURGE: op_dlq_purge, p.SUBSCRIBE: op_subscribe,
+    **flows.HANDLERS,
 }
 
 # Replies to these wait for the group commit holding their ops (durable mode).
-WRITE_OPS = frozenset({p.ADD, p.ACK, p.FAIL, p.PROGRESS, p.PAUSE, p.RESUME, p.DRAIN,
-                       p.SCHED_UPSERT, p.SCHED_REMOVE,
-                       p.OBLITERATE, p.IMPORT_CHUNKS, p.IMPORT_OPS, p.HANDOFF_STATUS,
-                       p.LOG, p.DLQ_RETRY, p.DLQ_PURGE})
+WRITE_OPS = (frozenset({p.ADD, p.ACK, p.FAIL, p.PROGRESS, p.PAUSE, p.RESUME, p.DRAIN,
+                        p.SCHED_UPSERT, p.SCHED_REMOVE,
+                        p.OBLITERATE, p.IMPORT_CHUNKS, p.IMPORT_OPS, p.HANDOFF_STATUS,
+                        p.LOG, p.DLQ_RETRY, p.DLQ_PURGE})
+             | flows.WRITE_OPS)

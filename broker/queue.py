@@ -33,6 +33,7 @@ often, TTL expired before a start) keeps the job `failed` with a
 (keep_failed / remove_on_fail). TTL: a job is never handed out at or after
 `expires_at`; pull checks it, and a heap of deadlines lets the broker timer
 discard waiting/delayed jobs that nobody pulls.
+    ("cO", ...) ("cX", ...) ("cD", ...) ("cR", ...)    flows: see broker/flowqueue.py
 
 Every op adds one to the queue's `seq`, and counter effects are implied by the
 op code alone, so replay recomputes both from a checkpointed meta.
@@ -52,6 +53,7 @@ from typing import Any
 
 from shardq.broker import schedule
 from shardq.broker.events import EventRing
+from shardq.broker.flowqueue import FlowQueue
 from shardq.broker.job import (
     ACTIVE,
     COMPLETED,
@@ -59,6 +61,7 @@ from shardq.broker.job import (
     FAILED,
     MAX_LOG_LINE,
     MAX_LOG_LINES,
+    PENDING,
     WAITING,
     Job,
     backoff_delay,
@@ -90,9 +93,10 @@ class QueueDefaults:
     max_tombstones: int = 100_000  # per queue; oldest are forgotten first
 
 
-class QueueState:
+class QueueState(FlowQueue):
     """Jobs of one queue in memory: waiting by (priority, FIFO), delayed by due
-    time, active by lock deadline, and bounded completed/failed history."""
+    time, active by lock deadline, and bounded completed/failed history
+    (flow state: broker/flowqueue.py)."""
 
     def __init__(self, name: str, slot: int, log: list[Any], defaults: QueueDefaults) -> None:
         self.name = name
@@ -118,6 +122,7 @@ class QueueState:
         self.durations_ms: deque[int] = deque(maxlen=512)
         self.ttls: list[tuple[int, Job]] = []  # (expires_at, job), lazy like the others
         self.ring: EventRing | None = None  # recent events, once someone subscribed
+        self._init_flows()
 
     def _emit(self, op: tuple[Any, ...]) -> None:
         self.seq += 1
@@ -127,9 +132,11 @@ class QueueState:
 
     # ---------------------------------------------------------------- adding
     def add(self, job_id: str, name: str, data: bytes, opts: dict[str, Any] | None,
-            now: int) -> bool:
+            now: int, parent: list[Any] | None = None,
+            children: list[Any] | None = None) -> bool:
         """Add a job; False (and no change) when the id exists or was removed
-        less than dedup_ttl_ms ago. `opts` must already be validated."""
+        less than dedup_ttl_ms ago. `opts` must already be validated.
+        `parent` / `children`: a flow child or parent (broker/flowqueue.py)."""
         if job_id in self.jobs or job_id in self.tombstones:
             return False
         o = opts or {}
@@ -148,7 +155,9 @@ class QueueState:
                 job.expires_at = now + ttl  # from the add, paused time included
                 heapq.heappush(self.ttls, (job.expires_at, job))
         self.jobs[job_id] = job
-        if delay:
+        if parent is not None or children is not None:
+            self._flow_added(job, parent, children)
+        elif delay:
             job.state = DELAYED
             self._push_delayed(job)
         else:
@@ -238,6 +247,8 @@ class QueueState:
         self.counters["completed"] += 1
         self.durations_ms.append(now - job.processed_on)
         self._emit(("C", self.name, job_id, result, now, job.attempts_made, job.order))
+        if job.parent is not None:
+            self._outbox_put(job, True, result)
         self._retain(job, COMPLETED, job.remove_on_complete, self.defaults.keep_completed, now)
         return None
 
@@ -268,6 +279,8 @@ class QueueState:
         self._emit(("aQ", self.name, job.id, dlq))
         self._emit(("F", self.name, job.id, reason, now, job.attempts_made, stalled,
                     job.stalled_count, job.order))
+        if job.parent is not None:
+            self._outbox_put(job, False, reason)
         self._retain(job, FAILED, job.remove_on_fail, self.defaults.keep_failed, now)
 
     def _expire_ttl(self, job: Job, now: int) -> None:
@@ -521,6 +534,7 @@ class QueueState:
         self.active.clear()
         self.paused = False
         self.schedulers.clear()
+        self.outbox.clear()
         self.counters = dict.fromkeys(self.counters, 0)
         self._rebuild_indexes()
         self._emit(("X", self.name))
@@ -534,6 +548,8 @@ class QueueState:
                 "schedulers": {k: dict(v) for k, v in self.schedulers.items()}}
         if events and self.ring is not None:
             meta["events"] = self.ring.to_meta()
+        if self.outbox:
+            meta["outbox"] = {k: list(v) for k, v in self.outbox.items()}
         return meta
 
     # ---------------------------------------------------------------- restore / export
@@ -542,6 +558,7 @@ class QueueState:
         """Rebuild every index from jobs (recovery, import). Logs nothing."""
         self.paused = bool(meta.get("paused", False))
         self.schedulers = {k: dict(v) for k, v in meta.get("schedulers", {}).items()}
+        self.outbox = {k: list(v) for k, v in meta.get("outbox", {}).items()}
         self.seq = int(meta.get("seq", 0))
         self.counters.update(meta.get("counters", {}))
         self.jobs = jobs
@@ -557,6 +574,7 @@ class QueueState:
         self._locks = []
         self.ttls = []
         self._finished = {COMPLETED: deque(), FAILED: deque()}
+        self.flows_pending = {}
         self.active = {k: j for k, j in self.active.items() if self.jobs.get(k) is j}
         for job in sorted(self.jobs.values(), key=lambda j: j.order):
             st = job.state
@@ -569,6 +587,8 @@ class QueueState:
             elif st == ACTIVE:
                 self.active[job.id] = job
                 heapq.heappush(self._locks, (job.lock_until, job.order, job.token, job))
+            elif st == PENDING:
+                self._index_pending(job)
         for st in (COMPLETED, FAILED):
             done = [j for j in self.jobs.values() if j.state == st]
             done.sort(key=lambda j: j.order)  # finishing assigns a new order
@@ -607,6 +627,8 @@ class QueueState:
             heapq.heappush(self._locks, (new.lock_until, new.order, new.token, new))
         elif state in self._finished:
             self._finished[state].append(new)
+        elif state == PENDING:
+            self._index_pending(new)
         if new.expires_at and state in (WAITING, DELAYED):
             heapq.heappush(self.ttls, (new.expires_at, new))
         if new.order > self._order:
@@ -641,6 +663,8 @@ class QueueState:
             self.active.pop(old.id, None)
         elif state in self._finished:
             self._finished_stale = True  # the history lists it; compacted on adopt_meta
+        elif state == PENDING:
+            self._unindex_pending(old)
         if new is not old:
             old.state = "removed"  # its old entries must never match again
         return True
@@ -650,6 +674,7 @@ class QueueState:
         replayed image's meta; the jobs and indexes are already current."""
         self.paused = bool(meta.get("paused", False))
         self.schedulers = {k: dict(v) for k, v in meta.get("schedulers", {}).items()}
+        self.outbox = {k: list(v) for k, v in meta.get("outbox", {}).items()}
         self.seq = int(meta.get("seq", 0))
         self.counters.update(meta.get("counters", {}))
         self._order = max(self._order, int(meta.get("order", 0)))

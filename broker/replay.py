@@ -120,6 +120,7 @@ def _obliterate(img: QueueImage, op: list[Any]) -> None:
     img.tombstones.clear()
     img.meta["paused"] = False
     img.meta["schedulers"] = {}
+    img.meta.pop("outbox", None)
     img.meta["counters"] = dict.fromkeys(img.meta["counters"], 0)
 
 
@@ -154,11 +155,28 @@ def _dlq_retry(img: QueueImage, op: list[Any]) -> None:
     job = img.jobs.get(op[2])
     if job is not None:
         dlq_reset(job, op[3])
+def _outbox_put(img: QueueImage, op: list[Any]) -> None:
+    img.meta.setdefault("outbox", {})[op[2]] = list(op[3])
+
+
+def _outbox_done(img: QueueImage, op: list[Any]) -> None:
+    outbox = img.meta.get("outbox")
+    if outbox is not None:
+        outbox.pop(op[2], None)
+        if not outbox:
+            del img.meta["outbox"]
+
+
+def _child_done(img: QueueImage, op: list[Any]) -> None:
+    job = img.jobs.get(op[2])
+    if job is not None and job.children is not None:
+        job.children[2][op[3]] = op[4]
 
 
 _APPLY: dict[str, Callable[[QueueImage, list[Any]], None]] = {
     "aL": _log_line, "aQ": _dlq_in, "aR": _dlq_retry,
     "SU": _sched_upsert, "SR": _sched_remove, "SN": _sched_next,
+    "cO": _outbox_put, "cX": _outbox_done, "cD": _child_done, "cR": _requeue,
     "A": _add, "L": _lock, "E": _extend, "C": _complete, "F": _fail,
     "W": _requeue, "S": _requeue, "D": _requeue, "P": _progress, "R": _remove,
     "T": _expire, "M": _meta, "X": _obliterate,
@@ -222,7 +240,7 @@ def apply_broker_op(images: Images, broker_state: dict[str, Any],
         raise ValueError(f"unknown broker op {code!r}")
 
 
-_JOB_OPS = frozenset("LECFWSDPR") | {"aL", "aQ", "aR"}
+_JOB_OPS = frozenset("LECFWSDPR") | {"aL", "aQ", "aR", "cD", "cR"}
 
 
 def op_job_id(op: list[Any]) -> str | None:

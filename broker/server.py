@@ -220,6 +220,7 @@ async def serve(config: BrokerConfig, host: str, port: int, metrics_port: int | 
     async with asyncio.TaskGroup() as tg:
         tg.create_task(_housekeeping(broker, stop))
         agent_task = tg.create_task(agent.run()) if agent else None
+        flows_task = tg.create_task(broker.flows.run())
         await stop.wait()
         if agent is not None and _should_drain(broker):
             stop.clear()  # a second SIGTERM stops waiting for the drain
@@ -227,6 +228,7 @@ async def serve(config: BrokerConfig, host: str, port: int, metrics_port: int | 
             stop.set()  # and ends the housekeeping task
         if agent_task is not None:
             agent_task.cancel()
+        flows_task.cancel()
     if metrics_task is not None:
         metrics_task.cancel()
     await server.close()

@@ -34,6 +34,7 @@ from .connection import (
     open_connection,
 )
 from .events import Subscription
+from .flow import add_flow
 from .queue import Queue
 from .retry import RetryPolicy
 from .topology import TopologyManager, TopologySource
@@ -144,6 +145,31 @@ class Client:
         if resp.status_code >= 400:
             raise BadRequestError(f"declare_queue({name!r}): {resp.text}")
         await self.refresh_topology()
+
+    async def add_flow(self, flow: dict[str, Any], *, timeout_ms: int = 30_000) -> str:
+        """Add a parent job and its children, all or nothing; return the parent's id.
+
+        `flow` is `{"queue", "name", "data", "opts"?, "children": [{"queue",
+        "name", "data", "opts"?}, ...]}`; `opts` takes `add`'s option names
+        (`job_id`, `priority`, `delay_ms`, `attempts`, `backoff`,
+        `remove_on_complete`, `remove_on_fail`, `partition_key`), and a child's
+        also `ignore_failure` (its failure counts as done, value None).
+        Children may live in any queue, on any broker. The parent runs once
+        every child completed; its handler reads their results with
+        `await job.children_values()` -> `{f"{queue}:{job_id}": result}`. A
+        child that fails for good fails the parent (reason names the child).
+        One level of children (a child cannot have children).
+
+        Args:
+            timeout_ms: the creation deadline: a flow not fully written by
+                then (this client died, a broker was down) is removed by the
+                brokers shortly after, so nothing of it runs.
+
+        Raises:
+            ValueError: a malformed flow.
+            ShardqError: the flow could not be written (nothing of it will run).
+        """
+        return await add_flow(self, flow, timeout_ms)
 
     async def refresh_topology(self) -> None:
         """Fetch the whole topology now."""

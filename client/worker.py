@@ -134,6 +134,19 @@ class Job:
         await self._client._call(self.partition, protocol.LOG, {
             "queue": self.partition, "id": self.id, "token": self.token, "line": str(line)})
 
+    async def children_values(self) -> dict[str, Any]:
+        """A flow parent's children's results: `{f"{queue}:{job_id}": result}`
+        (None for a child that failed with `ignore_failure`).
+
+        Raises:
+            BadRequestError: this job is not a flow's parent.
+        """
+        from .queue import unpack
+
+        raw = await self._client._call(self.partition, protocol.FLOW_CHILDREN,
+                                       {"queue": self.partition, "id": self.id})
+        return {k: unpack(v) for k, v in raw.items()}
+
     def info(self) -> JobInfo:
         """The job as a picklable value (what a process-pool handler gets)."""
         return JobInfo(self.id, self.name, self.data, self.queue, self.partition,
@@ -156,6 +169,7 @@ class JobInfo:
 
 def _run_in_process(handler: Callable[[Any], Any], job: JobInfo) -> Any:
     return handler(job)
+
 
 
 _UNSET: Any = object()

@@ -108,6 +108,25 @@ HANDOFF_STATUS   (to B; asked by a frozen A cut off from the coordinator)
                  A move B has no record of is recorded as aborted.
 IMPORT_CHUNKS    (A to B) {move_id, chunks: [export chunk, ...]} -> nil
 IMPORT_OPS       (A to B) {move_id, ops: [redo op, ...]} -> nil
+
+Flows (DESIGN §11; broker/flowqueue.py, broker/flows.py). A flow is a parent
+and its children under one flow id; `deadline` is the creation deadline (ms
+since the epoch): past it, adds are refused and unfinished flows are removed.
+
+FLOW_ADD_CHILDREN {queue, flow, deadline, parent: [queue, id],
+                   jobs: [[id, name, data, opts|nil, ignore_failure: bool], ...]}
+                  -> [id | [code, body], ...]
+                  Adds the children `pending`: stored, never handed out until committed.
+FLOW_ADD_PARENT   {queue, flow, deadline, children: n>=1, job: [id, name, data, opts|nil]}
+                  -> id   The commit point: the parent, `waiting-children`.
+FLOW_COMMIT       {queue, flow} -> n   The flow's pending children here become waiting.
+FLOW_RESOLVE      (broker to the parent's owner) {queue, id, flow, deadline}
+                  -> "committed" | "aborted" | "pending"
+FLOW_CHILD_DONE   (broker to the parent's owner; an outbox delivery)
+                  {items: [[queue, id, flow, child key, ok: bool, result|reason,
+                            ignore_failure: bool], ...]}
+                  -> ["recorded" | "duplicate" | "gone" | [code, body], ...]
+FLOW_CHILDREN     {queue, id} -> {child key: result|nil}   (NOT_FOUND: no such job)
 """
 
 from __future__ import annotations
@@ -154,6 +173,12 @@ DLQ_RETRY = "DLQ_RETRY"
 DLQ_PURGE = "DLQ_PURGE"
 SUBSCRIBE = "SUBSCRIBE"
 PUSH = "push"  # the status of a server-pushed frame (SUBSCRIBE)
+FLOW_ADD_CHILDREN = "FLOW_ADD_CHILDREN"
+FLOW_ADD_PARENT = "FLOW_ADD_PARENT"
+FLOW_COMMIT = "FLOW_COMMIT"
+FLOW_RESOLVE = "FLOW_RESOLVE"
+FLOW_CHILD_DONE = "FLOW_CHILD_DONE"
+FLOW_CHILDREN = "FLOW_CHILDREN"
 
 # Handoff phases as the topology's `moving` entries name them (DESIGN §5).
 PHASES = ("prepare", "copy", "freeze", "catch-up", "commit", "activate", "cleanup")

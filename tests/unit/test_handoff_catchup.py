@@ -36,6 +36,14 @@ ACTIONS = st.lists(st.one_of(
     st.tuples(st.just("progress")), st.tuples(st.just("obliterate")),
     st.tuples(st.just("addttl"), st.sampled_from([30, 100]), st.sampled_from([0, 30])),
     st.tuples(st.just("log")), st.tuples(st.just("dlq"), st.integers(0, 2)),
+    # flows (broker/flowqueue.py): pending children of flows f0..f2 whose
+    # parents P0..P2 live in this queue too; commit/abort; deliveries.
+    st.tuples(st.just("fchild"), st.integers(0, 2), st.booleans()),
+    st.tuples(st.just("fparent"), st.integers(0, 2), st.integers(1, 3)),
+    st.tuples(st.just("frelease"), st.integers(0, 2)),
+    st.tuples(st.just("fabort"), st.integers(0, 2)),
+    st.tuples(st.just("fdeliver")), st.tuples(st.just("fdeliver")),
+    st.tuples(st.just("fflow"), st.integers(0, 2)), st.tuples(st.just("frun"), st.booleans()),
 ), min_size=5, max_size=60)
 
 
@@ -81,6 +89,41 @@ class Source:
             q.drain(True, self.now)
         elif kind == "obliterate" and self.n % 5 == 0:  # rare
             q.obliterate()
+        elif kind.startswith("f"):
+            self.run_flow(action)
+
+    def run_flow(self, action: tuple[Any, ...]) -> None:
+        kind, q = action[0], self.q
+        if kind == "fchild":
+            self.n += 1
+            f = action[1]
+            q.add(f"c{self.n}", "n", b"x", {"attempts": 1}, self.now,
+                  parent=["qa", f"P{f}", f"f{f}", self.now + 50, action[2]])
+        elif kind == "fparent":
+            q.add(f"P{action[1]}", "n", b"p", None, self.now,
+                  children=[f"f{action[1]}", action[2], {}])
+        elif kind == "frelease":
+            q.flow_release(f"f{action[1]}", self.now)
+        elif kind == "fabort":
+            q.flow_abort(f"f{action[1]}", self.now)
+        elif kind == "fflow":  # a whole flow: two children, the parent, the commit
+            f = action[1]
+            for _ in range(2):
+                self.run_flow(("fchild", f, False))
+            self.run_flow(("fparent", f, 2))
+            self.run_flow(("frelease", f))
+        elif kind == "frun":  # run two jobs at once: complete (or fail) them
+            out: list[list[Any]] = []
+            q.pull(2, 100, self.now, out)
+            for row in out:
+                if action[1]:
+                    q.ack(row[1], row[4], b"r", self.now)
+                else:
+                    q.fail(row[1], row[4], "boom", self.now)
+        elif kind == "fdeliver" and q.outbox:  # the oldest entry reaches its parent
+            cid, e = next(iter(q.outbox.items()))
+            q.flow_child_done(e[1], e[2], e[3], e[4], e[5], e[6], self.now)
+            q.outbox_done(cid)
 
 
     def run_held(self, kind: str) -> None:
@@ -118,13 +161,14 @@ def observe(q: QueueState, now: int) -> tuple[Any, ...]:
     """Everything a client could see next: export, counts, then the order in
     which every job would be handed out once all timers fire."""
     seen = (export(q, sort_tombstones=True), q.counts())  # (next_timer may be early: lazy heaps)
+    flows = sorted((fid, sorted(e[3])) for fid, e in q.flows_pending.items())
     later = now + 10**7
     q.set_paused(False)
     q.promote(later)
     q.expire_locks(later)
     out: list[list[Any]] = []
     q.pull(10**6, 100, later, out)
-    return (*seen, [row[1] for row in out], q.counts())
+    return (*seen, [row[1] for row in out], q.counts(), flows)
 
 
 def handoff(before: list[tuple[Any, ...]], during: list[tuple[Any, ...]], split: float,
