@@ -501,6 +501,8 @@ class Broker:
                 stalled = q.expire_locks(now)
                 if q.schedulers:
                     moved += q.fire_schedulers(now)
+                if q.blocked_until and q.wake_due(now):
+                    moved += 1  # a rate limit freed budget: parked pulls go on
                 if (moved or stalled) and q.name in self.waiters:
                     self.serve_waiters(q.name)
         for q in self.queues.values():
@@ -583,6 +585,11 @@ class Broker:
                 qq = self.queues.get(qn)
                 if qq is not None and self.serves(qq) and len(out) < w.count:
                     qq.pull(w.count - len(out), w.lock_ms, now, out)
+            if not out:
+                # Jobs wait but a limit holds them back (rate, group, tenant):
+                # the waiters stay parked until the limit frees (timer, ack).
+                self._arm(q)
+                break
             self._unpark(w)
             if out:
                 for qn in w.queues:

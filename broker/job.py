@@ -20,7 +20,7 @@ FIELDS = (
     "id", "name", "data", "state", "priority", "attempts", "backoff", "timestamp",
     "delay_until", "attempts_made", "attempts_started", "stalled_count", "progress",
     "result", "failed_reason", "processed_on", "finished_on", "token", "lock_until",
-    "order", "remove_on_complete", "remove_on_fail",
+    "order", "remove_on_complete", "remove_on_fail", "group",
 )
 RECORD_VERSION = 1
 
@@ -49,6 +49,7 @@ class Job:
     order: int = 0  # FIFO position among equal priorities
     remove_on_complete: int = -1  # -1: queue default; 0: remove at once; n: keep the last n
     remove_on_fail: int = -1
+    group: str | None = None  # groups are served round-robin (DESIGN §11)
 
     def __lt__(self, other: Job) -> bool:
         # Heap entries end with the job; two entries for one job with equal
@@ -62,6 +63,7 @@ class Job:
             self.attempts_started, self.stalled_count, self.progress, self.result,
             self.failed_reason, self.processed_on, self.finished_on, self.token,
             self.lock_until, self.order, self.remove_on_complete, self.remove_on_fail,
+            self.group,
         ]
 
     @classmethod
@@ -79,6 +81,7 @@ class Job:
             "timestamp": self.timestamp, "processed_on": self.processed_on or None,
             "finished_on": self.finished_on or None,
             "delay_ms": max(0, self.delay_until - self.timestamp) if self.delay_until else 0,
+            "group": self.group,
         }
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardq.broker.job import ACTIVE, COMPLETED, FAILED, Job
+from shardq.broker.limits import note_runs
 
 
 @dataclass(slots=True)
@@ -120,6 +121,8 @@ def _obliterate(img: QueueImage, op: list[Any]) -> None:
     img.meta["paused"] = False
     img.meta["schedulers"] = {}
     img.meta["counters"] = dict.fromkeys(img.meta["counters"], 0)
+    for key in ("rate", "groups", "win"):  # the tenant stays: the coordinator set it
+        img.meta.pop(key, None)
 
 
 def _sched_upsert(img: QueueImage, op: list[Any]) -> None:
@@ -136,7 +139,45 @@ def _sched_next(img: QueueImage, op: list[Any]) -> None:
         s["next_tick_ms"] = op[3]
 
 
+def _windows(img: QueueImage) -> dict[str, list[list[int]]]:
+    win: dict[str, list[list[int]]] = img.meta.setdefault("win", {})
+    return win
+
+
+def _rate_limit(img: QueueImage, op: list[Any]) -> None:
+    if op[2]:
+        img.meta["rate"] = list(op[2])
+    else:
+        img.meta.pop("rate", None)
+        _windows(img).pop("", None)
+
+
+def _group_set(img: QueueImage, op: list[Any]) -> None:
+    groups = img.meta.setdefault("groups", {})
+    if op[3]:
+        groups[op[2]] = dict(op[3])
+    else:
+        groups.pop(op[2], None)
+    if not op[3] or "rate" not in op[3]:
+        _windows(img).pop("g:" + op[2], None)
+
+
+def _starts(img: QueueImage, op: list[Any]) -> None:
+    win = _windows(img)
+    for key, (n, per_ms) in op[3].items():
+        note_runs(win.setdefault(key, []), op[2], n, per_ms)
+
+
+def _tenant(img: QueueImage, op: list[Any]) -> None:
+    if op[2] is None:
+        img.meta.pop("tenant", None)
+        _windows(img).pop("t", None)
+    else:
+        img.meta["tenant"] = op[2]
+
+
 _APPLY: dict[str, Callable[[QueueImage, list[Any]], None]] = {
+    "bR": _rate_limit, "bG": _group_set, "bS": _starts, "bT": _tenant,
     "SU": _sched_upsert, "SR": _sched_remove, "SN": _sched_next,
     "A": _add, "L": _lock, "E": _extend, "C": _complete, "F": _fail,
     "W": _requeue, "S": _requeue, "D": _requeue, "P": _progress, "R": _remove,

@@ -34,7 +34,7 @@ log = logging.getLogger("shardq.broker.store")
 # (queue, id) -> (slot, blob) to write, or (slot, None) to delete
 RowSource = Callable[[str, str], tuple[int, bytes | None] | None]
 
-_META_OPS = frozenset({"M", "SU", "SR", "SN"})  # queue-level: in the meta, not a job row
+_META_OPS = frozenset({"M", "SU", "SR", "SN", "bR", "bG", "bS", "bT"})  # queue-level: in the meta, not a job row
 CHECKPOINT_CHUNK = 1000  # rows per checkpoint transaction: keeps each write short
 
 

@@ -20,7 +20,8 @@ ADD        {queue, jobs: [[id, name, data, opts|nil], ...]}
            opts: priority:int>=0, delay_ms:int>=0, attempts:int>=1,
                  backoff:{type: "fixed"|"exponential", delay_ms:int},
                  remove_on_complete: bool|int, remove_on_fail: bool|int,
-                 timestamp:int (ms, default now)
+                 timestamp:int (ms, default now),
+                 group:str (1-256 chars; groups are served round-robin, DESIGN §11)
 PULL       {queues: [str], count: int, wait_ms: int, lock_ms: int}
            -> [job, ...] where job = [queue, id, name, data, token, attempts_made,
                                       attempts_started, timestamp, lock_ms]
@@ -47,6 +48,15 @@ SCHED_UPSERT {queue, id, every_ms | cron, tz?, name?, data?: bytes, opts?}
            Each tick makes job `f"{id}:{tick_ms}"` (DESIGN §6, §10).
 SCHED_REMOVE {queue, id} -> bool
 SCHED_LIST   {queue} -> [scheduler, ...]
+RATE_LIMIT {queue, max: int|nil, per_ms: int} -> limits (see LIMITS)
+           At most `max` jobs start (are handed out by PULL) in any sliding
+           `per_ms` window; nil clears. A PULL the limit holds back parks (when
+           it has wait_ms) and is answered as soon as the window frees budget.
+GROUP_SET  {queue, group, concurrency?: int>=1|nil, paused?: bool, rate?: [max, per_ms]|nil}
+           -> the group's settings with {active, waiting} | nil (none left)
+           Only the keys given change; nil (or paused false) clears one.
+LIMITS     {queue} -> {rate: [max, per_ms]|nil, tenant: str|nil,
+                       groups: {group: {concurrency?, paused?, rate?, active, waiting}}}
 
 Handoff of a set of slots from source A to target B (DESIGN §6). The
 coordinator sends these with its `term`; a broker answers STALE_TERM to a
@@ -108,6 +118,9 @@ TOPOLOGY = "TOPOLOGY"
 SCHED_UPSERT = "SCHED_UPSERT"
 SCHED_REMOVE = "SCHED_REMOVE"
 SCHED_LIST = "SCHED_LIST"
+RATE_LIMIT = "RATE_LIMIT"
+GROUP_SET = "GROUP_SET"
+LIMITS = "LIMITS"
 HANDOFF_PREPARE = "HANDOFF_PREPARE"
 HANDOFF_COPY = "HANDOFF_COPY"
 HANDOFF_FREEZE = "HANDOFF_FREEZE"
@@ -129,7 +142,7 @@ PHASES = ("prepare", "copy", "freeze", "catch-up", "commit", "activate", "cleanu
 JOB_FIELDS = (
     "id", "name", "data", "state", "priority", "attempts", "attempts_made",
     "attempts_started", "stalled_count", "progress", "result", "failed_reason",
-    "timestamp", "processed_on", "finished_on", "delay_ms",
+    "timestamp", "processed_on", "finished_on", "delay_ms", "group",
 )
 
 DEFAULT_LOCK_MS = 30_000
