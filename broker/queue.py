@@ -276,8 +276,9 @@ class QueueState:
             self._emit(("bS", self.name, now, noted))
         return taken
 
-    def _block(self, until: int) -> None:
-        if not self.blocked_until or until < self.blocked_until:
+    def _block(self, until: int, now: int) -> None:
+        """Note when a limit frees budget; a time already passed is stale."""
+        if self.blocked_until <= now or until < self.blocked_until:
             self.blocked_until = until
 
     def _queue_budget(self, now: int) -> int:
@@ -289,7 +290,7 @@ class QueueState:
             used = w.used(now, per) if w is not None else 0
             if used >= limit:
                 assert w is not None
-                self._block(w.free_at(now, per, limit))
+                self._block(w.free_at(now, per, limit), now)
                 return 0
             budget = limit - used
         if self.tenant is not None:
@@ -300,7 +301,7 @@ class QueueState:
             used = ts.window.used(now, ts.per_ms) if ts.window is not None else 0
             if used >= share:
                 assert ts.window is not None
-                self._block(ts.window.free_at(now, ts.per_ms, share))
+                self._block(ts.window.free_at(now, ts.per_ms, share), now)
                 return 0
             budget = min(budget, share - used)
         return budget
@@ -350,6 +351,18 @@ class QueueState:
             ring.rotate(-1)
         return taken
 
+    def reset_rotation(self) -> None:
+        """Start the round-robin over: the ungrouped line, then the groups by
+        name. The rotation's position is not persisted: a restart or handoff
+        starts it over (fairness holds from there)."""
+        lines = self._lines
+        for g in [g for g, line in lines.items() if not line.n]:
+            del lines[g]
+        for line in lines.values():
+            line.in_ring = True
+        self._ring = deque([None] if self.n_waiting > self._n_gwait else [])
+        self._ring.extend(sorted(lines))
+
     def _group_may_start(self, g: str, conf: dict[str, Any], now: int) -> bool:
         if conf.get("paused"):
             return False
@@ -360,7 +373,7 @@ class QueueState:
         if rate is not None:
             w = self.windows.get("g:" + g)
             if w is not None and w.used(now, rate[1]) >= rate[0]:
-                self._block(w.free_at(now, rate[1], rate[0]))
+                self._block(w.free_at(now, rate[1], rate[0]), now)
                 return False
         return True
 
@@ -742,6 +755,7 @@ class QueueState:
                 heapq.heappush(self._locks, (job.lock_until, job.order, job.token, job))
                 if job.group is not None:
                     self._gactive[job.group] = self._gactive.get(job.group, 0) + 1
+        self.reset_rotation()
         for st in (COMPLETED, FAILED):
             done = [j for j in self.jobs.values() if j.state == st]
             done.sort(key=lambda j: j.order)  # finishing assigns a new order
@@ -787,6 +801,9 @@ class QueueState:
     def _insert_waiting(self, job: Job) -> None:
         """`_push_waiting` for a replayed job, whose order may be older than
         the line's tail (the snapshot saw later jobs): keep the line sorted."""
+        if job.group is not None:
+            self._push_group(job, sort=True)
+            return
         dq = self._waiting.get(job.priority)
         if not dq or dq[-1][0] < job.order:
             self._push_waiting(job)
@@ -829,6 +846,7 @@ class QueueState:
         self.seq = int(meta.get("seq", 0))
         self.counters.update(meta.get("counters", {}))
         self._adopt_sched_meta(meta)
+        self.reset_rotation()
         self._order = max(self._order, int(meta.get("order", 0)))
         if self._finished_stale:
             self._finished_stale = False

@@ -34,6 +34,10 @@ ACTIONS = st.lists(st.one_of(
     st.tuples(st.just("tick")), st.tuples(st.just("chunk")), st.tuples(st.just("chunk")),
     st.tuples(st.just("pause"), st.booleans()), st.tuples(st.just("drain")),
     st.tuples(st.just("progress")), st.tuples(st.just("obliterate")),
+    st.tuples(st.just("gadd"), st.sampled_from(["ga", "gb"]), st.integers(0, 1)),
+    st.tuples(st.just("rate"), st.sampled_from([None, [1, 50], [2, 100]])),
+    st.tuples(st.just("group"), st.sampled_from(["ga", "gb"]), st.sampled_from([None, 1]),
+              st.booleans(), st.sampled_from([None, [1, 60]])),
 ), min_size=5, max_size=60)
 
 
@@ -86,6 +90,15 @@ class Source:
             q.drain(True, self.now)
         elif kind == "obliterate" and self.n % 5 == 0:  # rare
             q.obliterate()
+        elif kind == "gadd":  # a grouped job (DESIGN §11)
+            self.n += 1
+            q.add(f"j{self.n}", "n", b"x", {"group": action[1], "priority": action[2]},
+                  self.now)
+        elif kind == "rate":
+            q.set_rate_limit(action[1])
+        elif kind == "group":
+            q.set_group(action[1], {"concurrency": action[2], "paused": action[3],
+                                    "rate": action[4]})
 
 
 def observe(q: QueueState, now: int) -> tuple[Any, ...]:
@@ -94,6 +107,7 @@ def observe(q: QueueState, now: int) -> tuple[Any, ...]:
     seen = (export(q, sort_tombstones=True), q.counts())  # (next_timer may be early: lazy heaps)
     later = now + 10**7
     q.set_paused(False)
+    q.reset_rotation()  # the round-robin position is not part of the state (DESIGN §11)
     q.promote(later)
     q.expire_locks(later)
     out: list[list[Any]] = []

@@ -234,7 +234,8 @@ IDS = [f"j{i}" for i in range(12)]
 # Weighted kinds, so jobs live long enough to stall, retry and be retained;
 # drain and obliterate are rare because they wipe everything.
 KINDS = (["add"] * 6 + ["pull"] * 5 + ["tick"] * 5 + ["ack"] * 2 + ["fail"] * 2
-         + ["extend"] * 2 + ["progress"] * 2 + ["pause"] * 2 + ["wipe"])
+         + ["extend"] * 2 + ["progress"] * 2 + ["pause"] * 2 + ["wipe"] + ["limit"] * 2)
+GROUPS = (None, None, "ga", "gb")
 # (kind, queue index, then small ints read per kind by run_op)
 op_strategy = st.tuples(st.sampled_from(KINDS), st.integers(0, 1),
                         *[st.integers(0, 11) for _ in range(7)])
@@ -256,6 +257,7 @@ def run_op(q: QueueState, op: tuple[Any, ...], now: int) -> int:
             "priority": p2 % 3, "delay_ms": (0, 0, 5, 40)[p3 % 4], "attempts": 1 + p4 % 3,
             "backoff": (None, ["fixed", 7], ["exponential", 3])[p5 % 3],
             "remove_on_complete": (-1, 0, 1, 2)[p6 % 4], "remove_on_fail": (-1, 0, 1)[p7 % 3],
+            "group": GROUPS[(p2 + p6) % 4],
         }, now)
     elif kind == "pull":
         q.pull(1 + p1 % 3, (5, 60)[p2 % 2], now, [])
@@ -266,6 +268,13 @@ def run_op(q: QueueState, op: tuple[Any, ...], now: int) -> int:
         q.expire_tombstones(now)
     elif kind == "pause":  # one in three pauses, the rest resume
         q.set_paused(p1 % 3 == 2)
+    elif kind == "limit":  # rate limits and group settings (DESIGN §11)
+        if p1 % 3 == 0:
+            q.set_rate_limit(None if p2 % 3 == 0 else [1 + p3 % 3, (10, 50)[p4 % 2]])
+        else:
+            q.set_group(("ga", "gb")[p1 % 2], {
+                "concurrency": (None, 1, 2)[p2 % 3], "paused": p3 % 4 == 0,
+                "rate": None if p4 % 2 else [1 + p5 % 2, (10, 40)[p6 % 2]]})
     elif kind == "wipe":  # mostly a no-op: draining or obliterating often hides the rest
         if p1 % 4 == 3:
             q.obliterate()
