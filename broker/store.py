@@ -34,7 +34,9 @@ log = logging.getLogger("shardq.broker.store")
 # (queue, id) -> (slot, blob) to write, or (slot, None) to delete
 RowSource = Callable[[str, str], tuple[int, bytes | None] | None]
 
-_META_OPS = frozenset({"M", "SU", "SR", "SN", "bR", "bG", "bS", "bT"})  # queue-level: in the meta, not a job row
+# Queue-level ops: in the meta, not a job row ("b*": rate limits, groups, tenants).
+_META_OPS = frozenset({"M", "SU", "SR", "SN",
+                       "bR", "bG", "bS", "bT"})
 CHECKPOINT_CHUNK = 1000  # rows per checkpoint transaction: keeps each write short
 
 

@@ -90,13 +90,19 @@ class Source:
             q.drain(True, self.now)
         elif kind == "obliterate" and self.n % 5 == 0:  # rare
             q.obliterate()
-        elif kind == "gadd":  # a grouped job (DESIGN §11)
+        elif kind in ("gadd", "rate", "group"):
+            self.run_sched(action)
+
+    def run_sched(self, action: tuple[Any, ...]) -> None:
+        """Grouped jobs, rate limits and group settings (DESIGN §11)."""
+        kind, q = action[0], self.q
+        if kind == "gadd":
             self.n += 1
             q.add(f"j{self.n}", "n", b"x", {"group": action[1], "priority": action[2]},
                   self.now)
         elif kind == "rate":
             q.set_rate_limit(action[1])
-        elif kind == "group":
+        else:
             q.set_group(action[1], {"concurrency": action[2], "paused": action[3],
                                     "rate": action[4]})
 

@@ -266,15 +266,8 @@ def run_op(q: QueueState, op: tuple[Any, ...], now: int) -> int:
         q.promote(now)
         q.expire_locks(now)
         q.expire_tombstones(now)
-    elif kind == "pause":  # one in three pauses, the rest resume
-        q.set_paused(p1 % 3 == 2)
-    elif kind == "limit":  # rate limits and group settings (DESIGN §11)
-        if p1 % 3 == 0:
-            q.set_rate_limit(None if p2 % 3 == 0 else [1 + p3 % 3, (10, 50)[p4 % 2]])
-        else:
-            q.set_group(("ga", "gb")[p1 % 2], {
-                "concurrency": (None, 1, 2)[p2 % 3], "paused": p3 % 4 == 0,
-                "rate": None if p4 % 2 else [1 + p5 % 2, (10, 40)[p6 % 2]]})
+    elif kind in ("pause", "limit"):
+        run_settings(q, op)
     elif kind == "wipe":  # mostly a no-op: draining or obliterating often hides the rest
         if p1 % 4 == 3:
             q.obliterate()
@@ -292,6 +285,19 @@ def run_op(q: QueueState, op: tuple[Any, ...], now: int) -> int:
         else:
             q.progress(pick, tok, p2)
     return now
+
+
+def run_settings(q: QueueState, op: tuple[Any, ...]) -> None:
+    """Queue-level settings: pause, rate limits and group settings (DESIGN §11)."""
+    kind, _, p1, p2, p3, p4, p5, p6, _ = op
+    if kind == "pause":  # one in three pauses, the rest resume
+        q.set_paused(p1 % 3 == 2)
+    elif p1 % 3 == 0:
+        q.set_rate_limit(None if p2 % 3 == 0 else [1 + p3 % 3, (10, 50)[p4 % 2]])
+    else:
+        q.set_group(("ga", "gb")[p1 % 2], {
+            "concurrency": (None, 1, 2)[p2 % 3], "paused": p3 % 4 == 0,
+            "rate": None if p4 % 2 else [1 + p5 % 2, (10, 40)[p6 % 2]]})
 
 
 def live_queues(**overrides: Any) -> tuple[dict[str, QueueState], list[Any]]:
