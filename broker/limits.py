@@ -77,6 +77,14 @@ class Window:
     def export(self) -> list[list[int]]:
         return [list(r) for r in self.runs]
 
+    def merge(self, runs: list[list[int]]) -> None:
+        """Add another window's runs (a queue arriving: its starts count here too)."""
+        merged: dict[int, int] = {}
+        for t, n in [*self.runs, *runs]:
+            merged[t] = merged.get(t, 0) + n
+        self.runs = [[t, merged[t]] for t in sorted(merged)]
+        self.total = sum(merged.values())
+
 
 class Line:
     """Waiting jobs of one group: by priority, then FIFO (lazy entries, like
@@ -113,3 +121,8 @@ class TenantShare:
     def to_dict(self) -> dict[str, int]:
         return {"max": self.max, "per_ms": self.per_ms, "until": self.until,
                 "fallback": self.fallback, "version": self.version}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TenantShare:
+        return cls(int(d.get("max", 0)), int(d.get("per_ms", 1000)), int(d.get("until", 0)),
+                   int(d.get("fallback", 0)), int(d.get("version", 0)), Window())

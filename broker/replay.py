@@ -219,6 +219,7 @@ def apply_broker_op(images: Images, broker_state: dict[str, Any],
         ("AB", None, move_id)         an aborted import: staging dropped
         ("SX", None, move_id)         a retried copy: staging starts over
         ("G", None, [queues])         queues handed off: dropped
+        ("bL", None, leases)          tenant leases from the coordinator (limits.py)
     """
     code = op[0]
     if code == "O":
@@ -238,6 +239,8 @@ def apply_broker_op(images: Images, broker_state: dict[str, Any],
     elif code == "G":
         for name in op[2]:
             images.pop(name, None)
+    elif code == "bL":
+        broker_state["tenants"] = op[2]
     else:
         raise ValueError(f"unknown broker op {code!r}")
 

@@ -153,8 +153,8 @@ def test_group_concurrency_and_pause_hold_while_workers_run(
                 await asyncio.sleep(0.01)
             await worker.close()
             await task
-            assert (await q.get_job(
-                (await client.queue("groups").add("x", 1, group="g1")))) is not None
+            jid = await client.queue("groups").add("x", 1, group="g1")
+            assert (await q.get_job(jid))["group"] == "g1"  # type: ignore[index]
 
     run(main())
 
