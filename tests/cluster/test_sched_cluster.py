@@ -76,3 +76,63 @@ def test_limits_groups_and_windows_move_with_the_queue(split_cluster: SplitClust
     conn.ok("GROUP_SET", {"queue": queue, "group": "c", "paused": False})
     assert sorted(r[1] for r in conn.ok("PULL", {"queues": [queue], "count": 5})) == ["c1"]
     conn.close()
+
+
+def max_in_any_window(starts: list[int], per_ms: int) -> int:
+    starts = sorted(starts)
+    best = j = 0
+    for i, s in enumerate(starts):
+        while j < len(starts) and starts[j] < s + per_ms:
+            j += 1
+        best = max(best, j - i)
+    return best
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_tenant_limit_holds_across_brokers_and_while_the_coordinator_is_down(
+        split_cluster: SplitCluster) -> None:
+    c = split_cluster
+    topo = Topology.from_dict(httpx.get(f"{c.url}/topology", timeout=10).json())
+    queues: dict[str, str] = {}  # one queue per broker
+    i = 0
+    while len(queues) < 3:
+        name = f"t7-stage{i}"
+        owner = topo.owner_of(name)
+        assert owner is not None
+        if owner not in queues.values():
+            queues[name] = owner
+        i += 1
+    limit, per_ms = 60, 1000
+
+    async def main() -> list[int]:
+        async with await shardq.connect(c.url) as client:
+            await client.set_tenant_rate_limit("tenant-7", list(queues), max=limit,
+                                               per_ms=per_ms)
+            async with asyncio.timeout(20):  # each owner tags its queue on a heartbeat
+                while not all([(await client.queue(q).get_limits())["tenant"] == "tenant-7"
+                               for q in queues]):
+                    await asyncio.sleep(0.1)
+            for q in queues:
+                await client.queue(q).add_bulk([("j", {"i": n}) for n in range(1000)])
+            done: list[tuple[str, str]] = []
+
+            async def handle(job: shardq.Job) -> None:
+                done.append((job.queue, job.id))
+
+            worker = client.worker(list(queues), handle, concurrency=30)
+            task = asyncio.create_task(worker.run())
+            await asyncio.sleep(2.5)
+            c.coordinator.kill()  # leases are kept until they expire (5 s), then the fallback
+            await asyncio.sleep(6)
+            await worker.close()
+            await task
+            jobs = await asyncio.gather(*(client.queue(q).get_job(j) for q, j in done))
+            return [j["processed_on"] for j in jobs if j]
+
+    starts = run(main())
+    worst = max_in_any_window(starts, per_ms)
+    print(f"tenant starts={len(starts)} max_in_window={worst}")
+    assert worst <= limit  # the documented bound: never over `max` in any window
+    span = max(starts) - min(starts)
+    assert len(starts) >= 0.6 * limit * (span // per_ms), (len(starts), span)
