@@ -117,6 +117,7 @@ class QueueState:
         self._lines: dict[str, Line] = {}
         self._gactive: dict[str, int] = {}
         self._ring: deque[str | None] = deque()  # groups with waiting jobs; None: ungrouped
+        self._ungrouped_in_ring = False
         self._n_gwait = 0  # grouped jobs waiting (included in n_waiting)
 
     def _emit(self, op: tuple[Any, ...]) -> None:
@@ -312,8 +313,9 @@ class QueueState:
         A group that may not start now (paused, at its concurrency, out of
         rate) is passed over; a full turn with nobody able to start ends it."""
         ring = self._ring
-        if self.n_waiting > self._n_gwait and None not in ring:
+        if not self._ungrouped_in_ring and self.n_waiting > self._n_gwait:
             ring.append(None)
+            self._ungrouped_in_ring = True
         taken = skipped = 0
         while taken < budget and ring and skipped < len(ring):
             g = ring[0]
@@ -322,6 +324,7 @@ class QueueState:
                        if self.n_waiting > self._n_gwait else None)
                 if job is None:
                     ring.popleft()
+                    self._ungrouped_in_ring = False
                     continue
                 self._start(job, lock_ms, now, out)
             else:
@@ -360,7 +363,8 @@ class QueueState:
             del lines[g]
         for line in lines.values():
             line.in_ring = True
-        self._ring = deque([None] if self.n_waiting > self._n_gwait else [])
+        self._ungrouped_in_ring = self.n_waiting > self._n_gwait
+        self._ring = deque([None] if self._ungrouped_in_ring else [])
         self._ring.extend(sorted(lines))
 
     def _group_may_start(self, g: str, conf: dict[str, Any], now: int) -> bool:

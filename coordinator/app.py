@@ -141,8 +141,8 @@ def create_app(membership: Membership, *, token: str | None = None,
             book.observe(bid, stats)
             # Scale out once a joining broker heartbeats: it is up and has our map.
             answer = m.answer(bid) if rb.notice(bid) else answer
-            tb.observe(bid, stats)
-            return {**answer, "leases": tb.leases_for(bid, m.topology)}
+            leases = tb.heartbeat(bid, stats, m.topology)
+            return answer if leases is None else {**answer, "leases": leases}
 
         return _logged(m, f"broker {bid} is back", beat)
 

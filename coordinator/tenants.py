@@ -182,6 +182,15 @@ class TenantBook:
             elif g is not None and version == g.version and g.confirmed_ms is None:
                 g.confirmed_ms = now
 
+    def heartbeat(self, broker: str, stats: Mapping[str, Any] | None,
+                  topo: Topology) -> dict[str, Any] | None:
+        """Observe a heartbeat and return its answer's `leases`; None (no key)
+        while neither the cluster nor that broker has any tenant limit."""
+        self.observe(broker, stats)
+        if not self.tenants and not (stats or {}).get("tenants"):
+            return None
+        return self.leases_for(broker, topo)
+
     def leases_for(self, broker: str, topo: Topology) -> dict[str, Any]:
         """The `leases` of a heartbeat answer to `broker`:
         {tenant: {queues, max, per_ms, ttl_ms, fallback, version}}."""

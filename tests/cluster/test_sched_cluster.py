@@ -136,3 +136,34 @@ def test_a_tenant_limit_holds_across_brokers_and_while_the_coordinator_is_down(
     assert worst <= limit  # the documented bound: never over `max` in any window
     span = max(starts) - min(starts)
     assert len(starts) >= 0.6 * limit * (span // per_ms), (len(starts), span)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_broker_keeps_its_tenant_lease_across_kill9_while_the_coordinator_is_down(
+        split_cluster: SplitCluster) -> None:
+    c = split_cluster
+    queue = "t8-only"
+    owner, _ = owner_addr(c.url, queue)
+
+    async def configure() -> None:
+        async with await shardq.connect(c.url) as client:
+            await client.set_tenant_rate_limit("tenant-8", [queue], max=5, per_ms=60_000)
+            async with asyncio.timeout(20):
+                while (await client.queue(queue).get_limits())["tenant"] != "tenant-8":
+                    await asyncio.sleep(0.1)
+            await client.queue(queue).add_bulk([("j", {"i": n}) for n in range(20)])
+
+    run(configure())
+    shares = poll(lambda: (httpx.get(f"{c.url}/tenants", timeout=5).json()
+                           ["tenant-8"]["shares"]), "the lease to be granted")
+    assert shares == {owner: 5}
+    c.coordinator.kill()
+    c.brokers[owner].kill()
+    broker = c.restart_broker(owner)
+    conn = RawConn(broker.addr)
+    assert conn.ok("LIMITS", {"queue": queue})["tenant"] == "tenant-8"
+    # The lease (5 per minute) came back from disk: 5 start, then nothing.
+    assert len(conn.ok("PULL", {"queues": [queue], "count": 20})) == 5
+    assert conn.ok("PULL", {"queues": [queue], "count": 20}) == []
+    conn.close()
