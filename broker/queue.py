@@ -139,8 +139,9 @@ class QueueState:
                   o.get("backoff"), ts, now + delay if delay else 0,
                   order=self._order,
                   remove_on_complete=o.get("remove_on_complete", -1),
-                  remove_on_fail=o.get("remove_on_fail", -1),
-                  group=o.get("group"))
+                  remove_on_fail=o.get("remove_on_fail", -1))
+        if o and "group" in o:  # set apart: plain adds pay one check, not a kwarg
+            job.group = o["group"]
         self.jobs[job_id] = job
         if delay:
             job.state = DELAYED
