@@ -20,9 +20,11 @@ from typing import Any, Protocol, TextIO
 
 import msgpack
 
+from shardq.broker import tenants
 from shardq.broker.events import EventHub
 from shardq.broker.flows import FlowAgent
 from shardq.broker.handoff import Handoffs
+from shardq.broker.limits import TenantShare
 from shardq.broker.queue import QueueDefaults, QueueState
 from shardq.broker.replay import Images
 from shardq.broker.store import Store
@@ -148,6 +150,7 @@ class Broker:
             q = QueueState(name, slot_of(name), self.log, self.defaults)
             q.restore(img.meta, img.jobs, img.tombstones)
             self.queues[name] = q
+            self.adopt_tenant_window(q)
 
     def _restore_ownership(self, state: dict[str, Any]) -> None:
         for start, end, epoch in state.get("slots", []):
@@ -155,6 +158,8 @@ class Broker:
                 self.owned[s] = 1
                 self.slot_epochs[s] = epoch
         self.term = int(state.get("term", 0))
+        for name, lease in (state.get("tenants") or {}).items():
+            self.defaults.tenants[name] = TenantShare.from_dict(lease)
         if state.get("topology"):
             self.topology = Topology.from_dict(state["topology"])
             self.epoch = self.topology.epoch
@@ -222,7 +227,7 @@ class Broker:
             runs.append([start, s, e])
             s += 1
         return {"slots": runs, "term": self.term, "topology": self.topology.to_dict(),
-                "handoff": self.handoff.state()}
+                "handoff": self.handoff.state(), "tenants": self._leases()}
 
     def queue_for(self, name: str) -> QueueState:
         """The queue if this broker owns its slot; raises MOVED/TRYAGAIN."""
@@ -520,6 +525,8 @@ class Broker:
                 q.expire_ttls(now)
                 if q.schedulers:
                     moved += q.fire_schedulers(now)
+                if q.blocked_until and q.wake_due(now):
+                    moved += 1  # a rate limit freed budget: parked pulls go on
                 if (moved or stalled) and q.name in self.waiters:
                     self.serve_waiters(q.name)
         for q in self.queues.values():
@@ -617,6 +624,11 @@ class Broker:
                 qq = self.queues.get(qn)
                 if qq is not None and self.serves(qq) and len(out) < w.count:
                     qq.pull(w.count - len(out), w.lock_ms, now, out)
+            if not out:
+                # Jobs wait but a limit holds them back (rate, group, tenant):
+                # the waiters stay parked until the limit frees (timer, ack).
+                self._arm(q)
+                break
             self._unpark(w)
             if out:
                 for qn in w.queues:
@@ -629,6 +641,19 @@ class Broker:
                     log.debug("parked pull's connection closed; jobs will stall and return")
             lst = self.waiters.get(name)
         self._schedule_flush()
+
+    # ------------------------------------------------------------ tenant leases
+    def _leases(self) -> dict[str, Any]:
+        return {name: ts.to_dict() for name, ts in self.defaults.tenants.items()}
+
+    def adopt_tenant_window(self, q: QueueState) -> None:
+        """A queue arrived (recovery, handoff): count its recent tenant starts."""
+        if q.tenant is not None:
+            tenants.adopt_window(self.defaults.tenants, q)
+
+    def apply_leases(self, leases: dict[str, Any]) -> None:
+        """Tenant leases from a heartbeat answer (broker/tenants.py)."""
+        tenants.apply_leases(self, leases)
 
     # ------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:
@@ -647,6 +672,7 @@ class Broker:
             "log_rows": self.store.log_rows,
             "durable": self.config.durable,
             "uptime_s": time.time() - self.started,
+            "tenants": tenants.demand(self),
         }
 
 

@@ -214,6 +214,7 @@ class Handoffs:
             else:
                 q.adopt_meta(img.meta)
             b.queues[name] = q
+            b.adopt_tenant_window(q)
         for s in imp.slots:
             b.owned[s], b.slot_epochs[s] = 1, max(epoch, b.slot_epochs[s])
         del self.importing[mid]

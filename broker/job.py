@@ -25,7 +25,7 @@ FIELDS = (
     "delay_until", "attempts_made", "attempts_started", "stalled_count", "progress",
     "result", "failed_reason", "processed_on", "finished_on", "token", "lock_until",
     "order", "remove_on_complete", "remove_on_fail",
-    "timeout_ms", "expires_at", "dlq_reason", "logs", "parent", "children",
+    "timeout_ms", "expires_at", "dlq_reason", "logs", "parent", "children", "group",
 )
 RECORD_VERSION = 1
 
@@ -71,6 +71,7 @@ class Job:
     # result}] (see broker/flowqueue.py).
     parent: list[Any] | None = None
     children: list[Any] | None = None
+    group: str | None = None  # groups are served round-robin (DESIGN §11)
 
     def __lt__(self, other: Job) -> bool:
         # Heap entries end with the job; two entries for one job with equal
@@ -86,6 +87,7 @@ class Job:
             self.lock_until, self.order, self.remove_on_complete, self.remove_on_fail,
             self.timeout_ms, self.expires_at, self.dlq_reason, self.logs,
             self.parent, self.children,
+            self.group,
         ]
 
     @classmethod
@@ -104,6 +106,7 @@ class Job:
             "finished_on": self.finished_on or None,
             "delay_ms": max(0, self.delay_until - self.timestamp) if self.delay_until else 0,
             "dlq": self.dlq_reason is not None,
+            "group": self.group,
         }
         if self.parent is not None:
             out["parent"] = {"queue": self.parent[0], "id": self.parent[1],

@@ -51,11 +51,14 @@ class MembershipAgent:
             is newer than the last one delivered; never with epoch 0 (no
             map yet). Called on the event loop.
         heartbeat_ms: interval between heartbeats.
+        on_leases: called with the `leases` of each heartbeat answer (tenant
+            rate-limit shares, coordinator/tenants.py). Called on the event loop.
     """
 
     def __init__(self, *, broker_id: str, advertise: str, weight: int, coordinator_url: str,
                  token: str | None, get_stats: Callable[[], dict[str, Any]],
-                 on_topology: Callable[[dict[str, Any]], None], heartbeat_ms: int = 1000) -> None:
+                 on_topology: Callable[[dict[str, Any]], None], heartbeat_ms: int = 1000,
+                 on_leases: Callable[[dict[str, Any]], None] | None = None) -> None:
         self._id = broker_id
         self._advertise = advertise
         self._weight = weight
@@ -63,6 +66,7 @@ class MembershipAgent:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._get_stats = get_stats
         self._on_topology = on_topology
+        self._on_leases = on_leases
         self._interval_s = max(heartbeat_ms, 10) / 1000.0
         self._term = 0
         self._epoch_seen = 0  # epoch of the last topology handed to on_topology
@@ -151,6 +155,7 @@ class MembershipAgent:
                 continue
             self._link_up(answer, "heartbeat")
             await self._follow(http, answer)
+            self._leases(answer)
 
     async def _follow(self, http: httpx.AsyncClient, answer: dict[str, Any]) -> None:
         """Fetch and deliver the topology when the answer names a newer epoch."""
@@ -185,6 +190,15 @@ class MembershipAgent:
             if self._left:
                 return {}
             return await _post(http, path, body)
+
+    def _leases(self, answer: dict[str, Any]) -> None:
+        leases = answer.get("leases")
+        if self._on_leases is None or not isinstance(leases, dict):
+            return
+        try:
+            self._on_leases(leases)
+        except Exception:
+            log.exception("applying tenant leases failed; keeping the last ones")
 
     def _stats(self) -> dict[str, Any]:
         try:

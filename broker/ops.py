@@ -77,8 +77,8 @@ def _pull_into(b: Broker, queues: list[QueueState], count: int, lock_ms: int,
     for q in queues:
         if len(out) >= count:
             break
-        if q.pull(count - len(out), lock_ms, now, out):
-            b.arm(q)
+        if q.pull(count - len(out), lock_ms, now, out) or q.blocked_until:
+            b.arm(q)  # a lock deadline, or when a rate limit frees budget
 
 
 def _pull_limits(args: Any) -> tuple[list[Any], int, int]:
@@ -139,6 +139,10 @@ def _ack(b: Broker, q: QueueState, it: list[Any], now: int) -> str | None:
         b.journal_lines.append(f"{q.name}\t{it[1]}\t{it[2]}\n")
     if q.outbox:
         b.flows.kick()  # a flow child completed: tell its parent
+    if q.wake:  # a group's concurrency freed: parked pulls may take its jobs
+        q.wake = False
+        if q.name in b.waiters:
+            b.serve_waiters(q.name)
     return err
 
 
@@ -278,6 +282,26 @@ def op_sched_list(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
     return [_public_scheduler(s) for s in q.schedulers.values()]
 
 
+# ---------------------------------------------------------------- rate limits, groups
+def op_rate_limit(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    q = b.queue_for(v.queue_name(v.arg(args, "queue", str)))
+    q.set_rate_limit(v.rate(args.get("max"), args.get("per_ms")))
+    b.serve_waiters(q.name)  # a raised or cleared limit may let parked pulls go
+    return q.limits()
+
+
+def op_group_set(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    q = b.queue_for(v.queue_name(v.arg(args, "queue", str)))
+    group = v.group(v.arg(args, "group", str))
+    q.set_group(group, v.group_changes(args))
+    b.serve_waiters(q.name)
+    return q.limits()["groups"].get(group)
+
+
+def op_limits(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
+    return b.queue_for(v.queue_name(v.arg(args, "queue", str))).limits()
+
+
 def op_queues(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
     return {name: q.counts() for name, q in b.queues.items() if b.owned[q.slot]}
 
@@ -414,12 +438,13 @@ HANDLERS: dict[str, Handler] = {
     p.SCHED_LIST: op_sched_list,
     p.LOG: op_log, p.GET_LOGS: op_get_logs, p.DLQ_LIST: op_dlq_list,
     p.DLQ_RETRY: op_dlq_retry, p.DLQ_PURGE: op_dlq_purge, p.SUBSCRIBE: op_subscribe,
+    p.RATE_LIMIT: op_rate_limit, p.GROUP_SET: op_group_set, p.LIMITS: op_limits,
     **flows.HANDLERS,
 }
 
 # Replies to these wait for the group commit holding their ops (durable mode).
 WRITE_OPS = (frozenset({p.ADD, p.ACK, p.FAIL, p.PROGRESS, p.PAUSE, p.RESUME, p.DRAIN,
-                        p.SCHED_UPSERT, p.SCHED_REMOVE,
+                        p.SCHED_UPSERT, p.SCHED_REMOVE, p.RATE_LIMIT, p.GROUP_SET,
                         p.OBLITERATE, p.IMPORT_CHUNKS, p.IMPORT_OPS, p.HANDOFF_STATUS,
                         p.LOG, p.DLQ_RETRY, p.DLQ_PURGE})
              | flows.WRITE_OPS)

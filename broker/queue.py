@@ -34,6 +34,20 @@ often, TTL expired before a start) keeps the job `failed` with a
 `expires_at`; pull checks it, and a heap of deadlines lets the broker timer
 discard waiting/delayed jobs that nobody pulls.
     ("cO", ...) ("cX", ...) ("cD", ...) ("cR", ...)    flows: see broker/flowqueue.py
+    ("bR", q, [max, per_ms] | None)                    queue rate limit set/cleared
+    ("bG", q, group, settings | None)                  a group's settings (absolute):
+                                                       {concurrency?, paused?, rate?}
+    ("bS", q, now, {window key: [n, per_ms]})          starts noted in rate windows
+                                                       ("" queue, "g:<group>", "t" tenant)
+    ("bT", q, tenant | None)                           the queue's cluster-wide tenant
+
+Scheduling (rate limits, groups: DESIGN §11, broker/limits.py) runs only for
+queues that use it: `pull` takes the plain priority/FIFO path unless the
+queue has a limit or grouped jobs waiting. Grouped jobs wait in one line per
+group; PULL serves groups round-robin, one job per turn, and the ungrouped
+line takes a turn like one more group. Priority orders jobs within a group
+(and within the ungrouped line), never across groups: a tenant's urgent
+jobs do not jump other tenants' turns.
 
 Every op adds one to the queue's `seq`, and counter effects are implied by the
 op code alone, so replay recomputes both from a checkpointed meta.
@@ -46,7 +60,7 @@ import random
 from bisect import insort
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from operator import attrgetter
 from typing import Any
@@ -66,6 +80,7 @@ from shardq.broker.job import (
     Job,
     backoff_delay,
 )
+from shardq.broker.limits import Line, TenantShare, Window
 
 # Per-item results of ack/fail/extend: None is success.
 LOCK_LOST = "LOCK_LOST"
@@ -91,6 +106,8 @@ class QueueDefaults:
     max_stalled_count: int = 1
     dedup_ttl_ms: int = 3_600_000
     max_tombstones: int = 100_000  # per queue; oldest are forgotten first
+    # This broker's leases of cluster-wide tenant limits (shared by its queues).
+    tenants: dict[str, TenantShare] = field(default_factory=dict)
 
 
 class QueueState(FlowQueue):
@@ -123,6 +140,19 @@ class QueueState(FlowQueue):
         self.ttls: list[tuple[int, Job]] = []  # (expires_at, job), lazy like the others
         self.ring: EventRing | None = None  # recent events, once someone subscribed
         self._init_flows()
+        # Scheduling (broker/limits.py); none of it is touched by plain queues.
+        self.rate: list[int] | None = None  # [max, per_ms]
+        self.groups: dict[str, dict[str, Any]] = {}  # group -> {concurrency, paused, rate}
+        self.windows: dict[str, Window] = {}  # "" queue, "g:<group>", "t" tenant
+        self.tenant: str | None = None
+        self.blocked_until = 0  # a limit frees budget then (0: not blocked by a rate)
+        self.wake = False  # a group's active count fell below its concurrency
+        self._limited = False  # rate or tenant set: pulls take the scheduled path
+        self._lines: dict[str, Line] = {}
+        self._gactive: dict[str, int] = {}
+        self._ring: deque[str | None] = deque()  # groups with waiting jobs; None: ungrouped
+        self._ungrouped_in_ring = False
+        self._n_gwait = 0  # grouped jobs waiting (included in n_waiting)
 
     def _emit(self, op: tuple[Any, ...]) -> None:
         self.seq += 1
@@ -154,6 +184,8 @@ class QueueState(FlowQueue):
             if ttl:
                 job.expires_at = now + ttl  # from the add, paused time included
                 heapq.heappush(self.ttls, (job.expires_at, job))
+        if o and "group" in o:  # set apart: plain adds pay one check, not a kwarg
+            job.group = o["group"]
         self.jobs[job_id] = job
         if parent is not None or children is not None:
             self._flow_added(job, parent, children)
@@ -167,6 +199,9 @@ class QueueState(FlowQueue):
         return True
 
     def _push_waiting(self, job: Job) -> None:
+        if job.group is not None:
+            self._push_group(job)
+            return
         q = self._waiting.get(job.priority)
         if q is None:
             q = self._waiting[job.priority] = deque()
@@ -183,6 +218,8 @@ class QueueState(FlowQueue):
         """Lock up to `count` waiting jobs, appending delivery rows to `out`."""
         if self.paused or not self.n_waiting:
             return 0
+        if self._limited or self._n_gwait:
+            return self._pull_scheduled(count, lock_ms, now, out)
         taken = 0
         log = self.log
         name = self.name
@@ -223,6 +260,286 @@ class QueueState(FlowQueue):
                 prios.pop(0)
         return taken
 
+    # ---------------------------------------------------------------- scheduling
+    def _push_group(self, job: Job, sort: bool = False) -> None:
+        g = job.group
+        assert g is not None
+        line = self._lines.get(g)
+        if line is None:
+            line = self._lines[g] = Line()
+        dq = line.waiting.get(job.priority)
+        if dq is None:
+            dq = line.waiting[job.priority] = deque()
+            insort(line.prios, job.priority)
+        if sort and dq and dq[-1][0] > job.order:  # a replayed job: keep the line sorted
+            i = len(dq)
+            while i and dq[i - 1][0] > job.order:
+                i -= 1
+            dq.insert(i, (job.order, job))
+        else:
+            dq.append((job.order, job))
+        line.n += 1
+        self._n_gwait += 1
+        self.n_waiting += 1
+        if not line.in_ring:
+            line.in_ring = True
+            self._ring.append(g)
+
+    def _start(self, job: Job, lock_ms: int, now: int, out: list[list[Any]]) -> None:
+        """Hand a waiting job out (the scheduled path's copy of `pull`'s loop body)."""
+        self.n_waiting -= 1
+        job.state = ACTIVE
+        job.token = token = _rand.getrandbits(62)
+        job.lock_until = lock_until = now + lock_ms
+        job.attempts_started += 1
+        job.processed_on = now
+        self.active[job.id] = job
+        heapq.heappush(self._locks, (lock_until, job.order, token, job))
+        self.seq += 1
+        op = ("L", self.name, job.id, token, lock_until, job.attempts_started, now)
+        self.log.append(op)
+        if self.ring is not None:
+            self.ring.note(op, self.seq)
+        row = [self.name, job.id, job.name, job.data, token, job.attempts_made,
+               job.attempts_started, job.timestamp, lock_ms]
+        if job.timeout_ms:
+            row.append(job.timeout_ms)
+        out.append(row)
+
+    def _pull_scheduled(self, count: int, lock_ms: int, now: int, out: list[list[Any]]) -> int:
+        """`pull` for a queue with a rate/tenant limit or grouped jobs waiting."""
+        budget = count
+        if self._limited:
+            budget = min(count, self._queue_budget(now))
+            if budget <= 0:
+                return 0
+        noted: dict[str, list[int]] = {}
+        if self._n_gwait:
+            taken = self._round_robin(budget, lock_ms, now, out, noted)
+        else:
+            taken = 0
+            while taken < budget:
+                job = _pop_line(self._waiting, self._prios)
+                if job is None:
+                    break
+                if job.expires_at and job.expires_at <= now:
+                    self._expire_ttl(job, now)  # never handed out after its TTL
+                    continue
+                self._start(job, lock_ms, now, out)
+                taken += 1
+        if taken and self._limited:
+            if self.rate is not None:
+                per = self.rate[1]
+                self.windows.setdefault("", Window()).note(now, taken, per)
+                noted[""] = [taken, per]
+            ts = self.defaults.tenants.get(self.tenant) if self.tenant is not None else None
+            if ts is not None:
+                if ts.window is None:
+                    ts.window = Window()
+                ts.window.note(now, taken, ts.per_ms)
+                self.windows.setdefault("t", Window()).note(now, taken, ts.per_ms)
+                noted["t"] = [taken, ts.per_ms]
+        if noted:
+            self._emit(("bS", self.name, now, noted))
+        return taken
+
+    def _block(self, until: int, now: int) -> None:
+        """Note when a limit frees budget; a time already passed is stale."""
+        if self.blocked_until <= now or until < self.blocked_until:
+            self.blocked_until = until
+
+    def _queue_budget(self, now: int) -> int:
+        """Starts the queue's own rate limit and its tenant lease allow now."""
+        budget = 1 << 62
+        if self.rate is not None:
+            limit, per = self.rate
+            w = self.windows.get("")
+            used = w.used(now, per) if w is not None else 0
+            if used >= limit:
+                assert w is not None
+                self._block(w.free_at(now, per, limit), now)
+                return 0
+            budget = limit - used
+        if self.tenant is not None:
+            ts = self.defaults.tenants.get(self.tenant)
+            share = ts.share(now) if ts is not None else 0
+            if ts is None or share <= 0:
+                return 0  # no lease here (yet): a new lease wakes the waiters
+            used = ts.window.used(now, ts.per_ms) if ts.window is not None else 0
+            if used >= share:
+                assert ts.window is not None
+                self._block(ts.window.free_at(now, ts.per_ms, share), now)
+                return 0
+            budget = min(budget, share - used)
+        return budget
+
+    def _round_robin(self, budget: int, lock_ms: int, now: int, out: list[list[Any]],
+                     noted: dict[str, list[int]]) -> int:
+        """One job per group per turn; the ungrouped line (None) takes turns too.
+        A group that may not start now (paused, at its concurrency, out of
+        rate) is passed over; a full turn with nobody able to start ends it."""
+        ring = self._ring
+        if not self._ungrouped_in_ring and self.n_waiting > self._n_gwait:
+            ring.append(None)
+            self._ungrouped_in_ring = True
+        taken = skipped = 0
+        while taken < budget and ring and skipped < len(ring):
+            g = ring[0]
+            if g is None:
+                job = (_pop_line(self._waiting, self._prios)
+                       if self.n_waiting > self._n_gwait else None)
+                if job is None:
+                    ring.popleft()
+                    self._ungrouped_in_ring = False
+                    continue
+                if job.expires_at and job.expires_at <= now:
+                    self._expire_ttl(job, now)
+                    continue
+                self._start(job, lock_ms, now, out)
+            else:
+                line = self._lines[g]
+                if not line.n:
+                    ring.popleft()
+                    del self._lines[g]
+                    continue
+                conf = self.groups.get(g)
+                if conf is not None and not self._group_may_start(g, conf, now):
+                    ring.rotate(-1)
+                    skipped += 1
+                    continue
+                job = _pop_line(line.waiting, line.prios)
+                assert job is not None  # line.n counts its live entries
+                if job.expires_at and job.expires_at <= now:
+                    self._expire_ttl(job, now)  # (its counts too)
+                    continue
+                line.n -= 1
+                self._n_gwait -= 1
+                self._gactive[g] = self._gactive.get(g, 0) + 1
+                self._start(job, lock_ms, now, out)
+                rate = conf.get("rate") if conf is not None else None
+                if rate is not None:
+                    key = "g:" + g
+                    self.windows.setdefault(key, Window()).note(now, 1, rate[1])
+                    noted.setdefault(key, [0, rate[1]])[0] += 1
+            taken += 1
+            skipped = 0
+            ring.rotate(-1)
+        return taken
+
+    def reset_rotation(self) -> None:
+        """Start the round-robin over: the ungrouped line, then the groups by
+        name. The rotation's position is not persisted: a restart or handoff
+        starts it over (fairness holds from there)."""
+        lines = self._lines
+        for g in [g for g, line in lines.items() if not line.n]:
+            del lines[g]
+        for line in lines.values():
+            line.in_ring = True
+        self._ungrouped_in_ring = self.n_waiting > self._n_gwait
+        self._ring = deque([None] if self._ungrouped_in_ring else [])
+        self._ring.extend(sorted(lines))
+
+    def _group_may_start(self, g: str, conf: dict[str, Any], now: int) -> bool:
+        if conf.get("paused"):
+            return False
+        conc = conf.get("concurrency")
+        if conc is not None and self._gactive.get(g, 0) >= conc:
+            return False
+        rate = conf.get("rate")
+        if rate is not None:
+            w = self.windows.get("g:" + g)
+            if w is not None and w.used(now, rate[1]) >= rate[0]:
+                self._block(w.free_at(now, rate[1], rate[0]), now)
+                return False
+        return True
+
+    def _group_left_active(self, g: str) -> None:
+        n = self._gactive.get(g, 0) - 1
+        if n > 0:
+            self._gactive[g] = n
+        else:
+            self._gactive.pop(g, None)
+        conf = self.groups.get(g)
+        if conf is not None and conf.get("concurrency") is not None:
+            self.wake = True  # parked pulls may now get this group's jobs
+
+    def set_rate_limit(self, rate: list[int] | None) -> None:
+        """Set (`[max, per_ms]`, validated by the caller) or clear (None) the
+        queue's rate limit. Starts already in the window keep counting."""
+        self.rate = [int(rate[0]), int(rate[1])] if rate else None
+        if self.rate is None:
+            self.windows.pop("", None)
+        self.blocked_until = 0
+        self._refresh_limited()
+        self._emit(("bR", self.name, self.rate))
+
+    def set_group(self, group: str, changes: dict[str, Any]) -> dict[str, Any] | None:
+        """Change a group's settings (`concurrency`, `paused`, `rate`: validated
+        by the caller; None or False clears one). Returns the settings now."""
+        conf = dict(self.groups.get(group, {}))
+        for key, val in changes.items():
+            if val is None or val is False:
+                conf.pop(key, None)
+            else:
+                conf[key] = list(val) if isinstance(val, list) else val
+        if "rate" not in conf:
+            self.windows.pop("g:" + group, None)
+        if conf:
+            self.groups[group] = conf
+        else:
+            self.groups.pop(group, None)
+        self.blocked_until = 0
+        self._emit(("bG", self.name, group, conf or None))
+        return conf or None
+
+    def set_tenant(self, tenant: str | None) -> bool:
+        """Count this queue's starts against a cluster-wide tenant limit
+        (set by the coordinator's lease, coordinator/tenants.py)."""
+        if tenant == self.tenant:
+            return False
+        self.tenant = tenant
+        if tenant is None:
+            self.windows.pop("t", None)
+        self.blocked_until = 0
+        self._refresh_limited()
+        self._emit(("bT", self.name, tenant))
+        return True
+
+    def _refresh_limited(self) -> None:
+        self._limited = self.rate is not None or self.tenant is not None
+
+    def limits(self) -> dict[str, Any]:
+        """The LIMITS view: rate, tenant, and each configured group with its
+        active and waiting jobs."""
+        groups = {}
+        for g, conf in self.groups.items():
+            line = self._lines.get(g)
+            groups[g] = {**conf, "active": self._gactive.get(g, 0),
+                         "waiting": line.n if line is not None else 0}
+        return {"rate": self.rate, "tenant": self.tenant, "groups": groups}
+
+    def _sched_meta(self) -> dict[str, Any]:
+        m: dict[str, Any] = {}
+        if self.rate is not None:
+            m["rate"] = list(self.rate)
+        if self.groups:
+            m["groups"] = {g: {k: list(v) if isinstance(v, list) else v for k, v in c.items()}
+                           for g, c in self.groups.items()}
+        if self.windows:
+            m["win"] = {k: w.export() for k, w in self.windows.items()}
+        if self.tenant is not None:
+            m["tenant"] = self.tenant
+        return m
+
+    def _adopt_sched_meta(self, meta: dict[str, Any]) -> None:
+        rate = meta.get("rate")
+        self.rate = [int(rate[0]), int(rate[1])] if rate else None
+        self.groups = {g: dict(c) for g, c in meta.get("groups", {}).items()}
+        self.windows = {k: Window(r) for k, r in meta.get("win", {}).items() if r}
+        self.tenant = meta.get("tenant")
+        self.blocked_until = 0
+        self._refresh_limited()
+
     def _locked(self, job_id: str, token: int) -> Job | str:
         job = self.active.get(job_id)
         if job is None:
@@ -237,6 +554,8 @@ class QueueState(FlowQueue):
         if isinstance(job, str):
             return job
         del self.active[job_id]
+        if job.group is not None:
+            self._group_left_active(job.group)
         job.state = COMPLETED
         job.result = result
         job.finished_on = now
@@ -257,6 +576,8 @@ class QueueState(FlowQueue):
         if isinstance(job, str):
             return job
         del self.active[job_id]
+        if job.group is not None:
+            self._group_left_active(job.group)
         job.attempts_made += 1
         job.token = 0
         job.failed_reason = reason
@@ -287,6 +608,11 @@ class QueueState(FlowQueue):
         """A waiting or delayed job whose TTL ran out goes to the DLQ."""
         if job.state == WAITING:
             self.n_waiting -= 1
+            if job.group is not None:  # its line entry goes stale; counts go now
+                line = self._lines.get(job.group)
+                if line is not None:
+                    line.n -= 1
+                self._n_gwait -= 1
         elif job.state == DELAYED:
             self.n_delayed -= 1
         self._fail_final(job, TTL_REASON, now, dlq=DLQ_TTL)
@@ -375,6 +701,8 @@ class QueueState(FlowQueue):
             if job.state != ACTIVE or job.lock_until != lock_until or job.token != token:
                 continue  # an entry of an earlier delivery or of a renewed lock
             del self.active[job.id]
+            if job.group is not None:
+                self._group_left_active(job.group)
             job.token = 0
             job.stalled_count += 1
             self.counters["stalled"] += 1
@@ -411,7 +739,16 @@ class QueueState(FlowQueue):
             cands.append(self.ttls[0][0])
         if self.schedulers:
             cands.append(min(s["next_tick_ms"] for s in self.schedulers.values()))
+        if self.blocked_until:
+            cands.append(self.blocked_until)
         return min(cands) if cands else None
+
+    def wake_due(self, now: int) -> bool:
+        """True (once) when a rate limit that blocked a pull frees budget by now."""
+        if self.blocked_until and self.blocked_until <= now:
+            self.blocked_until = 0
+            return True
+        return False
 
     # ---------------------------------------------------------------- schedulers
     def upsert_scheduler(self, sched: dict[str, Any], now: int) -> dict[str, Any]:
@@ -536,7 +873,9 @@ class QueueState(FlowQueue):
         self.schedulers.clear()
         self.outbox.clear()
         self.counters = dict.fromkeys(self.counters, 0)
+        self.rate, self.groups, self.windows = None, {}, {}
         self._rebuild_indexes()
+        self._refresh_limited()
         self._emit(("X", self.name))
 
     def meta(self, events: bool = False) -> dict[str, Any]:
@@ -545,7 +884,8 @@ class QueueState(FlowQueue):
         never hold it (broker/events.py)."""
         meta = {"paused": self.paused, "seq": self.seq, "order": self._order,
                 "counters": dict(self.counters), "slot": self.slot,
-                "schedulers": {k: dict(v) for k, v in self.schedulers.items()}}
+                "schedulers": {k: dict(v) for k, v in self.schedulers.items()},
+                **self._sched_meta()}
         if events and self.ring is not None:
             meta["events"] = self.ring.to_meta()
         if self.outbox:
@@ -561,6 +901,7 @@ class QueueState(FlowQueue):
         self.outbox = {k: list(v) for k, v in meta.get("outbox", {}).items()}
         self.seq = int(meta.get("seq", 0))
         self.counters.update(meta.get("counters", {}))
+        self._adopt_sched_meta(meta)
         self.jobs = jobs
         self.tombstones = dict(sorted(tombstones.items(), key=lambda kv: kv[1]))
         self._order = max([int(meta.get("order", 0)), *(j.order for j in jobs.values())])
@@ -570,6 +911,7 @@ class QueueState(FlowQueue):
 
     def _rebuild_indexes(self) -> None:
         self._waiting, self._prios, self.n_waiting = {}, [], 0
+        self._lines, self._gactive, self._ring, self._n_gwait = {}, {}, deque(), 0
         self._delayed, self.n_delayed = [], 0
         self._locks = []
         self.ttls = []
@@ -587,8 +929,11 @@ class QueueState(FlowQueue):
             elif st == ACTIVE:
                 self.active[job.id] = job
                 heapq.heappush(self._locks, (job.lock_until, job.order, job.token, job))
+                if job.group is not None:
+                    self._gactive[job.group] = self._gactive.get(job.group, 0) + 1
             elif st == PENDING:
                 self._index_pending(job)
+        self.reset_rotation()
         for st in (COMPLETED, FAILED):
             done = [j for j in self.jobs.values() if j.state == st]
             done.sort(key=lambda j: j.order)  # finishing assigns a new order
@@ -623,6 +968,8 @@ class QueueState(FlowQueue):
         elif state == DELAYED:
             self._push_delayed(new)
         elif state == ACTIVE:
+            if new.group is not None and job_id not in self.active:
+                self._gactive[new.group] = self._gactive.get(new.group, 0) + 1
             self.active[job_id] = new
             heapq.heappush(self._locks, (new.lock_until, new.order, new.token, new))
         elif state in self._finished:
@@ -637,6 +984,9 @@ class QueueState(FlowQueue):
     def _insert_waiting(self, job: Job) -> None:
         """`_push_waiting` for a replayed job, whose order may be older than
         the line's tail (the snapshot saw later jobs): keep the line sorted."""
+        if job.group is not None:
+            self._push_group(job, sort=True)
+            return
         dq = self._waiting.get(job.priority)
         if not dq or dq[-1][0] < job.order:
             self._push_waiting(job)
@@ -657,10 +1007,14 @@ class QueueState(FlowQueue):
             return False
         if state == WAITING:
             self.n_waiting -= 1
+            if old.group is not None:
+                self._lines[old.group].n -= 1
+                self._n_gwait -= 1
         elif state == DELAYED:
             self.n_delayed -= 1
         elif state == ACTIVE:
-            self.active.pop(old.id, None)
+            if self.active.pop(old.id, None) is not None and old.group is not None:
+                self._group_left_active(old.group)
         elif state in self._finished:
             self._finished_stale = True  # the history lists it; compacted on adopt_meta
         elif state == PENDING:
@@ -677,6 +1031,8 @@ class QueueState(FlowQueue):
         self.outbox = {k: list(v) for k, v in meta.get("outbox", {}).items()}
         self.seq = int(meta.get("seq", 0))
         self.counters.update(meta.get("counters", {}))
+        self._adopt_sched_meta(meta)
+        self.reset_rotation()
         self._order = max(self._order, int(meta.get("order", 0)))
         if self._finished_stale:
             self._finished_stale = False
@@ -688,7 +1044,9 @@ class QueueState(FlowQueue):
     def free_in_steps(self, step: int = 5000) -> Iterator[None]:
         """Let go of every job, `step` objects at a time: freeing a big queue
         (one handed off) in one go would stall the event loop for tens of ms."""
-        containers: list[Any] = [*self._waiting.values(), self._delayed, self._locks, self.ttls,
+        containers: list[Any] = [*self._waiting.values(),
+                                 *(dq for ln in self._lines.values() for dq in ln.waiting.values()),
+                                 self._delayed, self._locks, self.ttls,
                                  *self._finished.values(), self.active, self.jobs,
                                  self.tombstones]
         for c in containers:
@@ -713,6 +1071,23 @@ class QueueState(FlowQueue):
         for i in range(0, len(tombs), chunk_size * 10):
             yield {"v": 1, "kind": "tombstones", "queue": self.name,
                    "tombstones": [list(t) for t in tombs[i:i + chunk_size * 10]]}
+
+
+def _pop_line(waiting: dict[int, deque[tuple[int, Job]]], prios: list[int]) -> Job | None:
+    """Take the first live entry of a line (by priority, then FIFO)."""
+    while prios:
+        prio = prios[0]
+        dq = waiting[prio]
+        while dq:
+            order, job = dq.popleft()
+            if job.state == WAITING and job.order == order:
+                if not dq:
+                    del waiting[prio]
+                    prios.pop(0)
+                return job
+        del waiting[prio]
+        prios.pop(0)
+    return None
 
 
 def import_chunks(chunks: list[dict[str, Any]], log: list[Any],

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardq.broker.job import ACTIVE, COMPLETED, FAILED, Job
+from shardq.broker.limits import note_runs
 from shardq.broker.queue import append_log, dlq_reset
 
 
@@ -122,6 +123,8 @@ def _obliterate(img: QueueImage, op: list[Any]) -> None:
     img.meta["schedulers"] = {}
     img.meta.pop("outbox", None)
     img.meta["counters"] = dict.fromkeys(img.meta["counters"], 0)
+    for key in ("rate", "groups", "win"):  # the tenant stays: the coordinator set it
+        img.meta.pop(key, None)
 
 
 def _sched_upsert(img: QueueImage, op: list[Any]) -> None:
@@ -155,6 +158,8 @@ def _dlq_retry(img: QueueImage, op: list[Any]) -> None:
     job = img.jobs.get(op[2])
     if job is not None:
         dlq_reset(job, op[3])
+
+
 def _outbox_put(img: QueueImage, op: list[Any]) -> None:
     img.meta.setdefault("outbox", {})[op[2]] = list(op[3])
 
@@ -173,8 +178,46 @@ def _child_done(img: QueueImage, op: list[Any]) -> None:
         job.children[2][op[3]] = op[4]
 
 
+def _windows(img: QueueImage) -> dict[str, list[list[int]]]:
+    win: dict[str, list[list[int]]] = img.meta.setdefault("win", {})
+    return win
+
+
+def _rate_limit(img: QueueImage, op: list[Any]) -> None:
+    if op[2]:
+        img.meta["rate"] = list(op[2])
+    else:
+        img.meta.pop("rate", None)
+        _windows(img).pop("", None)
+
+
+def _group_set(img: QueueImage, op: list[Any]) -> None:
+    groups = img.meta.setdefault("groups", {})
+    if op[3]:
+        groups[op[2]] = dict(op[3])
+    else:
+        groups.pop(op[2], None)
+    if not op[3] or "rate" not in op[3]:
+        _windows(img).pop("g:" + op[2], None)
+
+
+def _starts(img: QueueImage, op: list[Any]) -> None:
+    win = _windows(img)
+    for key, (n, per_ms) in op[3].items():
+        note_runs(win.setdefault(key, []), op[2], n, per_ms)
+
+
+def _tenant(img: QueueImage, op: list[Any]) -> None:
+    if op[2] is None:
+        img.meta.pop("tenant", None)
+        _windows(img).pop("t", None)
+    else:
+        img.meta["tenant"] = op[2]
+
+
 _APPLY: dict[str, Callable[[QueueImage, list[Any]], None]] = {
     "aL": _log_line, "aQ": _dlq_in, "aR": _dlq_retry,
+    "bR": _rate_limit, "bG": _group_set, "bS": _starts, "bT": _tenant,
     "SU": _sched_upsert, "SR": _sched_remove, "SN": _sched_next,
     "cO": _outbox_put, "cX": _outbox_done, "cD": _child_done, "cR": _requeue,
     "A": _add, "L": _lock, "E": _extend, "C": _complete, "F": _fail,
@@ -217,6 +260,7 @@ def apply_broker_op(images: Images, broker_state: dict[str, Any],
         ("AB", None, move_id)         an aborted import: staging dropped
         ("SX", None, move_id)         a retried copy: staging starts over
         ("G", None, [queues])         queues handed off: dropped
+        ("bL", None, leases)          tenant leases from the coordinator (limits.py)
     """
     code = op[0]
     if code == "O":
@@ -236,6 +280,8 @@ def apply_broker_op(images: Images, broker_state: dict[str, Any],
     elif code == "G":
         for name in op[2]:
             images.pop(name, None)
+    elif code == "bL":
+        broker_state["tenants"] = op[2]
     else:
         raise ValueError(f"unknown broker op {code!r}")
 

@@ -35,7 +35,10 @@ log = logging.getLogger("shardq.broker.store")
 # (queue, id) -> (slot, blob) to write, or (slot, None) to delete
 RowSource = Callable[[str, str], tuple[int, bytes | None] | None]
 
-_META_OPS = frozenset({"M", "SU", "SR", "SN", "cO", "cX"})  # queue-level: meta, not a job row
+# Queue-level ops: in the meta, not a job row ("b*": rate limits, groups,
+# tenants; "cO"/"cX": a flow child's outbox).
+_META_OPS = frozenset({"M", "SU", "SR", "SN", "cO", "cX",
+                       "bR", "bG", "bS", "bT"})
 CHECKPOINT_CHUNK = 1000  # rows per checkpoint transaction: keeps each write short
 GONE_ROWS_PER_STEP = 2000  # rows of dropped queues deleted per checkpoint transaction
 

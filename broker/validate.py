@@ -61,8 +61,11 @@ def _backoff(v: Any) -> list[Any] | None:
 
 
 _OPT_KEYS = frozenset({"priority", "delay_ms", "attempts", "backoff", "remove_on_complete",
-                       "remove_on_fail", "timestamp"})
+                       "remove_on_fail", "timestamp", "group"})
 _OPT_KEYS |= {"timeout_ms", "ttl_ms"}  # DESIGN §11 (docs/features-jobs.md)
+GROUP_MAX = 256
+RATE_MAX = 10_000_000  # starts per window
+PER_MS_MAX = 86_400_000  # one day
 
 
 def job_opts(o: Any) -> dict[str, Any] | None:
@@ -90,7 +93,46 @@ def job_opts(o: Any) -> dict[str, Any] | None:
     if "timestamp" in o:
         out["timestamp"] = non_neg_int(o["timestamp"], "timestamp")
     _time_limits(o, out)
+    if o.get("group") is not None:
+        out["group"] = group(o["group"])
     return out
+
+
+def group(v: Any) -> str:
+    if not isinstance(v, str) or not v or len(v) > GROUP_MAX:
+        raise BadRequestError(f"group must be a non-empty string of at most {GROUP_MAX} chars")
+    return v
+
+
+def rate(limit: Any, per_ms: Any) -> list[int] | None:
+    """A rate limit `[max, per_ms]`, or None when `max` is nil (cleared)."""
+    if limit is None:
+        return None
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= RATE_MAX:
+        raise BadRequestError(f"rate limit max must be an integer in [1, {RATE_MAX}] or nil")
+    if not isinstance(per_ms, int) or isinstance(per_ms, bool) or not 1 <= per_ms <= PER_MS_MAX:
+        raise BadRequestError(f"rate limit per_ms must be an integer in [1, {PER_MS_MAX}]")
+    return [limit, per_ms]
+
+
+def group_changes(args: dict[str, Any]) -> dict[str, Any]:
+    """GROUP_SET's changes: only the keys given; nil clears one."""
+    changes: dict[str, Any] = {}
+    if "concurrency" in args:
+        c = args["concurrency"]
+        changes["concurrency"] = None if c is None else non_neg_int(c, "concurrency", 1)
+    if "paused" in args:
+        if not isinstance(args["paused"], bool):
+            raise BadRequestError("paused must be a bool")
+        changes["paused"] = args["paused"]
+    if "rate" in args:
+        r = args["rate"]
+        if r is not None and (not isinstance(r, list) or len(r) != 2):
+            raise BadRequestError("rate must be [max, per_ms] or nil")
+        changes["rate"] = None if r is None else rate(r[0], r[1])
+    if not changes:
+        raise BadRequestError("nothing to change: give concurrency, paused or rate")
+    return changes
 
 
 def _time_limits(o: dict[str, Any], out: dict[str, Any]) -> None:

@@ -170,6 +170,35 @@ class Client:
             ShardqError: the flow could not be written (nothing of it will run).
         """
         return await add_flow(self, flow, timeout_ms)
+    async def set_tenant_rate_limit(self, tenant: str, queues: Sequence[str] = (), *,
+                                    max: int | None, per_ms: int = 1000) -> dict[str, Any]:
+        """Let at most `max` jobs of `queues` start in any `per_ms` window,
+        cluster-wide, whichever brokers own them (DESIGN §11); `max=None`
+        removes the limit. The coordinator leases each owner a share, by
+        demand, in its heartbeats; it is never asked per job. Takes effect
+        within about a heartbeat (1 s); see docs/features-sched.md for the
+        bound on overshoot and what happens while the coordinator is down.
+
+        Raises:
+            ShardqError: no coordinator (connect by URL).
+            BadRequestError: it refused the arguments.
+            UnavailableError: it could not be reached.
+        """
+        body = {"queues": list(queues), "max": max, "per_ms": per_ms}
+        answer: dict[str, Any] = await self._coordinator_post(
+            f"/tenants/{tenant}/rate_limit", body, f"set_tenant_rate_limit({tenant!r})")
+        return answer
+
+    async def _coordinator_post(self, path: str, body: dict[str, Any], what: str) -> Any:
+        if not self.coordinator or self._http is None:
+            raise ShardqError(f"{what} needs the coordinator: connect with its URL")
+        try:
+            resp = await self._http.post(f"{self.coordinator}{path}", json=body)
+        except httpx.HTTPError as exc:
+            raise UnavailableError("coordinator", str(exc)) from exc
+        if resp.status_code >= 400:
+            raise BadRequestError(f"{what}: {resp.text}")
+        return resp.json()
 
     async def refresh_topology(self) -> None:
         """Fetch the whole topology now."""

@@ -9,6 +9,7 @@ out over all of them.
 from __future__ import annotations
 
 import asyncio
+from builtins import max as builtins_max
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -104,7 +105,7 @@ class Queue:
                   attempts: int | None = None, backoff: dict[str, Any] | None = None,
                   job_id: str | None = None, remove_on_complete: bool | int | None = None,
                   remove_on_fail: bool | int | None = None, partition_key: str | None = None,
-                  **extra: Any) -> str:
+                  group: str | None = None, **extra: Any) -> str:
         """Add one job; return its id.
 
         Concurrent calls are sent together in bulk ADD frames. Adding an id
@@ -120,6 +121,9 @@ class Queue:
                 resend after a timeout or redirect cannot add twice.
             remove_on_complete / remove_on_fail: retention override (bool or count).
             partition_key: picks the partition of a partitioned queue.
+            group: a group key (e.g. a tenant): waiting jobs are handed out
+                round-robin across groups, one per turn, so one group's burst
+                does not starve the others (see `set_group_concurrency`).
             extra: further broker options, sent as is; among them
                 `timeout_ms` (the worker cancels an attempt running longer
                 and fails it with a reason saying "timed out"; retries and
@@ -132,6 +136,8 @@ class Queue:
                 `TooLargeError`, `BusyError`, `UnavailableError`, ...).
         """
         jid = job_id or uuid7()
+        if group is not None:
+            extra["group"] = group
         opts = None
         if priority or delay_ms or attempts is not None or backoff is not None or extra \
                 or remove_on_complete is not None or remove_on_fail is not None:
@@ -309,6 +315,50 @@ class Queue:
     async def dlq_purge(self) -> int:
         """Remove every job in the DLQ; returns how many."""
         return sum(int(n or 0) for n in await self._each(protocol.DLQ_PURGE))
+    # -- rate limits and groups (DESIGN §11) ------------------------------------
+
+    async def set_rate_limit(self, max: int | None, per_ms: int = 1000) -> None:
+        """Let at most `max` jobs start (be handed to workers) in any sliding
+        window of `per_ms` ms; `None` clears the limit. Workers held back wait
+        in the broker (no polling) and get jobs as soon as the window has room.
+        A partitioned queue gives each partition `max // P` (at least 1).
+
+        Raises:
+            BadRequestError: max not in [1, 10^7], or per_ms not in [1, 1 day].
+        """
+        parts = self.partitions()
+        share = None if max is None else (max if len(parts) == 1 else
+                                          builtins_max(1, max // len(parts)))
+        await asyncio.gather(*(self._client._call(q, protocol.RATE_LIMIT,
+                                                  {"queue": q, "max": share, "per_ms": per_ms})
+                               for q in parts))
+
+    async def set_group_rate_limit(self, group: str, max: int | None,
+                                   per_ms: int = 1000) -> None:
+        """At most `max` jobs of `group` start in any `per_ms` window; `None` clears."""
+        rate = None if max is None else [max, per_ms]
+        await self._each(protocol.GROUP_SET, group=group, rate=rate)
+
+    async def set_group_concurrency(self, group: str, concurrency: int | None) -> None:
+        """At most `concurrency` jobs of `group` active at once (unlimited
+        unless set; `None` clears). For a partitioned queue, per partition."""
+        await self._each(protocol.GROUP_SET, group=group, concurrency=concurrency)
+
+    async def pause_group(self, group: str) -> None:
+        """Stop handing out `group`'s jobs (adds still work; other groups go on)."""
+        await self._each(protocol.GROUP_SET, group=group, paused=True)
+
+    async def resume_group(self, group: str) -> None:
+        """Hand out `group`'s jobs again after `pause_group`."""
+        await self._each(protocol.GROUP_SET, group=group, paused=False)
+
+    async def get_limits(self) -> dict[str, Any]:
+        """`{"rate": [max, per_ms] | None, "tenant": str | None, "groups": {group:
+        {concurrency?, paused?, rate?, active, waiting}}}` (of partition 0 for
+        a partitioned queue)."""
+        reply: dict[str, Any] = await self._client._call(
+            self.partitions()[0], protocol.LIMITS, {"queue": self.partitions()[0]})
+        return reply
 
     # -- job schedulers (DESIGN §6, §10) ----------------------------------------
 

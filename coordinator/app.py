@@ -19,6 +19,10 @@
                                      [{source, target, slots, first, last}], slots,
                                      load_before, load_after, started}
     POST /rebalance/cancel           {} -> progress; moves not started are dropped
+    GET  /tenants                    cluster-wide tenant limits with each broker's share
+    POST /tenants/{name}/rate_limit  {queues, max|null, per_ms} -> the tenant's limit
+                                     (null max removes it); brokers get their shares
+                                     as `leases` in heartbeat answers (tenants.py)
 
 Errors answer `{"error": message}` with 400 (malformed), 401 (token),
 403 (barred id), 404 (unknown broker), 409 (conflicting state).
@@ -58,6 +62,7 @@ from .metrics import render as render_metrics
 from .moves import MoveExecutor, MovePolicy
 from .rebalance import Rebalancer
 from .stats import StatsBook
+from .tenants import TenantBook
 
 log = logging.getLogger("shardq.coordinator")
 
@@ -78,7 +83,7 @@ def default_rebalancer(membership: Membership, token: str | None = None, *,
 
 def create_app(membership: Membership, *, token: str | None = None,
                check_interval_ms: int = 1000, rebalancer: Rebalancer | None = None,
-               stats: StatsBook | None = None) -> Starlette:
+               stats: StatsBook | None = None, tenants: TenantBook | None = None) -> Starlette:
     """The ASGI app; its lifespan runs the liveness check every `check_interval_ms`,
     recovers unfinished moves at start and stops the rebalancer at the end.
 
@@ -90,10 +95,13 @@ def create_app(membership: Membership, *, token: str | None = None,
         rebalancer: runs moves; default: `default_rebalancer(membership, token)`.
         stats: keeps the brokers' heartbeat stats for /stats and /metrics;
             default: a fresh `StatsBook()`.
+        tenants: cluster-wide tenant limits and their leases; default: kept
+            in memory only (the server passes one persisted in its store).
     """
     m = membership
     rb = rebalancer or default_rebalancer(membership, token)
     book = stats or StatsBook()
+    tb = _tenant_book(tenants, m)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -132,7 +140,9 @@ def create_app(membership: Membership, *, token: str | None = None,
             answer = m.heartbeat(bid, stats)
             book.observe(bid, stats)
             # Scale out once a joining broker heartbeats: it is up and has our map.
-            return m.answer(bid) if rb.notice(bid) else answer
+            answer = m.answer(bid) if rb.notice(bid) else answer
+            leases = tb.heartbeat(bid, stats, m.topology)
+            return answer if leases is None else {**answer, "leases": leases}
 
         return _logged(m, f"broker {bid} is back", beat)
 
@@ -168,6 +178,7 @@ def create_app(membership: Membership, *, token: str | None = None,
         Route("/brokers/leave", leave, methods=["POST"]),
         Route("/brokers/{broker_id}/forget", forget, methods=["POST"]),
         *_rebalance_routes(m, rb),
+        *_tenant_routes(tb),
         *_stats_routes(m, book),
     ]
     middleware = [Middleware(BearerAuth, token=token)] if token else []
@@ -210,6 +221,29 @@ def _rebalance_routes(m: Membership, rb: Rebalancer) -> list[Route]:
         Route("/rebalance", rebalance_progress, methods=["GET"]),
         Route("/rebalance", rebalance, methods=["POST"]),
         Route("/rebalance/cancel", rebalance_cancel, methods=["POST"]),
+    ]
+
+
+def _tenant_book(tenants: TenantBook | None, m: Membership) -> TenantBook:
+    return tenants if tenants is not None else TenantBook(None, m.term)
+
+
+def _tenant_routes(tb: TenantBook) -> list[Route]:
+    """Cluster-wide tenant rate limits (DESIGN §11, tenants.py)."""
+
+    async def tenants(request: Request) -> Response:
+        return JSONResponse(tb.view())
+
+    async def set_tenant(request: Request) -> Response:
+        name = request.path_params["name"]
+        body = await _json_body(request)
+        answer = tb.set(name, body.get("queues"), body.get("max"), body.get("per_ms", 1000))
+        log.info("tenant %s rate limit: %s", name, answer)
+        return JSONResponse(answer)
+
+    return [
+        Route("/tenants", tenants, methods=["GET"]),
+        Route("/tenants/{name}/rate_limit", set_tenant, methods=["POST"]),
     ]
 
 

@@ -29,6 +29,7 @@ from .membership import Membership
 from .moves import MovePolicy
 from .rebalance import Rebalancer
 from .state import Store
+from .tenants import TenantBook
 
 log = logging.getLogger("shardq.coordinator")
 
@@ -67,7 +68,8 @@ async def serve_async(config: CoordinatorConfig) -> None:
                                 heartbeat_timeout_ms=config.heartbeat_timeout_ms)
         interval = max(20, min(1000, config.heartbeat_timeout_ms // 5))
         app = create_app(membership, token=config.token, check_interval_ms=interval,
-                         rebalancer=_rebalancer(membership, config))
+                         rebalancer=_rebalancer(membership, config),
+                         tenants=TenantBook(store, membership.term))
         server = _Server(uvicorn.Config(app, log_config=None, access_log=False,
                                         lifespan="on", timeout_graceful_shutdown=5))
         loop = asyncio.get_running_loop()

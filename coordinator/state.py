@@ -2,7 +2,8 @@
 
 Tables:
 
-    meta(key, value)                 `term`, incremented at every start
+    meta(key, value)                 `term`, incremented at every start; `pins`;
+                                     `tenants` (cluster-wide tenant limits)
     brokers(id, addr, state, weight, revive_state, last_heartbeat_ms)
                                      membership; `revive_state` is the state a
                                      `dead` broker returns to when it heartbeats
@@ -165,6 +166,17 @@ class Store:
         with self._tx():
             self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('pins', ?)",
                              (json.dumps({str(k): v for k, v in sorted(pins.items())}),))
+
+    def load_tenants(self) -> dict[str, Any]:
+        """Cluster-wide tenant limits (coordinator/tenants.py): {name: {queues, max, per_ms}}."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'tenants'").fetchone()
+        loaded: dict[str, Any] = json.loads(row[0]) if row else {}
+        return loaded
+
+    def save_tenants(self, tenants: dict[str, Any]) -> None:
+        with self._tx():
+            self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('tenants', ?)",
+                             (json.dumps(tenants, sort_keys=True),))
 
     def load(self) -> Snapshot:
         """Read the last saved state (an empty topology on a fresh file)."""

@@ -24,6 +24,7 @@ ADD        {queue, jobs: [[id, name, data, opts|nil], ...]}
                  timeout_ms:int>=1 (the worker cancels an attempt running longer and
                    fails it "timed out"), ttl_ms:int>=1 (from the add, paused time
                    included: a job not started by then goes to the DLQ, never out)
+                 group:str (1-256 chars; groups are served round-robin, DESIGN §11)
 PULL       {queues: [str], count: int, wait_ms: int, lock_ms: int}
            -> [job, ...] where job = [queue, id, name, data, token, attempts_made,
                                       attempts_started, timestamp, lock_ms, timeout_ms?]
@@ -51,6 +52,15 @@ SCHED_UPSERT {queue, id, every_ms | cron, tz?, name?, data?: bytes, opts?}
            Each tick makes job `f"{id}:{tick_ms}"` (DESIGN §6, §10).
 SCHED_REMOVE {queue, id} -> bool
 SCHED_LIST   {queue} -> [scheduler, ...]
+RATE_LIMIT {queue, max: int|nil, per_ms: int} -> limits (see LIMITS)
+           At most `max` jobs start (are handed out by PULL) in any sliding
+           `per_ms` window; nil clears. A PULL the limit holds back parks (when
+           it has wait_ms) and is answered as soon as the window frees budget.
+GROUP_SET  {queue, group, concurrency?: int>=1|nil, paused?: bool, rate?: [max, per_ms]|nil}
+           -> the group's settings with {active, waiting} | nil (none left)
+           Only the keys given change; nil (or paused false) clears one.
+LIMITS     {queue} -> {rate: [max, per_ms]|nil, tenant: str|nil,
+                       groups: {group: {concurrency?, paused?, rate?, active, waiting}}}
 
 Job logs, dead letters and events (DESIGN §11, docs/features-jobs.md):
 
@@ -156,6 +166,9 @@ TOPOLOGY = "TOPOLOGY"
 SCHED_UPSERT = "SCHED_UPSERT"
 SCHED_REMOVE = "SCHED_REMOVE"
 SCHED_LIST = "SCHED_LIST"
+RATE_LIMIT = "RATE_LIMIT"
+GROUP_SET = "GROUP_SET"
+LIMITS = "LIMITS"
 HANDOFF_PREPARE = "HANDOFF_PREPARE"
 HANDOFF_COPY = "HANDOFF_COPY"
 HANDOFF_FREEZE = "HANDOFF_FREEZE"
@@ -190,7 +203,7 @@ PHASES = ("prepare", "copy", "freeze", "catch-up", "commit", "activate", "cleanu
 JOB_FIELDS = (
     "id", "name", "data", "state", "priority", "attempts", "attempts_made",
     "attempts_started", "stalled_count", "progress", "result", "failed_reason",
-    "timestamp", "processed_on", "finished_on", "delay_ms", "dlq",
+    "timestamp", "processed_on", "finished_on", "delay_ms", "dlq", "group",
 )
 
 DEFAULT_LOCK_MS = 30_000

@@ -44,6 +44,10 @@ ACTIONS = st.lists(st.one_of(
     st.tuples(st.just("fabort"), st.integers(0, 2)),
     st.tuples(st.just("fdeliver")), st.tuples(st.just("fdeliver")),
     st.tuples(st.just("fflow"), st.integers(0, 2)), st.tuples(st.just("frun"), st.booleans()),
+    st.tuples(st.just("gadd"), st.sampled_from(["ga", "gb"]), st.integers(0, 1)),
+    st.tuples(st.just("rate"), st.sampled_from([None, [1, 50], [2, 100]])),
+    st.tuples(st.just("group"), st.sampled_from(["ga", "gb"]), st.sampled_from([None, 1]),
+              st.booleans(), st.sampled_from([None, [1, 60]])),
 ), min_size=5, max_size=60)
 
 
@@ -91,6 +95,8 @@ class Source:
             q.obliterate()
         elif kind.startswith("f"):
             self.run_flow(action)
+        elif kind in ("gadd", "rate", "group"):
+            self.run_sched(action)
 
     def run_flow(self, action: tuple[Any, ...]) -> None:
         kind, q = action[0], self.q
@@ -156,6 +162,19 @@ class Source:
         else:
             q.dlq_purge(self.now)
 
+    def run_sched(self, action: tuple[Any, ...]) -> None:
+        """Grouped jobs, rate limits and group settings (DESIGN §11)."""
+        kind, q = action[0], self.q
+        if kind == "gadd":
+            self.n += 1
+            q.add(f"j{self.n}", "n", b"x", {"group": action[1], "priority": action[2]},
+                  self.now)
+        elif kind == "rate":
+            q.set_rate_limit(action[1])
+        else:
+            q.set_group(action[1], {"concurrency": action[2], "paused": action[3],
+                                    "rate": action[4]})
+
 
 def observe(q: QueueState, now: int) -> tuple[Any, ...]:
     """Everything a client could see next: export, counts, then the order in
@@ -164,6 +183,7 @@ def observe(q: QueueState, now: int) -> tuple[Any, ...]:
     flows = sorted((fid, sorted(e[3])) for fid, e in q.flows_pending.items())
     later = now + 10**7
     q.set_paused(False)
+    q.reset_rotation()  # the round-robin position is not part of the state (DESIGN §11)
     q.promote(later)
     q.expire_locks(later)
     out: list[list[Any]] = []

@@ -83,7 +83,8 @@ def test_apply_op_creates_an_image_for_a_new_queue_and_counts_seq() -> None:
 
 def test_every_queue_op_code_has_a_handler() -> None:
     assert frozenset("ALECFWSDPRTMX") | {"SU", "SR", "SN", "aL", "aQ", "aR",
-                                         "cO", "cX", "cD", "cR"} == QUEUE_OPS
+                                         "cO", "cX", "cD", "cR",
+                                         "bR", "bG", "bS", "bT"} == QUEUE_OPS
 
 
 def test_unknown_op_code_is_refused() -> None:
@@ -268,7 +269,8 @@ IDS = [f"j{i}" for i in range(12)]
 # drain and obliterate are rare because they wipe everything.
 KINDS = (["add"] * 6 + ["pull"] * 5 + ["tick"] * 5 + ["ack"] * 2 + ["fail"] * 2
          + ["extend"] * 2 + ["progress"] * 2 + ["pause"] * 2 + ["wipe"]
-         + ["log", "dlq"])
+         + ["log", "dlq"] + ["limit"] * 2)
+GROUPS = (None, None, "ga", "gb")
 # (kind, queue index, then small ints read per kind by run_op)
 op_strategy = st.tuples(st.sampled_from(KINDS), st.integers(0, 1),
                         *[st.integers(0, 11) for _ in range(7)])
@@ -287,6 +289,7 @@ def _add_op(q: QueueState, op: tuple[Any, ...], now: int) -> None:
         "priority": p2 % 3, "delay_ms": (0, 0, 5, 40)[p3 % 4], "attempts": 1 + p4 % 3,
         "backoff": (None, ["fixed", 7], ["exponential", 3])[p5 % 3],
         "remove_on_complete": (-1, 0, 1, 2)[p6 % 4], "remove_on_fail": (-1, 0, 1)[p7 % 3],
+        "group": GROUPS[(p2 + p6) % 4],
     }
     ttl = (0, 0, 0, 20, 60)[(p2 + p5) % 5]
     if ttl:
@@ -320,8 +323,8 @@ def run_op(q: QueueState, op: tuple[Any, ...], now: int) -> int:
         q.expire_locks(now)
         q.expire_ttls(now)
         q.expire_tombstones(now)
-    elif kind == "pause":  # one in three pauses, the rest resume
-        q.set_paused(p1 % 3 == 2)
+    elif kind in ("pause", "limit"):
+        run_settings(q, op)
     elif kind == "wipe":  # mostly a no-op: draining or obliterating often hides the rest
         if p1 % 4 == 3:
             q.obliterate()
@@ -344,6 +347,19 @@ def _on_active(q: QueueState, kind: str, pick: str, p2: int, now: int) -> None:
         q.add_log(pick, tok, f"l{p2}@{now}")
     else:
         q.progress(pick, tok, p2)
+
+
+def run_settings(q: QueueState, op: tuple[Any, ...]) -> None:
+    """Queue-level settings: pause, rate limits and group settings (DESIGN §11)."""
+    kind, _, p1, p2, p3, p4, p5, p6, _ = op
+    if kind == "pause":  # one in three pauses, the rest resume
+        q.set_paused(p1 % 3 == 2)
+    elif p1 % 3 == 0:
+        q.set_rate_limit(None if p2 % 3 == 0 else [1 + p3 % 3, (10, 50)[p4 % 2]])
+    else:
+        q.set_group(("ga", "gb")[p1 % 2], {
+            "concurrency": (None, 1, 2)[p2 % 3], "paused": p3 % 4 == 0,
+            "rate": None if p4 % 2 else [1 + p5 % 2, (10, 40)[p6 % 2]]})
 
 
 def live_queues(**overrides: Any) -> tuple[dict[str, QueueState], list[Any]]:
