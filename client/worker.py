@@ -500,6 +500,14 @@ class Worker:
 
         def make_args(bid: str, sub: list[Any], rnd: int) -> Any:
             args: dict[str, Any] = {"items": sub}
+            if rnd > 0 and (left[0] or reserved):
+                # Items to resend (a frozen or moved queue) keep this call
+                # going for rounds; slots whose pull never went out (or whose
+                # frame failed) must not idle the worker meanwhile (seen as a
+                # collapse of throughput during and after a scale out).
+                self._release(left[0] + sum(reserved.values()))
+                left[0] = 0
+                reserved.clear()
             if rnd == 0 and left[0] and not self._closing:
                 queues = self._queues_on(bid)
                 if queues:
