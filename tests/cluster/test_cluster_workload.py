@@ -21,6 +21,7 @@ import pytest
 import shardq
 from shardq.client.connection import open_connection
 from shardq.router import Topology, slot_of
+from tests.aio import run
 from tests.integration.rawwire import RawConn, add_args
 
 from ..conftest import Proc
@@ -32,13 +33,6 @@ WAIT_S = 30.0
 COUNT_FIELDS = ("waiting", "delayed", "active", "completed", "failed")
 Key = tuple[str, str]  # (queue, job id)
 
-
-def run(coro: Any, timeout: float = 60.0) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 async def until(cond: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:

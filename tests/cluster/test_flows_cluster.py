@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -23,19 +22,13 @@ import shardq
 from shardq.client.retry import RetryPolicy
 from shardq.errors import ShardqError
 from shardq.router import Topology
+from tests.aio import run, running
 from tests.cluster.conftest import SplitCluster, http_get, poll, synced_topology
 
 from ..conftest import Proc
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
-
-def run(coro: Any, timeout: float = 90) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 def name_on(topo: Topology, prefix: str, owner: str) -> str:
@@ -90,15 +83,6 @@ class Flow:
         self.values.append(await job.children_values())
         return "merged"
 
-
-@asynccontextmanager
-async def running(worker: shardq.Worker) -> AsyncIterator[None]:
-    task = asyncio.create_task(worker.run())
-    try:
-        yield
-    finally:
-        await worker.close()
-        await task
 
 
 async def until(cond: Callable[[], Awaitable[bool] | bool], what: str,

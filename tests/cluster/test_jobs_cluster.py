@@ -14,18 +14,12 @@ import pytest
 
 import shardq
 from shardq.router import Topology
+from tests.aio import run
 
 from .conftest import SplitCluster, http_get
 
 pytestmark = pytest.mark.slow
 
-
-def run(coro: Any, timeout: float = 90) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 async def move(url: str, queue: str, to: str) -> None:

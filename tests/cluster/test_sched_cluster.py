@@ -4,23 +4,15 @@ queue's limits, group settings and rate windows move with it in a handoff."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import httpx
 import pytest
 
 import shardq
 from shardq.router import Topology
+from tests.aio import run
 from tests.cluster.conftest import SplitCluster, poll
 from tests.integration.rawwire import RawConn, add_args
-
-
-def run(coro: Any, timeout: float = 90) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 def owner_addr(url: str, queue: str) -> tuple[str, str]:

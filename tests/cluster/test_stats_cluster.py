@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 import shardq
 from shardq.cli import app
 from shardq.router import Topology
+from tests.aio import run
 
 from ..conftest import Proc
 from .conftest import BROKERS, http_get, poll, synced_topology
@@ -32,13 +33,6 @@ JOBS = 10_000
 QUEUES = [f"stats-{i:02d}" for i in range(40)]  # 250 jobs each
 WIDE = {"COLUMNS": "200"}  # rich tables at full width under CliRunner
 
-
-def run(coro: Any, timeout: float = 90.0) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 async def add_and_work(url: str, queues: list[str], per_queue: int) -> int:

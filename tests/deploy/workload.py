@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Any
 
 import shardq
 from tests.cluster.conftest import http_get
@@ -13,13 +12,6 @@ QUEUES = [f"deploy-{i:02d}" for i in range(24)]
 PER_QUEUE = 25
 Key = tuple[str, str]
 
-
-def run(coro: Any, timeout: float = 60.0) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 async def push(url: str) -> set[Key]:

@@ -10,15 +10,8 @@ from typing import Any
 import pytest
 
 import shardq
+from tests.aio import run
 from tests.integration.rawwire import RawConn, add_args
-
-
-def run(coro: Any, timeout: float = 90) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 async def work_all(addr: str, queues: list[str], expected: int) -> collections.Counter[str]:

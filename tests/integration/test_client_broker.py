@@ -9,14 +9,7 @@ import pytest
 
 import shardq
 from shardq.client.retry import RetryPolicy
-
-
-def run(coro: Any, timeout: float = 60) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
+from tests.aio import run
 
 
 @pytest.fixture

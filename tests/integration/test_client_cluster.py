@@ -15,18 +15,12 @@ import pytest
 
 import shardq
 from shardq.router import slot_of
+from tests.aio import run
 
 from ..conftest import Proc
 
 WAIT_S = 20.0
 
-
-def run(coro: Any, timeout: float = 90) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 async def until(cond: Any, what: str, timeout: float = WAIT_S) -> Any:

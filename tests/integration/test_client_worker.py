@@ -4,36 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
 import shardq
-
-
-def run(coro: Any, timeout: float = 60) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
+from tests.aio import run, running
 
 
 @pytest.fixture
 def broker(start_broker):  # type: ignore[no-untyped-def]
     return start_broker("b1")
 
-
-@asynccontextmanager
-async def running(worker: shardq.Worker) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(worker.run())
-    try:
-        yield task
-    finally:
-        await worker.close()
-        await task
 
 
 async def until(cond: Callable[[], Awaitable[bool] | bool], timeout: float = 20) -> None:

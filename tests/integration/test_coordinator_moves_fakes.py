@@ -144,13 +144,6 @@ def topology_epochs(db: Path) -> list[int]:
         return [r[0] for r in c.execute("SELECT epoch FROM topology ORDER BY epoch")]
 
 
-def run(coro: Awaitable[Any], timeout: float = 30.0) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
-
 
 def owners(m: Membership, slots: Iterator[int] | tuple[int, ...]) -> set[str | None]:
     return {m.topology.owner_of_slot(s) for s in slots}

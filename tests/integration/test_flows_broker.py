@@ -6,33 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
 import shardq
 from shardq.errors import BadRequestError
+from tests.aio import run, running
 from tests.integration.rawwire import RawConn
-
-
-def run(coro: Any, timeout: float = 60) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
-
-
-@asynccontextmanager
-async def running(worker: shardq.Worker) -> AsyncIterator[None]:
-    task = asyncio.create_task(worker.run())
-    try:
-        yield
-    finally:
-        await worker.close()
-        await task
 
 
 async def until(cond: Callable[[], Awaitable[bool] | bool], timeout: float = 20) -> None:

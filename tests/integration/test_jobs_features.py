@@ -7,39 +7,21 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 
 import shardq
 from shardq import protocol
+from tests.aio import run, running
 from tests.integration import jobfns
 from tests.integration.rawwire import RawConn
-
-
-def run(coro: Any, timeout: float = 60) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 @pytest.fixture
 def broker(start_broker):  # type: ignore[no-untyped-def]
     return start_broker("b1")
 
-
-@asynccontextmanager
-async def running(worker: shardq.Worker) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(worker.run())
-    try:
-        yield task
-    finally:
-        await worker.close()
-        await task
 
 
 async def next_event(sub: Any, kind: str, job_id: str | None = None) -> Any:

@@ -7,20 +7,12 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import shardq
+from tests.aio import run
 from tests.integration.rawwire import RawConn, add_args
-
-
-def run(coro: Any, timeout: float = 60) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 def max_in_any_window(starts: list[int], per_ms: int) -> int:

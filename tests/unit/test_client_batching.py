@@ -9,6 +9,7 @@ import pytest
 
 from shardq.client.batcher import AddBatcher
 from shardq.errors import BadRequestError, ConnectionClosedError
+from tests.aio import run
 
 
 class FakeSender:
@@ -29,13 +30,6 @@ class FakeSender:
             return [self.outcome(item) for item in items]
         return [item[0] for item in items]
 
-
-def run(coro: Any) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(10):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 def test_adds_from_many_tasks_in_one_turn_share_one_frame() -> None:

@@ -21,6 +21,7 @@ from shardq.errors import (
     UnavailableError,
 )
 from shardq.router import Topology, slot_of
+from tests.aio import run
 
 FAST = RetryPolicy(tryagain_budget=0.3, tryagain_refresh_after=0.1, busy_budget=0.3,
                    unavailable_budget=0.3, backoff_min=0.005, backoff_max=0.02)
@@ -93,13 +94,6 @@ def make_cluster(script: Script, topo: Topology | None = None,
     tm = TopologyManager(topo or two_brokers(), min_interval=0)
     return Cluster(tm, connector, FAST), log
 
-
-def run(coro: Any) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(10):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 def add_items(queue_items: list[tuple[str, str]]) -> list[list[Any]]:

@@ -11,6 +11,7 @@ import pytest
 from shardq.client.connection import Connection, split_addr
 from shardq.codec import FrameDecoder, encode_frame
 from shardq.errors import ConnectionClosedError, MovedError, TooLargeError
+from tests.aio import run
 
 
 class FakeTransport(asyncio.Transport):
@@ -40,13 +41,6 @@ class FakeTransport(asyncio.Transport):
     def sent_frames(self) -> list[Any]:
         return FrameDecoder().feed(b"".join(self.chunks))
 
-
-def run(coro: Any) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(10):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 def make(**kw: Any) -> tuple[Connection, FakeTransport]:

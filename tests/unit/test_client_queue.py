@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import msgpack
@@ -10,17 +9,9 @@ import pytest
 
 from shardq.client import Client
 from shardq.router import Topology, partition_for
+from tests.aio import run
 
 from .test_client_cluster import FakeChannel
-
-
-def run(coro: Any) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(10):
-            return await coro
-
-    return asyncio.run(bounded())
-
 
 COUNTS = {"waiting": 2, "delayed": 1, "active": 0, "completed": 5, "failed": 1, "paused": False}
 

@@ -11,6 +11,7 @@ import msgpack
 
 from shardq.client import Client
 from shardq.router import Topology
+from tests.aio import run
 
 
 class FakeBroker:
@@ -102,13 +103,6 @@ async def make_client(broker: FakeBroker) -> Client:
     client._topology.replace(Topology.standalone("b1", "h:1"))
     return client
 
-
-def run(coro: Any) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(10):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 async def until(cond: Any) -> None:
