@@ -14,11 +14,12 @@ import time
 import pytest
 
 from shardq import deploy
+from tests.aio import run
 from tests.cluster.conftest import http_get, poll, synced_topology
 
 from .conftest import DeployCluster
 from .kube import NAMESPACE, FakeKubeApi
-from .workload import push, run, serving, slots_by_broker, work
+from .workload import push, serving, slots_by_broker, work
 
 pytestmark = pytest.mark.slow
 

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.aio import run
 from tests.cluster.conftest import poll, synced_topology
 from tests.conftest import Proc
 
 from . import netns
-from .workload import push, run, serving, slots_by_broker, work
+from .workload import push, serving, slots_by_broker, work
 
 pytestmark = pytest.mark.slow
 

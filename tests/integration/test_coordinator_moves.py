@@ -26,6 +26,7 @@ from shardq.errors import (
     UnknownServerError,
 )
 from shardq.router import Move
+from tests.aio import run
 
 from .test_coordinator_moves_fakes import (
     FORWARD,
@@ -37,7 +38,6 @@ from .test_coordinator_moves_fakes import (
     executor,
     owners,
     persisted_phase,
-    run,
     topology_epochs,
 )
 

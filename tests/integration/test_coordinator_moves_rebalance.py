@@ -21,8 +21,9 @@ from shardq import protocol as p
 from shardq.coordinator import Conflict, Membership, NotFound, Rebalancer, Store, create_app
 from shardq.errors import BadRequestError
 from shardq.router import DEFAULT_MAX_SLOTS_PER_MOVE, NUM_SLOTS, BrokerState, Ring
+from tests.aio import run
 
-from .test_coordinator_moves_fakes import Call, Clock, FakeBrokers, cluster, executor, run
+from .test_coordinator_moves_fakes import Call, Clock, FakeBrokers, cluster, executor
 
 
 @pytest.fixture
