@@ -112,6 +112,7 @@ class Broker:
         self._ckpt_active = False
         self._last_step = 0.0
         self._next_step_at = 0.0  # under load, no checkpoint step before this
+        self._step_timer: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -356,9 +357,24 @@ class Broker:
             self._send(self._pending_replies)
             self._pending_replies = []
         if self._ckpt_active:
-            self._checkpoint_step()
+            wait = self._next_step_at - time.monotonic()
+            if wait <= 0 or self._idle_waiters:  # (flush_all waits: no pacing)
+                self._checkpoint_step()
+            elif self._step_timer is None:
+                # Paced even when idle: a commit arriving mid-step waits for
+                # the whole step, so steps take at most their share of time.
+                assert self._loop is not None
+                self._step_timer = self._loop.call_later(wait, self._paced_step)
         else:
             self._wake_idle()
+
+    def _paced_step(self) -> None:
+        self._step_timer = None
+        if self._ckpt_active and not self._writer_busy:
+            if self.log:
+                self._schedule_flush()  # commits first; the step follows them
+            else:
+                self._checkpoint_step()
 
     @staticmethod
     def _send(replies: list[tuple[Sink, bytes]]) -> None:

@@ -39,8 +39,8 @@ RowSource = Callable[[str, str], tuple[int, bytes | None] | None]
 # tenants; "cO"/"cX": a flow child's outbox).
 _META_OPS = frozenset({"M", "SU", "SR", "SN", "cO", "cX",
                        "bR", "bG", "bS", "bT"})
-CHECKPOINT_CHUNK = 1000  # rows per checkpoint transaction: keeps each write short
-GONE_ROWS_PER_STEP = 2000  # rows of dropped queues deleted per checkpoint transaction
+CHECKPOINT_CHUNK = 250  # rows per checkpoint transaction: a commit waits for one at most
+GONE_ROWS_PER_STEP = 1000  # rows of dropped queues deleted per checkpoint transaction
 
 
 class Store:

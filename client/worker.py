@@ -480,9 +480,12 @@ class Worker:
         acks, self._acks = self._acks, []
         fails, self._fails = self._fails, []
         if acks:
-            # Reserve the free slots now, before a woken pull loop can take
-            # them, so that the refill rides on this ACK (ack-and-fetch).
-            pool = self._reserve(self._free) if not self._closing else 0
+            # Reserve free slots now, before a woken pull loop can take them,
+            # so that the refill rides on this ACK (ack-and-fetch). As many as
+            # this batch frees, not all: the reply waits for the broker's
+            # commit, and a broker slow to commit (a checkpoint after a move)
+            # would otherwise hold the whole worker idle meanwhile.
+            pool = self._reserve(min(self._free, len(acks))) if not self._closing else 0
             self._spawn(self._send_acks(acks, pool))
         if fails:
             self._spawn(self._send_fails(fails))
