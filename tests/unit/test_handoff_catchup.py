@@ -191,16 +191,13 @@ def observe(q: QueueState, now: int) -> tuple[Any, ...]:
     return (*seen, [row[1] for row in out], q.counts(), flows)
 
 
-def handoff(before: list[tuple[Any, ...]], during: list[tuple[Any, ...]], split: float,
-            chunk_size: int = 2) -> tuple[QueueState, QueueState, Source]:
-    """Run the program on a source, copying its queue in the middle; return the
-    target's queue built the fast way, the slow way, and the source."""
-    src = Source()
-    for action in before:
-        src.run(action)
+def copy_live(src: Source, during: list[tuple[Any, ...]], split: float, chunk_size: int = 2,
+              events: bool = False) -> tuple[QueueState, list[Any], list[Any]]:
+    """Copy the source's queue while `during` runs on it; return the target's
+    queue built the fast way, and the ops and chunks it was built from."""
     # The copy: the tap starts and the meta is taken in one step; job records
     # are read chunk by chunk while the program goes on.
-    skip, meta = len(src.log), src.q.meta()
+    skip, meta = len(src.log), src.q.meta(events=events)
     chunks_iter = src.q.export_chunks(chunk_size=chunk_size)
     chunks = [next(chunks_iter)]
     chunks[0]["meta"] = meta
@@ -213,7 +210,7 @@ def handoff(before: list[tuple[Any, ...]], during: list[tuple[Any, ...]], split:
     ops = wire(src.log[skip:])
     chunks = wire(chunks)
 
-    # Fast: indexes built chunk by chunk as the copy arrives (frames of two
+    # Indexes built chunk by chunk as the copy arrives (frames of two
     # chunks), ops replayed in two rounds (before and after the freeze).
     staging: Images = {}
     live: dict[str, QueueState] = {}
@@ -224,6 +221,17 @@ def handoff(before: list[tuple[Any, ...]], during: list[tuple[Any, ...]], split:
     apply_ops_live(staging, live, ops[cut:], build)
     fast = live["qa"]
     fast.adopt_meta(staging["qa"].meta)
+    return fast, ops, chunks
+
+
+def handoff(before: list[tuple[Any, ...]], during: list[tuple[Any, ...]], split: float,
+            chunk_size: int = 2) -> tuple[QueueState, QueueState, Source]:
+    """Run the program on a source, copying its queue in the middle; return the
+    target's queue built the fast way, the slow way, and the source."""
+    src = Source()
+    for action in before:
+        src.run(action)
+    fast, ops, chunks = copy_live(src, during, split, chunk_size)
 
     # Slow: everything applied to the image, then one rebuild.
     images: Images = {}

@@ -3,19 +3,16 @@ and the event ring a handoff carries."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from shardq.broker.events import EventRing, event_of
-from shardq.broker.handoff import apply_chunks_live, apply_ops_live
 from shardq.broker.job import FAILED, MAX_LOG_LINES, WAITING
 from shardq.broker.queue import DLQ_TTL, QueueDefaults, QueueState
-from shardq.broker.replay import Images
 
-from .test_handoff_catchup import ACTIONS, PROPS, Source, build
+from .test_handoff_catchup import ACTIONS, PROPS, Source, copy_live
 from .test_replay import assert_replay_matches, single, wire
 
 
@@ -120,26 +117,7 @@ def test_the_event_ring_arrives_complete_through_a_handoff(
     src.q.ring = EventRing(0)  # someone subscribed from the start
     for action in before:
         src.run(action)
-    skip, meta = len(src.log), src.q.meta(events=True)
-    chunks_iter = src.q.export_chunks(chunk_size=2)
-    chunks = [next(chunks_iter)]
-    chunks[0]["meta"] = meta
-    for action in during:
-        if action[0] == "chunk":
-            chunks += [copy.deepcopy(c) for c in [next(chunks_iter, None)] if c is not None]
-        else:
-            src.run(action)
-    chunks += [copy.deepcopy(c) for c in chunks_iter]
-    ops, chunks = wire(src.log[skip:]), wire(chunks)
-    staging: Images = {}
-    live: dict[str, QueueState] = {}
-    for i in range(0, len(chunks), 2):
-        apply_chunks_live(staging, live, chunks[i:i + 2], build)
-    cut = int(len(ops) * split)
-    apply_ops_live(staging, live, ops[:cut], build)
-    apply_ops_live(staging, live, ops[cut:], build)
-    fast = live["qa"]
-    fast.adopt_meta(staging["qa"].meta)
+    fast, ops, _ = copy_live(src, during, split, events=True)
     if any(op[0] == "X" for op in ops):
         assert fast.ring is None  # rebuilt without its ring: resumers are told of a gap
         return
