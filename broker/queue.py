@@ -221,11 +221,8 @@ class QueueState(FlowQueue):
         if self._limited or self._n_gwait:
             return self._pull_scheduled(count, lock_ms, now, out)
         taken = 0
-        log = self.log
-        name = self.name
         prios = self._prios
         waiting = self._waiting
-        ring = self.ring
         while taken < count and prios:
             prio = prios[0]
             dq = waiting[prio]
@@ -236,24 +233,7 @@ class QueueState(FlowQueue):
                 if job.expires_at and job.expires_at <= now:
                     self._expire_ttl(job, now)  # never handed out after its TTL
                     continue
-                self.n_waiting -= 1
-                job.state = ACTIVE
-                job.token = token = _rand.getrandbits(62)
-                job.lock_until = lock_until = now + lock_ms
-                job.attempts_started += 1
-                job.processed_on = now
-                self.active[job.id] = job
-                heapq.heappush(self._locks, (lock_until, order, token, job))
-                self.seq += 1
-                op = ("L", name, job.id, token, lock_until, job.attempts_started, now)
-                log.append(op)
-                if ring is not None:
-                    ring.note(op, self.seq)
-                row = [name, job.id, job.name, job.data, token, job.attempts_made,
-                       job.attempts_started, job.timestamp, lock_ms]
-                if job.timeout_ms:
-                    row.append(job.timeout_ms)
-                out.append(row)
+                self._start(job, lock_ms, now, out)
                 taken += 1
             if not dq:
                 del waiting[prio]
@@ -271,11 +251,8 @@ class QueueState(FlowQueue):
         if dq is None:
             dq = line.waiting[job.priority] = deque()
             insort(line.prios, job.priority)
-        if sort and dq and dq[-1][0] > job.order:  # a replayed job: keep the line sorted
-            i = len(dq)
-            while i and dq[i - 1][0] > job.order:
-                i -= 1
-            dq.insert(i, (job.order, job))
+        if sort:  # a replayed job: keep the line sorted
+            _insert_sorted(dq, job)
         else:
             dq.append((job.order, job))
         line.n += 1
@@ -286,7 +263,7 @@ class QueueState(FlowQueue):
             self._ring.append(g)
 
     def _start(self, job: Job, lock_ms: int, now: int, out: list[list[Any]]) -> None:
-        """Hand a waiting job out (the scheduled path's copy of `pull`'s loop body)."""
+        """Hand a waiting job out (every pull path goes through here)."""
         self.n_waiting -= 1
         job.state = ACTIVE
         job.token = token = _rand.getrandbits(62)
@@ -988,13 +965,10 @@ class QueueState(FlowQueue):
             self._push_group(job, sort=True)
             return
         dq = self._waiting.get(job.priority)
-        if not dq or dq[-1][0] < job.order:
+        if not dq:
             self._push_waiting(job)
             return
-        i = len(dq)
-        while i and dq[i - 1][0] > job.order:
-            i -= 1
-        dq.insert(i, (job.order, job))
+        _insert_sorted(dq, job)
         self.n_waiting += 1
 
     def _unindex(self, before: IndexKey, new: Job | None) -> bool:
@@ -1071,6 +1045,15 @@ class QueueState(FlowQueue):
         for i in range(0, len(tombs), chunk_size * 10):
             yield {"v": 1, "kind": "tombstones", "queue": self.name,
                    "tombstones": [list(t) for t in tombs[i:i + chunk_size * 10]]}
+
+
+def _insert_sorted(dq: deque[tuple[int, Job]], job: Job) -> None:
+    """Append `(order, job)`, or insert it where its order belongs when the
+    line's tail is newer (a job replayed by a handoff's catch-up)."""
+    i = len(dq)
+    while i and dq[i - 1][0] > job.order:
+        i -= 1
+    dq.insert(i, (job.order, job))
 
 
 def _pop_line(waiting: dict[int, deque[tuple[int, Job]]], prios: list[int]) -> Job | None:
