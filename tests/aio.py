@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,3 +28,19 @@ async def running(worker: shardq.Worker) -> AsyncIterator[asyncio.Task[None]]:
     finally:
         await worker.close()
         await task
+
+
+async def until(cond: Callable[[], Awaitable[bool] | bool], what: str = "the condition",
+                timeout: float = 20.0, every: float = 0.02) -> None:
+    """Poll `cond` (sync or async) until it is true; fail after `timeout` s."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                res = cond()
+                if not isinstance(res, bool):
+                    res = await res
+                if res:
+                    return
+                await asyncio.sleep(every)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Awaitable, Callable
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -22,6 +23,7 @@ import shardq
 from shardq.client.retry import RetryPolicy
 from shardq.errors import ShardqError
 from shardq.router import Topology
+from tests import aio
 from tests.aio import run, running
 from tests.cluster.conftest import SplitCluster, http_get, poll, synced_topology
 
@@ -85,19 +87,7 @@ class Flow:
 
 
 
-async def until(cond: Callable[[], Awaitable[bool] | bool], what: str,
-                timeout: float = 30) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                res = cond()
-                if not isinstance(res, bool):
-                    res = await res
-                if res:
-                    return
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
+until = functools.partial(aio.until, timeout=30, every=0.05)
 
 
 async def job_state(client: shardq.Client, queue: str, jid: str) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ from shardq.router import Topology
 from tests.aio import run
 from tests.cluster.conftest import SplitCluster, poll
 from tests.integration.rawwire import RawConn, add_args
+from tests.unit.test_sched import max_in_any_window
 
 
 def owner_addr(url: str, queue: str) -> tuple[str, str]:
@@ -69,15 +70,6 @@ def test_limits_groups_and_windows_move_with_the_queue(split_cluster: SplitClust
     assert sorted(r[1] for r in conn.ok("PULL", {"queues": [queue], "count": 5})) == ["c1"]
     conn.close()
 
-
-def max_in_any_window(starts: list[int], per_ms: int) -> int:
-    starts = sorted(starts)
-    best = j = 0
-    for i, s in enumerate(starts):
-        while j < len(starts) and starts[j] < s + per_ms:
-            j += 1
-        best = max(best, j - i)
-    return best
 
 
 @pytest.mark.slow

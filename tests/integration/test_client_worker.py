@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
 import shardq
-from tests.aio import run, running
+from tests.aio import run, running, until
 
 
 @pytest.fixture
@@ -18,16 +17,6 @@ def broker(start_broker):  # type: ignore[no-untyped-def]
     return start_broker("b1")
 
 
-
-async def until(cond: Callable[[], Awaitable[bool] | bool], timeout: float = 20) -> None:
-    async with asyncio.timeout(timeout):
-        while True:
-            res = cond()
-            if not isinstance(res, bool):
-                res = await res
-            if res:
-                return
-            await asyncio.sleep(0.02)
 
 
 def test_worker_completes_every_job_exactly_once(broker) -> None:  # type: ignore[no-untyped-def]

@@ -4,7 +4,6 @@ children, sees their results, and the outbox survives kill -9."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -13,20 +12,8 @@ import pytest
 
 import shardq
 from shardq.errors import BadRequestError
-from tests.aio import run, running
+from tests.aio import run, running, until
 from tests.integration.rawwire import RawConn
-
-
-async def until(cond: Callable[[], Awaitable[bool] | bool], timeout: float = 20) -> None:
-    async with asyncio.timeout(timeout):
-        while True:
-            res = cond()
-            if not isinstance(res, bool):
-                res = await res
-            if res:
-                return
-            await asyncio.sleep(0.02)
-
 
 FLOW = {"queue": "report", "name": "merge", "data": {"r": 1},
         "children": [{"queue": "pages", "name": "render", "data": {"p": i}} for i in range(3)]}

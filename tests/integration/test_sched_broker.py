@@ -13,16 +13,7 @@ import pytest
 import shardq
 from tests.aio import run
 from tests.integration.rawwire import RawConn, add_args
-
-
-def max_in_any_window(starts: list[int], per_ms: int) -> int:
-    starts = sorted(starts)
-    best = j = 0
-    for i, s in enumerate(starts):
-        while j < len(starts) and starts[j] < s + per_ms:
-            j += 1
-        best = max(best, j - i)
-    return best
+from tests.unit.test_sched import max_in_any_window
 
 
 def test_a_rate_limit_holds_with_three_workers_over_five_seconds(
