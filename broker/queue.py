@@ -873,18 +873,22 @@ class QueueState(FlowQueue):
     def restore(self, meta: dict[str, Any], jobs: dict[str, Job],
                 tombstones: dict[str, int]) -> None:
         """Rebuild every index from jobs (recovery, import). Logs nothing."""
-        self.paused = bool(meta.get("paused", False))
-        self.schedulers = {k: dict(v) for k, v in meta.get("schedulers", {}).items()}
-        self.outbox = {k: list(v) for k, v in meta.get("outbox", {}).items()}
-        self.seq = int(meta.get("seq", 0))
-        self.counters.update(meta.get("counters", {}))
-        self._adopt_sched_meta(meta)
+        self._take_meta(meta)
         self.jobs = jobs
         self.tombstones = dict(sorted(tombstones.items(), key=lambda kv: kv[1]))
         self._order = max([int(meta.get("order", 0)), *(j.order for j in jobs.values())])
         self.active = {j.id: j for j in jobs.values() if j.state == ACTIVE}
         self._rebuild_indexes()
         self.ring = EventRing.from_meta(meta["events"], self.seq) if "events" in meta else None
+
+    def _take_meta(self, meta: dict[str, Any]) -> None:
+        """Queue-level state `restore` and `adopt_meta` both take from a meta."""
+        self.paused = bool(meta.get("paused", False))
+        self.schedulers = {k: dict(v) for k, v in meta.get("schedulers", {}).items()}
+        self.outbox = {k: list(v) for k, v in meta.get("outbox", {}).items()}
+        self.seq = int(meta.get("seq", 0))
+        self.counters.update(meta.get("counters", {}))
+        self._adopt_sched_meta(meta)
 
     def _rebuild_indexes(self) -> None:
         self._waiting, self._prios, self.n_waiting = {}, [], 0
@@ -1000,12 +1004,7 @@ class QueueState(FlowQueue):
     def adopt_meta(self, meta: dict[str, Any]) -> None:
         """Take queue-level state (paused, schedulers, seq, counters) from a
         replayed image's meta; the jobs and indexes are already current."""
-        self.paused = bool(meta.get("paused", False))
-        self.schedulers = {k: dict(v) for k, v in meta.get("schedulers", {}).items()}
-        self.outbox = {k: list(v) for k, v in meta.get("outbox", {}).items()}
-        self.seq = int(meta.get("seq", 0))
-        self.counters.update(meta.get("counters", {}))
-        self._adopt_sched_meta(meta)
+        self._take_meta(meta)
         self.reset_rotation()
         self._order = max(self._order, int(meta.get("order", 0)))
         if self._finished_stale:
