@@ -93,7 +93,7 @@ def op_flow_add_children(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
                 raise BadRequestError("child must be [id, name, data, opts, ignore_failure]")
             jid, name, data, opts = v.job_item(item[:4], b.config.max_job_data)
         except ServerError as exc:
-            out.append([exc.code, exc.to_body()])
+            out.append(exc.to_item())
             continue
         if q.add(jid, name, data, opts, now, parent=[pq, pid, flow, deadline, bool(item[4])]):
             b.total_jobs += 1
@@ -163,7 +163,7 @@ def child_done_items(b: Broker, items: list[Any]) -> list[Any]:
             out.append(q.flow_child_done(it[1], it[2], it[3], it[4], it[5], bool(it[6]), now))
             touched.add(q)
         except ServerError as exc:
-            out.append([exc.code, exc.to_body()])
+            out.append(exc.to_item())
     for q in touched:
         if q.n_delayed:
             b.arm(q)

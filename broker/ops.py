@@ -33,10 +33,6 @@ PARKED = object()
 Handler = Callable[[Broker, Any, Sink, int], Any]
 
 
-def _item_error(exc: ServerError) -> list[Any]:
-    return [exc.code, exc.to_body()]
-
-
 _CODE_BODY = {LOCK_LOST: [LOCK_LOST, "lock token is stale or the lock expired"],
               NOT_FOUND: [NOT_FOUND, "no such job"]}
 
@@ -57,7 +53,7 @@ def op_add(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
         try:
             jid, name, data, opts = v.job_item(item, max_data)
         except ServerError as exc:
-            out.append(_item_error(exc))
+            out.append(exc.to_item())
             continue
         if q.add(jid, name, data, opts, now):
             added += 1
@@ -124,7 +120,7 @@ def _finish_items(b: Broker, args: Any, finish: Finisher) -> list[Any]:
             v.token(it[2])
             err = finish(b, q, it, now)
         except ServerError as exc:
-            out.append(_item_error(exc))
+            out.append(exc.to_item())
             continue
         out.append(None if err is None else _CODE_BODY[err])
     return out

@@ -38,6 +38,10 @@ class ServerError(ShardqError):
         """The wire body for this error (a message string by default)."""
         return self.body if self.body is not None else str(self)
 
+    def to_item(self) -> list[Any]:
+        """This error as one item's outcome in a bulk reply: `[code, body]`."""
+        return [self.code, self.to_body()]
+
 
 class MovedError(ServerError):
     code = "MOVED"
