@@ -61,6 +61,8 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchlib import Proc  # noqa: E402  (bench/ is this script's own directory)
+
 import shardq  # noqa: E402
 from shardq.router import Topology, slot_of  # noqa: E402
 
@@ -74,24 +76,8 @@ CLK = time.perf_counter
 
 
 # ----------------------------------------------------------------- processes
+Child = Proc  # a process this script started (SIGTERM, then SIGKILL, by pid)
 ALL_CHILDREN: list[Child] = []  # every process this script started, for the last-resort stop
-
-
-@dataclass
-class Child:
-    name: str
-    popen: subprocess.Popen[bytes]
-    addr: str
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM by pid, then SIGKILL by pid if it does not exit in time."""
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(10)
 
 
 def _pump(src: Any, dst: Path) -> None:
