@@ -579,12 +579,14 @@ class Broker:
             self.waiters.setdefault(name, []).append(w)
         w.handle = self._loop.call_later(wait_ms / 1000.0, self._expire_waiter, w)
 
-    def _expire_waiter(self, w: Waiter) -> None:
+    def _expire_waiter(self, w: Waiter, epoch: int = 0) -> None:
+        """Answer a parked pull with no jobs (its wait ran out, or its queue
+        moved: then `epoch` is the newer one the worker must refresh to)."""
         if w.done:
             return
         self._unpark(w)
         if not w.sink.is_closing():
-            w.sink.write(_reply(w.req_id, [], self.epoch))
+            w.sink.write(_reply(w.req_id, [], max(self.epoch, epoch)))
 
     def _unpark(self, w: Waiter) -> None:
         w.done = True
@@ -616,11 +618,7 @@ class Broker:
         with its slots reserved here."""
         for name in [n for n in self.waiters if slot_of(n) in slots]:
             for w in list(self.waiters.get(name, ())):
-                if w.done:
-                    continue
-                self._unpark(w)
-                if not w.sink.is_closing():
-                    w.sink.write(_reply(w.req_id, [], max(self.epoch, epoch)))
+                self._expire_waiter(w, epoch)
 
     def serve_waiters(self, name: str) -> None:
         """Hand newly available jobs of queue `name` to parked pulls, FIFO."""
@@ -646,15 +644,14 @@ class Broker:
                 self._arm(q)
                 break
             self._unpark(w)
-            if out:
-                for qn in w.queues:
-                    qq = self.queues.get(qn)
-                    if qq is not None:
-                        self._arm(qq)
-                if not w.sink.is_closing():
-                    w.sink.write(_reply(w.req_id, out, self.epoch))
-                else:
-                    log.debug("parked pull's connection closed; jobs will stall and return")
+            for qn in w.queues:
+                qq = self.queues.get(qn)
+                if qq is not None:
+                    self._arm(qq)
+            if not w.sink.is_closing():
+                w.sink.write(_reply(w.req_id, out, self.epoch))
+            else:
+                log.debug("parked pull's connection closed; jobs will stall and return")
             lst = self.waiters.get(name)
         self._schedule_flush()
 
