@@ -32,6 +32,7 @@ from shardq import failpoints
 from shardq.broker.job import Job
 from shardq.broker.queue import BY_ORDER, QueueDefaults, QueueState
 from shardq.broker.replay import Images, QueueImage, apply_chunk, apply_op, op_job_id
+from shardq.broker.validate import non_neg_int
 from shardq.errors import BadRequestError, ShardqError, StaleTermError
 from shardq.router import NUM_SLOTS, slot_of
 
@@ -257,9 +258,7 @@ class Handoffs:
         mid, slots = _move_id(args), _slots(args)
         self.check_term(args.get("term"))
         target, addr = str(args.get("target", "")), str(args.get("target_addr", ""))
-        rate = args.get("max_jobs_per_s") or 0
-        if not isinstance(rate, int | float) or isinstance(rate, bool) or rate < 0:
-            raise BadRequestError("max_jobs_per_s must be a non-negative number")
+        rate = non_neg_int(args.get("max_jobs_per_s") or 0, "max_jobs_per_s")
         b = self.b
         not_mine = [s for s in slots if not b.owned[s]]
         if not_mine:
