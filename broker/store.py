@@ -104,8 +104,8 @@ class Store:
             for op in ops:
                 if op[1] is None:
                     if op[0] == "I":  # imported jobs arrived without ops of their own
-                        for name, img in staging.get(op[2], {}).items():
-                            self._dirty.update((name, jid) for jid in (*img.jobs, *img.tombstones))
+                        self.mark_dirty_queues([(name, img.jobs, img.tombstones)
+                                                for name, img in staging.get(op[2], {}).items()])
                     apply_broker_op(images, broker_state, staging, op)
                 else:
                     apply_op(images, op)
