@@ -100,16 +100,22 @@ def start_redis(data_dir: Path, aof: bool) -> tuple[Proc, int]:
                else ["--appendonly", "no"])
     argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persist,
             "--dir", str(data_dir), "--maxmemory-policy", "noeviction", "--protected-mode", "no"]
-    log = open(data_dir / "redis.log", "ab")  # noqa: SIM115 - closed with the process
-    p = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
+    return _serve("redis", argv, data_dir, port), port
+
+
+def _serve(name: str, argv: list[str], data_dir: Path, port: int, *, cwd: Path | None = None,
+           env: dict[str, str] | None = None) -> Proc:
+    """Start a peer server logging to data_dir/<name>.log; return once its port answers."""
+    log = open(data_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+    p = subprocess.Popen(argv, stdout=log, stderr=log, cwd=cwd, env=env, start_new_session=True)
     log.close()
-    proc = Proc("redis", p, f"127.0.0.1:{port}")
+    proc = Proc(name, p, f"127.0.0.1:{port}")
     try:
         wait_port("127.0.0.1", port)
     except RuntimeError:
         proc.stop()
         raise
-    return proc, port
+    return proc
 
 
 def start_bunqueue(data_dir: Path, sqlite: bool) -> tuple[Proc, int]:
@@ -127,14 +133,4 @@ def start_bunqueue(data_dir: Path, sqlite: bool) -> tuple[Proc, int]:
     # guard); a benchmark client must not hit it, so it is lifted for these runs.
     env["RATE_LIMIT_MAX_REQUESTS"] = "1000000000"
     env["LOG_LEVEL"] = "error"
-    log = open(data_dir / "bunqueue.log", "ab")  # noqa: SIM115 - closed with the process
-    p = subprocess.Popen(argv, stdout=log, stderr=log, cwd=PEERS, env=env,
-                         start_new_session=True)
-    log.close()
-    proc = Proc("bunqueue", p, f"127.0.0.1:{port}")
-    try:
-        wait_port("127.0.0.1", port)
-    except RuntimeError:
-        proc.stop()
-        raise
-    return proc, port
+    return _serve("bunqueue", argv, data_dir, port, cwd=PEERS, env=env), port
