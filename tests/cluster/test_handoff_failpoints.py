@@ -232,11 +232,13 @@ class Load:
                              for w in jobs)
 
     async def ack_held(self) -> list[Any]:
-        outcomes = []
-        for q, jid, token in self.held:
-            reply = await self.client._call(q, protocol.ACK, {"items": [[q, jid, token, None]]})
-            outcomes.append(reply[0])
-            if reply[0] is None:
+        """Ack the held jobs as a worker does: through the client's bulk path, which
+        re-routes an item answered MOVED (the client's map may predate the drain)."""
+        items = [[q, jid, token, None] for q, jid, token in self.held]
+        outcomes = await self.client._cluster.bulk(
+            protocol.ACK, items, lambda item: item[0], lambda _bid, sub, _rnd: {"items": sub})
+        for (q, jid, _token), outcome in zip(self.held, outcomes, strict=True):
+            if outcome is None:
                 self.handled[(q, jid)] += 1
         return outcomes
 
@@ -308,7 +310,9 @@ async def work_off(client: shardq.Client, rig: Rig) -> None:
         counts = await asyncio.gather(*(client.queue(q).counts() for q in QUEUES))
         if not any(c["waiting"] or c["active"] or c["delayed"] for c in counts):
             return
-        assert time.monotonic() < deadline, "jobs left unfinished\n" + rig.logs()
+        left = {q: c for q, c in zip(QUEUES, counts, strict=True)
+                if c["waiting"] or c["active"] or c["delayed"]}
+        assert time.monotonic() < deadline, f"jobs left unfinished: {left}\n{rig.logs()}"
         await asyncio.sleep(0.2)
 
 
@@ -340,6 +344,8 @@ async def scenario(rig: Rig) -> tuple[Load, list[Any]]:
 
         # Held locks are still valid at the new owner, with the same token.
         held_outcomes = await load.ack_held()
+        assert held_outcomes == [None] * len(load.held), (
+            f"held locks not honoured after the move: {held_outcomes}\n{rig.logs()}")
         load.slow = False
         await work_off(client, rig)
         await worker.close()
