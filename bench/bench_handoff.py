@@ -61,7 +61,7 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import Proc  # noqa: E402  (bench/ is this script's own directory)
+from benchlib import CpuCap, Proc  # noqa: E402  (bench/ is this script's own directory)
 
 import shardq  # noqa: E402
 from shardq.router import Topology, slot_of  # noqa: E402
@@ -78,6 +78,7 @@ CLK = time.perf_counter
 # ----------------------------------------------------------------- processes
 Child = Proc  # a process this script started (SIGTERM, then SIGKILL, by pid)
 ALL_CHILDREN: list[Child] = []  # every process this script started, for the last-resort stop
+CAPS: list[CpuCap] = []  # set by --broker-cpus: every broker started gets its own CPU quota
 
 
 def _pump(src: Any, dst: Path) -> None:
@@ -172,9 +173,12 @@ def start_cluster(children: list[Child], n: int, data: Path, fast: bool,
 
 
 def start_broker(children: list[Child], bid: str, url: str, data: Path, fast: bool) -> Child:
-    return spawn(children, bid, ["broker", "--id", bid, "--port", "0",
-                                 "--data-dir", str(data / bid), "--coordinator", url,
-                                 *(["--fast"] if fast else [])], data / "logs")
+    child = spawn(children, bid, ["broker", "--id", bid, "--port", "0",
+                                  "--data-dir", str(data / bid), "--coordinator", url,
+                                  *(["--fast"] if fast else [])], data / "logs")
+    for cap in CAPS:
+        cap.apply(bid, child.pid)
+    return child
 
 
 # ----------------------------------------------------------------- coordinator HTTP
@@ -708,6 +712,7 @@ async def _scale_measure(http: httpx.AsyncClient, url: str, children: list[Child
                          a: argparse.Namespace) -> dict[str, Any]:
     m = a.backlog
     res: dict[str, Any] = {"bench": "handoff", "part": "scale_out", "backlog_jobs": m,
+                           "broker_cpus": a.broker_cpus or None,
                            "backlog_queues": 1000, "load_queues": 100, "lag_cap": a.lag,
                            "mode": "fast" if a.fast else "durable"}
     backlog = [f"backlog-{i:04d}" for i in range(1000)]
@@ -730,6 +735,7 @@ async def _scale_measure(http: httpx.AsyncClient, url: str, children: list[Child
             t_before = CLK()
             await asyncio.sleep(a.before_s)
             t_scale = CLK()
+            throttled0 = CAPS[0].throttled_s() if CAPS else {}
             if a.prestart:
                 await post_json(http, url, "/rebalance", {})
             else:
@@ -755,6 +761,9 @@ async def _scale_measure(http: httpx.AsyncClient, url: str, children: list[Child
 
             await until(done, "the scale out to finish", REBALANCE_TIMEOUT_S, every=0.2)
             t_done = CLK()
+            if CAPS:  # seconds each broker waited for its CPU quota during the scale out
+                res["throttled_during_s"] = {b: round(v - throttled0.get(b, 0.0), 2)
+                                             for b, v in CAPS[0].throttled_s().items()}
             plan = await post_json(http, url, "/rebalance", {"dry_run": True})
             res["residual_plan_slots"] = plan["slots"]
             res["residual_plan_moves"] = [f"{mv['source']}->{mv['target']}: {mv['slots']}"
@@ -839,6 +848,9 @@ def print_scale(r: dict[str, Any]) -> None:
     spawn = ("started and registered before the load, idle" if r.get("prestart")
              else "spawned inside the window")
     print(f"  new brokers {spawn} ({r['spawn_s']:.1f}s)")
+    if r.get("broker_cpus"):
+        print(f"  each broker capped at {r['broker_cpus']} cores (own cgroup, as on its own "
+              f"host); seconds throttled during the scale out: {r.get('throttled_during_s')}")
     print(f"  scale out took {r['scale_out_s']:.1f}s ("
           f"first move seen {r['first_move_after_s'] or float('nan'):.1f}s in); "
           f"{r['moves_done']} moves, {r['slots_moved']} slots, {r['moves_failed']} failed")
@@ -890,7 +902,7 @@ def print_scale(r: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------- main
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--big", action="store_true",
                     help="part 1 with N = 10k and 1M, part 2 with 1M backlog jobs")
@@ -910,12 +922,23 @@ def main() -> None:
                          "rebalance onto them (--no-prestart: spawn them inside the window)")
     ap.add_argument("--copy-rate", type=int, default=0,
                     help="coordinator --handoff-copy-rate (jobs/s per move; 0: unpaced)")
+    ap.add_argument("--broker-cpus", type=float, default=0.0,
+                    help="cap each broker at this many cores (its own cgroup), as if each "
+                         "ran on its own host: new brokers then bring capacity, which they "
+                         "cannot on one shared machine (0: uncapped)")
     ap.add_argument("--json", action="store_true", help="print JSON lines only")
     a = ap.parse_args()
-    sizes = ([int(x) for x in a.sizes.split(",")] if a.sizes
-             else [10_000, 1_000_000] if a.big else [10_000, 200_000])
     if a.backlog is None:
         a.backlog = 1_000_000 if a.big else 200_000
+    return a
+
+
+def main() -> None:
+    a = parse_args()
+    if a.broker_cpus:
+        CAPS.append(CpuCap(a.broker_cpus, "handoff"))
+    sizes = ([int(x) for x in a.sizes.split(",")] if a.sizes
+             else [10_000, 1_000_000] if a.big else [10_000, 200_000])
 
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(LOGS)
@@ -963,3 +986,5 @@ if __name__ == "__main__":
             main()
     finally:
         stop_all(ALL_CHILDREN)  # no-op for those already stopped
+        for cap in CAPS:
+            cap.remove()

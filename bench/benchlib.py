@@ -182,3 +182,46 @@ def stopping(procs: list[Proc]) -> Iterator[list[Proc]]:
     finally:
         for p in reversed(procs):
             p.stop()
+
+
+class CpuCap:
+    """Cap a process at `cpus` cores with its own cgroup-v1 `cpu` group, as if it ran on
+    a host of that size (a 2-core machine cannot add hosts; this makes each new broker
+    bring its own CPU budget). Needs root and a writable /sys/fs/cgroup/cpu."""
+
+    ROOT = Path("/sys/fs/cgroup/cpu")
+    PERIOD_US = 10_000  # short: a capped process waits at most one period when throttled
+
+    def __init__(self, cpus: float, tag: str) -> None:
+        if not (self.ROOT / "cgroup.procs").exists():
+            raise SystemExit(f"--broker-cpus needs the cgroup-v1 cpu controller at {self.ROOT}")
+        self.cpus = cpus
+        self.base = self.ROOT / f"shardq-bench-{tag}-{os.getpid()}"
+        self.groups: list[Path] = []
+
+    def apply(self, name: str, pid: int) -> None:
+        group = self.base / name
+        try:
+            group.mkdir(parents=True, exist_ok=True)
+            (group / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (group / "cpu.cfs_quota_us").write_text(str(int(self.cpus * self.PERIOD_US)))
+            (group / "cgroup.procs").write_text(str(pid))  # v1: moves every thread
+        except OSError as e:
+            raise SystemExit(f"cannot cap {name} at {self.cpus} cpus in {group}: {e}") from e
+        self.groups.append(group)
+
+    def throttled_s(self) -> dict[str, float]:
+        """Seconds each capped process waited for its quota so far."""
+        out = {}
+        for g in self.groups:
+            stat = dict(line.split() for line in (g / "cpu.stat").read_text().splitlines())
+            out[g.name] = int(stat.get("throttled_time", 0)) / 1e9
+        return out
+
+    def remove(self) -> None:
+        """Drop the groups (call once their processes are gone)."""
+        for g in [*self.groups, self.base]:
+            try:
+                g.rmdir()
+            except OSError:
+                pass

@@ -47,11 +47,12 @@ def test_a_rate_limit_holds_with_three_workers_over_five_seconds(
     starts = run(main())
     print(f"starts={len(starts)} max_in_window={max_in_any_window(starts, per_ms)}")
     assert max_in_any_window(starts, per_ms) <= limit  # never over, by the broker's clock
-    # Not fewer than possible: every window since the first start was filled,
-    # within 10% (the last window may be cut by close()).
+    # Not fewer than possible: every whole window between the first and the last
+    # start was filled, within 5%. The window the last start falls in is cut by
+    # close() and may hold any number (CI once saw 8 in it, after 200 in five).
     span = max(starts) - min(starts)
-    possible = limit * (span // per_ms + 1)
-    assert len(starts) >= 0.9 * possible, (len(starts), possible, span)
+    whole_windows = limit * (span // per_ms)
+    assert len(starts) >= 0.95 * whole_windows, (len(starts), whole_windows, span)
     assert span >= (seconds - 1.5) * 1000
 
 
