@@ -11,6 +11,7 @@ compare the recovered queues with the live ones.
 from __future__ import annotations
 
 import copy
+import os
 import random
 import sqlite3
 from pathlib import Path
@@ -693,3 +694,78 @@ def test_random_workload_with_obliterates_and_whole_checkpoints_recovers_exactly
         checkpointing = b.store.checkpoint_step()
     b.close()
     brokers(assert_recovered(path, b, exact_order=False))
+
+
+@pytest.mark.parametrize(("run", "chunk"), [(3, 2), (4, 5), (100, 7)])
+def test_checkpoint_writes_keys_in_btree_order_sorting_in_bounded_runs(
+        path: str, brokers: Any, monkeypatch: pytest.MonkeyPatch, run: int, chunk: int) -> None:
+    """Every dirty key is written once, in (queue, id) order across chunks (rows of a
+    chunk share pages), though no step sorts more than `run` keys."""
+    monkeypatch.setattr(store_module, "SORT_RUN", run)
+    monkeypatch.setattr(store_module, "CHECKPOINT_CHUNK", chunk)
+    b = brokers(Broker(path))
+    ids = [f"j{i:03d}" for i in range(40)]
+    random.Random(7).shuffle(ids)
+    for n, jid in enumerate(ids):
+        b.q(("emails", "sms", "webhooks")[n % 3]).add(jid, "n", b"", None, now=n)
+    b.commit()
+    written: list[tuple[str, str]] = []
+    sorted_lengths: list[int] = []
+    real_sorted = sorted
+
+    def spy_sorted(keys: Any) -> Any:
+        sorted_lengths.append(len(keys))
+        return real_sorted(keys)
+
+    def recording(queue: str, jid: str) -> Any:
+        written.append((queue, jid))
+        return b.row_source(queue, jid)
+
+    monkeypatch.setattr(store_module, "sorted", spy_sorted, raising=False)
+    metas = {name: q.meta() for name, q in b.queues.items()}
+    b.store.checkpoint_begin(b.seq, metas, {}, recording)
+    while b.store.checkpoint_step():
+        pass
+    assert written == real_sorted(written)
+    assert len(written) == len(set(written)) == 40
+    assert sorted_lengths and max(sorted_lengths) <= run
+    b.close()
+    brokers(assert_recovered(path, b))
+
+
+def wal_resets(path: str) -> int:
+    """The WAL header's checkpoint sequence number: +1 each time the WAL restarts.
+    Read from the file: asking SQLite (a checkpoint) would backfill it."""
+    with open(path + "-wal", "rb") as f:
+        return int.from_bytes(f.read(16)[12:16], "big")
+
+
+def test_the_writer_restarts_a_wal_the_background_passes_cannot_finish(
+        path: str, brokers: Any) -> None:
+    """Under steady writes a passive checkpoint from another connection never catches
+    the writer, so the WAL never restarts (it grew to 860 MB per broker in a scale-out
+    bench). Once the background pass reports more than WAL_RESTART_FRAMES, the writer
+    backfills the rest after its commit and the next commit starts the WAL over."""
+    b = brokers(Broker(path))
+    b.store._stop_wal.set()  # no background passes: nothing backfills but the writer
+    assert b.store._wal_thread is not None
+    b.store._wal_thread.join()
+    q = b.q("emails")
+    for i in range(300):
+        q.add(f"j{i}", "n", b"x" * 2000, None, now=i)
+        b.commit()
+    assert os.path.getsize(path + "-wal") > 300 * 4096
+    resets = wal_resets(path)
+    q.add("quiet", "n", b"", None, now=999)
+    b.commit()
+    assert wal_resets(path) == resets  # below the threshold: appended, no restart
+    b.store._wal_frames = store_module.WAL_RESTART_FRAMES + 1  # what a pass would report
+    q.add("last", "n", b"", None, now=1000)
+    b.commit()
+    assert b.store.wal_restarts == 1
+    q.add("after", "n", b"", None, now=1001)
+    b.commit()
+    assert wal_resets(path) == resets + 1, "the WAL was not restarted"
+    assert os.path.getsize(path + "-wal") <= store_module.WAL_SIZE_LIMIT
+    b.close()
+    brokers(assert_recovered(path, b))
