@@ -596,10 +596,12 @@ def print_pause(results: list[dict[str, Any]]) -> None:
 
 # ----------------------------------------------------------------- part 2: scale out
 class Load:
-    """2 producers (add_bulk of 50, paced by `lag`) and one worker (concurrency 100)."""
+    """`producers` tasks (add_bulk of 50, paced by `lag`) and one worker."""
 
-    def __init__(self, url: str, queues: list[str], lag: int, t0: float) -> None:
+    def __init__(self, url: str, queues: list[str], lag: int, t0: float,
+                 producers: int = 2, concurrency: int = 100) -> None:
         self.url, self.queues, self.lag, self.t0 = url, queues, lag, t0
+        self.producers, self.concurrency = producers, concurrency
         self.added = 0
         self.completed = 0
         self.per_s: Counter[int] = Counter()
@@ -616,9 +618,9 @@ class Load:
         work = await shardq.connect(self.url)
         self.clients = [prod, work]
         self.retries = install_retry_counter(prod)
-        for p in range(2):
+        for p in range(self.producers):
             self.tasks.append(asyncio.create_task(self._produce(prod, p)))
-        self.worker = work.worker(self.queues, self._handle, concurrency=100)
+        self.worker = work.worker(self.queues, self._handle, concurrency=self.concurrency)
         self.tasks.append(asyncio.create_task(self.worker.run()))
 
     async def _produce(self, client: shardq.Client, p: int) -> None:
@@ -629,7 +631,7 @@ class Load:
                 await asyncio.sleep(0.002)
                 continue
             q = self.queues[i % len(self.queues)]
-            i += 2
+            i += self.producers
             try:
                 await client.queue(q).add_bulk(batch)
                 self.added += 50
@@ -645,9 +647,9 @@ class Load:
     async def close(self) -> None:
         self.stop.set()
         async with asyncio.timeout(60):
-            await asyncio.gather(*self.tasks[:2])
+            await asyncio.gather(*self.tasks[:self.producers])
             await self.worker.close()
-            await self.tasks[2]
+            await self.tasks[self.producers]
             for c in self.clients:
                 await c.aclose()
 
@@ -714,6 +716,7 @@ async def _scale_measure(http: httpx.AsyncClient, url: str, children: list[Child
     res: dict[str, Any] = {"bench": "handoff", "part": "scale_out", "backlog_jobs": m,
                            "broker_cpus": a.broker_cpus or None,
                            "backlog_queues": 1000, "load_queues": 100, "lag_cap": a.lag,
+                           "producers": a.producers, "concurrency": a.concurrency,
                            "mode": "fast" if a.fast else "durable"}
     backlog = [f"backlog-{i:04d}" for i in range(1000)]
     load_q = [f"load-{i:03d}" for i in range(100)]
@@ -727,7 +730,7 @@ async def _scale_measure(http: httpx.AsyncClient, url: str, children: list[Child
         if a.prestart:
             res["spawn_s"] = await _prestart(http, url, children, data, new, a.fast)
         t0 = CLK()
-        load = Load(url, load_q, a.lag, t0)
+        load = Load(url, load_q, a.lag, t0, a.producers, a.concurrency)
         await load.start()
         progress: list[tuple[float, int]] = []  # (t, slots_moved) every poll
         try:
@@ -844,7 +847,8 @@ async def _scale_measure(http: httpx.AsyncClient, url: str, children: list[Child
 def print_scale(r: dict[str, Any]) -> None:
     print(f"\nPart 2: scale out 3 -> 6 brokers, {r['backlog_jobs']:,} waiting jobs over 1000 "
           f"queues (pushed in {r['push_s']:.1f}s), steady load on 100 other queues "
-          f"(2 producers add_bulk 50, <= {r['lag_cap']} outstanding; 1 worker, concurrency 100)")
+          f"({r.get('producers', 2)} producers add_bulk 50, <= {r['lag_cap']} outstanding; "
+          f"1 worker, concurrency {r.get('concurrency', 100)})")
     spawn = ("started and registered before the load, idle" if r.get("prestart")
              else "spawned inside the window")
     print(f"  new brokers {spawn} ({r['spawn_s']:.1f}s)")
@@ -917,6 +921,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--warmup-s", type=float, default=4.0, help="part 2 load warm-up")
     ap.add_argument("--before-s", type=float, default=10.0, help="part 2 time before scale out")
     ap.add_argument("--lag", type=int, default=5000, help="part 2 max outstanding load jobs")
+    ap.add_argument("--concurrency", type=int, default=100,
+                    help="part 2 worker concurrency (jobs it holds at once)")
+    ap.add_argument("--producers", type=int, default=2,
+                    help="part 2 producer tasks (each awaits its add_bulk before the next)")
     ap.add_argument("--prestart", action=argparse.BooleanOptionalAction, default=True,
                     help="part 2: start the new brokers before the load and time only the "
                          "rebalance onto them (--no-prestart: spawn them inside the window)")
