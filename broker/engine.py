@@ -10,6 +10,7 @@ along without waiting.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import os
 import time
@@ -37,6 +38,7 @@ CHECKPOINT_EVERY_COMMITS = 20_000
 CHECKPOINT_EVERY_S = 30.0
 CHECKPOINT_STEP_EVERY_S = 0.02  # under load, one checkpoint chunk per 20 ms of commits ...
 CHECKPOINT_STEP_SHARE = 1 / 3  # ... and at most this share of the writer's time
+FROZEN_TIMER_RETRY_MS = 10  # a due queue in a frozen slot is looked at again this much later
 INLINE_COMMIT_MAX_OPS = 256  # smaller batches commit on the loop thread when the writer is idle
 
 
@@ -115,6 +117,12 @@ class Broker:
         self._step_timer: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
+        # Queues by their next timer (delayed job, lock deadline, TTL, scheduler
+        # tick, rate-limit wake): a firing visits only the queues due, not all of
+        # them (a full scan of 1100 queues per firing took 13% of a broker).
+        # Lazy: an entry counts only while `_armed[queue]` still names its time.
+        self._due: list[tuple[int, str]] = []
+        self._armed: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle_waiters: list[asyncio.Future[None]] = []
         self.total_jobs = 0
@@ -513,12 +521,22 @@ class Broker:
 
     def _arm(self, q: QueueState) -> None:
         due = q.next_timer()
-        if due is None or due >= self._timer_at:
+        if due is not None:
+            self._enlist(q.name, due)
+            self._schedule_timer()
+
+    def _enlist(self, name: str, due: int) -> None:
+        if due < self._armed.get(name, due + 1):
+            self._armed[name] = due
+            heapq.heappush(self._due, (due, name))
+
+    def _schedule_timer(self) -> None:
+        if not self._due or self._due[0][0] >= self._timer_at:
             return
         assert self._loop is not None
         if self._timer is not None:
             self._timer.cancel()
-        self._timer_at = due
+        self._timer_at = due = self._due[0][0]
         delay = max(0.0, (due - self.clock()) / 1000.0)
         self._timer = self._loop.call_later(delay, self._on_timer)
 
@@ -528,25 +546,35 @@ class Broker:
         self.run_timers()
 
     def run_timers(self) -> None:
-        """Promote due delayed jobs and expire locks in every queue."""
+        """Promote due delayed jobs and expire locks in the queues that are due."""
         now = self.clock()
         frozen = self.handoff.frozen
-        for q in self.queues.values():
+        due_heap, armed = self._due, self._armed
+        while due_heap and due_heap[0][0] <= now:
+            due, name = heapq.heappop(due_heap)
+            if armed.get(name) != due:
+                continue  # superseded by an earlier time
+            del armed[name]
+            q = self.queues.get(name)
+            if q is None:
+                continue
             if frozen and q.slot in frozen:
-                continue  # the target takes over its timers
-            due = q.next_timer()
-            if due is not None and due <= now:
-                moved = q.promote(now)
-                stalled = q.expire_locks(now)
-                q.expire_ttls(now)
-                if q.schedulers:
-                    moved += q.fire_schedulers(now)
-                if q.blocked_until and q.wake_due(now):
-                    moved += 1  # a rate limit freed budget: parked pulls go on
-                if (moved or stalled) and q.name in self.waiters:
-                    self.serve_waiters(q.name)
-        for q in self.queues.values():
-            self._arm(q)
+                # The target takes over its timers; look again after the freeze.
+                self._enlist(name, now + FROZEN_TIMER_RETRY_MS)
+                continue
+            moved = q.promote(now)
+            stalled = q.expire_locks(now)
+            q.expire_ttls(now)
+            if q.schedulers:
+                moved += q.fire_schedulers(now)
+            if q.blocked_until and q.wake_due(now):
+                moved += 1  # a rate limit freed budget: parked pulls go on
+            if (moved or stalled) and q.name in self.waiters:
+                self.serve_waiters(q.name)
+            nxt = q.next_timer()
+            if nxt is not None:
+                self._enlist(name, max(nxt, now + 1))  # never due again in this pass
+        self._schedule_timer()
         if self.log:
             self._schedule_flush()
 
@@ -558,6 +586,9 @@ class Broker:
         for q in self.queues.values():
             if q.tombstones:
                 q.expire_tombstones(now)
+            due = q.next_timer()  # the safety net: every queue's timer is enlisted
+            if due is not None:
+                self._enlist(q.name, due)
         self.run_timers()
         if self.handoff.frozen_moves and not self._asking:
             self._asking = True

@@ -195,3 +195,38 @@ def test_calls_on_a_closed_client_fail_at_once(broker) -> None:  # type: ignore[
         assert loop.time() - t0 < 1.0
 
     run(main())
+
+
+def test_delayed_jobs_over_many_queues_each_start_at_their_own_time(broker) -> None:  # type: ignore[no-untyped-def]
+    """The broker's timer visits only the queues that are due (a heap of queues by
+    next due time): 200 queues, each with one job delayed a different amount; every
+    delayed job is delivered, none before its time by the broker's clock."""
+    async def main() -> dict[str, tuple[int, int]]:
+        async with await shardq.connect(broker.addr) as client:
+            t0: dict[str, int] = {}
+            for i in range(200):
+                q = client.queue(f"dq-{i:03d}")
+                jid = await q.add("d", None, delay_ms=20 + 3 * i)
+                job = await q.get_job(jid)
+                t0[f"dq-{i:03d}"] = job["timestamp"] + job["delay_ms"]
+            started: dict[str, tuple[int, int]] = {}
+            done = asyncio.Event()
+
+            async def handle(job: shardq.Job) -> None:
+                info = await client.queue(job.queue).get_job(job.id)
+                started[job.queue] = (t0[job.queue], info["processed_on"])
+                if len(started) == len(t0):
+                    done.set()
+
+            worker = client.worker(list(t0), handle, concurrency=50)
+            task = asyncio.create_task(worker.run())
+            async with asyncio.timeout(30):
+                await done.wait()
+            await worker.close()
+            await task
+            return started
+
+    started = run(main())
+    assert len(started) == 200
+    early = {q: (due, at) for q, (due, at) in started.items() if at < due}
+    assert not early, f"started before their delay: {sorted(early.items())[:5]}"

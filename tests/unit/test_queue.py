@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from shardq.broker.job import ACTIVE, COMPLETED, DELAYED, FAILED, FIELDS, WAITING
 from shardq.broker.queue import (
+    LOCK_HEAP_SLACK,
     LOCK_LOST,
     NOT_FOUND,
     QueueDefaults,
@@ -1031,3 +1032,22 @@ def test_every_mutation_logs_exactly_one_op() -> None:
         step()
         assert codes(q)[n:] == [code]
         assert q.seq == len(q.log)
+
+
+def test_the_lock_heap_drops_acked_entries_and_keeps_live_locks() -> None:
+    """An ack leaves its lock entry in the heap; the heap is rebuilt from the active
+    jobs once stale entries pass the slack, so it stays bounded (finished jobs are
+    not held alive for a lock's length) and a lock still held expires on time."""
+    q = make()
+    q.add("held", "n", b"", None, now=0)
+    held, _ = pull_one(q, now=0, lock_ms=50_000)
+    most = 0
+    for i in range(5 * LOCK_HEAP_SLACK):
+        q.add(f"j{i}", "n", b"", None, now=i)
+        jid, tok = pull_one(q, now=i)
+        assert q.ack(jid, tok, None, now=i) is None
+        most = max(most, len(q._locks))
+    assert most <= 2 * 2 + LOCK_HEAP_SLACK + 1  # two active at a push: held and the new one
+    assert q.expire_locks(49_999) == 0
+    assert q.expire_locks(50_000) == 1
+    assert q.jobs[held].state == WAITING
