@@ -102,23 +102,40 @@ def _brokers(v: Any) -> dict[str, BrokerInfo]:
 
 
 def _slots(v: Any) -> tuple[list[str | None], list[int]]:
+    # Brokers and clients parse the whole map at every epoch change (dozens a
+    # second during a rebalance): the common, well-formed run is checked with
+    # plain type tests, and the messages are built only for a bad one.
     owners: list[str | None] = [None] * NUM_SLOTS
     epochs = [0] * NUM_SLOTS
     for n, run in enumerate(_seq(v, "slots")):
-        what = f"slots[{n}]"
-        run = _seq(run, what)
-        if len(run) != 4:
-            raise ValueError(f"{what} must be [start, end, owner, epoch], got {run!r}")
-        start, end = _int(run[0], f"{what}.start"), _int(run[1], f"{what}.end")
-        owner, epoch = _str(run[2], f"{what}.owner"), _int(run[3], f"{what}.epoch")
-        if not start <= end < NUM_SLOTS:
-            raise ValueError(f"{what} needs 0 <= start <= end < {NUM_SLOTS}, got {run!r}")
-        for s in range(start, end + 1):
-            if owners[s] is not None:
-                raise ValueError(f"{what}: slot {s} is owned twice ({owners[s]!r}, {owner!r})")
-            owners[s] = owner
-            epochs[s] = epoch
+        if type(run) in (list, tuple) and len(run) == 4:
+            start, end, owner, epoch = run
+            ok = (type(start) is int and type(end) is int and type(owner) is str
+                  and type(epoch) is int and 0 <= start <= end < NUM_SLOTS and epoch >= 0)
+        else:
+            ok = False
+        if not ok:
+            _bad_run(n, run)
+        if owners[start:end + 1].count(None) != end + 1 - start:
+            s = next(s for s in range(start, end + 1) if owners[s] is not None)
+            raise ValueError(f"slots[{n}]: slot {s} is owned twice ({owners[s]!r}, {owner!r})")
+        owners[start:end + 1] = [owner] * (end + 1 - start)
+        epochs[start:end + 1] = [epoch] * (end + 1 - start)
     return owners, epochs
+
+
+def _bad_run(n: int, run: Any) -> None:
+    """Raise the precise error for a malformed slot run."""
+    what = f"slots[{n}]"
+    run = _seq(run, what)
+    if len(run) != 4:
+        raise ValueError(f"{what} must be [start, end, owner, epoch], got {run!r}")
+    start, end = _int(run[0], f"{what}.start"), _int(run[1], f"{what}.end")
+    _str(run[2], f"{what}.owner")
+    _int(run[3], f"{what}.epoch")
+    if not start <= end < NUM_SLOTS:
+        raise ValueError(f"{what} needs 0 <= start <= end < {NUM_SLOTS}, got {run!r}")
+    raise AssertionError(f"{what} {run!r} failed the fast check but no precise one")
 
 
 def _overrides(v: Any) -> dict[str, tuple[str, int]]:
