@@ -9,7 +9,7 @@ import pytest
 
 import shardq
 from shardq.client.retry import RetryPolicy
-from tests.aio import run
+from tests.aio import run, running
 
 
 @pytest.fixture
@@ -218,12 +218,9 @@ def test_delayed_jobs_over_many_queues_each_start_at_their_own_time(broker) -> N
                 if len(started) == len(t0):
                     done.set()
 
-            worker = client.worker(list(t0), handle, concurrency=50)
-            task = asyncio.create_task(worker.run())
-            async with asyncio.timeout(30):
+            async with running(client.worker(list(t0), handle, concurrency=50)), \
+                    asyncio.timeout(30):
                 await done.wait()
-            await worker.close()
-            await task
             return started
 
     started = run(main())
