@@ -180,8 +180,10 @@ class Store:
             self._restart_wal(db)
 
     def _restart_wal(self, db: sqlite3.Connection) -> None:
-        """Backfill what the background pass left (after this commit: answered
-        already), so the next commit starts the WAL from its beginning."""
+        """Backfill what the background pass left, so the next commit starts the
+        WAL from its beginning. This commit's answer waits for it: the frames
+        since the last pass (<= 0.5 s of writes) and an fsync of the database
+        file, once per WAL_RESTART_FRAMES of WAL."""
         self._wal_frames = 0
         try:
             busy, _frames, _done = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
