@@ -91,7 +91,7 @@ class Rebalancer:
         self._sleep = sleep
         self._wall = wall
         self._pending: deque[Move] = deque()
-        self._in_flight: dict[str, tuple[str, str]] = {}  # move id -> (source, target)
+        self._in_flight: set[str] = set()
         self._recovered: list[MoveRecord] = []
         self._recovering = 0  # recovered moves not finished yet
         self._retries = 0  # automatic re-plans of an unfinished drain
@@ -369,20 +369,8 @@ class Rebalancer:
         await self._sleep(wait)
         return True
 
-    def _next_move(self) -> Move:
-        """The first planned move whose source and target are both free of moves in
-        flight, else the first. The planner lists one source's moves together, so
-        taking them in order sent every concurrent copy from one broker (seen: 8 s
-        of b1 -> b4/b5/b6 while b2 and b3 idled); spread, each source carries one."""
-        busy = {b for pair in self._in_flight.values() for b in pair}
-        for i, move in enumerate(self._pending):
-            if move.source not in busy and move.target not in busy:
-                del self._pending[i]
-                return move
-        return self._pending.popleft()
-
     def _start_next(self, tg: asyncio.TaskGroup) -> None:
-        move = self._next_move()
+        move = self._pending.popleft()
         try:
             rec = self._x.begin(move)
         except CoordinatorError as e:
@@ -395,7 +383,7 @@ class Rebalancer:
         self._spawn(tg, rec, recovered=False)
 
     def _spawn(self, tg: asyncio.TaskGroup, rec: MoveRecord, recovered: bool) -> None:
-        self._in_flight[rec.move_id] = (rec.source, rec.target)
+        self._in_flight.add(rec.move_id)
         tg.create_task(self._one(rec, recovered), name=f"shardq-move-{rec.move_id}")
 
     async def _one(self, rec: MoveRecord, recovered: bool) -> None:
@@ -413,7 +401,7 @@ class Rebalancer:
                 self._count_failure(f"{final.move_id} ({final.source} -> {final.target}): "
                                     f"{final.error}")
         finally:
-            self._in_flight.pop(rec.move_id, None)
+            self._in_flight.discard(rec.move_id)
             self._wake.set()
         if recovered:
             self._recovering -= 1

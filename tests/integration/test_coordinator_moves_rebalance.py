@@ -232,35 +232,6 @@ def test_cancel_stops_after_the_moves_in_flight(db: Path, clock: Clock) -> None:
     store.close()
 
 
-def test_concurrent_moves_leave_from_different_sources_onto_different_targets(
-        db: Path, clock: Clock) -> None:
-    """The plan lists a source's moves together; run in that order, both moves in
-    flight left one broker while the others idled. With 3 active and 3 joining
-    brokers and concurrency 2, the two moves in flight share no broker."""
-    m, store = cluster(db, clock, active=3, joining=3)
-    brokers = FakeBrokers()
-    brokers.block(p.HANDOFF_COPY)
-    rb = rebalancer(m, brokers, clock, concurrency=2)
-
-    async def scenario() -> list[dict[str, Any]]:
-        plan = rb.start("test")
-        sources = [mv["source"] for mv in plan["moves"]]
-        assert sources[0] == sources[1], "the plan lists one source's moves together"
-        while brokers.parked.get(p.HANDOFF_COPY, 0) < 2:
-            await asyncio.sleep(0)
-        in_flight: list[dict[str, Any]] = rb.progress()["moves_in_flight"]
-        rb.cancel()
-        brokers.release(p.HANDOFF_COPY)
-        await rb.wait_idle()
-        return in_flight
-
-    in_flight = run(scenario())
-    assert len(in_flight) == 2
-    a, b = ({mv["from"], mv["to"]} for mv in in_flight)
-    assert not a & b, in_flight
-    store.close()
-
-
 def test_a_failed_move_is_counted_and_the_others_go_on(db: Path, clock: Clock) -> None:
     m, store = cluster(db, clock, active=3)
     brokers = FakeBrokers()
