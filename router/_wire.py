@@ -114,8 +114,8 @@ def _slots(v: Any) -> tuple[list[str | None], list[int]]:
                   and type(epoch) is int and 0 <= start <= end < NUM_SLOTS and epoch >= 0)
         else:
             ok = False
-        if not ok:
-            _bad_run(n, run)
+        if not ok:  # a precise error, or the values of an unusual but valid run
+            start, end, owner, epoch = _checked_run(n, run)
         if owners[start:end + 1].count(None) != end + 1 - start:
             s = next(s for s in range(start, end + 1) if owners[s] is not None)
             raise ValueError(f"slots[{n}]: slot {s} is owned twice ({owners[s]!r}, {owner!r})")
@@ -124,18 +124,17 @@ def _slots(v: Any) -> tuple[list[str | None], list[int]]:
     return owners, epochs
 
 
-def _bad_run(n: int, run: Any) -> None:
-    """Raise the precise error for a malformed slot run."""
+def _checked_run(n: int, run: Any) -> tuple[int, int, str, int]:
+    """A slot run checked field by field: ValueError naming what is wrong."""
     what = f"slots[{n}]"
     run = _seq(run, what)
     if len(run) != 4:
         raise ValueError(f"{what} must be [start, end, owner, epoch], got {run!r}")
     start, end = _int(run[0], f"{what}.start"), _int(run[1], f"{what}.end")
-    _str(run[2], f"{what}.owner")
-    _int(run[3], f"{what}.epoch")
+    owner, epoch = _str(run[2], f"{what}.owner"), _int(run[3], f"{what}.epoch")
     if not start <= end < NUM_SLOTS:
         raise ValueError(f"{what} needs 0 <= start <= end < {NUM_SLOTS}, got {run!r}")
-    raise AssertionError(f"{what} {run!r} failed the fast check but no precise one")
+    return int(start), int(end), str(owner), int(epoch)
 
 
 def _overrides(v: Any) -> dict[str, tuple[str, int]]:

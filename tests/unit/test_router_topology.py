@@ -330,3 +330,17 @@ def test_route_agrees_with_the_slot_hash_cached_or_not(queue: str, clear_cache: 
     owner = "b1" if hash64(queue) % NUM_SLOTS < 2048 else "b2"
     assert topo.route(queue) == (owner, topo.addr_of(owner))
     assert topo.owner_of(queue) == owner
+
+
+def test_a_slot_run_of_int_and_list_subclasses_parses_like_plain_ones() -> None:
+    """The fast check takes plain types only; an unusual but valid run goes through
+    the field-by-field one and parses the same (no error)."""
+    class Run(list):  # type: ignore[type-arg]
+        pass
+
+    class Slot(int):
+        pass
+
+    d = {"epoch": 1, "brokers": {"b1": {"addr": "h:1"}}, "slots": [Run([0, Slot(4095), "b1", 1])]}
+    topo = Topology.from_dict(d)
+    assert topo.owner_of_slot(0) == topo.owner_of_slot(4095) == "b1"
