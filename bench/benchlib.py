@@ -208,7 +208,8 @@ class CpuCap:
             (group / "cgroup.procs").write_text(str(pid))  # v1: moves every thread
         except OSError as e:
             raise SystemExit(f"cannot cap {name} at {self.cpus} cpus in {group}: {e}") from e
-        self.groups.append(group)
+        if group not in self.groups:  # a later run may reuse a broker id
+            self.groups.append(group)
 
     def throttled_s(self) -> dict[str, float]:
         """Seconds each capped process waited for its quota so far."""
