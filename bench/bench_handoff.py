@@ -61,12 +61,12 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import CpuCap, Proc  # noqa: E402  (bench/ is this script's own directory)
+from bench_cluster import PAYLOAD, push  # noqa: E402  (bench/ is this script's own directory)
+from benchlib import CpuCap, Proc  # noqa: E402
 
 import shardq  # noqa: E402
 from shardq.router import Topology, slot_of  # noqa: E402
 
-PAYLOAD = {"to": "user@example.com", "body": "x" * 60}  # packs to ~100 bytes
 START_TIMEOUT_S = 30.0
 SYNC_TIMEOUT_S = 60.0
 PUSH_TIMEOUT_S = 900.0
@@ -672,26 +672,6 @@ async def scale_run(a: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(data, ignore_errors=True)
 
 
-async def _push_backlog(loader: Any, backlog: list[str], m: int) -> None:
-    """`m` waiting jobs spread evenly over the backlog queues (add_bulk of <= 1000)."""
-    per, extra = divmod(m, len(backlog))
-    calls = []
-    for i, q in enumerate(backlog):
-        left = per + (1 if i < extra else 0)
-        while left:
-            k = min(1000, left)
-            calls.append((q, k))
-            left -= k
-    sem = asyncio.Semaphore(8)
-
-    async def push(q: str, k: int) -> None:
-        async with sem:
-            await loader.queue(q).add_bulk([("j", PAYLOAD)] * k)
-
-    async with asyncio.timeout(PUSH_TIMEOUT_S):
-        await asyncio.gather(*(push(q, k) for q, k in calls))
-
-
 async def _prestart(http: httpx.AsyncClient, url: str, children: list[Child], data: Path,
                     new: list[str], fast: bool) -> float:
     """Start the new brokers before the load; they register and idle with no
@@ -722,7 +702,8 @@ async def _scale_measure(http: httpx.AsyncClient, url: str, children: list[Child
     load_q = [f"load-{i:03d}" for i in range(100)]
     async with await shardq.connect(url) as loader:
         t = CLK()
-        await _push_backlog(loader, backlog, m)
+        async with asyncio.timeout(PUSH_TIMEOUT_S):
+            await push(loader, backlog, m, inflight=8)  # add_bulk of <= 1000
         res["push_s"] = CLK() - t
 
         new = ["b4", "b5", "b6"]

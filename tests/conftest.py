@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from shardq.router import Topology
+
 READY_TIMEOUT_S = 20.0
 
 
@@ -125,3 +127,12 @@ def start_broker(procs: list[Proc], tmp_path: Path):  # type: ignore[no-untyped-
         return p
 
     return _start
+
+
+def queue_on(topo: Topology, owner: str, prefix: str) -> str:
+    """The first queue name `prefix-N` whose slot `owner` owns in `topo`."""
+    for i in range(100_000):
+        name = f"{prefix}-{i}"
+        if topo.owner_of(name) == owner:
+            return name
+    raise AssertionError(f"no {prefix}-* queue on {owner}")

@@ -27,19 +27,12 @@ from tests import aio
 from tests.aio import run, running
 from tests.cluster.conftest import SplitCluster, http_get, poll, synced_topology
 
-from ..conftest import Proc
+from ..conftest import Proc, queue_on
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 
-def name_on(topo: Topology, prefix: str, owner: str) -> str:
-    """A queue name whose slot `owner` owns."""
-    for i in range(100_000):
-        name = f"{prefix}-{i}"
-        if topo.owner_of(name) == owner:
-            return name
-    raise AssertionError(f"no {prefix}-* queue on {owner}")
 
 
 def restart(c: SplitCluster, start_broker: Callable[..., Proc], bid: str,
@@ -108,11 +101,15 @@ def check_once(flow: Flow, pid: str, n: int) -> None:
     assert sorted(v["page"] for v in values.values()) == list(range(n))
 
 
+def flow_queues(c: SplitCluster, *child_owners: str) -> tuple[str, list[str]]:
+    """A parent queue on b1 and one child queue on each of `child_owners`."""
+    topo = synced_topology(c.url)
+    return queue_on(topo, "b1", "report"), [queue_on(topo, b, "pages") for b in child_owners]
+
+
 def test_a_flow_across_three_brokers_completes_once(split_cluster: SplitCluster) -> None:
     c = split_cluster
-    topo = synced_topology(c.url)
-    pq = name_on(topo, "report", "b1")
-    cqs = [name_on(topo, "pages", b) for b in ("b1", "b2", "b3")]
+    pq, cqs = flow_queues(c, "b1", "b2", "b3")
 
     async def main() -> None:
         async with await shardq.connect(c.url) as client:
@@ -136,9 +133,7 @@ async def _state(client: shardq.Client, queue: str, jid: str, state: str) -> boo
 def test_an_interrupted_flow_creation_leaves_nothing_behind(
         split_cluster: SplitCluster, start_broker: Callable[..., Proc]) -> None:
     c = split_cluster
-    topo = synced_topology(c.url)
-    pq = name_on(topo, "report", "b1")
-    cqs = [name_on(topo, "pages", b) for b in ("b1", "b2", "b3")]
+    pq, cqs = flow_queues(c, "b1", "b2", "b3")
     restart(c, start_broker, "b1", "broker.before_flow_parent=kill")
     flow = Flow()
     ids: dict[str, str] = {}
@@ -184,9 +179,7 @@ def test_a_flow_survives_handoffs_and_the_outbox_follows_moved(
     entry follows it. Then a child's queue moves, and its child completes
     at the new owner."""
     c = split_cluster
-    topo = synced_topology(c.url)
-    pq = name_on(topo, "report", "b1")
-    cqs = [name_on(topo, "pages", b) for b in ("b2", "b3")]
+    pq, cqs = flow_queues(c, "b2", "b3")
     restart(c, start_broker, "b2", "broker.before_flow_deliver=kill")
     flow = Flow()
 
@@ -220,9 +213,7 @@ def test_kill_9_of_a_childs_broker_after_delivery_completes_the_parent_once(
     before it noted the delivery: it delivers again after restart, and the
     parent's owner sees the child key it has (a duplicate changes nothing)."""
     c = split_cluster
-    topo = synced_topology(c.url)
-    pq = name_on(topo, "report", "b1")
-    cqs = [name_on(topo, "pages", b) for b in ("b2", "b3")]
+    pq, cqs = flow_queues(c, "b2", "b3")
     restart(c, start_broker, "b2", "broker.after_flow_deliver=kill")
     flow = Flow()
 

@@ -15,7 +15,7 @@ import pytest
 
 from shardq.codec import encode_frame
 from shardq.router import Topology, slot_of
-from tests.conftest import Proc
+from tests.conftest import Proc, queue_on
 from tests.integration.rawwire import RawConn, add_args
 
 
@@ -48,12 +48,6 @@ def pair(procs: list[Proc], tmp_path: Path, start_broker):  # type: ignore[no-un
     return b1, b2, t, term
 
 
-def queue_on(t: Topology, owner: str, prefix: str) -> str:
-    for i in range(10_000):
-        q = f"{prefix}-{i}"
-        if t.owner_of(q) == owner:
-            return q
-    raise AssertionError("no queue found")
 
 def prepare_move(b1: Proc, b: RawConn, slots: list[int], term: int) -> dict[str, Any]:
     """A new move of `slots` from b1 to the broker behind `b`, prepared there."""
