@@ -235,6 +235,13 @@ def queue_owned_by(topo: Topology, owner: str, prefix: str) -> str:
     raise SystemExit(f"no queue named {prefix}-* is owned by {owner}")
 
 
+async def logs_checkpointed(client: shardq.Client) -> bool:
+    """Every broker's redo log is checkpointed (STATS log_rows is 0)."""
+    owners = set(client.topology.brokers)
+    stats = await asyncio.gather(*(client._cluster.call_broker(b, "STATS", {}) for b in owners))
+    return all(st["log_rows"] == 0 for st in stats)
+
+
 def install_retry_counter(client: shardq.Client) -> Counter[str]:
     """Count, per retry kind, the items the client resent (TryAgainError, MovedError, ...).
 
@@ -252,6 +259,9 @@ def install_retry_counter(client: shardq.Client) -> Counter[str]:
     async def counting_settle(rnd: Any, budget: Any, out: list[Any]) -> list[int]:
         for kind, entries in rnd.retry.items():
             counts[kind.__name__] += len(entries)
+            after = getattr(entries[0][1], "retry_after_ms", None)
+            if after is not None:  # rounds, by the wait the broker asked for
+                counts[f"{kind.__name__} rounds, {after} ms"] += 1
         todo: list[int] = await settle(rnd, budget, out)
         return todo
 
@@ -605,6 +615,7 @@ class Load:
         self.added = 0
         self.completed = 0
         self.per_s: Counter[int] = Counter()
+        self.per_s_broker: Counter[tuple[int, str]] = Counter()  # (second, serving broker)
         self.runs: Counter[tuple[str, str]] = Counter()
         self.errors: list[str] = []
         self.stop = asyncio.Event()
@@ -641,7 +652,9 @@ class Load:
 
     def _handle(self, job: Any) -> None:
         self.completed += 1
-        self.per_s[int(CLK() - self.t0)] += 1
+        sec = int(CLK() - self.t0)
+        self.per_s[sec] += 1
+        self.per_s_broker[(sec, job.broker)] += 1
         self.runs[(job.queue, job.id)] += 1
 
     async def close(self) -> None:
@@ -652,6 +665,30 @@ class Load:
             await self.tasks[self.producers]
             for c in self.clients:
                 await c.aclose()
+
+
+async def trace_load(client: shardq.Client, load: Load, res: dict[str, Any],
+                     enabled: bool) -> None:
+    """Every second: where the load's outstanding jobs sit (waiting / active
+    per owner, from COUNTS on every load queue), into res["load_trace"]."""
+    if not enabled:
+        return
+    rows: list[Any] = res.setdefault("load_trace", [])
+    while True:
+        t = round(CLK() - load.t0, 1)
+        out = load.added - load.completed
+        try:
+            counts = await asyncio.gather(*(client.queue(q).counts() for q in load.queues))
+        except shardq.ShardqError as e:
+            rows.append([t, out, type(e).__name__])
+        else:
+            by: dict[str, list[int]] = {}
+            for q, c in zip(load.queues, counts, strict=True):
+                row = by.setdefault(client.topology.owner_of(q) or "?", [0, 0])
+                row[0] += c["waiting"]
+                row[1] += c["active"]
+            rows.append([t, out, by])
+        await asyncio.sleep(1.0)
 
 
 async def scale_run(a: argparse.Namespace) -> dict[str, Any]:
@@ -690,6 +727,21 @@ async def _prestart(http: httpx.AsyncClient, url: str, children: list[Child], da
     return CLK() - t
 
 
+async def _push_backlog(loader: shardq.Client, backlog: list[str], m: int,
+                        res: dict[str, Any]) -> None:
+    t = CLK()
+    async with asyncio.timeout(PUSH_TIMEOUT_S):
+        await push(loader, backlog, m, inflight=8)  # add_bulk of <= 1000
+    res["push_s"] = CLK() - t
+    # The brokers write the pushed jobs to their jobs tables (a checkpoint,
+    # started by the first quiet second): wait for it, or the load's
+    # "before" and the scale out would both run on top of it.
+    t = CLK()
+    await until(lambda: logs_checkpointed(loader), "the push to be checkpointed",
+                SYNC_TIMEOUT_S * 3, every=0.25)
+    res["push_checkpoint_s"] = CLK() - t
+
+
 async def _scale_measure(http: httpx.AsyncClient, url: str, children: list[Child], data: Path,
                          a: argparse.Namespace) -> dict[str, Any]:
     m = a.backlog
@@ -701,11 +753,7 @@ async def _scale_measure(http: httpx.AsyncClient, url: str, children: list[Child
     backlog = [f"backlog-{i:04d}" for i in range(1000)]
     load_q = [f"load-{i:03d}" for i in range(100)]
     async with await shardq.connect(url) as loader:
-        t = CLK()
-        async with asyncio.timeout(PUSH_TIMEOUT_S):
-            await push(loader, backlog, m, inflight=8)  # add_bulk of <= 1000
-        res["push_s"] = CLK() - t
-
+        await _push_backlog(loader, backlog, m, res)
         new = ["b4", "b5", "b6"]
         res["prestart"] = a.prestart
         if a.prestart:
@@ -713,6 +761,7 @@ async def _scale_measure(http: httpx.AsyncClient, url: str, children: list[Child
         t0 = CLK()
         load = Load(url, load_q, a.lag, t0, a.producers, a.concurrency)
         await load.start()
+        tracer = asyncio.create_task(trace_load(loader, load, res, a.trace_load))
         progress: list[tuple[float, int]] = []  # (t, slots_moved) every poll
         try:
             await asyncio.sleep(a.warmup_s)
@@ -755,6 +804,7 @@ async def _scale_measure(http: httpx.AsyncClient, url: str, children: list[Child
             await asyncio.sleep(a.after_scale_s)
             t_end = CLK()
         finally:
+            tracer.cancel()
             await load.close()
         st = await get_json(http, url, "/status")
         res["slots_after"] = {b["id"]: b["slots"] for b in st["brokers"]}
@@ -803,6 +853,9 @@ async def _scale_measure(http: httpx.AsyncClient, url: str, children: list[Child
                       "brokers_started": t_started - t0, "scale_done": t_done - t0,
                       "end": t_end - t0}
     res["completed_per_s"] = [load.per_s[s] for s in range(int(t_end - t0) + 1)]
+    res["completed_per_s_by_broker"] = {
+        b: [load.per_s_broker[(s, b)] for s in range(int(t_end - t0) + 1)]
+        for b in sorted({b for _, b in load.per_s_broker})}
     # Acks the broker refused (LOCK_LOST): the handler ran but the job was not completed.
     lost = {s: LOGS.lock_lost[s + int(t0 - LOGS.t0)] for s in range(int(t_end - t0) + 1)}
     res["lock_lost_per_s"] = [lost[s] for s in range(int(t_end - t0) + 1)]
@@ -915,6 +968,8 @@ def parse_args() -> argparse.Namespace:
                     help="cap each broker at this many cores (its own cgroup), as if each "
                          "ran on its own host: new brokers then bring capacity, which they "
                          "cannot on one shared machine (0: uncapped)")
+    ap.add_argument("--trace-load", action="store_true",
+                    help="part 2: sample every load queue's counts each second (load_trace)")
     ap.add_argument("--json", action="store_true", help="print JSON lines only")
     a = ap.parse_args()
     if a.backlog is None:

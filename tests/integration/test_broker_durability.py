@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +172,27 @@ def test_the_ack_journal_records_each_accepted_ack_once(start_broker, tmp_path: 
     lines = journal.read_text().splitlines()
     assert sorted(line.split("\t")[1] for line in lines) == ["a", "b", "c"]
     c.close()
+
+
+def test_an_idle_broker_checkpoints_its_log_and_a_kill9_then_loses_nothing(
+        start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """After a burst of adds and a quiet second, the log is checkpointed
+    without waiting for the next write (engine IDLE_CHECKPOINT_AFTER_S), and
+    the jobs table alone then holds every answered job."""
+    data = tmp_path / "b1"
+    b = start_broker("b1", data_dir=data)
+    c = RawConn(b.addr)
+    for batch in range(20):
+        ids = [f"j{batch}-{i}" for i in range(100)]
+        assert c.ok("ADD", add_args("idle", *ids)) == ids
+    assert c.ok("STATS", {})["log_rows"] > 0
+    deadline = time.monotonic() + 15
+    while (rows := c.ok("STATS", {})["log_rows"]) > 0:
+        assert time.monotonic() < deadline, f"log still holds {rows} rows while idle"
+        time.sleep(0.05)
+    c.close()
+    b.kill()
+    c2 = RawConn(start_broker("b1", data_dir=data).addr)
+    assert c2.ok("COUNTS", {"queue": "idle"})["waiting"] == 2000
+    assert c2.ok("STATS", {})["log_rows"] == 0  # recovered from the jobs table alone
+    c2.close()
