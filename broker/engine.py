@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import logging
 import os
 import time
@@ -109,6 +110,12 @@ class Broker:
         self.owned = bytearray(NUM_SLOTS)
         self.slot_epochs = [0] * NUM_SLOTS
         self.topology = Topology.empty()
+        # `topology` as a dict (the coordinator's own, until a MOVED-time patch),
+        # and whether the log already holds it: ownership records in the log
+        # carry the map only when it changed (replay merges records), since a
+        # 4096-slot map is ~80 KB and handoff steps write a record each.
+        self._topology_dict: dict[str, Any] | None = None
+        self._topology_logged = False
         self.epoch = 0
         self.term = 0
         self.waiters: dict[str, list[Waiter]] = {}
@@ -180,14 +187,14 @@ class Broker:
         for name, lease in (state.get("tenants") or {}).items():
             self.defaults.tenants[name] = TenantShare.from_dict(lease)
         if state.get("topology"):
-            self.topology = Topology.from_dict(state["topology"])
+            self._adopt(Topology.from_dict(state["topology"]), state["topology"])
             self.epoch = self.topology.epoch
 
     def bootstrap_standalone(self) -> None:
         """With no coordinator and nothing persisted, own every slot at epoch 1;
         a standalone restart keeps its slots and advertises its new address."""
         if any(self.owned):
-            self.topology = Topology.standalone(self.config.broker_id, self.config.advertise)
+            self._adopt(Topology.standalone(self.config.broker_id, self.config.advertise))
             self.epoch = max(self.epoch, self.topology.epoch)
             return
         self.apply_topology(Topology.standalone(self.config.broker_id,
@@ -211,42 +218,62 @@ class Broker:
         me = self.config.broker_id
         changed = False
         lost: dict[str, list[int]] = {}
-        for s in range(NUM_SLOTS):
-            owner = topo.owner_of_slot(s)
-            e = topo.slot_epoch(s)
-            if owner == me and not self.owned[s] and e >= self.slot_epochs[s]:
+        owned, epochs = self.owned, self.slot_epochs
+        # Only slots whose ownership differs from the map's can change (a
+        # comparison per slot in C; the map is applied at every epoch change).
+        named = bytes([owner == me for owner in topo.slot_owners])
+        for s in (i for i, (a, b) in enumerate(zip(named, owned, strict=True)) if a != b):
+            owner, e = topo.slot_owners[s], topo.slot_epochs[s]
+            if owner == me and e >= epochs[s]:
                 # Bootstrap or forget hand slots over empty; a handoff's slots
                 # wait for ACTIVATE (guarantee 4), never for the map.
                 if not self.handoff.importing_slot(s):
-                    self.owned[s], self.slot_epochs[s], changed = 1, e, True
-            elif owner is not None and owner != me and self.owned[s] and e > self.slot_epochs[s]:
+                    owned[s], epochs[s], changed = 1, e, True
+            elif owner is not None and owner != me and e > epochs[s]:
                 lost.setdefault(owner, []).append(s)  # a committed handoff moved it
-        self.topology = topo
+        self._adopt(topo, d)
         self.term = max(self.term, topo.term)
         self.epoch = topo.epoch
         for owner, slots in lost.items():
             self.handoff.give_up(slots, owner, topo.addr_of(owner) or "",
                                  max(topo.slot_epoch(s) for s in slots))
             changed = True
-        self.log.append(("O", None, self.ownership_state()))
+        self.log.append(self.ownership_op())
         self._schedule_flush()
         if changed:
             log.info("owning %d slots at epoch %d", sum(self.owned), self.epoch)
 
+    def _adopt(self, topo: Topology, as_dict: dict[str, Any] | None = None) -> None:
+        self.topology = topo
+        self._topology_dict = as_dict
+        self._topology_logged = False
+
+    def topology_patched(self) -> None:
+        """`self.topology` was changed in place (a handoff gave slots up)."""
+        self._topology_dict = None
+        self._topology_logged = False
+
     def ownership_state(self) -> dict[str, Any]:
+        """Slots, epochs, term, topology, handoffs and leases: the whole record."""
         runs: list[list[int]] = []
         s = 0
-        while s < NUM_SLOTS:
-            if not self.owned[s]:
-                s += 1
-                continue
-            start, e = s, self.slot_epochs[s]
-            while s + 1 < NUM_SLOTS and self.owned[s + 1] and self.slot_epochs[s + 1] == e:
-                s += 1
-            runs.append([start, s, e])
-            s += 1
-        return {"slots": runs, "term": self.term, "topology": self.topology.to_dict(),
+        for (own, e), group in itertools.groupby(zip(self.owned, self.slot_epochs, strict=True)):
+            n = sum(1 for _ in group)
+            if own:
+                runs.append([s, s + n - 1, e])
+            s += n
+        if self._topology_dict is None:
+            self._topology_dict = self.topology.to_dict()
+        return {"slots": runs, "term": self.term, "topology": self._topology_dict,
                 "handoff": self.handoff.state(), "tenants": self._leases()}
+
+    def ownership_op(self) -> tuple[str, None, dict[str, Any]]:
+        """An ownership record for the log: without the map if the log has it."""
+        state = self.ownership_state()
+        if self._topology_logged:
+            del state["topology"]
+        self._topology_logged = True
+        return ("O", None, state)
 
     def queue_for(self, name: str) -> QueueState:
         """The queue if this broker owns its slot; raises MOVED/TRYAGAIN."""
@@ -420,7 +447,7 @@ class Broker:
         # A checkpoint begins right after a batch is handed to the writer;
         # an ownership record (as flush_all writes) is that batch.
         self._ckpt_requested = True
-        self.log.append(("O", None, self.ownership_state()))
+        self.log.append(self.ownership_op())
         self._schedule_flush()
 
     def _begin_checkpoint(self, seq: int) -> None:
@@ -499,7 +526,7 @@ class Broker:
             self._ckpt_requested = True
             self._commits_since_ckpt = max(self._commits_since_ckpt, 1)
             if not self.log:
-                self.log.append(("O", None, self.ownership_state()))
+                self.log.append(self.ownership_op())
         # A checkpoint cannot start while an import is staged (its data lives
         # in the log until activation or abort): then the log is enough.
         while self.log or self._writer_busy or self._ckpt_active or (

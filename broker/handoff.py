@@ -106,7 +106,7 @@ class Handoffs:
         self.finished = OrderedDict((m, r) for m, r in state.get("finished", []))
 
     def _persist(self) -> None:
-        self.b.log.append(("O", None, self.b.ownership_state()))
+        self.b.log.append(self.b.ownership_op())
 
     def _finish(self, move_id: str, result: str) -> None:
         self.finished[move_id] = result
@@ -392,6 +392,7 @@ class Handoffs:
             mid = self.frozen.pop(s, None)
             if mid is not None and mid not in self.frozen.values():
                 self.frozen_moves.pop(mid, None)
+        b.topology_patched()
         gone = [n for n, q in b.queues.items() if q.slot in slot_set]
         b.free_later([b.queues.pop(n) for n in gone])
         b.release_waiters(slot_set, epoch)
