@@ -727,6 +727,15 @@ async def _prestart(http: httpx.AsyncClient, url: str, children: list[Child], da
     return CLK() - t
 
 
+def throttled() -> dict[str, float]:
+    """Seconds each capped broker waited for its CPU quota so far ({} uncapped)."""
+    return CAPS[0].throttled_s() if CAPS else {}
+
+
+def throttled_since(before: dict[str, float]) -> dict[str, float]:
+    return {b: round(v - before.get(b, 0.0), 2) for b, v in throttled().items()}
+
+
 async def _push_backlog(loader: shardq.Client, backlog: list[str], m: int,
                         res: dict[str, Any]) -> None:
     t = CLK()
@@ -766,9 +775,11 @@ async def _scale_measure(http: httpx.AsyncClient, url: str, children: list[Child
         try:
             await asyncio.sleep(a.warmup_s)
             t_before = CLK()
+            throttled_b = throttled()
             await asyncio.sleep(a.before_s)
             t_scale = CLK()
-            throttled0 = CAPS[0].throttled_s() if CAPS else {}
+            throttled0 = throttled()
+            res["throttled_before_s"] = throttled_since(throttled_b)
             if a.prestart:
                 await post_json(http, url, "/rebalance", {})
             else:
@@ -794,9 +805,8 @@ async def _scale_measure(http: httpx.AsyncClient, url: str, children: list[Child
 
             await until(done, "the scale out to finish", REBALANCE_TIMEOUT_S, every=0.2)
             t_done = CLK()
-            if CAPS:  # seconds each broker waited for its CPU quota during the scale out
-                res["throttled_during_s"] = {b: round(v - throttled0.get(b, 0.0), 2)
-                                             for b, v in CAPS[0].throttled_s().items()}
+            # seconds each broker waited for its CPU quota during the scale out
+            res["throttled_during_s"] = throttled_since(throttled0)
             plan = await post_json(http, url, "/rebalance", {"dry_run": True})
             res["residual_plan_slots"] = plan["slots"]
             res["residual_plan_moves"] = [f"{mv['source']}->{mv['target']}: {mv['slots']}"
@@ -887,8 +897,11 @@ def print_scale(r: dict[str, Any]) -> None:
              else "spawned inside the window")
     print(f"  new brokers {spawn} ({r['spawn_s']:.1f}s)")
     if r.get("broker_cpus"):
+        before_s = r["marks_s"]["scale_start"] - r["marks_s"]["before"]
         print(f"  each broker capped at {r['broker_cpus']} cores (own cgroup, as on its own "
-              f"host); seconds throttled during the scale out: {r.get('throttled_during_s')}")
+              f"host); seconds throttled in the {before_s:.0f} s before: "
+              f"{r.get('throttled_before_s')}, during the scale out: "
+              f"{r.get('throttled_during_s')}")
     print(f"  scale out took {r['scale_out_s']:.1f}s ("
           f"first move seen {r['first_move_after_s'] or float('nan'):.1f}s in); "
           f"{r['moves_done']} moves, {r['slots_moved']} slots, {r['moves_failed']} failed")
@@ -950,10 +963,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--fast", action="store_true", help="brokers answer before commit (--fast)")
     ap.add_argument("--baseline-s", type=float, default=3.0, help="probe time before the drain")
     ap.add_argument("--after-s", type=float, default=3.0, help="part 1 time after the drain")
-    ap.add_argument("--after-scale-s", type=float, default=10.0,
+    ap.add_argument("--after-scale-s", type=float, default=20.0,
                     help="part 2 time after the scale out")
-    ap.add_argument("--warmup-s", type=float, default=4.0, help="part 2 load warm-up")
-    ap.add_argument("--before-s", type=float, default=10.0, help="part 2 time before scale out")
+    # A broker checkpoints every 20k commits (~10-15 s under this load), each
+    # a dip of a few seconds: a window of the first seconds of load, before
+    # any, read up to 1.8x the steady rate (measured).
+    ap.add_argument("--warmup-s", type=float, default=30.0, help="part 2 load warm-up")
+    ap.add_argument("--before-s", type=float, default=20.0, help="part 2 time before scale out")
     ap.add_argument("--lag", type=int, default=5000, help="part 2 max outstanding load jobs")
     ap.add_argument("--concurrency", type=int, default=100,
                     help="part 2 worker concurrency (jobs it holds at once)")
