@@ -253,7 +253,9 @@ def apply_broker_op(images: Images, broker_state: dict[str, Any],
                     staging: dict[str, Images], op: list[Any]) -> None:
     """Broker-level ops (their second element is None):
 
-        ("O", None, state)            ownership, freezes, imports, terms
+        ("O", None, state)            ownership, freezes, imports, terms; merged
+                                      into the last (a record without
+                                      "topology" keeps the last map logged)
         ("SC", None, move_id, chunks) a handoff's copy chunks, into staging
         ("SO", None, move_id, ops)    a handoff's catch-up ops, into staging
         ("I", None, move_id)          activation: staging becomes live
