@@ -228,11 +228,10 @@ async def rebalance_idle(http: httpx.AsyncClient, url: str) -> bool:
 
 
 def queue_owned_by(topo: Topology, owner: str, prefix: str) -> str:
-    for i in range(100_000):
-        name = f"{prefix}-{i}"
-        if topo.owner_of(name) == owner:
-            return name
-    raise SystemExit(f"no queue named {prefix}-* is owned by {owner}")
+    name = topo.queue_named_on(owner, prefix)
+    if name is None:
+        raise SystemExit(f"no queue named {prefix}-* is owned by {owner}")
+    return name
 
 
 async def logs_checkpointed(client: shardq.Client) -> bool:

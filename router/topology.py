@@ -176,6 +176,15 @@ class Topology:
             return override[0]
         return self.slot_owners[slot_of(queue)]
 
+    def queue_named_on(self, owner: str, prefix: str, tries: int = 100_000) -> str | None:
+        """The first name `prefix-N` (N < tries) that `owner` owns, or None:
+        tests and benchmarks use it to place a queue on a chosen broker."""
+        for i in range(tries):
+            name = f"{prefix}-{i}"
+            if self.owner_of(name) == owner:
+                return name
+        return None
+
     def owner_of_slot(self, slot: int) -> str | None:
         """The owner of `slot`, None if unowned."""
         return self.slot_owners[_check_slot(slot)]

@@ -131,8 +131,7 @@ def start_broker(procs: list[Proc], tmp_path: Path):  # type: ignore[no-untyped-
 
 def queue_on(topo: Topology, owner: str, prefix: str) -> str:
     """The first queue name `prefix-N` whose slot `owner` owns in `topo`."""
-    for i in range(100_000):
-        name = f"{prefix}-{i}"
-        if topo.owner_of(name) == owner:
-            return name
-    raise AssertionError(f"no {prefix}-* queue on {owner}")
+    name = topo.queue_named_on(owner, prefix)
+    if name is None:
+        raise AssertionError(f"no {prefix}-* queue on {owner}")
+    return name

@@ -38,6 +38,15 @@ def test_empty_topology_owns_nothing() -> None:
     }
 
 
+def test_queue_named_on_finds_the_first_name_the_broker_owns() -> None:
+    topo = _two_brokers()
+    name = topo.queue_named_on("b2", "q")
+    assert name is not None and topo.owner_of(name) == "b2"
+    first = int(name.rsplit("-", 1)[1])
+    assert all(topo.owner_of(f"q-{i}") == "b1" for i in range(first))
+    assert topo.queue_named_on("b3", "q", tries=50) is None
+
+
 def test_standalone_topology_gives_every_slot_to_one_broker_at_epoch_1() -> None:
     topo = Topology.standalone("b1", "127.0.0.1:7101")
     assert topo.epoch == 1
