@@ -30,8 +30,8 @@ from shardq.broker.limits import TenantShare
 from shardq.broker.queue import QueueDefaults, QueueState
 from shardq.broker.replay import Images
 from shardq.broker.store import Store
-from shardq.errors import BusyError, MovedError, TryAgainError
-from shardq.router import NUM_SLOTS, Topology, slot_of
+from shardq.errors import BusyError, MovedError, OwnerUnavailableError, TryAgainError
+from shardq.router import NUM_SLOTS, BrokerInfo, BrokerState, Topology, slot_of
 
 log = logging.getLogger("shardq.broker")
 
@@ -118,6 +118,10 @@ class Broker:
         self._topology_logged = False
         self.epoch = 0
         self.term = 0
+        self.storage_id = ""  # this data directory's identity (set by recover)
+        # Why the map's slots for this broker are not adopted (its storage
+        # identity is not the one they are owned under), or None.
+        self.held: str | None = None
         self.waiters: dict[str, list[Waiter]] = {}
         self._pending_replies: list[tuple[Sink, bytes]] = []  # for the open batch
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
@@ -165,6 +169,7 @@ class Broker:
     def recover(self) -> None:
         """Rebuild memory from SQLite; serve exactly the slots persisted."""
         images, state, staging, last_seq = self.store.open_and_recover()
+        self.storage_id = self.store.claim_identity(self.config.broker_id)
         self._seq = self._committed_seq = last_seq
         self._restore_ownership(state)
         self.handoff.restore(state.get("handoff", {}), staging)
@@ -219,12 +224,17 @@ class Broker:
         changed = False
         lost: dict[str, list[int]] = {}
         owned, epochs = self.owned, self.slot_epochs
+        self._set_held(_held_reason(topo.brokers.get(me), self.storage_id))
+        # Slots the map names for us are ours only under our storage identity
+        # and from the epoch it was recorded at: older ones were owned by a
+        # data directory we are not (docs/design.md §5, storage identity).
+        since = -1 if self.held else _since(topo.brokers.get(me))
         # Only slots whose ownership differs from the map's can change (a
         # comparison per slot in C; the map is applied at every epoch change).
         named = bytes([owner == me for owner in topo.slot_owners])
         for s in (i for i, (a, b) in enumerate(zip(named, owned, strict=True)) if a != b):
             owner, e = topo.slot_owners[s], topo.slot_epochs[s]
-            if owner == me and e >= epochs[s]:
+            if owner == me and e >= epochs[s] and e >= since >= 0:
                 # Bootstrap or forget hand slots over empty; a handoff's slots
                 # wait for ACTIVATE (guarantee 4), never for the map.
                 if not self.handoff.importing_slot(s):
@@ -242,6 +252,16 @@ class Broker:
         self._schedule_flush()
         if changed:
             log.info("owning %d slots at epoch %d", sum(self.owned), self.epoch)
+
+    def _set_held(self, reason: str | None) -> None:
+        if reason != self.held:
+            if reason:
+                log.warning("not serving the slots the coordinator's map gives broker %s: %s",
+                            self.config.broker_id, reason)
+            elif self.held:
+                log.warning("broker %s: storage identity accepted again; serving the map's "
+                            "slots", self.config.broker_id)
+            self.held = reason
 
     def _adopt(self, topo: Topology, as_dict: dict[str, Any] | None = None) -> None:
         self.topology = topo
@@ -299,6 +319,8 @@ class Broker:
             return TryAgainError(f"slot {slot} is frozen for a handoff", 5)
         owner = self.topology.owner_of_slot(slot)
         addr = self.topology.addr_of(owner) if owner else None
+        if owner == self.config.broker_id and self.held:
+            return OwnerUnavailableError(f"broker {owner} cannot serve slot {slot}: {self.held}")
         if owner is None or addr is None or owner == self.config.broker_id:
             return TryAgainError(f"slot {slot} has no serving owner yet", 200)
         # A slot's MOVED names no queue: the client patches the whole slot
@@ -809,3 +831,20 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return 0
+
+
+def _held_reason(me: BrokerInfo | None, storage_id: str) -> str | None:
+    """Why this broker must not adopt the map's slots for it, if it must not."""
+    if me is None:
+        return None
+    if me.state is BrokerState.LOST_STORAGE or (me.storage and me.storage != storage_id):
+        return (f"its slots are owned under storage {me.storage or '?'} but this data "
+                f"directory is storage {storage_id}: the jobs are not on this disk (lost or "
+                "replaced). Restore that data directory, or run `shardq forget "
+                f"{me.id} --accept-data-loss` to serve the slots again, empty")
+    return None
+
+
+def _since(me: BrokerInfo | None) -> int:
+    """The first epoch at which the map's slots can be ours (0: any)."""
+    return me.since if me is not None and me.storage is not None else 0

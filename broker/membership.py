@@ -53,13 +53,18 @@ class MembershipAgent:
         heartbeat_ms: interval between heartbeats.
         on_leases: called with the `leases` of each heartbeat answer (tenant
             rate-limit shares, coordinator/tenants.py). Called on the event loop.
+        storage: the data directory's storage identity, sent with register and
+            every heartbeat so the coordinator never hands this broker slots
+            owned under another disk.
     """
 
     def __init__(self, *, broker_id: str, advertise: str, weight: int, coordinator_url: str,
                  token: str | None, get_stats: Callable[[], dict[str, Any]],
                  on_topology: Callable[[dict[str, Any]], None], heartbeat_ms: int = 1000,
-                 on_leases: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_leases: Callable[[dict[str, Any]], None] | None = None,
+                 storage: str | None = None) -> None:
         self._id = broker_id
+        self._storage = storage
         self._advertise = advertise
         self._weight = weight
         self._base_url = coordinator_url.rstrip("/")
@@ -117,7 +122,8 @@ class MembershipAgent:
     async def _register(self, http: httpx.AsyncClient) -> None:
         """Until registered (or left)."""
         backoff = BACKOFF_MIN_S
-        body = {"id": self._id, "addr": self._advertise, "weight": self._weight}
+        body = {"id": self._id, "addr": self._advertise, "weight": self._weight,
+                "storage": self._storage}
         while not self._left:
             try:
                 answer = await self._post(http, "/brokers/register", body)
@@ -142,7 +148,8 @@ class MembershipAgent:
                 return
             try:
                 answer = await self._post(http, "/brokers/heartbeat",
-                                          {"id": self._id, "stats": self._stats()})
+                                          {"id": self._id, "stats": self._stats(),
+                                           "storage": self._storage})
             except _Rejected as e:
                 if e.status in (403, 404):
                     self._set_link(f"rejected {e.status}", logging.WARNING,
@@ -228,6 +235,12 @@ class MembershipAgent:
             if self._term:
                 log.info("coordinator restarted: term %d -> %d", self._term, term)
             self._term = term
+        if answer.get("state") == "lost-storage":
+            self._set_link("held", logging.WARNING,
+                           f"coordinator holds broker {self._id} as lost-storage: its slots "
+                           f"are owned under another data directory than this one "
+                           f"(storage {self._storage}); not serving them")
+            return
         self._set_link("up", logging.INFO,
                        f"broker {self._id} {how} with coordinator {self._base_url} "
                        f"(term {self._term}, epoch {answer.get('epoch')}, "

@@ -68,7 +68,9 @@ class BrokerCollector(Collector):
                 ("shardq_broker_slots", sum(b.owned), "Slots owned"),
                 ("shardq_broker_jobs", b.total_jobs, "Jobs held in memory"),
                 ("shardq_broker_rss_bytes", b.rss, "Resident memory"),
-                ("shardq_topology_epoch", b.epoch, "Topology epoch")):
+                ("shardq_topology_epoch", b.epoch, "Topology epoch"),
+                ("shardq_broker_storage_held", 1 if b.held else 0,
+                 "1 while the map's slots for this broker are owned under another storage")):
             g = GaugeMetricFamily(name, doc, labels=["broker"])
             g.add_metric([bid], value)
             yield g

@@ -7,8 +7,12 @@ Layout (DESIGN §3):
         "checkpoint_seq" -> last seq whose effects the jobs/state rows hold
         "q:<queue>"      -> queue meta (counters, seq, paused) as of that seq
         "broker"         -> ownership, epochs, topology as of that seq
+        "identity"       -> {storage, broker, created_ms}: this data directory's
+                            storage identity (a random id made when the file is
+                            first opened) and the broker id that claimed it
 
-Every method except `open_and_recover` runs on the single writer thread.
+Every method except `open_and_recover` and `claim_identity` (both at start,
+before the first commit) runs on the single writer thread.
 The checkpointer reads live jobs straight from the broker's memory through
 `row_source`; rows that are newer than the checkpoint seq are harmless,
 because replay applies absolute values (see broker/replay.py).
@@ -22,6 +26,8 @@ import logging
 import os
 import sqlite3
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -61,6 +67,10 @@ WAL_RESTART_FRAMES = 4096  # 16 MB of 4 KB pages
 WAL_SIZE_LIMIT = 64 * 2**20  # bytes a restarted WAL file is truncated to
 
 
+class ForeignStorageError(Exception):
+    """The data directory belongs to another broker (two data dirs swapped?)."""
+
+
 class Store:
     def __init__(self, path: str, durable: bool = True) -> None:
         self.path = path
@@ -79,8 +89,42 @@ class Store:
         self._wal_thread: threading.Thread | None = None
         self._wal_frames = 0  # WAL length seen by the last background pass
         self.wal_restarts = 0
+        self.storage_id = ""  # set by open_and_recover
+        self._identity: dict[str, Any] = {}
 
     # ------------------------------------------------------------ startup
+    def _new_identity(self) -> dict[str, Any]:
+        """Make and persist this file's storage identity (docs/design.md §3).
+
+        It lives in the same file as the jobs, so it is lost exactly when
+        they are: a broker that comes back without it lost its data."""
+        identity: dict[str, Any] = {"storage": uuid.uuid4().hex, "broker": None,
+                                    "created_ms": int(time.time() * 1000)}
+        self._put_identity(identity)
+        return identity
+
+    def _put_identity(self, identity: dict[str, Any]) -> None:
+        assert self._db is not None
+        self._db.execute("INSERT OR REPLACE INTO state(key, value) VALUES ('identity', ?)",
+                         (msgpack.packb(identity, use_bin_type=True),))
+
+    def claim_identity(self, broker_id: str) -> str:
+        """Bind this data directory to `broker_id` on first use; return its storage id.
+
+        Raises:
+            ForeignStorageError: another broker id claimed it before.
+        """
+        owner = self._identity.get("broker")
+        if owner is None:
+            self._identity = {**self._identity, "broker": broker_id}
+            self._put_identity(self._identity)
+        elif owner != broker_id:
+            raise ForeignStorageError(
+                f"data directory {os.path.dirname(self.path) or '.'} belongs to broker "
+                f"{owner!r} (storage {self.storage_id}), not {broker_id!r}: were two data "
+                f"directories swapped? Start {owner} on it, and {broker_id} on its own")
+        return self.storage_id
+
     def open_and_recover(self) -> tuple[Images, dict[str, Any], dict[str, Images], int]:
         """Open (creating) the file and rebuild queue images from it.
 
@@ -102,6 +146,8 @@ class Store:
         self._db = db
         unpack = msgpack.unpackb
         state = {k: unpack(v, raw=False) for k, v in db.execute("SELECT key, value FROM state")}
+        self._identity = state.get("identity") or self._new_identity()
+        self.storage_id = str(self._identity["storage"])
         ckpt_seq = int(state.get("checkpoint_seq", 0))
         broker_state: dict[str, Any] = dict(state.get("broker", {}))
         images: Images = {}

@@ -22,6 +22,7 @@ from shardq.errors import (
     BusyError,
     ConnectionClosedError,
     MovedError,
+    OwnerUnavailableError,
     ServerError,
     ShardqError,
     TryAgainError,
@@ -34,7 +35,9 @@ from .topology import TopologyManager
 log = logging.getLogger("shardq.client")
 
 # Errors that mean "the link, not the broker's answer": reconnect and resend.
-LINK_ERRORS = (OSError, TimeoutError, ConnectionClosedError)
+# OwnerUnavailableError: the owner is up but cannot serve (lost storage): wait
+# for the map to change as for a dead owner, then UnavailableError.
+LINK_ERRORS = (OSError, TimeoutError, ConnectionClosedError, OwnerUnavailableError)
 
 
 class Channel(Protocol):

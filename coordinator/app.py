@@ -5,8 +5,10 @@
     GET  /status                     the §10 `shardq status --json` shape
     GET  /stats                      the §10 cluster stats JSON (stats.py), from heartbeats
     GET  /metrics                    the same as Prometheus text (metrics.py)
-    POST /brokers/register           {id, addr, weight?} -> {term, epoch, state}
-    POST /brokers/heartbeat          {id, stats?} -> {term, epoch, state}
+    POST /brokers/register           {id, addr, weight?, storage?} -> {term, epoch, state}
+    POST /brokers/heartbeat          {id, stats?, storage?} -> {term, epoch, state}
+                                     `storage`: the data directory's identity; a broker
+                                     that owns slots under another one is `lost-storage`
     POST /brokers/leave              {id} -> {term, epoch, state}
     POST /brokers/{id}/forget        {accept_data_loss: true} -> {term, epoch, forgotten, slots,
                                                                   reassigned: {broker: n}}
@@ -25,7 +27,8 @@
                                      as `leases` in heartbeat answers (tenants.py)
 
 Errors answer `{"error": message}` with 400 (malformed), 401 (token),
-403 (barred id), 404 (unknown broker), 409 (conflicting state).
+403 (barred id), 404 (unknown broker), 409 (conflicting state, or a data
+directory that belongs to another broker).
 
 Membership methods are synchronous and persist before returning, and the
 handlers never await between reading and changing state, so requests are
@@ -128,16 +131,18 @@ def create_app(membership: Membership, *, token: str | None = None,
         body = await _json_body(request)
         bid = _field(body, "id", str)
         addr, weight = _field(body, "addr", str), _field(body, "weight", int, 1)
+        storage = _field(body, "storage", str, None)
         return _logged(m, f"broker {bid} registered at {addr}",
-                       lambda: m.register(bid, addr, weight), always=True)
+                       lambda: m.register(bid, addr, weight, storage), always=True)
 
     async def heartbeat(request: Request) -> Response:
         body = await _json_body(request)
         bid = _field(body, "id", str)
         stats = _field(body, "stats", dict, None)
+        storage = _field(body, "storage", str, None)
 
         def beat() -> dict[str, Any]:
-            answer = m.heartbeat(bid, stats)
+            answer = m.heartbeat(bid, stats, storage)
             book.observe(bid, stats)
             # Scale out once a joining broker heartbeats: it is up and has our map.
             answer = m.answer(bid) if rb.notice(bid) else answer

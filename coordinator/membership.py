@@ -20,6 +20,13 @@ misses heartbeats is marked `dead` and keeps its slots; a heartbeat or
 re-registration brings it back to the state it had (`revive_state`).
 Bootstrap, `forget` and `commit_move` are the only ownership changes.
 
+Storage identity: every broker's data directory carries a random id, sent
+with `register` and heartbeats, and recorded per broker (with the epoch it
+was recorded at). A broker that owns slots and comes back under another
+identity (an empty, replaced or swapped disk) is held as `lost-storage`:
+its slots keep their owner and answer UNAVAILABLE, never empty, until the
+recorded disk returns or `forget --accept-data-loss` gives them away empty.
+
 Moves (handoffs, executed by moves.py) are recorded here too: `begin_move`,
 `set_move_phase`, `mark_move_aborting` and `finish_move` persist the move
 and republish the topology's `moving` list *at the same epoch* (a phase is
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import time
 import uuid
@@ -55,10 +63,14 @@ from shardq.router import (
 from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .state import BrokerRecord, MoveRecord, MoveState, Store
 
+log = logging.getLogger("shardq.coordinator.membership")
+
 MAX_WEIGHT = 1000
 MAX_PARTITIONS = 1024
 _OUT_OF_RING = frozenset({BrokerState.DRAINING, BrokerState.LEAVING, BrokerState.DRAINED})
+_ABSENT = frozenset({BrokerState.DEAD, BrokerState.LOST_STORAGE})  # not serving its slots
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_STORAGE_RE = re.compile(r"^[0-9a-f]{32}$")
 _DIGITS = re.compile(r"(\d+)")
 
 
@@ -161,12 +173,15 @@ class Membership:
             b = self._topo.brokers[bid]
             queues = self._stats.get(bid, {}).get("queues")
             queues = queues if isinstance(queues, dict) else {}
-            rows.append({
+            row = {
                 "id": bid, "addr": b.addr, "state": b.state.value, "weight": b.weight,
                 "slots": counts.get(bid, 0), "queues": len(queues),
                 "waiting": _total(queues, "waiting"), "active": _total(queues, "active"),
                 "delayed": _total(queues, "delayed"),
-            })
+            }
+            if b.state is BrokerState.LOST_STORAGE:
+                row["problem"] = self.lost_storage_reason(bid)
+            rows.append(row)
         return {"epoch": self._topo.epoch, "brokers": rows}
 
     def stats_of(self, broker_id: str) -> dict[str, Any] | None:
@@ -221,6 +236,17 @@ class Membership:
         """Unfinished moves (running or aborting) by id, oldest first. A copy."""
         return dict(self._moves)
 
+    def lost_storage_reason(self, broker_id: str) -> str:
+        """Why a `lost-storage` broker is held, and what the operator can do."""
+        b = self._topo.brokers[broker_id]
+        presented = self._records[broker_id].presented_storage
+        return (f"broker {broker_id} came back with data directory "
+                f"{(presented or 'without an identity')[:12]} but its "
+                f"{len(self._topo.slots_of(broker_id))} slots are owned under "
+                f"{(b.storage or '?')[:12]}: its jobs are not on this disk. Restore that disk "
+                f"and restart it, or run `shardq forget {broker_id} --accept-data-loss` "
+                "to serve its slots again, empty")
+
     def revive_state(self, broker_id: str) -> BrokerState | None:
         """The state a dead broker comes back in (its state, if not dead)."""
         rec = self._records.get(broker_id)
@@ -228,46 +254,56 @@ class Membership:
 
     # -- broker calls --------------------------------------------------------
 
-    def register(self, broker_id: str, addr: str, weight: int = 1) -> dict[str, Any]:
+    def register(self, broker_id: str, addr: str, weight: int = 1,
+                 storage: str | None = None) -> dict[str, Any]:
         """A broker announces itself (at start, or again after losing us).
 
         A new id joins as `joining` (or triggers bootstrap). A known id
         with a new address or weight is updated; a dead one comes back.
-        Either bumps the epoch so clients learn the new address.
+        Either bumps the epoch so clients learn the new address. `storage`
+        is the identity of the broker's data directory: a known broker
+        that owns slots and presents another one (or none) is held as
+        `lost-storage` instead of coming back.
 
         Raises:
-            BadRequest: malformed id, address or weight.
+            BadRequest: malformed id, address, weight or storage identity.
             Forbidden: the id was forgotten.
+            Conflict: `storage` is recorded for another broker (swapped disks).
         """
         _check_id(broker_id)
         _check_addr(addr)
         if not 1 <= weight <= MAX_WEIGHT:
             raise BadRequest(f"weight must be between 1 and {MAX_WEIGHT}, got {weight}")
+        _check_storage(storage)
         self._refuse_barred(broker_id)
+        self._refuse_foreign_storage(broker_id, storage)
         self._touch(broker_id)
         info = self._topo.brokers.get(broker_id)
         if info is None:
             topo = self._topo.copy()
-            topo.brokers[broker_id] = BrokerInfo(broker_id, addr, BrokerState.JOINING, weight)
+            since = self._next_epoch()
+            topo.brokers[broker_id] = BrokerInfo(broker_id, addr, BrokerState.JOINING, weight,
+                                                 storage, since)
             self._records[broker_id] = BrokerRecord(BrokerState.JOINING, self._wall())
             self._commit(topo)
-        elif info.addr != addr or info.weight != weight or info.state is BrokerState.DEAD:
-            topo = self._topo.copy()
-            b = topo.brokers[broker_id]
-            b.addr, b.weight = addr, weight
-            if b.state is BrokerState.DEAD:
-                b.state = self._records[broker_id].revive_state
-            self._commit(topo)
+        else:
+            self._returning(info, addr, weight, storage, presented=True)
         self._maybe_bootstrap()
         return self._answer(broker_id)
 
-    def heartbeat(self, broker_id: str, stats: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def heartbeat(self, broker_id: str, stats: Mapping[str, Any] | None = None,
+                  storage: str | None = None) -> dict[str, Any]:
         """A broker is alive; `stats` is kept for `status`.
 
+        A heartbeat without `storage` proves nothing about the disk; one
+        with it is checked as `register` checks it.
+
         Raises:
+            BadRequest: a malformed storage identity.
             Forbidden: the id was forgotten.
             NotFound: unknown id (the broker should register).
         """
+        _check_storage(storage)
         self._refuse_barred(broker_id)
         info = self._topo.brokers.get(broker_id)
         if info is None:
@@ -275,12 +311,59 @@ class Membership:
         self._touch(broker_id)
         if stats is not None:
             self._stats[broker_id] = dict(stats)
-        if info.state is BrokerState.DEAD:
-            topo = self._topo.copy()
-            topo.brokers[broker_id].state = self._records[broker_id].revive_state
-            self._commit(topo)
-            self._maybe_bootstrap()
+        self._returning(info, info.addr, info.weight, storage, presented=storage is not None)
+        self._maybe_bootstrap()
         return self._answer(broker_id)
+
+    def _returning(self, info: BrokerInfo, addr: str, weight: int, storage: str | None,
+                   presented: bool) -> None:
+        """Bring a known broker up to date: address, weight, liveness, storage identity."""
+        bid = info.id
+        rec = self._records[bid]
+        topo = self._topo.copy()
+        b = topo.brokers[bid]
+        b.addr, b.weight = addr, weight
+        if presented and b.storage is not None and storage != b.storage and _owns(topo, bid):
+            if b.state is not BrokerState.LOST_STORAGE:
+                if b.state is not BrokerState.DEAD:
+                    rec.revive_state = b.state
+                b.state = BrokerState.LOST_STORAGE
+            if rec.presented_storage != storage or info.state is not BrokerState.LOST_STORAGE:
+                rec.presented_storage = storage
+                log.warning("broker %s is held (lost-storage): %s", bid,
+                            self._reason_for(bid, b, storage))
+        elif not presented and b.state is BrokerState.LOST_STORAGE:
+            pass  # a heartbeat without an identity proves nothing about the disk
+        else:
+            if b.state in _ABSENT:
+                if b.state is BrokerState.LOST_STORAGE:
+                    log.warning("broker %s is back with its recorded storage %s", bid, storage)
+                b.state = rec.revive_state
+            rec.presented_storage = None
+            if presented and storage is not None and storage != b.storage:
+                # A first identity for a broker recorded before identities
+                # existed keeps every epoch (since 0): it is the same disk.
+                if b.storage is not None:
+                    log.warning("broker %s owns no slots and now has storage %s (was %s); "
+                                "accepted", bid, storage, b.storage)
+                b.since = 0 if b.storage is None else self._next_epoch()
+                b.storage = storage
+        if b != info:
+            self._commit(topo)
+
+    def _reason_for(self, bid: str, b: BrokerInfo, storage: str | None) -> str:
+        return (f"its {len(self._topo.slots_of(bid))} slots are owned under storage "
+                f"{b.storage} but it presents {storage or 'no storage identity'}")
+
+    def _refuse_foreign_storage(self, broker_id: str, storage: str | None) -> None:
+        if storage is None:
+            return
+        for other in self._topo.brokers.values():
+            if other.id != broker_id and other.storage == storage:
+                raise Conflict(
+                    f"broker {broker_id!r} presents the data directory of broker {other.id!r} "
+                    f"(storage {storage}): were two data directories swapped? Start each "
+                    "broker on its own data directory")
 
     def leave(self, broker_id: str) -> dict[str, Any]:
         """A broker is stopping.
@@ -294,7 +377,7 @@ class Membership:
             return {"term": self.term, "epoch": self.epoch, "state": None}
         topo = self._topo.copy()
         if _owns(topo, broker_id):
-            if info.state is BrokerState.DEAD:
+            if info.state in _ABSENT:
                 return self._answer(broker_id)
             self._records[broker_id].revive_state = info.state
             topo.brokers[broker_id].state = BrokerState.DEAD
@@ -343,9 +426,10 @@ class Membership:
         info = self._topo.brokers.get(broker_id)
         if info is None:
             raise NotFound(f"unknown broker {broker_id!r}")
-        if info.state is BrokerState.DEAD:
-            raise Conflict(f"broker {broker_id} is dead: its slots cannot move until it is "
-                           "back (restart it), or forget it if its disk is lost")
+        if info.state in _ABSENT:
+            raise Conflict(f"broker {broker_id} is {info.state.value}: its slots cannot move "
+                           "until it is back with its disk (restart it), or forget it if its "
+                           "disk is lost")
         owned = len(self._topo.slots_of(broker_id))
         if owned:
             want = BrokerState.LEAVING if leaving else BrokerState.DRAINING
@@ -376,7 +460,7 @@ class Membership:
         if info is None:
             raise NotFound(f"unknown broker {broker_id!r}")
         rec = self._records[broker_id]
-        if info.state is BrokerState.DEAD:
+        if info.state in _ABSENT:
             if rec.revive_state is not BrokerState.ACTIVE:
                 rec.revive_state = BrokerState.ACTIVE
                 self._commit(self._topo.copy())
@@ -432,11 +516,13 @@ class Membership:
                         "slots": 0, "reassigned": {}}
             raise NotFound(f"unknown broker {broker_id!r}")
         slots = self._topo.slots_of(broker_id)
-        if slots and info.state is not BrokerState.DEAD:
+        if slots and info.state not in _ABSENT:
             raise Conflict(
                 f"broker {broker_id} is {info.state.value} and owns {len(slots)} slots; "
                 "forget is for a lost broker: stop it and wait until it is marked dead"
             )
+        if info.state is BrokerState.LOST_STORAGE:
+            return self._forget_storage(info, slots)
         topo = self._topo.copy()
         del topo.brokers[broker_id]
         reassigned = self._reassign(topo, slots) if slots else {}
@@ -445,7 +531,45 @@ class Membership:
         self._commit(topo, drop=[broker_id], bar=[(broker_id, now)])
         self._barred[broker_id] = now
         return {"term": self.term, "epoch": self.epoch, "forgotten": broker_id,
-                "slots": len(slots), "reassigned": reassigned}
+                "slots": len(slots), "reassigned": reassigned, "barred": True}
+
+    def _forget_storage(self, info: BrokerInfo, slots: list[int]) -> dict[str, Any]:
+        """`forget` of a broker held for lost storage: its slots start over, empty.
+
+        A broker that is up with its new disk rejoins as a new, empty broker
+        that keeps its slots: they are its own again at a new epoch, under the
+        identity it presents, so it serves them at once and nothing moves. One
+        that is not up gives them to the other active brokers and leaves the
+        topology (not barred: it may register again, as a new broker).
+        """
+        bid = info.id
+        rec = self._records[bid]
+        alive = self._clock() - self._last_seen.get(bid, float("-inf")) <= self._timeout_ms
+        topo = self._topo.copy()
+        epoch = self._next_epoch()
+        if alive and rec.presented_storage is not None:
+            b = topo.brokers[bid]
+            b.state, b.storage, b.since = rec.revive_state, rec.presented_storage, epoch
+            rec.presented_storage = None
+            for s in slots:
+                topo.slot_epochs[s] = epoch
+            topo.overrides = {q: (o, epoch if o == bid else e)
+                              for q, (o, e) in topo.overrides.items()}
+            reassigned = {bid: len(slots)} if slots else {}
+            self._commit(topo)
+        else:
+            del topo.brokers[bid]
+            reassigned = self._reassign(topo, slots) if slots else {}
+            topo.overrides = {q: o for q, o in topo.overrides.items() if o[0] != bid}
+            self._commit(topo, drop=[bid])
+        log.warning("broker %s forgotten with its lost storage: %d slots served again, empty, "
+                    "at epoch %d by %s", bid, len(slots), self.epoch, reassigned or "nobody")
+        return {"term": self.term, "epoch": self.epoch, "forgotten": bid,
+                "slots": len(slots), "reassigned": reassigned, "barred": False}
+
+    def _next_epoch(self) -> int:
+        """The epoch the next `_commit` with a bump will publish."""
+        return self._topo.epoch + 1 if self.bootstrapped else self._topo.epoch
 
     def _reassign(self, topo: Topology, slots: list[int]) -> dict[str, int]:
         live = [b.id for b in topo.brokers.values() if b.state is BrokerState.ACTIVE]
@@ -594,7 +718,7 @@ class Membership:
         now = self._clock()
         expired = [
             bid for bid, b in self._topo.brokers.items()
-            if b.state is not BrokerState.DEAD
+            if b.state not in _ABSENT  # a held broker stays held while silent
             and now - self._last_seen.get(bid, now) > self._timeout_ms
         ]
         if not expired:
@@ -705,6 +829,11 @@ def _check_id(broker_id: str) -> None:
         raise BadRequest(
             f"bad broker id {broker_id!r}: 1-64 characters of letters, digits, '_', '.', '-'"
         )
+
+
+def _check_storage(storage: str | None) -> None:
+    if storage is not None and not _STORAGE_RE.match(storage):
+        raise BadRequest(f"bad storage identity {storage!r}: expected 32 lowercase hex digits")
 
 
 def _check_addr(addr: str) -> None:

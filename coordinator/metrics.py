@@ -7,6 +7,7 @@ for the request (no global registry, STYLE 6). Series:
     shardq_queue_jobs{broker,queue,state}         retained jobs per state
     shardq_broker_up{broker}                      1: reporting; 0: dead, silent or no stats yet
     shardq_broker_stats_age_seconds{broker}       since that broker's last heartbeat stats
+    shardq_broker_lost_storage{broker}            1: held, it came back without its data dir
     shardq_cluster_jobs_{...}_total               summed over brokers and queues; no labels
     shardq_cluster_queue_jobs{state}              summed over brokers and queues
     shardq_cluster_brokers{state}                 brokers per membership state
@@ -67,12 +68,18 @@ class ClusterCollector(Collector):
         age = GaugeMetricFamily("shardq_broker_stats_age_seconds",
                                 "Time since the broker's last heartbeat stats",
                                 labels=["broker"])
+        lost = GaugeMetricFamily("shardq_broker_lost_storage",
+                                 "1 if the broker came back without the data directory its "
+                                 "slots are owned under (held; its queues are unavailable)",
+                                 labels=["broker"])
         for b in self.view.brokers.values():
             up.add_metric([b.id], 1 if b.live else 0)
             if b.age_s is not None:
                 age.add_metric([b.id], b.age_s)
+            lost.add_metric([b.id], 1 if b.state == BrokerState.LOST_STORAGE.value else 0)
         yield up
         yield age
+        yield lost
 
     def _cluster(self) -> Iterator[Metric]:
         total = self.view.total()

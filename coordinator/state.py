@@ -4,9 +4,11 @@ Tables:
 
     meta(key, value)                 `term`, incremented at every start; `pins`;
                                      `tenants` (cluster-wide tenant limits)
-    brokers(id, addr, state, weight, revive_state, last_heartbeat_ms)
+    brokers(id, addr, state, weight, revive_state, last_heartbeat_ms, storage, since)
                                      membership; `revive_state` is the state a
-                                     `dead` broker returns to when it heartbeats
+                                     `dead` broker returns to when it heartbeats;
+                                     `storage` the identity of the data directory
+                                     its slots are owned under, recorded at `since`
     topology(epoch, blob)            ownership, one msgpack row per epoch change:
                                      {slots (runs), overrides, partitions, moving};
                                      the last `HISTORY` epochs are kept
@@ -48,7 +50,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS brokers(
     id TEXT PRIMARY KEY, addr TEXT NOT NULL, state TEXT NOT NULL, weight INTEGER NOT NULL,
-    revive_state TEXT NOT NULL, last_heartbeat_ms INTEGER NOT NULL) WITHOUT ROWID;
+    revive_state TEXT NOT NULL, last_heartbeat_ms INTEGER NOT NULL, storage TEXT,
+    since INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS topology(epoch INTEGER PRIMARY KEY, blob BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS barred(id TEXT PRIMARY KEY, at_ms INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS moves(
@@ -113,6 +116,10 @@ class BrokerRecord:
 
     revive_state: BrokerState
     last_heartbeat_ms: int  # wall clock, for display; liveness uses a monotonic clock
+    # The storage identity a `lost-storage` broker presents (not the recorded
+    # one): what `forget` records when the broker rejoins empty. Memory only;
+    # the broker presents it again at every register and heartbeat.
+    presented_storage: str | None = None
 
 
 @dataclass(slots=True)
@@ -138,6 +145,15 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns a file written by an older coordinator lacks."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(brokers)")}
+        if "storage" not in columns:
+            self._db.execute("ALTER TABLE brokers ADD COLUMN storage TEXT")
+        if "since" not in columns:
+            self._db.execute("ALTER TABLE brokers ADD COLUMN since INTEGER NOT NULL DEFAULT 0")
 
     @classmethod
     def in_dir(cls, data_dir: Path) -> Store:
@@ -184,10 +200,13 @@ class Store:
         term = int(row[0]) if row else 0
         brokers: dict[str, Any] = {}
         records: dict[str, BrokerRecord] = {}
-        for bid, addr, state, weight, revive, hb in self._db.execute(
-            "SELECT id, addr, state, weight, revive_state, last_heartbeat_ms FROM brokers"
+        for bid, addr, state, weight, revive, hb, storage, since in self._db.execute(
+            "SELECT id, addr, state, weight, revive_state, last_heartbeat_ms, storage, since "
+            "FROM brokers"
         ):
             brokers[bid] = {"addr": addr, "state": state, "weight": weight}
+            if storage is not None:
+                brokers[bid].update(storage=storage, since=int(since))
             records[bid] = BrokerRecord(BrokerState(revive), int(hb))
         top = self._db.execute(
             "SELECT blob FROM topology ORDER BY epoch DESC LIMIT 1"
@@ -235,10 +254,11 @@ class Store:
         with self._tx():
             self._db.execute("DELETE FROM brokers")
             self._db.executemany(
-                "INSERT INTO brokers VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO brokers VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (b.id, b.addr, b.state.value, b.weight,
-                     records[b.id].revive_state.value, records[b.id].last_heartbeat_ms)
+                     records[b.id].revive_state.value, records[b.id].last_heartbeat_ms,
+                     b.storage, b.since)
                     for b in topology.brokers.values()
                 ],
             )

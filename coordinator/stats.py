@@ -232,7 +232,8 @@ class StatsBook:
             state = topology.brokers[bid].state
             sample = self._samples.get(bid)
             age = None if sample is None else max(0.0, now - sample.at)
-            live = (state is not BrokerState.DEAD and age is not None
+            # A broker held for lost storage reports an empty disk, not its queues.
+            live = (state not in (BrokerState.DEAD, BrokerState.LOST_STORAGE) and age is not None
                     and age <= self._stale_after_s)
             queues: dict[str, QueueView] = {}
             if sample is not None:

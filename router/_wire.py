@@ -67,6 +67,10 @@ def _str(v: Any, what: str) -> str:
     return v
 
 
+def _opt_str(v: Any, what: str) -> str | None:
+    return None if v is None else _str(v, what)
+
+
 def _map(v: Any, what: str) -> Mapping[Any, Any]:
     if not isinstance(v, Mapping):
         raise ValueError(f"{what} must be a mapping, got {type(v).__name__}")
@@ -97,6 +101,8 @@ def _brokers(v: Any) -> dict[str, BrokerInfo]:
             addr=_str(info.get("addr"), f"brokers[{bid!r}].addr"),
             state=parsed_state,
             weight=_int(info.get("weight", 1), f"brokers[{bid!r}].weight"),
+            storage=_opt_str(info.get("storage"), f"brokers[{bid!r}].storage"),
+            since=_int(info.get("since", 0), f"brokers[{bid!r}].since"),
         )
     return out
 

@@ -21,7 +21,10 @@ DEFAULT_MAX_SLOTS_PER_MOVE = 64
 # Brokers whose points are on the ring. `dead` keeps its points (DESIGN §5)
 # so that a broker that comes back finds its arcs where it left them and a
 # death does not retarget anyone else's slots; the plan skips it instead.
-_RING_STATES = frozenset({BrokerState.ACTIVE, BrokerState.DEAD})
+# A broker held for lost storage is treated the same way: its slots stay
+# where they are, unavailable, and nothing moves to or from it.
+_RING_STATES = frozenset({BrokerState.ACTIVE, BrokerState.DEAD, BrokerState.LOST_STORAGE})
+_STUCK_STATES = frozenset({BrokerState.DEAD, BrokerState.LOST_STORAGE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +97,7 @@ def plan_rebalance(
     """
     if max_slots_per_move < 1:
         raise ValueError(f"max_slots_per_move must be >= 1, got {max_slots_per_move}")
-    dead = {b.id for b in topology.brokers.values() if b.state is BrokerState.DEAD}
+    dead = {b.id for b in topology.brokers.values() if b.state in _STUCK_STATES}
     busy = _slots_in_flight(topology)
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
     targets = ring.targets()

@@ -5,7 +5,8 @@ only says where slots *should* be. Every broker and client holds a copy.
 `to_dict`/`from_dict` give the wire/JSON shape::
 
     {"term": int, "epoch": int,
-     "brokers": {id: {"addr": str, "state": str, "weight": int}},
+     "brokers": {id: {"addr": str, "state": str, "weight": int,
+                      "storage"?: str, "since"?: int}},
      "slots": [[start, end, owner, epoch], ...],   # runs, end inclusive, unowned omitted
      "overrides": {queue: [owner, epoch]},
      "partitions": {queue: P},
@@ -97,10 +98,7 @@ class Topology:
         return {
             "term": self.term,
             "epoch": self.epoch,
-            "brokers": {
-                k: {"addr": b.addr, "state": b.state.value, "weight": b.weight}
-                for k, b in self.brokers.items()
-            },
+            "brokers": {k: _broker_dict(b) for k, b in self.brokers.items()},
             "slots": self._runs(),
             "overrides": {q: [owner, e] for q, (owner, e) in self.overrides.items()},
             "partitions": dict(self.partitions),
@@ -126,7 +124,8 @@ class Topology:
         return Topology(
             self.term,
             self.epoch,
-            {k: BrokerInfo(b.id, b.addr, b.state, b.weight) for k, b in self.brokers.items()},
+            {k: BrokerInfo(b.id, b.addr, b.state, b.weight, b.storage, b.since)
+             for k, b in self.brokers.items()},
             list(self.slot_owners),
             list(self.slot_epochs),
             dict(self.overrides),
@@ -252,3 +251,11 @@ def _check_slot(slot: int) -> int:
     if not 0 <= slot < NUM_SLOTS:
         raise ValueError(f"slot {slot} out of range [0, {NUM_SLOTS})")
     return slot
+
+
+def _broker_dict(b: BrokerInfo) -> dict[str, Any]:
+    d: dict[str, Any] = {"addr": b.addr, "state": b.state.value, "weight": b.weight}
+    if b.storage is not None:
+        d["storage"] = b.storage
+        d["since"] = b.since
+    return d

@@ -11,6 +11,8 @@
      │    ├── BadRequestError         BAD_REQUEST: malformed frame or arguments
      │    ├── TooLargeError           TOO_LARGE: frame or job data over the limit
      │    ├── NotFoundError           NOT_FOUND: no such job, queue or scheduler
+     │    ├── OwnerUnavailableError   UNAVAILABLE: the map's owner cannot serve the slot
+     │    │                           (its storage was lost); retried like a dead link
      │    └── UnknownServerError      any code this client does not know
      ├── UnavailableError             (client side) owner unreachable past the budget
      └── ConnectionClosedError        (client side) the connection closed under a request
@@ -106,6 +108,16 @@ class NotFoundError(ServerError):
     code = "NOT_FOUND"
 
 
+class OwnerUnavailableError(ServerError):
+    """The broker the map names for a slot will not serve it (its storage is lost).
+
+    Clients retry it as they retry an unreachable owner, then raise
+    `UnavailableError` with this message: the queue is unavailable, never empty.
+    """
+
+    code = "UNAVAILABLE"
+
+
 class UnknownServerError(ServerError):
     """A code this client version does not know."""
 
@@ -130,7 +142,7 @@ _BY_CODE: dict[str, type[ServerError]] = {
     cls.code: cls
     for cls in (
         MovedError, TryAgainError, StaleTermError, BusyError, LockLostError,
-        AuthError, BadRequestError, TooLargeError, NotFoundError,
+        AuthError, BadRequestError, TooLargeError, NotFoundError, OwnerUnavailableError,
     )
 }
 

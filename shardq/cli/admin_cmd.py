@@ -49,7 +49,11 @@ def status(coordinator: str = COORDINATOR_OPT, token: str | None = TOKEN_OPT,
         table.add_row(b["id"], b["addr"], _state_markup(b["state"]),
                       *(str(b[k]) for k in ("weight", "slots", "queues", "waiting", "active",
                                             "delayed")))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for b in data["brokers"]:
+        if b.get("problem"):
+            console.print(f"[red]{b['id']} {b['state']}:[/red] {b['problem']}", highlight=False)
 
 
 @app.command("owner")
@@ -89,7 +93,10 @@ def forget(broker_id: str = typer.Argument(..., help="The lost broker's id, e.g.
                help="Required: the broker's jobs are gone for good."),
            coordinator: str = COORDINATOR_OPT, token: str | None = TOKEN_OPT,
            json_out: bool = JSON_OPT) -> None:
-    """Give a lost broker's slots away, EMPTY, and bar its id (disk lost, DESIGN §6)."""
+    """Give a lost broker's slots away, EMPTY (disk lost, DESIGN §6).
+
+    A dead broker's id is barred. A broker held as lost-storage that is up on
+    its new disk keeps its slots, empty, and serves them again at once."""
     if not accept_data_loss:
         Console(stderr=True).print(
             f"[red]refusing:[/red] forgetting {broker_id} drops every job it held. If its disk "
@@ -101,10 +108,15 @@ def forget(broker_id: str = typer.Argument(..., help="The lost broker's id, e.g.
         typer.echo(json.dumps(data))
         return
     to = ", ".join(f"{b}: {n}" for b, n in sorted(data["reassigned"].items())) or "none"
+    rejoined = data["forgotten"] in data["reassigned"]
+    after = ("it serves them again as a new, empty broker" if rejoined
+             else "the id is barred" if data.get("barred", True)
+             else "the id may register again, as a new broker")
     Console().print(f"forgot {data['forgotten']}: {data['slots']} slots reassigned empty "
-                    f"({to}) at epoch {data['epoch']}; the id is barred", highlight=False)
+                    f"({to}) at epoch {data['epoch']}; {after}", highlight=False)
 
 
 def _state_markup(state: str) -> str:
-    color = {"active": "green", "dead": "red", "joining": "yellow"}.get(state)
+    color = {"active": "green", "dead": "red", "lost-storage": "red",
+             "joining": "yellow"}.get(state)
     return f"[{color}]{state}[/{color}]" if color else state

@@ -45,6 +45,7 @@ def broker(
     from shardq import failpoints
     from shardq.broker.engine import BrokerConfig
     from shardq.broker.server import serve
+    from shardq.broker.store import ForeignStorageError
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -55,5 +56,9 @@ def broker(
         max_job_data=max_job_data, max_connections=max_connections, coordinator=coordinator,
         weight=weight, drain_on_term=drain_on_term,
         ack_journal=os.environ.get("SHARDQ_ACK_JOURNAL") or None)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(config, bind, port, metrics_port=metrics_port))
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve(config, bind, port, metrics_port=metrics_port))
+    except ForeignStorageError as e:
+        logging.getLogger("shardq.broker").error("refusing to start: %s", e)
+        raise typer.Exit(2) from None
