@@ -3,29 +3,8 @@
 Every mutation appends one redo op to `log` (a list shared with the broker's
 open group-commit batch). Ops carry absolute values, never increments of job
 fields, so replaying them over any newer copy of a job converges on the same
-state (see broker/replay.py). Op codes:
-
-    ("A", q, record)                                   add (full record)
-    ("L", q, id, token, lock_until, attempts_started, processed_on)   activate
-    ("E", q, id, lock_until)                           extend lock
-    ("C", q, id, result, finished_on, attempts_made, order)   complete
-    ("F", q, id, reason, finished_on, attempts_made, stalled, stalled_count, order)
-                                                       fail for good
-    ("W", q, id, state, delay_until, attempts_made, stalled_count, order, reason)
-                                                       retry: back to waiting/delayed
-    ("S", q, id, ...same as W)                          stalled (lock ran out)
-    ("D", q, id, ...same as W)                          delayed job came due
-    ("P", q, id, progress)                             progress
-    ("R", q, id, removed_at)                           removed (tombstone kept)
-    ("T", q, [ids])                                    tombstones expired
-    ("M", q, meta)                                     queue meta (paused, options)
-    ("X", q)                                           obliterate
-    ("SU", q, scheduler) / ("SR", q, id) / ("SN", q, id, next_tick_ms)
-                                                       scheduler upsert/remove/advance
-    ("aL", q, id, index, line)                         job log line number `index`
-    ("aQ", q, id, dlq_reason)                          into the DLQ (just before its "F")
-    ("aR", q, id, order)                               out of the DLQ: waiting again,
-                                                       attempts/stalls/TTL reset
+state (see broker/replay.py). Every op code, its fields and what it changes
+are defined once, in broker/redo.py.
 
 Dead-letter queue: every final failure (attempts exhausted, stalled too
 often, TTL expired before a start) keeps the job `failed` with a
@@ -33,13 +12,6 @@ often, TTL expired before a start) keeps the job `failed` with a
 (keep_failed / remove_on_fail). TTL: a job is never handed out at or after
 `expires_at`; pull checks it, and a heap of deadlines lets the broker timer
 discard waiting/delayed jobs that nobody pulls.
-    ("cO", ...) ("cX", ...) ("cD", ...) ("cR", ...)    flows: see broker/flowqueue.py
-    ("bR", q, [max, per_ms] | None)                    queue rate limit set/cleared
-    ("bG", q, group, settings | None)                  a group's settings (absolute):
-                                                       {concurrency?, paused?, rate?}
-    ("bS", q, now, {window key: [n, per_ms]})          starts noted in rate windows
-                                                       ("" queue, "g:<group>", "t" tenant)
-    ("bT", q, tenant | None)                           the queue's cluster-wide tenant
 
 Scheduling (rate limits, groups: DESIGN §11, broker/limits.py) runs only for
 queues that use it: `pull` takes the plain priority/FIFO path unless the

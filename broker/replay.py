@@ -1,4 +1,4 @@
-"""Recovery: apply redo-log ops (see broker/queue.py) to queue images.
+"""Recovery: apply redo-log ops (their schema: broker/redo.py) to queue images.
 
 Job fields in ops are absolute, so applying every op after the checkpointed
 seq over job rows that may be *newer* than that seq (a checkpoint that was
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shardq.broker import redo
 from shardq.broker.job import ACTIVE, COMPLETED, FAILED, Job
 from shardq.broker.limits import note_runs
 from shardq.broker.queue import append_log, dlq_reset
@@ -224,8 +225,12 @@ _APPLY: dict[str, Callable[[QueueImage, list[Any]], None]] = {
     "W": _requeue, "S": _requeue, "D": _requeue, "P": _progress, "R": _remove,
     "T": _expire, "M": _meta, "X": _obliterate,
 }
+# The schema and the appliers agree, or the broker does not start: an op it
+# could log but not replay would fail every restart after the first.
+if set(_APPLY) != redo.QUEUE_CODES:
+    raise ImportError(f"redo schema and replay disagree: {sorted(set(_APPLY) ^ redo.QUEUE_CODES)}")
 
-QUEUE_OPS = frozenset(_APPLY)
+QUEUE_OPS = redo.QUEUE_CODES
 
 
 def apply_chunk(images: Images, chunk: dict[str, Any]) -> None:
@@ -251,19 +256,7 @@ def apply_chunk(images: Images, chunk: dict[str, Any]) -> None:
 
 def apply_broker_op(images: Images, broker_state: dict[str, Any],
                     staging: dict[str, Images], op: list[Any]) -> None:
-    """Broker-level ops (their second element is None):
-
-        ("O", None, state)            ownership, freezes, imports, terms; merged
-                                      into the last (a record without
-                                      "topology" keeps the last map logged)
-        ("SC", None, move_id, chunks) a handoff's copy chunks, into staging
-        ("SO", None, move_id, ops)    a handoff's catch-up ops, into staging
-        ("I", None, move_id)          activation: staging becomes live
-        ("AB", None, move_id)         an aborted import: staging dropped
-        ("SX", None, move_id)         a retried copy: staging starts over
-        ("G", None, [queues])         queues handed off: dropped
-        ("bL", None, leases)          tenant leases from the coordinator (limits.py)
-    """
+    """Apply a broker-level op (`redo.BROKER_CODES`; its second element is None)."""
     code = op[0]
     if code == "O":
         broker_state.update(op[2])
@@ -288,15 +281,7 @@ def apply_broker_op(images: Images, broker_state: dict[str, Any],
         raise ValueError(f"unknown broker op {code!r}")
 
 
-_JOB_OPS = frozenset("LECFWSDPR") | {"aL", "aQ", "aR", "cD", "cR"}
-
-
-def op_job_id(op: list[Any]) -> str | None:
-    """The id of the one job a queue op changes, or None (queue-level ops)."""
-    code = op[0]
-    if code == "A":
-        return str(op[2][0])
-    return str(op[2]) if code in _JOB_OPS else None
+op_job_id = redo.job_id
 
 
 def apply_op(images: Images, op: list[Any]) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 import msgpack
 
 from shardq import failpoints
+from shardq.broker import redo
 from shardq.broker.job import Job
 from shardq.broker.replay import Images, QueueImage, apply_broker_op, apply_op
 from shardq.router import slot_of
@@ -43,10 +44,9 @@ log = logging.getLogger("shardq.broker.store")
 # (queue, id) -> (slot, blob) to write, or (slot, None) to delete
 RowSource = Callable[[str, str], tuple[int, bytes | None] | None]
 
-# Queue-level ops: in the meta, not a job row ("b*": rate limits, groups,
-# tenants; "cO"/"cX": a flow child's outbox).
-_META_OPS = frozenset({"M", "SU", "SR", "SN", "cO", "cX",
-                       "bR", "bG", "bS", "bT"})
+_DIRTY = redo.DIRTY
+_JOB, _ADDED, _TOMBSTONES = redo.Touch.JOB, redo.Touch.ADDED, redo.Touch.TOMBSTONES
+_QUEUE_GONE, _QUEUES_GONE = redo.Touch.QUEUE_GONE, redo.Touch.QUEUES_GONE
 CHECKPOINT_CHUNK = 250  # rows per checkpoint transaction: a commit waits for one at most
 GONE_ROWS_PER_STEP = 1000  # rows of dropped queues deleted per checkpoint transaction
 # Dirty keys are written in B-tree order so a chunk's rows share pages (job ids
@@ -242,18 +242,18 @@ class Store:
         """Note the jobs and queues these ops touched, for the next checkpoint."""
         dirty = self._dirty
         for op in ops:
-            code = op[0]
-            if code == "A":
+            touch = _DIRTY[op[0]]  # an unknown code fails the commit, never a restart
+            if touch is _JOB:
+                dirty.add((op[1], op[2]))
+            elif touch is _ADDED:
                 dirty.add((op[1], op[2][0]))
-            elif code == "T":
+            elif touch is _TOMBSTONES:
                 for jid in op[2]:
                     dirty.add((op[1], jid))
-            elif code == "X":
+            elif touch is _QUEUE_GONE:
                 self._obliterated.add(op[1])
-            elif code == "G":
+            elif touch is _QUEUES_GONE:
                 self._obliterated.update(op[2])
-            elif op[1] is not None and code not in _META_OPS:
-                dirty.add((op[1], op[2]))
 
     def mark_dirty_queues(self, queues: list[tuple[str, dict[str, Any], dict[str, int]]]
                           ) -> None:
