@@ -16,40 +16,26 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol, TextIO
+from typing import Any
 
 import msgpack
 
 from shardq.broker import tenants
+from shardq.broker.commitlog import CommitLog, Sink
 from shardq.broker.events import EventHub
 from shardq.broker.flows import FlowAgent
 from shardq.broker.handoff import Handoffs
 from shardq.broker.limits import TenantShare
 from shardq.broker.queue import QueueDefaults, QueueState
 from shardq.broker.replay import Images
-from shardq.broker.store import Store
+from shardq.broker.store import RowSource, Store
 from shardq.errors import BusyError, MovedError, OwnerUnavailableError, TryAgainError
 from shardq.router import NUM_SLOTS, BrokerInfo, BrokerState, Topology, slot_of
 
 log = logging.getLogger("shardq.broker")
 
-CHECKPOINT_EVERY_COMMITS = 20_000
-CHECKPOINT_EVERY_S = 30.0
-CHECKPOINT_STEP_EVERY_S = 0.02  # under load, one checkpoint chunk per 20 ms of commits ...
-CHECKPOINT_STEP_SHARE = 1 / 3  # ... and at most this share of the writer's time
 FROZEN_TIMER_RETRY_MS = 10  # a due queue in a frozen slot is looked at again this much later
-INLINE_COMMIT_MAX_OPS = 256  # smaller batches commit on the loop thread when the writer is idle
-# A broker with no commit for this long checkpoints what its log holds
-# (housekeeping), instead of waiting for the next write to come due: a bulk
-# push followed by a quiet moment is written out then, not later on top of
-# the next burst (measured: the checkpoint of a 333k-job push cut the
-# throughput of the load that followed it by 3-5x for ~20 s at 0.3 cores).
-IDLE_CHECKPOINT_AFTER_S = 1.0
-# With no commit for this long, checkpoint steps run back to back instead of
-# paced: a commit that arrives then waits for one step (a few ms) at most.
-IDLE_UNPACED_AFTER_S = 0.1
 
 
 def wall_ms() -> int:
@@ -72,14 +58,6 @@ class BrokerConfig:
     ack_journal: str | None = None  # append every accepted ack here (tests, DESIGN §9)
     weight: int = 1
     drain_on_term: bool = False
-
-
-class Sink(Protocol):
-    """Where replies go: a connection's transport."""
-
-    def write(self, data: bytes) -> None: ...
-
-    def is_closing(self) -> bool: ...
 
 
 class Waiter:
@@ -105,8 +83,9 @@ class Broker:
         self.clock = clock
         self.defaults = defaults or QueueDefaults()
         self.store = Store(os.path.join(config.data_dir, "broker.db"), durable=config.durable)
+        self.commits = CommitLog(self.store, self, config.durable, config.ack_journal)
         self.queues: dict[str, QueueState] = {}
-        self.log: list[Any] = []  # the open batch, shared by every QueueState
+        self.log = self.commits.ops  # the open batch, shared by every QueueState
         self.owned = bytearray(NUM_SLOTS)
         self.slot_epochs = [0] * NUM_SLOTS
         self.topology = Topology.empty()
@@ -123,19 +102,6 @@ class Broker:
         # identity is not the one they are owned under), or None.
         self.held: str | None = None
         self.waiters: dict[str, list[Waiter]] = {}
-        self._pending_replies: list[tuple[Sink, bytes]] = []  # for the open batch
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
-        self._writer_busy = False
-        self._flush_scheduled = False
-        self._seq = 0
-        self._commits_since_ckpt = 0
-        self._last_ckpt = time.monotonic()
-        self._ckpt_requested = False
-        self._ckpt_active = False
-        self._last_step = 0.0
-        self._next_step_at = 0.0  # under load, no checkpoint step before this
-        self._last_commit_at = time.monotonic()  # when the last batch went to the writer
-        self._step_timer: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         # Queues by their next timer (delayed job, lock deadline, TTL, scheduler
@@ -145,24 +111,14 @@ class Broker:
         self._due: list[tuple[int, str]] = []
         self._armed: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._idle_waiters: list[asyncio.Future[None]] = []
         self.total_jobs = 0
         self.rss = 0
         self.handoffs: dict[str, int] = {}  # handoff results, for metrics
         self.handoff = Handoffs(self)
         self.events = EventHub(self)
         self.flows = FlowAgent(self)  # run by serve(); see broker/flows.py
-        self.ack_journal: TextIO | None = (
-            open(config.ack_journal, "a", encoding="utf-8")  # noqa: SIM115 - lives with the broker
-            if config.ack_journal else None)
-        # Journal lines of the open batch, and of batches being committed: a
-        # line reaches the file only once its own commit did (no false doubles).
-        self.journal_lines: list[str] = []
-        self._journal_batches: dict[int, list[str]] = {}
         self._asking = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._committed_seq = 0
-        self._seq_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.started = time.time()
 
     # ------------------------------------------------------------ startup
@@ -170,7 +126,7 @@ class Broker:
         """Rebuild memory from SQLite; serve exactly the slots persisted."""
         images, state, staging, last_seq = self.store.open_and_recover()
         self.storage_id = self.store.claim_identity(self.config.broker_id)
-        self._seq = self._committed_seq = last_seq
+        self.commits.resume_at(last_seq)
         self._restore_ownership(state)
         self.handoff.restore(state.get("handoff", {}), staging)
         self._build_queues(images)
@@ -207,6 +163,7 @@ class Broker:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self.commits.attach(loop)
         for q in self.queues.values():
             self._arm(q)
 
@@ -249,7 +206,7 @@ class Broker:
                                  max(topo.slot_epoch(s) for s in slots))
             changed = True
         self.log.append(self.ownership_op())
-        self._schedule_flush()
+        self.commits.schedule_flush()
         if changed:
             log.info("owning %d slots at epoch %d", sum(self.owned), self.epoch)
 
@@ -332,231 +289,28 @@ class Broker:
         if self.total_jobs >= cfg.max_jobs or (cfg.max_memory and self.rss >= cfg.max_memory):
             raise BusyError(f"broker {cfg.broker_id} is over its job/memory limit", 100)
 
-    # ------------------------------------------------------------ group commit
-    def defer_reply(self, sink: Sink, data: bytes) -> None:
-        """Send `data` once everything logged so far is durable."""
-        if self.config.durable and (self.log or self._writer_busy):
-            self._pending_replies.append((sink, data))
-            self._schedule_flush()
-        else:
-            sink.write(data)
-
-    def flush_soon(self) -> None:
-        """Commit what is logged without anyone waiting on it (pulls, extends)."""
-        self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled and not self._writer_busy:
-            self._flush_scheduled = True
-            assert self._loop is not None
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._writer_busy:
-            return
-        if not self.log:
-            self._writer_idle()
-            return
-        ops = self.log[:]
-        self.log.clear()
+    # ------------------------------------------------------------ commit host
+    def batch_started(self, ops: list[Any]) -> dict[str, int] | None:
+        """A batch leaves for the store: handoff taps see it; events are marked
+        to go out after the commit holding their ops (broker/events.py)."""
         if self.handoff.taps:
             self.handoff.tap_batch(ops)
-        replies = self._pending_replies
-        self._pending_replies = []
-        # Events go out after the commit holding their ops (broker/events.py).
-        marks = self.events.marks() if self.events.subs else None
-        self._seq += 1
-        seq = self._seq
-        self._last_commit_at = time.monotonic()
-        if self.journal_lines:
-            self._journal_batches[seq] = self.journal_lines
-            self.journal_lines = []
-        self._commits_since_ckpt += 1
-        start_ckpt = not self._ckpt_active and self._ckpt_due()
-        if len(ops) <= INLINE_COMMIT_MAX_OPS and not self._ckpt_active and not start_ckpt:
-            # A small batch and an idle writer: commit on the loop thread. This
-            # skips two thread hand-offs, most of a lone client's latency
-            # besides the fsync; under load batches grow and go to the writer.
-            try:
-                self.store.commit(seq, ops)
-            except Exception as exc:
-                self._after_commit(exc, replies, seq)
-            else:
-                self._after_commit(None, replies, seq, marks)
-            return
-        self._writer_busy = True
-        assert self._loop is not None
-        fut = self._loop.run_in_executor(self._writer, self.store.commit, seq, ops)
-        fut.add_done_callback(lambda f: self._after_commit(f.exception(), replies, seq, marks))
-        if start_ckpt:
-            self._begin_checkpoint(seq)
+        return self.events.marks() if self.events.subs else None
 
-    def _after_commit(self, exc: BaseException | None,
-                      replies: list[tuple[Sink, bytes]], seq: int,
-                      marks: dict[str, int] | None = None) -> None:
-        self._writer_busy = False
-        self._committed_seq = seq
-        lines = self._journal_batches.pop(seq, None)
-        if lines and self.ack_journal is not None and exc is None:
-            self.ack_journal.write("".join(lines))
-            self.ack_journal.flush()  # before the acks are answered
-        if exc is not None:
-            # A failed commit means answered writes could be lost: stop now and
-            # let the supervisor restart us on the data that did commit.
-            log.critical("commit failed: %r; exiting", exc)
-            os._exit(3)
-        self._send(replies)
+    def batch_durable(self, marks: dict[str, int] | None) -> None:
         if marks:
             self.events.publish(marks)
-        if self._seq_waiters:
-            self._wake_seq_waiters()
-        if self._ckpt_active and (
-                not self.log or time.monotonic() >= self._next_step_at):
-            self._checkpoint_step()  # commits come first, but the checkpoint never starves
-        elif self.log:
-            self._schedule_flush()
-        else:
-            self._writer_idle()
 
-    def _writer_idle(self) -> None:
-        """Nothing is being written: replies parked meanwhile are durable."""
-        if self._pending_replies:
-            self._send(self._pending_replies)
-            self._pending_replies = []
-        if self._ckpt_active:
-            now = time.monotonic()
-            wait = self._next_step_at - now
-            # (flush_all waits, or nothing was committed lately: no pacing)
-            if wait <= 0 or self._idle_waiters or now - self._last_commit_at > IDLE_UNPACED_AFTER_S:
-                self._checkpoint_step()
-            elif self._step_timer is None:
-                # Paced even when idle: a commit arriving mid-step waits for
-                # the whole step, so steps take at most their share of time.
-                assert self._loop is not None
-                self._step_timer = self._loop.call_later(wait, self._paced_step)
-        else:
-            self._wake_idle()
+    def checkpoint_blocked(self) -> bool:
+        return bool(self.handoff.importing)
 
-    def _paced_step(self) -> None:
-        self._step_timer = None
-        if self._ckpt_active and not self._writer_busy:
-            if self.log:
-                self._schedule_flush()  # commits first; the step follows them
-            else:
-                self._checkpoint_step()
-
-    @staticmethod
-    def _send(replies: list[tuple[Sink, bytes]]) -> None:
-        for sink, data in replies:
-            if not sink.is_closing():
-                sink.write(data)
-
-    # ------------------------------------------------------------ checkpoints
-    def _ckpt_due(self) -> bool:
-        if self.handoff.importing:
-            return False  # staging lives in the log until activation or abort
-        return self._ckpt_requested or self._commits_since_ckpt >= CHECKPOINT_EVERY_COMMITS or (
-            time.monotonic() - self._last_ckpt > CHECKPOINT_EVERY_S
-            and self._commits_since_ckpt > 0)
-
-    def _checkpoint_if_idle(self) -> None:
-        """Start a checkpoint of the log when nothing was committed lately."""
-        if (self._commits_since_ckpt == 0 or self._ckpt_active or self._ckpt_requested
-                or self.log or self._writer_busy or self.handoff.importing
-                or time.monotonic() - self._last_commit_at < IDLE_CHECKPOINT_AFTER_S):
-            return
-        # A checkpoint begins right after a batch is handed to the writer;
-        # an ownership record (as flush_all writes) is that batch.
-        self._ckpt_requested = True
-        self.log.append(self.ownership_op())
-        self._schedule_flush()
-
-    def _begin_checkpoint(self, seq: int) -> None:
-        # Called right after handing batch `seq` to the writer with the open
-        # batch empty, so memory now reflects exactly the ops <= seq.
+    def checkpoint_state(self) -> tuple[dict[str, dict[str, Any]], dict[str, Any], RowSource]:
         metas = {name: q.meta() for name, q in self.queues.items()}
-        self._commits_since_ckpt = 0
-        self._last_ckpt = time.monotonic()
-        self._ckpt_requested = False
-        self._ckpt_active = True
-        self._writer.submit(self.store.checkpoint_begin, seq, metas, self.ownership_state(),
-                            self._row_source)
+        return metas, self.ownership_state(), self._row_source
 
     def _row_source(self, queue: str, jid: str) -> tuple[int, bytes | None] | None:
         # Runs on the writer thread; see broker/store.py for why racing reads are safe.
         return live_row(self.queues, queue, jid)
-
-    def _checkpoint_step(self) -> None:
-        self._last_step = time.monotonic()
-        self._writer_busy = True
-        assert self._loop is not None
-        fut = self._loop.run_in_executor(self._writer, self.store.checkpoint_step)
-        fut.add_done_callback(self._checkpoint_stepped)
-
-    def _checkpoint_stepped(self, fut: asyncio.Future[bool]) -> None:
-        self._writer_busy = False
-        # A slow step (a big chunk, a loaded disk) waits proportionally
-        # longer before the next one while commits are waiting.
-        took = time.monotonic() - self._last_step
-        self._next_step_at = time.monotonic() + max(
-            CHECKPOINT_STEP_EVERY_S, took * (1 / CHECKPOINT_STEP_SHARE - 1))
-        if fut.exception() is not None:
-            log.critical("checkpoint failed: %r; exiting", fut.exception())
-            os._exit(3)
-        if not fut.result():
-            self._ckpt_active = False
-        if self.log:
-            self._schedule_flush()
-        else:
-            self._writer_idle()
-
-    def _wake_idle(self) -> None:
-        if not self._writer_busy and not self.log and self._idle_waiters:
-            for f in self._idle_waiters:
-                if not f.done():
-                    f.set_result(None)
-            self._idle_waiters = []
-
-    async def durable(self) -> None:
-        """Return once everything logged so far is committed. Unlike
-        `flush_all`, this does not wait for the log to run dry, so it ends
-        under any load."""
-        target = self._seq + (1 if self.log else 0)
-        if self._committed_seq >= target:
-            return
-        assert self._loop is not None
-        fut: asyncio.Future[None] = self._loop.create_future()
-        self._seq_waiters.append((target, fut))
-        self._schedule_flush()
-        await fut
-
-    def _wake_seq_waiters(self) -> None:
-        keep = []
-        for target, fut in self._seq_waiters:
-            if target <= self._committed_seq:
-                if not fut.done():
-                    fut.set_result(None)
-            else:
-                keep.append((target, fut))
-        self._seq_waiters = keep
-
-    async def flush_all(self, checkpoint: bool = False) -> None:
-        """Wait until everything logged is committed (and checkpointed)."""
-        assert self._loop is not None
-        if checkpoint:
-            self._ckpt_requested = True
-            self._commits_since_ckpt = max(self._commits_since_ckpt, 1)
-            if not self.log:
-                self.log.append(self.ownership_op())
-        # A checkpoint cannot start while an import is staged (its data lives
-        # in the log until activation or abort): then the log is enough.
-        while self.log or self._writer_busy or self._ckpt_active or (
-                checkpoint and self._ckpt_requested and not self.handoff.importing):
-            fut: asyncio.Future[None] = self._loop.create_future()
-            self._idle_waiters.append(fut)
-            self._schedule_flush()
-            await fut
 
     def spawn(self, coro: Any) -> None:
         """Run a task the broker owns (handoff steps); kept until it ends."""
@@ -580,12 +334,10 @@ class Broker:
     def mark_dirty_queues(self, queues: list[tuple[str, dict[str, Any], dict[str, int]]]
                           ) -> None:
         """Have the next checkpoint write every job of these (imported) queues."""
-        self._writer.submit(self.store.mark_dirty_queues, queues)
+        self.commits.on_writer(self.store.mark_dirty_queues, queues)
 
     def close(self) -> None:
-        if self.ack_journal is not None:
-            self.ack_journal.close()
-        self._writer.shutdown(wait=True)
+        self.commits.close()
         self.store.close()
 
     # ------------------------------------------------------------ timers
@@ -650,7 +402,7 @@ class Broker:
                 self._enlist(name, max(nxt, now + 1))  # never due again in this pass
         self._schedule_timer()
         if self.log:
-            self._schedule_flush()
+            self.commits.schedule_flush()
 
     def housekeeping(self) -> None:
         """Once a second: job totals, RSS, tombstone expiry, a timer safety net."""
@@ -664,7 +416,7 @@ class Broker:
             if due is not None:
                 self._enlist(q.name, due)
         self.run_timers()
-        self._checkpoint_if_idle()
+        self.commits.checkpoint_if_idle()
         if self.handoff.frozen_moves and not self._asking:
             self._asking = True
             assert self._loop is not None
@@ -759,7 +511,7 @@ class Broker:
             else:
                 log.debug("parked pull's connection closed; jobs will stall and return")
             lst = self.waiters.get(name)
-        self._schedule_flush()
+        self.commits.schedule_flush()
 
     # ------------------------------------------------------------ tenant leases
     def _leases(self) -> dict[str, Any]:

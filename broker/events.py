@@ -164,7 +164,7 @@ class EventHub:
         self.subs.setdefault(q.name, []).append(sub)
 
         async def go_live() -> None:
-            await self.b.durable()
+            await self.b.commits.durable()
             self._go_live(sub, q, target)
 
         self.b.spawn(go_live())

@@ -43,7 +43,8 @@ from shardq.errors import (
 )
 
 if TYPE_CHECKING:
-    from shardq.broker.engine import Broker, Sink
+    from shardq.broker.commitlog import Sink
+    from shardq.broker.engine import Broker
 
 log = logging.getLogger("shardq.broker.flows")
 
@@ -249,7 +250,7 @@ class FlowAgent:
             due.extend((q, *d) for d in q.flows_due(now))
         if not entries and not due:
             return
-        await b.durable()  # an entry goes out only once its child's completion is on disk
+        await b.commits.durable()  # an entry goes out only once its child's completion is on disk
         if entries and failpoints.ACTIVE:
             failpoints.hit("broker.before_flow_deliver")
         by_owner: dict[tuple[str, str], list[Entry]] = {}
@@ -265,7 +266,7 @@ class FlowAgent:
         work += [self._resolve(*d) for d in due]
         await asyncio.gather(*work)
         if b.log:
-            b.flush_soon()
+            b.commits.flush_soon()
 
     def _route(self, queue: str) -> tuple[str, str] | None:
         b = self.b

@@ -155,7 +155,7 @@ class Handoffs:
                 self._drop_import(other)
             self.importing[mid] = Import(slots, str(args.get("source", "")))
             self._persist()
-        await self.b.durable()
+        await self.b.commits.durable()
         return {"state": "importing"}
 
     def import_chunks(self, args: dict[str, Any]) -> Any:
@@ -226,7 +226,7 @@ class Handoffs:
         # the loop does not walk every job here (the pause grows with it).
         b.mark_dirty_queues([(name, img.jobs, img.tombstones)
                              for name, img in imp.staging.items()])
-        await b.durable()
+        await b.commits.durable()
         for name in imp.staging:
             q = b.queues[name]
             b.arm(q)
@@ -343,7 +343,7 @@ class Handoffs:
             for s in slots:
                 self.frozen[s] = mid
             self._persist()
-        await self.b.durable()  # durable before answered (DESIGN §6 step 3)
+        await self.b.commits.durable()  # durable before answered (DESIGN §6 step 3)
         return {"frozen": True}
 
     async def catchup(self, args: dict[str, Any]) -> Any:
@@ -352,7 +352,7 @@ class Handoffs:
         tap = self.taps.get(mid)
         if tap is None or mid not in self.frozen_moves:
             raise BadRequestError(f"move {mid}: nothing recorded to catch up (restarted?); abort")
-        await self.b.durable()  # every tapped op is in a batch the tap has seen
+        await self.b.commits.durable()  # every tapped op is in a batch the tap has seen
         ops = tap.ops
         # The target may have restarted elsewhere since the copy: use the
         # freshest address (the coordinator's, then our map's).
@@ -378,7 +378,7 @@ class Handoffs:
         addr = str(args.get("addr", info["addr"]))
         self.give_up(slots, owner, addr, int(args.get("epoch", 0)))
         self._finish(mid, "committed")
-        await self.b.durable()
+        await self.b.commits.durable()
         return {"released": True}
 
     def give_up(self, slots: Iterable[int], owner: str, addr: str, epoch: int) -> None:
@@ -404,13 +404,13 @@ class Handoffs:
         if gone:
             b.log.append(("G", None, gone))
         self._persist()
-        b.flush_soon()
+        b.commits.flush_soon()
 
     async def abort(self, args: dict[str, Any]) -> Any:
         mid = _move_id(args)
         self.check_term(args.get("term"))
         self._abort_local(mid)
-        await self.b.durable()
+        await self.b.commits.durable()
         return {"aborted": True}
 
     def _abort_local(self, mid: str) -> None:
@@ -424,7 +424,7 @@ class Handoffs:
         elif mid not in self.finished:
             self._finish(mid, "aborted")
         self._persist()
-        self.b.flush_soon()
+        self.b.commits.flush_soon()
         log.info("move %s aborted here", mid)
 
     # ------------------------------------------------------------ cut-off source

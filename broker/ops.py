@@ -16,7 +16,8 @@ from typing import Any
 from shardq import protocol as p
 from shardq.broker import flows
 from shardq.broker import validate as v
-from shardq.broker.engine import Broker, Sink, Waiter
+from shardq.broker.commitlog import Sink
+from shardq.broker.engine import Broker, Waiter
 from shardq.broker.queue import LOCK_LOST, NOT_FOUND, QueueState
 from shardq.errors import (
     BadRequestError,
@@ -99,7 +100,7 @@ def op_pull(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
     out: list[list[Any]] = []
     _pull_into(b, queues, count, lock_ms, out)
     if out or not wait_ms:
-        b.flush_soon()
+        b.commits.flush_soon()
         return out
     b.park(Waiter(sink, req_id, names, count, lock_ms), wait_ms)
     return PARKED
@@ -131,8 +132,8 @@ def _ack(b: Broker, q: QueueState, it: list[Any], now: int) -> str | None:
     if result is not None and not isinstance(result, bytes):
         raise BadRequestError("result must be msgpack bytes or nil")
     err = q.ack(it[1], it[2], result, now)
-    if err is None and b.ack_journal is not None:
-        b.journal_lines.append(f"{q.name}\t{it[1]}\t{it[2]}\n")
+    if err is None and b.commits.journaling:
+        b.commits.journal_lines.append(f"{q.name}\t{it[1]}\t{it[2]}\n")
     if q.outbox:
         b.flows.kick()  # a flow child completed: tell its parent
     if q.wake:  # a group's concurrency freed: parked pulls may take its jobs
@@ -193,7 +194,7 @@ def _extend(b: Broker, q: QueueState, it: list[Any], now: int) -> str | None:
 
 def op_extend(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
     out = _finish_items(b, args, _extend)
-    b.flush_soon()
+    b.commits.flush_soon()
     return out
 
 

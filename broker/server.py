@@ -88,7 +88,7 @@ class BrokerConnection(asyncio.Protocol):
         if immediate:
             self.write(b"".join(immediate))
         if deferred:
-            self.broker.defer_reply(self, b"".join(deferred))
+            self.broker.commits.defer_reply(self, b"".join(deferred))
 
     # requests ---------------------------------------------------------
     def _handle(self, frame: Any, immediate: list[bytes], deferred: list[bytes]) -> None:
@@ -167,7 +167,7 @@ class BrokerServer:
         for c in list(self.connections):
             if c.transport is not None:
                 c.transport.close()
-        await self.broker.flush_all(checkpoint=True)
+        await self.broker.commits.flush_all(checkpoint=True)
 
 
 async def serve(config: BrokerConfig, host: str, port: int, metrics_port: int | None = None,

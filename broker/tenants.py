@@ -77,7 +77,7 @@ def apply_leases(b: Broker, leases: dict[str, Any]) -> None:
         if b.serves(q) and q.set_tenant(members.get(q.name)) and q.tenant is not None:
             adopt_window(b.defaults.tenants, q)
     b.log.append(("bL", None, {n: ts.to_dict() for n, ts in b.defaults.tenants.items()}))
-    b.flush_soon()
+    b.commits.flush_soon()
     for qn in members:  # a share may have grown
         if qn in b.waiters:
             b.serve_waiters(qn)

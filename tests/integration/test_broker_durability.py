@@ -177,7 +177,7 @@ def test_the_ack_journal_records_each_accepted_ack_once(start_broker, tmp_path: 
 def test_an_idle_broker_checkpoints_its_log_and_a_kill9_then_loses_nothing(
         start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """After a burst of adds and a quiet second, the log is checkpointed
-    without waiting for the next write (engine IDLE_CHECKPOINT_AFTER_S), and
+    without waiting for the next write (commitlog IDLE_CHECKPOINT_AFTER_S), and
     the jobs table alone then holds every answered job."""
     data = tmp_path / "b1"
     b = start_broker("b1", data_dir=data)

@@ -48,8 +48,8 @@ def open_broker(path: Path, loop: asyncio.AbstractEventLoop) -> Broker:
 def commit(b: Broker) -> list[Any]:
     ops = b.log[:]
     b.log.clear()
-    b._seq += 1
-    b.store.commit(b._seq, ops)
+    b.commits.seq += 1
+    b.store.commit(b.commits.seq, ops)
     return ops
 
 
