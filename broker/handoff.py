@@ -33,7 +33,7 @@ from shardq.broker.job import Job
 from shardq.broker.queue import BY_ORDER, QueueDefaults, QueueState
 from shardq.broker.replay import Images, QueueImage, apply_chunk, apply_op, op_job_id
 from shardq.broker.validate import non_neg_int
-from shardq.errors import BadRequestError, ShardqError, StaleTermError
+from shardq.errors import BadRequestError, ShardqError
 from shardq.router import NUM_SLOTS, slot_of
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ class Import:
 class Handoffs:
     def __init__(self, broker: Broker) -> None:
         self.b = broker
-        self.frozen: dict[int, str] = {}  # slot -> move_id
+        self.slots = broker.slots  # the ownership table: freezes and imports live there
         self.frozen_moves: dict[str, dict[str, Any]] = {}  # move_id -> {slots, target, addr, at}
         self.importing: dict[str, Import] = {}
         self.finished: OrderedDict[str, str] = OrderedDict()  # move_id -> committed|aborted
@@ -88,7 +88,7 @@ class Handoffs:
     # ------------------------------------------------------------ persistence
     def state(self) -> dict[str, Any]:
         return {
-            "frozen": [[mid, sorted(s for s, m in self.frozen.items() if m == mid), info]
+            "frozen": [[mid, self.slots.frozen_by(mid), info]
                        for mid, info in self.frozen_moves.items()],
             "importing": {mid: {"slots": imp.slots, "source": imp.source}
                           for mid, imp in self.importing.items()},
@@ -98,11 +98,11 @@ class Handoffs:
     def restore(self, state: dict[str, Any], staging: dict[str, Images]) -> None:
         for mid, slots, info in state.get("frozen", []):
             self.frozen_moves[mid] = dict(info)
-            for s in slots:
-                self.frozen[s] = mid
+            self.slots.freeze(slots, mid)
         for mid, imp in state.get("importing", {}).items():
             self.importing[mid] = Import(list(imp["slots"]), imp["source"],
                                          staging.get(mid, {}))
+            self.slots.begin_import(imp["slots"], mid)
         self.finished = OrderedDict((m, r) for m, r in state.get("finished", []))
 
     def _persist(self) -> None:
@@ -129,16 +129,9 @@ class Handoffs:
                 if q is not None and q.slot in tap.slots:
                     tap.ops.append(op)
 
-    def importing_slot(self, slot: int) -> bool:
-        return any(slot in imp.slots for imp in self.importing.values())
-
     # ------------------------------------------------------------ term
     def check_term(self, term: Any) -> None:
-        if not isinstance(term, int) or isinstance(term, bool):
-            raise BadRequestError("term must be an integer")
-        if term < self.b.term:
-            raise StaleTermError(f"term {term} is older than {self.b.term}")
-        self.b.term = term
+        self.slots.accept_term(term)
 
     # ------------------------------------------------------------ target side
     async def prepare(self, args: dict[str, Any]) -> Any:
@@ -154,6 +147,7 @@ class Handoffs:
             for other in [m for m, imp in self.importing.items() if set(imp.slots) & set(slots)]:
                 self._drop_import(other)
             self.importing[mid] = Import(slots, str(args.get("source", "")))
+            self.slots.begin_import(slots, mid)
             self._persist()
         await self.b.commits.durable()
         return {"state": "importing"}
@@ -216,8 +210,7 @@ class Handoffs:
                 q.adopt_meta(img.meta)
             b.queues[name] = q
             b.adopt_tenant_window(q)
-        for s in imp.slots:
-            b.owned[s], b.slot_epochs[s] = 1, max(epoch, b.slot_epochs[s])
+        self.slots.take(imp.slots, epoch)
         del self.importing[mid]
         self._finish(mid, "committed")
         b.log.append(("I", None, mid))
@@ -238,6 +231,7 @@ class Handoffs:
 
     def _drop_import(self, mid: str) -> None:
         self.importing.pop(mid, None)
+        self.slots.end_import(mid)
         self._finish(mid, "aborted")
         self.b.log.append(("AB", None, mid))
 
@@ -340,8 +334,7 @@ class Handoffs:
             loop = asyncio.get_running_loop()
             self.frozen_moves[mid] = {"target": tap.target, "addr": tap.target_addr,
                                       "at": loop.time()}
-            for s in slots:
-                self.frozen[s] = mid
+            self.slots.freeze(slots, mid)
             self._persist()
         await self.b.commits.durable()  # durable before answered (DESIGN §6 step 3)
         return {"frozen": True}
@@ -373,7 +366,7 @@ class Handoffs:
         info = self.frozen_moves.get(mid)
         if info is None:
             return {"released": True}  # already released (idempotent)
-        slots = [s for s, m in self.frozen.items() if m == mid]
+        slots = self.slots.frozen_by(mid)
         owner = str(args.get("owner", info["target"]))
         addr = str(args.get("addr", info["addr"]))
         self.give_up(slots, owner, addr, int(args.get("epoch", 0)))
@@ -385,13 +378,10 @@ class Handoffs:
         """The slots now belong to `owner`: answer MOVED and drop their data."""
         b = self.b
         slot_set = set(slots)
+        for mid in self.slots.give_up(slot_set, epoch):
+            self.frozen_moves.pop(mid, None)
         for s in slot_set:
-            b.owned[s] = 0
-            b.slot_epochs[s] = max(b.slot_epochs[s], epoch)
             b.topology.patch_slot(s, owner, addr, max(epoch, b.topology.slot_epoch(s)))
-            mid = self.frozen.pop(s, None)
-            if mid is not None and mid not in self.frozen.values():
-                self.frozen_moves.pop(mid, None)
         b.topology_patched()
         gone = [n for n, q in b.queues.items() if q.slot in slot_set]
         b.free_later([b.queues.pop(n) for n in gone])
@@ -417,8 +407,7 @@ class Handoffs:
         self.taps.pop(mid, None)
         if mid in self.frozen_moves:
             del self.frozen_moves[mid]
-            for s in [s for s, m in self.frozen.items() if m == mid]:
-                del self.frozen[s]
+            self.slots.thaw(mid)
         if mid in self.importing:
             self._drop_import(mid)
         elif mid not in self.finished:
@@ -447,7 +436,7 @@ class Handoffs:
             if result == "aborted":
                 self._abort_local(mid)
             elif result == "committed" and mid in self.frozen_moves:
-                slots = [s for s, m in self.frozen.items() if m == mid]
+                slots = self.slots.frozen_by(mid)
                 epoch = max((self.b.slot_epochs[s] for s in slots), default=0) + 1
                 self.give_up(slots, info["target"], addr, epoch)
                 self._finish(mid, "committed")
