@@ -1,4 +1,4 @@
-"""The broker's half of a slot handoff A -> B (DESIGN §6, ops in shardq.protocol).
+"""The broker's half of a slot handoff A -> B (docs/design.md §6, ops in shardq.protocol).
 
 States of a move on each side (every transition is persisted before it is
 answered, in the same redo log as the data):
@@ -343,7 +343,7 @@ class Handoffs:
             for s in slots:
                 self.frozen[s] = mid
             self._persist()
-        await self.b.durable()  # durable before answered (DESIGN §6 step 3)
+        await self.b.durable()  # durable before answered (docs/design.md §6 step 3)
         return {"frozen": True}
 
     async def catchup(self, args: dict[str, Any]) -> Any:

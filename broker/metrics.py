@@ -1,4 +1,4 @@
-"""Prometheus metrics of one broker (DESIGN §10), served on --metrics-port.
+"""Prometheus metrics of one broker (docs/design.md §10), served on --metrics-port.
 
 A custom collector reads the broker's own counters at scrape time, so the
 hot path only bumps plain ints; the scrape runs on the broker's event loop

@@ -41,7 +41,7 @@ discard waiting/delayed jobs that nobody pulls.
                                                        ("" queue, "g:<group>", "t" tenant)
     ("bT", q, tenant | None)                           the queue's cluster-wide tenant
 
-Scheduling (rate limits, groups: DESIGN §11, broker/limits.py) runs only for
+Scheduling (rate limits, groups: docs/design.md §11, broker/limits.py) runs only for
 queues that use it: `pull` takes the plain priority/FIFO path unless the
 queue has a limit or grouped jobs waiting. Grouped jobs wait in one line per
 group; PULL serves groups round-robin, one job per turn, and the ungrouped

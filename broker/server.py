@@ -3,7 +3,7 @@
 A connection decodes frames with the sans-IO codec, runs each request
 through `broker.ops.HANDLERS` and writes replies. Bad input answers an
 error on that connection only; nothing a client sends can stop the broker
-(DESIGN §9.7).
+(docs/design.md §9.7).
 """
 
 from __future__ import annotations

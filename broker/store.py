@@ -1,6 +1,6 @@
 """SQLite persistence: a redo log written by group commit, and a checkpointer.
 
-Layout (DESIGN §3):
+Layout (docs/design.md §3):
     log(seq INTEGER PRIMARY KEY, ops BLOB)    one row per group commit
     jobs(slot, queue, id, blob) WITHOUT ROWID live jobs and dedup tombstones
     state(key PRIMARY KEY, value) WITHOUT ROWID
@@ -140,7 +140,7 @@ class Store:
 
     def _start_wal_checkpointer(self) -> None:
         # Passive WAL checkpoints from a second connection never block the
-        # writer (DESIGN §3); wal_autocheckpoint=0 keeps them off the commit path.
+        # writer (docs/design.md §3); wal_autocheckpoint=0 keeps them off the commit path.
         def run() -> None:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             try:

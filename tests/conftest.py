@@ -1,7 +1,7 @@
 """Shared fixtures: real broker / coordinator processes on `--port 0`.
 
 Processes are started with their own temp data dir, their bound address is
-read from the `READY host:port` line (DESIGN §8), and they are always killed
+read from the `READY host:port` line (docs/design.md §8), and they are always killed
 by pid at the end of the test.
 """
 

@@ -70,7 +70,7 @@ def owner(queue: str = typer.Argument(..., help="Queue name."),
 
 
 def owner_of(queue: str, topology: dict[str, Any]) -> dict[str, Any]:
-    """`shardq owner --json` (DESIGN §10); `epoch` is when the slot (or override) last changed."""
+    """`shardq owner --json` (docs/design.md §10); `epoch`: when its slot (or override) changed."""
     from shardq.router import Topology, slot_of
 
     topo = Topology.from_dict(topology)
@@ -89,7 +89,7 @@ def forget(broker_id: str = typer.Argument(..., help="The lost broker's id, e.g.
                help="Required: the broker's jobs are gone for good."),
            coordinator: str = COORDINATOR_OPT, token: str | None = TOKEN_OPT,
            json_out: bool = JSON_OPT) -> None:
-    """Give a lost broker's slots away, EMPTY, and bar its id (disk lost, DESIGN §6)."""
+    """Give a lost broker's slots away, EMPTY, and bar its id (disk lost, docs/design.md §6)."""
     if not accept_data_loss:
         Console(stderr=True).print(
             f"[red]refusing:[/red] forgetting {broker_id} drops every job it held. If its disk "

@@ -1,4 +1,4 @@
-"""shardq.codec: the sans-IO frame codec (DESIGN §4, STYLE 1).
+"""shardq.codec: the sans-IO frame codec (docs/design.md §1, §4).
 
 Bytes in, frames out: no sockets. Covers round trips, every way a stream can
 be cut into reads, the frame-size limit, undecodable frames, and hypothesis

@@ -1,4 +1,4 @@
-"""shardq.failpoints: deterministic kill/sleep/error injection (DESIGN §9)."""
+"""shardq.failpoints: deterministic kill/sleep/error injection (docs/design.md §9)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""shardq.broker.queue: one queue's state machine (DESIGN §2).
+"""shardq.broker.queue: one queue's state machine (docs/design.md §2).
 
 Pure Python with the clock passed in as `now` (ms): no sockets, no sleeps.
 Every test builds a `QueueState` with a plain list as its redo log.

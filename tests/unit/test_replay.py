@@ -1,4 +1,4 @@
-"""shardq.broker.replay: recovery applies redo-log ops to queue images (DESIGN §3).
+"""shardq.broker.replay: recovery applies redo-log ops to queue images (docs/design.md §3).
 
 The key property: replaying every op a live `QueueState` emitted rebuilds the
 same queue. And because ops carry absolute values, replaying from a
@@ -350,7 +350,7 @@ def _on_active(q: QueueState, kind: str, pick: str, p2: int, now: int) -> None:
 
 
 def run_settings(q: QueueState, op: tuple[Any, ...]) -> None:
-    """Queue-level settings: pause, rate limits and group settings (DESIGN §11)."""
+    """Queue-level settings: pause, rate limits and group settings (docs/design.md §11)."""
     kind, _, p1, p2, p3, p4, p5, p6, _ = op
     if kind == "pause":  # one in three pauses, the rest resume
         q.set_paused(p1 % 3 == 2)

@@ -1,4 +1,4 @@
-"""shardq.router: golden hash vectors, slot math and the consistent-hash ring (DESIGN §5).
+"""shardq.router: golden hash vectors, slot math and the consistent-hash ring (docs/design.md §5).
 
 Topology and planner tests live in test_router_topology.py and
 test_router_planner.py.

@@ -1,4 +1,4 @@
-"""shardq.router.Topology: the §5 shape, lookups, MOVED patches (DESIGN §5)."""
+"""shardq.router.Topology: the topology shape, lookups, MOVED patches (docs/design.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Rate limits and groups in QueueState (DESIGN §11), on an injected clock.
+"""Rate limits and groups in QueueState (docs/design.md §11), on an injected clock.
 
 The rate-limit contract: at most `max` starts in ANY window of `per_ms` ms,
 and never fewer than that allows (each pull takes everything the window

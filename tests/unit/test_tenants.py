@@ -1,4 +1,4 @@
-"""coordinator/tenants.py: tenant limit shares leased to brokers (DESIGN §11).
+"""coordinator/tenants.py: tenant limit shares leased to brokers (docs/design.md §11).
 
 The bound: whatever the demand does, the shares brokers may be enforcing
 within any window of `per_ms` add up to at most `max`.
