@@ -28,6 +28,7 @@ from typing import Any
 import msgpack
 
 from shardq import failpoints
+from shardq.broker.histogram import COMMIT_BUCKETS_S, Buckets
 from shardq.broker.job import Job
 from shardq.broker.replay import Images, QueueImage, apply_broker_op, apply_op
 from shardq.router import slot_of
@@ -74,6 +75,7 @@ class Store:
         self._ckpt: _Checkpoint | None = None
         self.commits = 0
         self.commit_seconds = 0.0
+        self.commit_hist = Buckets(COMMIT_BUCKETS_S)  # shardq_commit_seconds
         self.log_rows = 0
         self._stop_wal = threading.Event()
         self._wal_thread: threading.Thread | None = None
@@ -173,7 +175,9 @@ class Store:
         db.execute("COMMIT")
         if failpoints.ACTIVE:
             failpoints.hit("commit.after_fsync")
-        self.commit_seconds += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        self.commit_seconds += took
+        self.commit_hist.observe(took)
         self.commits += 1
         self.log_rows += 1
         if self._wal_frames > WAL_RESTART_FRAMES:

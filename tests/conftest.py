@@ -41,7 +41,10 @@ class Proc:
         self.addr = self._read_ready()
         host, _, port = self.addr.rpartition(":")
         self.host, self.port = host, int(port)
-        # Keep draining stdout so the child never blocks on a full pipe.
+        # Keep draining stdout so the child never blocks on a full pipe; the
+        # lines after READY (e.g. a broker's `METRICS host:port`) are kept.
+        self.lines: list[str] = []
+        self._line_seen = threading.Condition()
         threading.Thread(target=self._drain_stdout, daemon=True).start()
 
     def _read_ready(self) -> str:
@@ -67,8 +70,23 @@ class Proc:
     def _drain_stdout(self) -> None:
         assert self.popen.stdout is not None
         with self.popen.stdout:
-            for _ in self.popen.stdout:
-                pass
+            for raw in self.popen.stdout:
+                with self._line_seen:
+                    self.lines.append(raw.decode(errors="replace").strip())
+                    self._line_seen.notify_all()
+
+    def line_after_ready(self, prefix: str, timeout: float = READY_TIMEOUT_S) -> str:
+        """The rest of the first stdout line after READY that starts with `prefix`."""
+        def found() -> str | None:
+            return next((ln[len(prefix):].strip() for ln in self.lines
+                         if ln.startswith(prefix)), None)
+
+        with self._line_seen:
+            if not self._line_seen.wait_for(lambda: found() is not None, timeout):
+                raise AssertionError(f"no {prefix!r} line from {self.args} in {timeout} s")
+        value = found()
+        assert value is not None
+        return value
 
     @property
     def pid(self) -> int:
