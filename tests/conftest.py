@@ -7,6 +7,8 @@ by pid at the end of the test.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
 import signal
 import subprocess
@@ -14,12 +16,64 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from shardq.router import Topology
 
 READY_TIMEOUT_S = 20.0
+
+
+class _FailingLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    """Every event loop a test makes (asyncio.run, Runner, new_event_loop)
+    reports what reaches its exception handler (a task that died with nobody
+    awaiting it, a failing callback) to the test that made it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[dict[str, Any]] = []
+        self.loops = 0
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        loop = super().new_event_loop()
+        loop.set_exception_handler(self._handle)
+        self.loops += 1
+        return loop
+
+    def _handle(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        self.errors.append(context)
+        loop.default_exception_handler(context)  # and log it as asyncio would
+
+
+@pytest.fixture(autouse=True)
+def close_raw_conns() -> Iterator[None]:
+    """Close the test's RawConns (tests/integration/rawwire.py) it left open."""
+    yield
+    rawwire = sys.modules.get("tests.integration.rawwire")
+    if rawwire is not None:
+        while rawwire.OPEN:
+            rawwire.OPEN.pop().close()
+
+
+@pytest.fixture(autouse=True)
+def fail_on_loop_errors() -> Iterator[None]:
+    """Fail the test if an asyncio loop it ran saw an unhandled exception."""
+    policy = _FailingLoopPolicy()
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(policy)
+    try:
+        yield
+        if policy.loops:
+            gc.collect()  # a task that died unobserved reports it when collected
+    finally:
+        asyncio.set_event_loop_policy(previous)
+    if policy.errors:
+        lines = []
+        for ctx in policy.errors:
+            exc = ctx.get("exception")
+            lines.append(f"{ctx.get('message')}: {exc!r}" if exc else str(ctx.get("message")))
+        pytest.fail("unhandled error(s) in the event loop:\n  " + "\n  ".join(lines))
 
 
 class Proc:
