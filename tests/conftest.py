@@ -19,10 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from shardq.router import Topology
+from tests.props import QUICK
 
 READY_TIMEOUT_S = 20.0
+
+if QUICK:  # `make check`: properties without an explicit count try fewer examples too
+    settings.register_profile("quick", max_examples=20)
+    settings.load_profile("quick")
 
 
 class _FailingLoopPolicy(asyncio.DefaultEventLoopPolicy):

@@ -24,8 +24,9 @@ from shardq.codec import (
     is_bad_frame,
 )
 from shardq.errors import BadRequestError, TooLargeError
+from tests.props import examples
 
-FUZZ = settings(max_examples=150, deadline=None,
+FUZZ = settings(max_examples=examples(150), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
 

@@ -20,10 +20,12 @@ from shardq.broker.handoff import apply_chunks_live, apply_ops_live, build_queue
 from shardq.broker.queue import QueueDefaults, QueueState
 from shardq.broker.replay import Images, QueueImage, apply_chunk, apply_op
 from shardq.router import slot_of
+from tests.props import examples
 
 from .test_replay import export, wire
 
-PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPS = settings(
+    max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DEFAULTS = QueueDefaults(keep_completed=3, keep_failed=2, max_stalled_count=1, dedup_ttl_ms=60)
 
 ACTIONS = st.lists(st.one_of(

@@ -22,9 +22,10 @@ from shardq.broker.queue import (
     QueueState,
     import_chunks,
 )
+from tests.props import examples
 
 LOCK = 30_000
-PROPS = settings(max_examples=150, deadline=None,
+PROPS = settings(max_examples=examples(150), deadline=None,
                  suppress_health_check=[HealthCheck.too_slow])
 
 

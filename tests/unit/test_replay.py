@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from shardq.broker.job import ACTIVE, COMPLETED, FAILED, WAITING, Job
 from shardq.broker.queue import QueueDefaults, QueueState
 from shardq.broker.replay import QUEUE_OPS, Images, QueueImage, apply_op
+from tests.props import examples
 
-PROPS = settings(max_examples=150, deadline=None,
+PROPS = settings(max_examples=examples(150), deadline=None,
                  suppress_health_check=[HealthCheck.too_slow])
 SLOTS = {"qa": 11, "qb": 22}
 

@@ -25,6 +25,7 @@ from shardq.router import (
     slot_of,
 )
 from shardq.router import slots as slots_module
+from tests.props import examples
 
 # Computed once with mmh3 5.3.1 as
 # mmh3.hash64(s.encode(), seed=0, x64arch=True, signed=False)[0]; never edit
@@ -223,7 +224,7 @@ broker_names = st.lists(
 )
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(broker_names)
 def test_adding_a_broker_only_moves_slots_onto_it(names: list[str]) -> None:
     *old, new = names
@@ -232,7 +233,7 @@ def test_adding_a_broker_only_moves_slots_onto_it(names: list[str]) -> None:
     assert all(a == b or b == new for a, b in zip(before, after, strict=True))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(broker_names, st.data())
 def test_removing_a_broker_only_moves_its_slots(names: list[str], data: st.DataObject) -> None:
     gone = data.draw(st.sampled_from(names))

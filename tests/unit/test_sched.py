@@ -15,10 +15,12 @@ from hypothesis import strategies as st
 
 from shardq.broker.limits import TenantShare, Window, note_runs
 from shardq.broker.queue import QueueDefaults, QueueState
+from tests.props import examples
 
 from .test_replay import assert_replay_matches
 
-PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPS = settings(
+    max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def fresh(**defaults: Any) -> tuple[QueueState, list[Any]]:

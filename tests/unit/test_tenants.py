@@ -14,8 +14,10 @@ from hypothesis import strategies as st
 
 from shardq.coordinator.errors import BadRequest
 from shardq.coordinator.tenants import LEASE_MS, TenantBook, _targets
+from tests.props import examples
 
-PROPS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPS = settings(
+    max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 class Topo:
