@@ -1,12 +1,13 @@
 # shardq: two commands on a fresh machine with Python 3.11:
 #   make run    venv + install + a local cluster with a short demo
 #   make test   venv + test extras + the whole pytest suite
+#   make check  the quick tier: ruff, mypy, unit tests (under a minute)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench clean
+.PHONY: run test check lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +20,14 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The quick tier while editing (under a minute on a quiet 2-core box): ruff,
+# mypy --strict and tests/unit (no process, no socket) with a fifth of the
+# hypothesis examples (tests/props.py). `make test` runs everything in full.
+check: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(MAKE) --no-print-directory typecheck
+	SHARDQ_QUICK=1 $(PY) -m pytest -q -p no:cacheprovider tests/unit
 
 lint: typecheck
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,4 @@
-"""shardq side by side with BullMQ+Redis and bunqueue (issue 7): `shardq bench peers`.
+"""shardq side by side with BullMQ+Redis and bunqueue: `shardq bench peers`.
 
 Every system runs the same workloads with the same payload, queues and concurrency, one
 fresh server per (system, workload), each driven by its own client in its own process:
@@ -159,7 +159,7 @@ RATIO_BASES = [("bunqueue-sqlite", 3.0), ("bullmq-node-redis-aof", 5.0),
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """shardq-durable per broker / each peer, per workload, with the issue's goal."""
+    """shardq-durable per broker / each peer, per workload, with its goal."""
     by = {(r["system"], r["workload"]): r for r in rows}
     out = []
     for w in dict.fromkeys(r["workload"] for r in rows):

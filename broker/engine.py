@@ -3,7 +3,7 @@
 Runs on one event loop. Ops mutate memory synchronously and append redo ops
 to `self.log`; the writer thread commits them as one log row per group
 commit. In durable mode a write's reply is held until the commit holding
-its ops returned from fsync (DESIGN §3, §9.1); pulls and extensions ride
+its ops returned from fsync (docs/design.md §3, §9.1); pulls and extensions ride
 along without waiting.
 """
 
@@ -55,7 +55,7 @@ class BrokerConfig:
     max_job_data: int = 1024 * 1024
     max_connections: int = 10_000
     coordinator: str | None = None
-    ack_journal: str | None = None  # append every accepted ack here (tests, DESIGN §9)
+    ack_journal: str | None = None  # append every accepted ack here (tests, docs/design.md §9)
     weight: int = 1
     drain_on_term: bool = False
 
@@ -279,7 +279,7 @@ class Broker:
         if owner is None or addr is None or owner == self.config.broker_id:
             return TryAgainError(f"slot {slot} has no serving owner yet", 200)
         # A slot's MOVED names no queue: the client patches the whole slot
-        # (DESIGN §4/§5; `queue` is for pinned-queue overrides only).
+        # (docs/design.md §4/§5; `queue` is for pinned-queue overrides only).
         return MovedError(slot, owner, addr, self.topology.slot_epoch(slot))
 
     def check_capacity(self) -> None:

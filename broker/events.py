@@ -1,6 +1,6 @@
 """Job events: derived from the redo ops a queue emits, kept in a bounded
 ring per queue on its owner, and pushed to subscribers after the commit
-holding them (DESIGN §11: `client.events(queue)`).
+holding them (docs/design.md §11: `client.events(queue)`).
 
 An event is `[seq, type, job_id, data]`, where `seq` is the queue's op
 sequence number after the op that made it (`QueueState.seq`). The seq

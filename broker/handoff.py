@@ -1,4 +1,4 @@
-"""The broker's half of a slot handoff A -> B (DESIGN §6, ops in shardq.protocol).
+"""The broker's half of a slot handoff A -> B (docs/design.md §6, ops in shardq.protocol).
 
 A move's state on this broker is a `Side`; `TRANSITIONS` lists the legal
 changes and `Handoffs._transition` checks each one; the step persists it (in
@@ -418,7 +418,7 @@ class Handoffs:
                                       "at": loop.time()}
             self.slots.freeze(slots, mid)
             self._persist()
-        await self.b.commits.durable()  # durable before answered (DESIGN §6 step 3)
+        await self.b.commits.durable()  # durable before answered (docs/design.md §6 step 3)
         return {"frozen": True}
 
     async def catchup(self, args: dict[str, Any]) -> Any:

@@ -71,7 +71,7 @@ class Job:
     # result}] (see broker/flowqueue.py).
     parent: list[Any] | None = None
     children: list[Any] | None = None
-    group: str | None = None  # groups are served round-robin (DESIGN §11)
+    group: str | None = None  # groups are served round-robin (docs/design.md §11)
 
     def __lt__(self, other: Job) -> bool:
         # Heap entries end with the job; two entries for one job with equal
@@ -95,7 +95,7 @@ class Job:
         return cls(*rec)
 
     def to_public(self) -> dict[str, Any]:
-        """The `get_job` dict (DESIGN §10); data and result stay packed bytes."""
+        """The `get_job` dict (docs/design.md §10); data and result stay packed bytes."""
         out = {
             "id": self.id, "name": self.name, "data": self.data, "state": self.state,
             "priority": self.priority, "attempts": self.attempts,

@@ -13,7 +13,7 @@ often, TTL expired before a start) keeps the job `failed` with a
 `expires_at`; pull checks it, and a heap of deadlines lets the broker timer
 discard waiting/delayed jobs that nobody pulls.
 
-Scheduling (rate limits, groups: DESIGN §11, broker/limits.py) runs only for
+Scheduling (rate limits, groups: docs/design.md §11, broker/limits.py) runs only for
 queues that use it: `pull` takes the plain priority/FIFO path unless the
 queue has a limit or grouped jobs waiting. Grouped jobs wait in one line per
 group; PULL serves groups round-robin, one job per turn, and the ungrouped
@@ -40,6 +40,7 @@ from typing import Any
 from shardq.broker import schedule
 from shardq.broker.events import EventRing
 from shardq.broker.flowqueue import FlowQueue
+from shardq.broker.histogram import JOB_DURATION_BUCKETS_MS, Buckets
 from shardq.broker.job import (
     ACTIVE,
     COMPLETED,
@@ -81,6 +82,8 @@ class QueueDefaults:
     max_tombstones: int = 100_000  # per queue; oldest are forgotten first
     # This broker's leases of cluster-wide tenant limits (shared by its queues).
     tenants: dict[str, TenantShare] = field(default_factory=dict)
+    # Start-to-ack durations of this broker's jobs, ms (shardq_job_duration_seconds).
+    durations: Buckets = field(default_factory=lambda: Buckets(JOB_DURATION_BUCKETS_MS))
 
 
 class QueueState(FlowQueue):
@@ -109,7 +112,7 @@ class QueueState(FlowQueue):
         self._finished: dict[str, deque[Job]] = {COMPLETED: deque(), FAILED: deque()}
         self._order = 0
         self._finished_stale = False  # history may list jobs that left it (handoff replay)
-        self.durations_ms: deque[int] = deque(maxlen=512)
+        self.durations_ms: deque[int] = deque(maxlen=512)  # recent, for /stats p99_ms
         self.ttls: list[tuple[int, Job]] = []  # (expires_at, job), lazy like the others
         self.ring: EventRing | None = None  # recent events, once someone subscribed
         self._init_flows()
@@ -516,7 +519,9 @@ class QueueState(FlowQueue):
         self._order += 1
         job.order = self._order  # history keeps completion order, exactly
         self.counters["completed"] += 1
-        self.durations_ms.append(now - job.processed_on)
+        took = now - job.processed_on
+        self.durations_ms.append(took)
+        self.defaults.durations.observe(took)
         self._emit(("C", self.name, job_id, result, now, job.attempts_made, job.order))
         if job.parent is not None:
             self._outbox_put(job, True, result)

@@ -3,7 +3,7 @@
 A connection decodes frames with the sans-IO codec, runs each request
 through `broker.ops.HANDLERS` and writes replies. Bad input answers an
 error on that connection only; nothing a client sends can stop the broker
-(DESIGN §9.7).
+(docs/design.md §9.7).
 """
 
 from __future__ import annotations
@@ -208,13 +208,16 @@ async def serve(config: BrokerConfig, host: str, port: int, metrics_port: int | 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    metrics_task = None
+    metrics_task, bound = None, 0
     if metrics_port is not None:
         from shardq.broker.metrics import start_metrics_server
 
-        metrics_task = start_metrics_server(broker, host, metrics_port)
+        metrics_task, bound = start_metrics_server(broker, host, metrics_port)
+        log.info("metrics on http://%s:%d/metrics", host, bound)
     if ready:
         sys.stdout.write(f"READY {addr}\n")
+        if metrics_task is not None:  # after READY, the first line (docs/design.md §8)
+            sys.stdout.write(f"METRICS {adv_host}:{bound}\n")
         sys.stdout.flush()
     log.info("broker %s listening on %s (%s)", config.broker_id, addr,
              "durable" if config.durable else "fast")

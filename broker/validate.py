@@ -1,5 +1,5 @@
 """Checks on request arguments: every bad input becomes a BadRequestError
-naming what is wrong, before any state changes (DESIGN §9.7)."""
+naming what is wrong, before any state changes (docs/design.md §9.7)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def _backoff(v: Any) -> list[Any] | None:
 
 _OPT_KEYS = frozenset({"priority", "delay_ms", "attempts", "backoff", "remove_on_complete",
                        "remove_on_fail", "timestamp", "group"})
-_OPT_KEYS |= {"timeout_ms", "ttl_ms"}  # DESIGN §11 (docs/features-jobs.md)
+_OPT_KEYS |= {"timeout_ms", "ttl_ms"}  # docs/design.md §11 (docs/features-jobs.md)
 GROUP_MAX = 256
 RATE_MAX = 10_000_000  # starts per window
 PER_MS_MAX = 86_400_000  # one day

@@ -2,7 +2,7 @@
 
 Above the connection layer (which only knows one broker) and below the
 Queue/Worker API (which only knows queue names). `call()` sends one
-request for one queue and follows the DESIGN §4 retry rules; `bulk()` sends
+request for one queue and follows the docs/design.md §4 retry rules; `bulk()` sends
 a bulk op whose items may belong to many queues and brokers, splits it by
 owner, sends the frames in parallel and retries failed items alone (a
 `MOVED` item is re-routed by itself, the rest of its frame stays done).
@@ -168,7 +168,7 @@ class Cluster:
             await asyncio.sleep(decision.delay)
 
     async def call(self, queue: str, op: str, args: Any, timeout: float | None = None) -> Any:
-        """Send one request for `queue` to its owner, with DESIGN §4 retries.
+        """Send one request for `queue` to its owner, with docs/design.md §4 retries.
 
         Raises:
             MovedError: past the redirect budget.

@@ -198,7 +198,7 @@ class Subscription:
             raise _Retry(exc, bid) from None
 
     async def _retry(self, budget: Budget, exc: BaseException, bid: str) -> None:
-        """Follow the DESIGN §4 rules; raises ShardqError past a budget."""
+        """Follow the docs/design.md §4 rules; raises ShardqError past a budget."""
         if isinstance(exc, MovedError):
             stale = self._topology.is_stale(exc)
             self._topology.patch(exc)

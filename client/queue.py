@@ -1,7 +1,7 @@
 """The `Queue` API: add jobs, read counts and jobs, pause/resume/drain/obliterate.
 
-Names follow BullMQ in snake_case (DESIGN §8, §10). A partitioned queue
-(DESIGN §7: `topology.partitions[name] = P`) is stored as `name~0 ..
+Names follow BullMQ in snake_case (docs/design.md §8, §10). A partitioned queue
+(docs/design.md §7: `topology.partitions[name] = P`) is stored as `name~0 ..
 name~P-1`; `add` picks one partition per job and the read/admin calls fan
 out over all of them.
 """
@@ -27,7 +27,7 @@ COUNT_FIELDS = ("waiting", "delayed", "active", "completed", "failed")
 _DLQ_PAGE = 1000
 
 # add() options with a wire name of their own; anything else given to add()
-# is passed through as is (newer broker options, DESIGN §11).
+# is passed through as is (newer broker options, docs/design.md §11).
 _OPTION_NAMES = frozenset({
     "priority", "delay_ms", "attempts", "backoff", "job_id", "remove_on_complete",
     "remove_on_fail", "partition_key", "timestamp",
@@ -271,7 +271,7 @@ class Queue:
         """Remove the queue and every job in it."""
         await self._each(protocol.OBLITERATE)
 
-    # -- logs and dead letters (DESIGN §11) ---------------------------------------
+    # -- logs and dead letters (docs/design.md §11) ---------------------------------------
 
     async def get_logs(self, job_id: str) -> list[str]:
         """The lines the job's handlers logged with `job.log(line)`, oldest
@@ -315,7 +315,7 @@ class Queue:
     async def dlq_purge(self) -> int:
         """Remove every job in the DLQ; returns how many."""
         return sum(int(n or 0) for n in await self._each(protocol.DLQ_PURGE))
-    # -- rate limits and groups (DESIGN §11) ------------------------------------
+    # -- rate limits and groups (docs/design.md §11) ------------------------------------
 
     async def set_rate_limit(self, max: int | None, per_ms: int = 1000) -> None:
         """Let at most `max` jobs start (be handed to workers) in any sliding
@@ -360,7 +360,7 @@ class Queue:
             self.partitions()[0], protocol.LIMITS, {"queue": self.partitions()[0]})
         return reply
 
-    # -- job schedulers (DESIGN §6, §10) ----------------------------------------
+    # -- job schedulers (docs/design.md §6, §10) ----------------------------------------
 
     async def upsert_scheduler(self, scheduler_id: str, *, every_ms: int | None = None,
                                cron: str | None = None, tz: str = "UTC",

@@ -16,7 +16,7 @@ out as `FAIL` items; the broker decides retry or final failure. Every
 
 `LOCK_LOST` (the lock expired and the job went back to waiting): the
 result is dropped and logged; the broker redelivers the job (at-least-once,
-DESIGN §2).
+docs/design.md §2).
 
 Timeouts. A job added with `timeout_ms` arrives with it; when the timer
 fires the handler's task is cancelled and the attempt fails with a reason

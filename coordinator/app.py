@@ -1,9 +1,9 @@
-"""The coordinator's HTTP API (DESIGN §6, §8): thin starlette routes over `Membership`.
+"""The coordinator's HTTP API (docs/design.md §6, §8): thin starlette routes over `Membership`.
 
     GET  /healthz                    {ok, term, epoch, bootstrapped, pid}
-    GET  /topology                   the §5 topology JSON
-    GET  /status                     the §10 `shardq status --json` shape
-    GET  /stats                      the §10 cluster stats JSON (stats.py), from heartbeats
+    GET  /topology                   topology JSON, docs/design.md §5
+    GET  /status                     `shardq status --json`, docs/design.md §10
+    GET  /stats                      cluster stats JSON (stats.py, docs/design.md §10)
     GET  /metrics                    the same as Prometheus text (metrics.py)
     POST /brokers/register           {id, addr, weight?, storage?} -> {term, epoch, state}
     POST /brokers/heartbeat          {id, stats?, storage?} -> {term, epoch, state}
@@ -234,7 +234,7 @@ def _tenant_book(tenants: TenantBook | None, m: Membership) -> TenantBook:
 
 
 def _tenant_routes(tb: TenantBook) -> list[Route]:
-    """Cluster-wide tenant rate limits (DESIGN §11, tenants.py)."""
+    """Cluster-wide tenant rate limits (docs/design.md §11, tenants.py)."""
 
     async def tenants(request: Request) -> Response:
         return JSONResponse(tb.view())

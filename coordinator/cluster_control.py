@@ -1,4 +1,4 @@
-"""How `shardq scale out|in` reaches a local `shardq cluster up` (DESIGN §8, §10).
+"""How `shardq scale out|in` reaches a local `shardq cluster up` (docs/design.md §8, §10).
 
 `cluster up` records itself in `DATA_DIR/cluster.json`::
 

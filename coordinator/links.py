@@ -1,4 +1,4 @@
-"""The coordinator's wire connections to brokers, for handoff commands (DESIGN §4, §6).
+"""The coordinator's wire connections to brokers, for handoff commands (docs/design.md §4, §6).
 
 One cached `shardq.client.connection.Connection` per broker id, opened on
 first use with HELLO (and the coordinator's token), reopened when it broke

@@ -1,4 +1,4 @@
-"""Membership and ownership decisions (DESIGN §5, §6): plain Python, injected clock.
+"""Membership and ownership decisions (docs/design.md §5, §6): plain Python, injected clock.
 
 `Membership` holds the cluster's topology and every broker's liveness, and
 is the only code that changes them. Each change is persisted by the store
@@ -15,7 +15,7 @@ Epoch rules:
   list, or of ownership bumps the epoch by one; slots that change owner
   take the new epoch as their own.
 
-Broker states never move slots by themselves (DESIGN §5): a broker that
+Broker states never move slots by themselves (docs/design.md §5): a broker that
 misses heartbeats is marked `dead` and keeps its slots; a heartbeat or
 re-registration brings it back to the state it had (`revive_state`).
 Bootstrap, `forget` and `commit_move` are the only ownership changes.
@@ -30,7 +30,7 @@ recorded disk returns or `forget --accept-data-loss` gives them away empty.
 Moves (handoffs, executed by moves.py) are recorded here too: `begin_move`,
 `set_move_phase`, `mark_move_aborting` and `finish_move` persist the move
 and republish the topology's `moving` list *at the same epoch* (a phase is
-not an ownership change); `commit_move` is the commit point of DESIGN §6
+not an ownership change); `commit_move` is the commit point of docs/design.md §6
 step 5: the slots' new owner at epoch e+1 and the move's `commit` phase in
 one SQLite transaction. A `draining`/`leaving` broker whose last slot moves
 away becomes `drained` in that same transaction.
@@ -156,7 +156,7 @@ class Membership:
 
     @property
     def bootstrapped(self) -> bool:
-        """True once any slot is owned (DESIGN §5: bootstrap runs while none is)."""
+        """True once any slot is owned (docs/design.md §5: bootstrap runs while none is)."""
         return _owns_any(self._topo)
 
     def topology_json(self) -> bytes:
@@ -166,7 +166,7 @@ class Membership:
         return self._json
 
     def status(self) -> dict[str, Any]:
-        """`GET /status` / `shardq status --json` (DESIGN §10)."""
+        """`GET /status` / `shardq status --json` (docs/design.md §10)."""
         counts = self._topo.slot_counts()
         rows = []
         for bid in sorted(self._topo.brokers, key=natural_key):
@@ -370,7 +370,7 @@ class Membership:
 
         One that owns nothing is removed from the topology. One that owns
         slots is marked `dead` at once: its slots wait for it to come back
-        (a rolling restart moves no slot, DESIGN §6). Unknown ids are a no-op.
+        (a rolling restart moves no slot, docs/design.md §6). Unknown ids are a no-op.
         """
         info = self._topo.brokers.get(broker_id)
         if info is None:
@@ -473,7 +473,7 @@ class Membership:
         return self._answer(broker_id)
 
     def declare_queue(self, name: str, partitions: int) -> dict[str, Any]:
-        """Record a partitioned queue: stored as `name~0 .. name~P-1` (DESIGN §7).
+        """Record a partitioned queue: stored as `name~0 .. name~P-1` (docs/design.md §7).
 
         Declaring again with the same P changes nothing; another P is refused,
         since jobs already routed by the old P would be stranded.
@@ -495,7 +495,7 @@ class Membership:
         return {"queue": name, "partitions": partitions, "epoch": self.epoch}
 
     def forget(self, broker_id: str, accept_data_loss: bool) -> dict[str, Any]:
-        """Give a lost broker's slots away, empty, and bar its id (DESIGN §6 runbook).
+        """Give a lost broker's slots away, empty, and bar its id (docs/design.md §6 runbook).
 
         Its slots go to their ring targets among the other *active* brokers
         at a new epoch; overrides pinned to it are dropped (their queues
@@ -586,7 +586,7 @@ class Membership:
             counts[target] = counts.get(target, 0) + 1
         return counts
 
-    # -- moves (DESIGN §6 handoffs) -------------------------------------------
+    # -- moves (docs/design.md §6 handoffs) -------------------------------------------
 
     def begin_move(self, move: Move, move_id: str | None = None) -> MoveRecord:
         """Record a new move in phase `prepare` (persisted before PREPARE is sent).

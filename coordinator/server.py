@@ -1,4 +1,4 @@
-"""Starting the coordinator: lock the data dir, bind, serve, print READY (DESIGN §8).
+"""Starting the coordinator: lock the data dir, bind, serve, print READY (docs/design.md §8).
 
 The listening socket is bound here and handed to uvicorn, so `--port 0`
 reports the port actually bound. `READY host:port` is the first line on
@@ -155,7 +155,7 @@ def _shown_host(host: str) -> str:
 
 @contextlib.contextmanager
 def _locked(data_dir: Path) -> Iterator[IO[str]]:
-    """One coordinator per data dir (DESIGN §6: run as a single instance)."""
+    """One coordinator per data dir (docs/design.md §6: run as a single instance)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / "LOCK", "a+") as f:
         try:

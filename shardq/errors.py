@@ -1,4 +1,4 @@
-"""Every error shardq raises, one class per wire code (DESIGN §4).
+"""Every error shardq raises, one class per wire code (docs/design.md §4).
 
     ShardqError
      ├── ServerError                  an error code answered by a broker

@@ -1,4 +1,4 @@
-"""Wire protocol constants and the shape of every op (DESIGN §4).
+"""Wire protocol constants and the shape of every op (docs/design.md §4).
 
 A request frame is `[req_id, op, args]` and a reply `[req_id, status, body,
 epoch]`; `status` is "ok" or an error code from `shardq.errors`. Replies can
@@ -24,7 +24,7 @@ ADD        {queue, jobs: [[id, name, data, opts|nil], ...]}
                  timeout_ms:int>=1 (the worker cancels an attempt running longer and
                    fails it "timed out"), ttl_ms:int>=1 (from the add, paused time
                    included: a job not started by then goes to the DLQ, never out)
-                 group:str (1-256 chars; groups are served round-robin, DESIGN §11)
+                 group:str (1-256 chars; groups are served round-robin, docs/design.md §11)
 PULL       {queues: [str], count: int, wait_ms: int, lock_ms: int}
            -> [job, ...] where job = [queue, id, name, data, token, attempts_made,
                                       attempts_started, timestamp, lock_ms, timeout_ms?]
@@ -46,10 +46,10 @@ DRAIN      {queue, delayed?: bool} -> removed count (waiting, and delayed when a
 OBLITERATE {queue} -> nil (removes the queue and every job in it)
 QUEUES     {} -> {queue: {waiting, delayed, active, completed, failed, paused}}
 STATS      {} -> broker-wide figures (jobs, queues, commits, rss, ...)
-TOPOLOGY   {} -> the topology map this broker holds (DESIGN §5) | nil
+TOPOLOGY   {} -> the topology map this broker holds (docs/design.md §5) | nil
 SCHED_UPSERT {queue, id, every_ms | cron, tz?, name?, data?: bytes, opts?}
            -> {id, every_ms, cron, tz, name, data, opts, next_tick_ms}
-           Each tick makes job `f"{id}:{tick_ms}"` (DESIGN §6, §10).
+           Each tick makes job `f"{id}:{tick_ms}"` (docs/design.md §6, §10).
 SCHED_REMOVE {queue, id} -> bool
 SCHED_LIST   {queue} -> [scheduler, ...]
 RATE_LIMIT {queue, max: int|nil, per_ms: int} -> limits (see LIMITS)
@@ -62,7 +62,7 @@ GROUP_SET  {queue, group, concurrency?: int>=1|nil, paused?: bool, rate?: [max, 
 LIMITS     {queue} -> {rate: [max, per_ms]|nil, tenant: str|nil,
                        groups: {group: {concurrency?, paused?, rate?, active, waiting}}}
 
-Job logs, dead letters and events (DESIGN §11, docs/features-jobs.md):
+Job logs, dead letters and events (docs/design.md §11, docs/features-jobs.md):
 
 LOG        {queue, id, token, line: str} -> nil        (the active delivery's token)
            Keeps the last 1000 lines of a job, each cut to 2000 characters.
@@ -84,7 +84,7 @@ SUBSCRIBE  {queue, after_seq?: int} -> {seq, events: [event, ...], gap: bool}
            be missing (ring overflow, broker restart). A subscription ends with
            its connection.
 
-Handoff of a set of slots from source A to target B (DESIGN §6). The
+Handoff of a set of slots from source A to target B (docs/design.md §6). The
 coordinator sends these with its `term`; a broker answers STALE_TERM to a
 term lower than the highest it has seen. Every step is idempotent for the
 same move_id (a retried step answers as the first did).
@@ -119,7 +119,7 @@ HANDOFF_STATUS   (to B; asked by a frozen A cut off from the coordinator)
 IMPORT_CHUNKS    (A to B) {move_id, chunks: [export chunk, ...]} -> nil
 IMPORT_OPS       (A to B) {move_id, ops: [redo op, ...]} -> nil
 
-Flows (DESIGN §11; broker/flowqueue.py, broker/flows.py). A flow is a parent
+Flows (docs/design.md §11; broker/flowqueue.py, broker/flows.py). A flow is a parent
 and its children under one flow id; `deadline` is the creation deadline (ms
 since the epoch): past it, adds are refused and unfinished flows are removed.
 
@@ -193,7 +193,7 @@ FLOW_RESOLVE = "FLOW_RESOLVE"
 FLOW_CHILD_DONE = "FLOW_CHILD_DONE"
 FLOW_CHILDREN = "FLOW_CHILDREN"
 
-# Handoff phases as the topology's `moving` entries name them (DESIGN §5).
+# Handoff phases as the topology's `moving` entries name them (docs/design.md §5).
 PHASES = ("prepare", "copy", "freeze", "catch-up", "commit", "activate", "cleanup")
 
 # index of fields in a delivered job (PULL / ACK-with-pull)

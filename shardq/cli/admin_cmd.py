@@ -74,7 +74,7 @@ def owner(queue: str = typer.Argument(..., help="Queue name."),
 
 
 def owner_of(queue: str, topology: dict[str, Any]) -> dict[str, Any]:
-    """`shardq owner --json` (DESIGN §10); `epoch` is when the slot (or override) last changed."""
+    """`shardq owner --json` (docs/design.md §10); `epoch`: when its slot (or override) changed."""
     from shardq.router import Topology, slot_of
 
     topo = Topology.from_dict(topology)
@@ -93,7 +93,7 @@ def forget(broker_id: str = typer.Argument(..., help="The lost broker's id, e.g.
                help="Required: the broker's jobs are gone for good."),
            coordinator: str = COORDINATOR_OPT, token: str | None = TOKEN_OPT,
            json_out: bool = JSON_OPT) -> None:
-    """Give a lost broker's slots away, EMPTY (disk lost, DESIGN §6).
+    """Give a lost broker's slots away, EMPTY (disk lost, docs/design.md §6).
 
     A dead broker's id is barred. A broker held as lost-storage that is up on
     its new disk keeps its slots, empty, and serves them again at once."""

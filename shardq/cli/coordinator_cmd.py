@@ -1,4 +1,4 @@
-"""`shardq coordinator`: run the coordinator process (DESIGN §6)."""
+"""`shardq coordinator`: run the coordinator process (docs/design.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`shardq drain|undrain|rebalance|scale out|scale in`: moving slots between brokers (DESIGN §6).
+"""`shardq drain|undrain|rebalance|scale out|scale in`: moving slots (docs/design.md §6).
 
 All of them talk to the coordinator's HTTP API (`--coordinator`, `--token`);
 `scale out|in` also talk to a local `shardq cluster up` through its control

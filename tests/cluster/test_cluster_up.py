@@ -1,4 +1,4 @@
-"""`shardq cluster up`: a real supervisor, coordinator and three brokers (DESIGN §8, §10)."""
+"""`shardq cluster up`: a real supervisor, coordinator, three brokers (docs/design.md §8, §10)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The broker half of a handoff, driven step by step over the wire as the
-coordinator would (DESIGN §6): copy while serving, durable freeze, catch-up,
+coordinator would (docs/design.md §6): copy while serving, durable freeze, catch-up,
 activate, release; and abort."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """shardq.broker.validate: bad request arguments become a BadRequestError
-that names what is wrong, before any state changes (DESIGN §9.7)."""
+that names what is wrong, before any state changes (docs/design.md §9.7)."""
 
 from __future__ import annotations
 
