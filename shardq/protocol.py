@@ -165,8 +165,8 @@ CLEAN        {queue, grace_ms: n, limit?: n, state: str} -> n removed
              finished - or added - at least grace_ms ago, oldest first)
 SET_RETENTION {queue, keep_completed: n|nil, keep_failed: n|nil}
              -> {keep_completed: n, keep_failed: n, removed: n}
-             The queue's retained history (nil: the broker default); history
-             over a lower bound is removed at once.
+             The queue's retained history (nil: unchanged, -1: the broker
+             default); history over a lower bound is removed at once.
 """
 
 from __future__ import annotations
