@@ -503,7 +503,10 @@ class Worker:
             else:
                 self._acks.append([job.partition, job.id, job.token, packed])
         if exc is not None and not job.lock_lost:
-            self._fails.append([job.partition, job.id, job.token, failure_reason(exc)])
+            reason = failure_reason(exc)
+            self._fails.append([job.partition, job.id, job.token, reason])
+            log.info("job %s in %s failed (attempt %d): %s", job.id, job.partition,
+                     job.attempts_started, reason)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             # Scheduled before the slot event wakes a pull loop, so the ack

@@ -55,6 +55,7 @@ def _register() -> None:
         deploy_cmd,  # noqa: F401
         scale_cmd,  # noqa: F401
         stats_cmd,  # noqa: F401
+        worker_cmd,  # noqa: F401
     )
 
 
