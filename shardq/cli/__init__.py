@@ -53,6 +53,7 @@ def _register() -> None:
         coordinator_cmd,  # noqa: F401
         demo_cmd,  # noqa: F401
         deploy_cmd,  # noqa: F401
+        jobs_cmd,  # noqa: F401
         scale_cmd,  # noqa: F401
         stats_cmd,  # noqa: F401
         worker_cmd,  # noqa: F401
