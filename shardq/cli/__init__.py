@@ -63,5 +63,15 @@ def _register() -> None:
 _register()
 
 
+def cluster_registry() -> Path:
+    """Where `cluster up` leaves a pointer per coordinator URL, for `scale`
+    (coordinator/cluster_control.py): $SHARDQ_STATE_DIR/clusters, default
+    ~/.local/state/shardq/clusters."""
+    import os
+
+    base = os.environ.get("SHARDQ_STATE_DIR") or str(Path.home() / ".local" / "state" / "shardq")
+    return Path(base) / "clusters"
+
+
 def main() -> None:
     app()
