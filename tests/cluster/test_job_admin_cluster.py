@@ -117,18 +117,28 @@ def test_getters_and_actions_through_a_handoff_and_kill_9(split_cluster: SplitCl
             # Actions while the slot moves: each is answered (TRYAGAIN rides
             # out the freeze) and must be in the new owner's copy.
             for i in range(40):
-                await q.add("n", {"i": i}, job_id=f"m{i}")
+                await q.add("n", {"i": i}, job_id=f"m{i}", attempts=3)
                 await q.change_job_priority(f"m{i}", 2)
                 if i % 2:
                     await q.remove_job(f"m{i}")
+                elif i % 4 == 0:
+                    await q.update_job_data(f"m{i}", {"moved": i})
+                    await q.discard_job(f"m{i}")
+                elif i % 8 == 2:
+                    await q.change_job_delay(f"m{i}", HOUR)
+                    await q.promote_job(f"m{i}")
             await mover
             assert owner(c.url, queue) == away
             after = await snapshot(q)
             assert after["counts"]["prioritized"] == before["counts"]["prioritized"] + 20
             moved_jobs = [j for j in after["jobs"] if not j[0].startswith("m")]
             assert moved_jobs == before["jobs"]
-            assert {j[0] for j in after["jobs"] if j[0].startswith("m")} == {
-                f"m{i}" for i in range(0, 40, 2)}
+            mine = {j[0]: j for j in after["jobs"] if j[0].startswith("m")}
+            assert set(mine) == {f"m{i}" for i in range(0, 40, 2)}
+            for i in range(0, 40, 2):  # (id, state, priority, attempts, made, data)
+                data = {"moved": i} if i % 4 == 0 else {"i": i}
+                attempts = 1 if i % 4 == 0 else 3
+                assert mine[f"m{i}"] == (f"m{i}", "waiting", 2, attempts, 0, data), mine[f"m{i}"]
             # Queue-wide actions on the new owner; then a kill -9 of it.
             assert await q.retry_jobs("failed", count=2) == 2
             assert await q.retry_jobs() == 1
@@ -205,7 +215,18 @@ def test_partitioned_queue_getters_merge_and_actions_fan_out(split_cluster: Spli
             return await snapshot(q)
 
     want = run(main())
-    victim = Topology.from_dict(http_get(c.url, "/topology")).route(partition_name(hot, 0))[0]
+    # A partition's slot handed off: the merged views are the same after.
+    topo = Topology.from_dict(http_get(c.url, "/topology"))
+    p0 = partition_name(hot, 0)
+    first = topo.route(p0)[0]  # type: ignore[index]
+    run(move(c.url, p0, next(b for b in ("b1", "b2", "b3") if b != first)))
+
+    async def same() -> None:
+        async with await shardq.connect(c.url) as client:
+            assert await snapshot(client.queue(hot)) == want
+
+    run(same())
+    victim = Topology.from_dict(http_get(c.url, "/topology")).route(p0)[0]
     c.brokers[victim].kill()
     c.restart_broker(victim)
     synced_topology(c.url)
