@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from shardq.router import Ring
 
 BROKERS_10 = {f"b{i}": 1 for i in range(1, 11)}
@@ -54,3 +56,23 @@ def test_ring_is_the_same_in_another_process() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     ).stdout
     assert json.loads(out) == Ring(BROKERS_10).targets()
+
+
+def test_broker_with_no_options_is_b1_on_7101_in_shardq_data(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+    import socket
+
+    with socket.socket() as s:  # the default port is shared with whatever else runs here
+        if s.connect_ex(("127.0.0.1", 7101)) == 0:
+            pytest.skip("port 7101 is in use on this machine")
+    p = subprocess.Popen([sys.executable, "-m", "shardq", "broker"], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline().decode().strip()
+        assert line == "READY 127.0.0.1:7101", (line, p.stderr.read() if p.poll() else b"")
+        assert (tmp_path / "shardq-data" / "broker.db").exists()
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=10)
