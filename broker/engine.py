@@ -68,6 +68,10 @@ class BrokerConfig:
     max_frame: int = 16 * 1024 * 1024
     max_job_data: int = 1024 * 1024
     max_connections: int = 10_000
+    # Hostile connections (docs/design.md §4): HELLO must come within
+    # `handshake_timeout_s`; a connection silent for `idle_timeout_s` is closed.
+    handshake_timeout_s: float = 5.0
+    idle_timeout_s: float = 300.0
     coordinator: str | None = None
     ack_journal: str | None = None  # append every accepted ack here (tests, DESIGN §9)
     weight: int = 1
