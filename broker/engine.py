@@ -23,6 +23,7 @@ from typing import Any, Protocol, TextIO
 import msgpack
 
 from shardq.broker import tenants
+from shardq.broker.acks import RecentFinishes
 from shardq.broker.events import EventHub
 from shardq.broker.flows import FlowAgent
 from shardq.broker.handoff import Handoffs
@@ -149,6 +150,7 @@ class Broker:
         self.total_jobs = 0
         self.rss = 0
         self.handoffs: dict[str, int] = {}  # handoff results, for metrics
+        self.finishes = RecentFinishes()  # tokens ACK/FAIL consumed: resends answer ok
         self.handoff = Handoffs(self)
         self.events = EventHub(self)
         self.flows = FlowAgent(self)  # run by serve(); see broker/flows.py
