@@ -31,7 +31,13 @@ from shardq.codec import (
     encode_frame,
     is_bad_frame,
 )
-from shardq.errors import BusyError, ConnectionClosedError, ShardqError, error_from_wire
+from shardq.errors import (
+    BusyError,
+    ConnectionClosedError,
+    RequestTimeoutError,
+    ShardqError,
+    error_from_wire,
+)
 from shardq.netopts import tune_socket
 
 log = logging.getLogger("shardq.client")
@@ -220,7 +226,7 @@ class Connection(asyncio.Protocol):
         self._timers.pop(rid, None)
         fut = self._pending.pop(rid, None)
         if fut is not None and not fut.done():
-            fut.set_exception(TimeoutError(f"{op} to {self.addr} timed out"))
+            fut.set_exception(RequestTimeoutError(f"{op} to {self.addr} timed out"))
         if op != protocol.PING and self._ping_timer is not None:
             self._send_ping()  # a slow broker or a dead link: find out which now
 
@@ -285,6 +291,9 @@ class Connection(asyncio.Protocol):
     # -- closing -------------------------------------------------------------
 
     def _fail_pending(self, exc: BaseException) -> None:
+        if isinstance(exc, ConnectionClosedError) and not exc.maybe_applied:
+            # These were sent (or about to be): the broker may have applied them.
+            exc = ConnectionClosedError(str(exc), maybe_applied=True)
         pending, self._pending = self._pending, {}
         for timer in self._timers.values():
             timer.cancel()
@@ -366,6 +375,10 @@ async def open_connection(addr: str, *, token: str | None = None, client_name: s
         hello["token"] = token
     try:
         reply = await conn.request(protocol.HELLO, hello, timeout=connect_timeout)
+    except RequestTimeoutError as exc:
+        conn._abort(ConnectionClosedError("HELLO failed"))
+        # Only HELLO was sent: no request of the caller's can have been applied.
+        raise TimeoutError(str(exc)) from None
     except BaseException:
         conn._abort(ConnectionClosedError("HELLO failed"))
         raise
