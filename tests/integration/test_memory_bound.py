@@ -48,8 +48,9 @@ def test_parallel_bulk_adds_stop_at_max_memory(start_broker) -> None:  # type: i
         t.join(120)
     assert len(busy) == 4 and all("memory limit" in m for m in busy), busy
     peak = _status_kb(b.pid, "VmHWM") * 1024
-    # Each connection's last frame (~5 MB) is decoded before it is refused.
-    assert peak <= limit + 40 * MB, (peak >> 20, limit >> 20, sum(accepted))
+    # Each connection's last frame (~5 MB, ~25 MB decoded) is in memory before it
+    # is refused, and allocator arenas round up.
+    assert peak <= limit + 60 * MB, (peak >> 20, limit >> 20, sum(accepted))
     # Nothing answered was lost, and the limit let a fair amount in.
     c = RawConn(b.addr)
     for n in range(4):
