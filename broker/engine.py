@@ -24,6 +24,7 @@ import msgpack
 
 from shardq.broker import tenants
 from shardq.broker.acks import RecentFinishes
+from shardq.broker.clock import BrokerClock
 from shardq.broker.events import EventHub
 from shardq.broker.flows import FlowAgent
 from shardq.broker.handoff import Handoffs
@@ -54,6 +55,7 @@ IDLE_UNPACED_AFTER_S = 0.1
 
 
 def wall_ms() -> int:
+    """The system wall clock in ms (tests; the broker itself uses BrokerClock)."""
     return int(time.time() * 1000)
 
 
@@ -112,10 +114,11 @@ class Waiter:
 
 
 class Broker:
-    def __init__(self, config: BrokerConfig, clock: Callable[[], int] = wall_ms,
+    def __init__(self, config: BrokerConfig, clock: Callable[[], int] | None = None,
                  defaults: QueueDefaults | None = None) -> None:
         self.config = config
-        self.clock = clock
+        # Monotonic epoch ms (broker/clock.py): a wall-clock step moves no deadline.
+        self.clock: Callable[[], int] = clock or BrokerClock()
         self.defaults = defaults or QueueDefaults()
         self.store = Store(os.path.join(config.data_dir, "broker.db"), durable=config.durable)
         self.queues: dict[str, QueueState] = {}
@@ -159,6 +162,7 @@ class Broker:
         self.rss = 0
         self._admitted_bytes = 0  # estimated memory of adds let in since the RSS sample
         self._admitted_before = 0  # ... and in the second before it
+        self._drift_logged = 0
         self.handoffs: dict[str, int] = {}  # handoff results, for metrics
         self.finishes = RecentFinishes()  # tokens ACK/FAIL consumed: resends answer ok
         self.handoff = Handoffs(self)
@@ -175,7 +179,7 @@ class Broker:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._committed_seq = 0
         self._seq_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self.started = time.time()
+        self.started = time.monotonic()
 
     # ------------------------------------------------------------ startup
     def recover(self) -> None:
@@ -662,11 +666,23 @@ class Broker:
         if self.log:
             self._schedule_flush()
 
+    def _note_clock_drift(self) -> None:
+        """Log once per new wall-clock step (broker/clock.py)."""
+        if not isinstance(self.clock, BrokerClock):
+            return
+        drift = self.clock.drift_ms()
+        if abs(drift - self._drift_logged) > 1000:
+            self._drift_logged = drift
+            log.warning("the wall clock is %+d ms away from the broker's monotonic clock (a "
+                        "step); deadlines in memory are unaffected, persisted times follow "
+                        "the wall clock at the next restart", drift)
+
     def housekeeping(self) -> None:
         """Once a second: job totals, RSS, tombstone expiry, a timer safety net."""
         now = self.clock()
         self.total_jobs = sum(len(q.jobs) for q in self.queues.values())
         self.rss = _rss_bytes()
+        self._note_clock_drift()
         # What was let in before this sample may not all show in it yet (the
         # redo batch is packed and committed after the reply): count one
         # more window of it, then trust the sample.
@@ -804,7 +820,8 @@ class Broker:
             "commit_seconds": self.store.commit_seconds,
             "log_rows": self.store.log_rows,
             "durable": self.config.durable,
-            "uptime_s": time.time() - self.started,
+            "uptime_s": time.monotonic() - self.started,
+            "clock_drift_ms": self.clock.drift_ms() if isinstance(self.clock, BrokerClock) else 0,
             "tenants": tenants.demand(self),
         }
 

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from shardq import protocol as p
@@ -297,9 +298,9 @@ class BrokerServer:
 
 
 async def serve(config: BrokerConfig, host: str, port: int, metrics_port: int | None = None,
-                ready: bool = True) -> None:
+                ready: bool = True, clock: Callable[[], int] | None = None) -> None:
     """Run a broker until SIGTERM/SIGINT; prints `READY host:port` once bound."""
-    broker = Broker(config)
+    broker = Broker(config, clock=clock)
     broker.recover()
     # Millions of long-lived job objects make every full GC pass walk them all;
     # they form no cycles, so freeze what recovery built and collect the old

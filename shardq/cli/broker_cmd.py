@@ -76,5 +76,11 @@ def broker(
         handshake_timeout_s=handshake_timeout, idle_timeout_s=idle_timeout,
         weight=weight, drain_on_term=drain_on_term, control_token=control_token,
         ack_journal=os.environ.get("SHARDQ_ACK_JOURNAL") or None)
+    clock = None
+    offset_file = os.environ.get("SHARDQ_TEST_WALL_OFFSET_FILE")  # tests only: a stepped wall
+    if offset_file:
+        from shardq.broker.clock import BrokerClock, offset_wall
+
+        clock = BrokerClock(offset_wall(offset_file))
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(config, bind, port, metrics_port=metrics_port))
+        runner.run(serve(config, bind, port, metrics_port=metrics_port, clock=clock))
