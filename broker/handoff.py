@@ -530,7 +530,7 @@ class Handoffs:
     async def _connect(self, addr: str) -> Any:
         from shardq.client.connection import open_connection
 
-        return await open_connection(addr, token=self.b.config.token,
+        return await open_connection(addr, token=self.b.config.link_token,
                                      client_name=f"broker-{self.b.config.broker_id}",
                                      request_timeout=60)
 

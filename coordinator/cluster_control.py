@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from shardq.secrets import TokenError, read_token_file
+
 CLUSTER_FILE = "cluster.json"
 MAX_LINE = 1 << 20
 
@@ -78,6 +80,11 @@ class ClusterFile:
                                    "control": self.control, "brokers": self.brokers,
                                    "removed": self.removed}, indent=1))
         os.replace(tmp, data_dir / CLUSTER_FILE)
+
+
+# `cluster up --token` keeps its tokens here, under DATA_DIR/secrets (0600).
+CLIENT_TOKEN_FILE = "client.token"
+CONTROL_TOKEN_FILE = "control.token"
 
 
 def url_key(url: str) -> str:
@@ -139,6 +146,14 @@ class LocalCluster:
     @property
     def coordinator(self) -> str:
         return self.info.coordinator
+
+    def coordinator_token(self) -> str | None:
+        """The control token `cluster up` made (admin calls change state), if
+        it made one and this user can read it; else the token given."""
+        try:
+            return read_token_file(self.data_dir / "secrets" / CONTROL_TOKEN_FILE)
+        except TokenError:
+            return self._token
 
     def add(self, count: int, timeout_s: float = 120.0) -> list[dict[str, Any]]:
         """Start `count` new brokers; returns [{id, addr}] once each is listening."""

@@ -29,14 +29,29 @@ def broker(
         help="Answer writes BEFORE they are committed: a crash may lose the last few ms of "
              "answered writes. Default is durable (answer after fsync)."),
     token: str | None = typer.Option(
-        None, envvar="SHARDQ_TOKEN", help="Shared secret clients must send."),
+        None, envvar="SHARDQ_TOKEN",
+        help="Client token producers and workers must send (prefer --token-file or the "
+             "environment: a command line is visible to every local user)."),
+    token_file: str | None = typer.Option(None, help="Read the client token from this file."),
+    control_token: str | None = typer.Option(
+        None, envvar="SHARDQ_CONTROL_TOKEN",
+        help="Control token of the coordinator and the other brokers: only it may send "
+             "handoff and term ops. Without it the client token may."),
+    control_token_file: str | None = typer.Option(
+        None, help="Read the control token from this file."),
     metrics_port: int | None = typer.Option(None, help="Serve Prometheus /metrics on this port."),
     max_jobs: int = typer.Option(10_000_000, min=1, help="Over this many jobs, adds get BUSY."),
     max_memory: int = typer.Option(
         0, min=0, help="Over this RSS in bytes, adds get BUSY (0: off)."),
     max_frame: int = typer.Option(16 * 1024 * 1024, min=1024, help="Largest frame in bytes."),
     max_job_data: int = typer.Option(1024 * 1024, min=1, help="Largest job data in bytes."),
-    max_connections: int = typer.Option(10_000, min=1, help="Most client connections."),
+    max_connections: int = typer.Option(
+        10_000, min=1, help="Most client connections; one more is answered BUSY and closed."),
+    handshake_timeout: float = typer.Option(
+        5.0, min=0.01, help="Seconds a new connection has to send HELLO."),
+    idle_timeout: float = typer.Option(
+        300.0, min=0.01, help="Close a connection that sent nothing for this many seconds "
+                              "(clients ping every few seconds when idle)."),
     drain_on_term: bool = typer.Option(False, help="On SIGTERM, move all slots away first."),
     log_level: str = typer.Option("WARNING", envvar="SHARDQ_LOG_LEVEL"),
 ) -> None:
@@ -48,19 +63,31 @@ def broker(
     from shardq.broker.engine import BrokerConfig
     from shardq.broker.server import serve
     from shardq.broker.store import ForeignStorageError
+    from shardq.secrets import TokenError, resolve_pair
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     failpoints.configure(os.environ.get("SHARDQ_FAILPOINTS"))
+    try:
+        token, control_token = resolve_pair(token, token_file, control_token, control_token_file)
+    except TokenError as exc:
+        raise typer.BadParameter(str(exc)) from None
     config = BrokerConfig(
         broker_id=broker_id, data_dir=data_dir, advertise=advertise or "", durable=not fast,
         token=token, max_jobs=max_jobs, max_memory=max_memory, max_frame=max_frame,
         max_job_data=max_job_data, max_connections=max_connections, coordinator=coordinator,
-        weight=weight, drain_on_term=drain_on_term,
+        handshake_timeout_s=handshake_timeout, idle_timeout_s=idle_timeout,
+        weight=weight, drain_on_term=drain_on_term, control_token=control_token,
         ack_journal=os.environ.get("SHARDQ_ACK_JOURNAL") or None)
+    clock = None
+    offset_file = os.environ.get("SHARDQ_TEST_WALL_OFFSET_FILE")  # tests only: a stepped wall
+    if offset_file:
+        from shardq.broker.clock import BrokerClock, offset_wall
+
+        clock = BrokerClock(offset_wall(offset_file))
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(config, bind, port, metrics_port=metrics_port))
+            runner.run(serve(config, bind, port, metrics_port=metrics_port, clock=clock))
     except ForeignStorageError as e:
         logging.getLogger("shardq.broker").error("refusing to start: %s", e)
         raise typer.Exit(2) from None
