@@ -148,6 +148,8 @@ class JobAdmin:
         a new bound is removed at once, oldest first. Returns jobs removed."""
         self.keep = {COMPLETED: completed, FAILED: failed}
         self._emit(("jK", self.name, {COMPLETED: completed, FAILED: failed}))
+        self._fin_changed.update(RETRY_STATES)
+        self._compact_finished()  # a stale entry must not count as a kept job
         removed = 0
         for st in RETRY_STATES:
             hist = self._finished[st]
