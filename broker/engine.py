@@ -20,7 +20,7 @@ from typing import Any
 
 import msgpack
 
-from shardq.broker import tenants
+from shardq.broker import replies, tenants
 from shardq.broker.acks import RecentFinishes
 from shardq.broker.clock import BrokerClock
 from shardq.broker.commitlog import CommitLog, Sink
@@ -615,9 +615,7 @@ def live_row(queues: dict[str, QueueState], queue: str,
 
 
 def _reply(req_id: int, body: Any, epoch: int) -> bytes:
-    from shardq.codec import encode_frame
-
-    return encode_frame([req_id, "ok", body, epoch])
+    return replies.frame(req_id, body, epoch)
 
 
 def _p99(samples: Any) -> int | None:

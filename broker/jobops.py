@@ -1,6 +1,6 @@
 """Wire handlers of job management (shardq/protocol.py "Job management"):
 decode and check arguments, run broker/jobadmin.py, wake what the change
-freed. Merged into broker/ops.py's HANDLERS like broker/flows.py's."""
+freed. Merged into broker/ops.py's op table like broker/flows.py's."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from shardq.broker import validate as v
 from shardq.broker.job import COMPLETED, FAILED
 from shardq.broker.jobadmin import CLEAN_STATES, LIST_STATES, MAX_TOUCH
 from shardq.broker.queue import QueueState
+from shardq.broker.replies import Durability, OpSpec, table
 from shardq.errors import BadRequestError, ServerError, TooLargeError
 
 if TYPE_CHECKING:
@@ -182,10 +183,10 @@ def op_set_retention(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
             "removed": removed}
 
 
-HANDLERS: dict[str, Any] = {
-    p.GET_JOBS: op_get_jobs, p.JOB_COUNTS: op_job_counts, p.JOB_ACTIONS: op_job_actions,
-    p.RETRY_JOBS: op_retry_jobs, p.PROMOTE_JOBS: op_promote_jobs, p.CLEAN: op_clean,
-    p.SET_RETENTION: op_set_retention,
+# This module's part of the op table (broker/ops.py).
+OPS: dict[str, OpSpec] = {
+    **table(Durability.READ, {p.GET_JOBS: op_get_jobs, p.JOB_COUNTS: op_job_counts}),
+    **table(Durability.DURABLE, {
+        p.JOB_ACTIONS: op_job_actions, p.RETRY_JOBS: op_retry_jobs,
+        p.PROMOTE_JOBS: op_promote_jobs, p.CLEAN: op_clean, p.SET_RETENTION: op_set_retention}),
 }
-WRITE_OPS = frozenset({p.JOB_ACTIONS, p.RETRY_JOBS, p.PROMOTE_JOBS, p.CLEAN,
-                       p.SET_RETENTION})
