@@ -215,6 +215,8 @@ export class Worker<D = any, R = any> extends EventEmitter {
         await this.waitSlots(Math.max(1, Math.floor(this.concurrency / (4 * loops))));
         if (this.closing) return;
         const n = this.reserve(Math.ceil(this.free / loops));
+        // Another loop may have taken the slots between the wake-up and now.
+        if (n === 0) continue;
         let jobs: unknown[] = [];
         try {
           jobs = await this.pull(bid, queues, n);

@@ -204,7 +204,7 @@ describe("kill -9 of a broker", () => {
 
   test("every answered add survives and the client carries on after the restart", async () => {
     let broker = await sb.broker("bk");
-    const client = new ShardqClient({ brokers: broker.addr, retry: { unavailableBudgetMs: 15_000 } });
+    const client = new ShardqClient({ brokers: broker.addr, retry: { unavailableBudgetMs: 1000 } });
     const queue = new Queue("durable", { connection: client });
     const answered = [];
     let stop = false;
