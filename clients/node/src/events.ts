@@ -57,7 +57,7 @@ export class QueueEvents extends EventEmitter {
     while (!this.closed) {
       const route = this.client.topology.route(stored);
       if (!route) { await this.client.topology.refresh(); await sleep(200); continue; }
-      const [bid, addr] = route;
+      const addr = route[1];
       let conn: Connection | null = null;
       try {
         conn = await Connection.open(addr, { token: this.client.token, clientName: `shardq-node-events/${process.pid}` });
@@ -95,7 +95,6 @@ export class QueueEvents extends EventEmitter {
           await this.client.topology.refresh();
           await sleep(100);
         }
-        void bid;
       } finally {
         if (conn) { this.conns.delete(conn); conn.abort(); }
       }

@@ -207,6 +207,7 @@ export class Worker<D = any, R = any> extends EventEmitter {
 
   private async pullLoop(bid: string): Promise<void> {
     this.pullLoops++;
+    let wasBusy = true;
     try {
       while (!this.closing) {
         const queues = this.queuesOn(bid);
@@ -223,7 +224,9 @@ export class Worker<D = any, R = any> extends EventEmitter {
         } finally {
           this.release(n - this.dispatch(bid, jobs));
         }
-        if (!jobs.length && !this.closing) this.emit("drained");
+        // BullMQ's 'drained': once when a busy queue runs out of jobs.
+        if (!jobs.length && wasBusy && !this.closing) this.emit("drained");
+        wasBusy = jobs.length > 0;
       }
     } finally {
       this.pullLoops--;
@@ -251,7 +254,7 @@ export class Worker<D = any, R = any> extends EventEmitter {
   }
 
   /** Start the processor on each delivered job; returns how many. */
-  private dispatch(bid: string, wires: unknown[]): number {
+  private dispatch(_bid: string, wires: unknown[]): number {
     for (const w of wires) {
       const wire = w as unknown[];
       const partition = wire[0] as string;
@@ -271,7 +274,6 @@ export class Worker<D = any, R = any> extends EventEmitter {
       job.processedOn = Date.now();
       job.state = "active";
       this.running.add(job);
-      void bid;
       if (decodeError) {
         this.finish(job, undefined, decodeError);
         continue;
