@@ -32,8 +32,32 @@ export interface ConnectionOptions {
 export type ConnectionInput = string | string[] | ConnectionOptions | ShardqClient;
 
 export const DEFAULT_MAX_BATCH = 5000;
+/** Payload bytes past which an ADD frame is closed (well under the 16 MiB frame limit). */
+export const MAX_BATCH_BYTES = 4 * 1024 * 1024;
 
-interface PendingBatch { items: unknown[]; resolves: Array<(v: unknown) => void>; rejects: Array<(e: unknown) => void> }
+interface PendingBatch {
+  items: unknown[]; bytes: number;
+  resolves: Array<(v: unknown) => void>; rejects: Array<(e: unknown) => void>;
+}
+
+/** Split ADD items into frames of at most `maxItems` items and about MAX_BATCH_BYTES of data. */
+export function chunkItems(items: unknown[], maxItems: number): unknown[][] {
+  const out: unknown[][] = [];
+  let cur: unknown[] = [];
+  let bytes = 0;
+  for (const it of items) {
+    const n = ((it as unknown[])[2] as Uint8Array).length + 64;
+    if (cur.length && (cur.length >= maxItems || bytes + n > MAX_BATCH_BYTES)) {
+      out.push(cur);
+      cur = [];
+      bytes = 0;
+    }
+    cur.push(it);
+    bytes += n;
+  }
+  if (cur.length) out.push(cur);
+  return out;
+}
 
 export class ShardqClient {
   readonly coordinator: string | null;
@@ -92,9 +116,16 @@ export class ShardqClient {
   add(queue: string, item: unknown[]): Promise<unknown> {
     if (this.closed) return Promise.reject(new ConnectionClosedError("client is closed"));
     return new Promise((resolve, reject) => {
+      const n = (item[2] as Uint8Array).length + 64;
       let batch = this.pendingAdds.get(queue);
-      if (!batch) this.pendingAdds.set(queue, (batch = { items: [], resolves: [], rejects: [] }));
+      if (batch && batch.bytes + n > MAX_BATCH_BYTES) {
+        this.pendingAdds.delete(queue);
+        this.startBatch(queue, batch);
+        batch = undefined;
+      }
+      if (!batch) this.pendingAdds.set(queue, (batch = { items: [], bytes: 0, resolves: [], rejects: [] }));
       batch.items.push(item);
+      batch.bytes += n;
       batch.resolves.push(resolve);
       batch.rejects.push(reject);
       if (batch.items.length >= this.maxBatch) {

@@ -11,7 +11,9 @@
  */
 import net from "node:net";
 import { BadFrame, DEFAULT_MAX_FRAME, FrameDecoder, encodeFrame } from "./codec.js";
-import { ConnectionClosedError, RequestTimeoutError, ShardqError, errorFromWire } from "./errors.js";
+import {
+  BadRequestError, ConnectionClosedError, RequestTimeoutError, ShardqError, TooLargeError, errorFromWire,
+} from "./errors.js";
 
 export const PROTOCOL_VERSION = 1;
 export const DEFAULT_REQUEST_TIMEOUT_MS = 10_000;
@@ -38,6 +40,8 @@ export class Connection {
   brokerId = "";
   maxEpoch = 0;
   framesSent = 0;
+  /** The broker's frame limit (HELLO's `max_frame`): larger requests are refused here. */
+  peerMaxFrame = DEFAULT_MAX_FRAME;
   private readonly decoder: FrameDecoder;
   private readonly pending = new Map<number, Pending>();
   private readonly pushes = new Map<number, PushHandler>();
@@ -96,6 +100,7 @@ export class Connection {
         conn.brokerId = String(reply["broker_id"] ?? "");
         const epoch = reply["epoch"];
         if (typeof epoch === "number" && epoch > conn.maxEpoch) conn.maxEpoch = epoch;
+        if (typeof reply["max_frame"] === "number") conn.peerMaxFrame = reply["max_frame"];
       }
     } catch (err) {
       conn.abort(new ConnectionClosedError("HELLO failed"));
@@ -122,7 +127,16 @@ export class Connection {
       return Promise.reject(this.closeReason ?? new ConnectionClosedError(`${this.addr} closed`));
     }
     const rid = this.nextId++;
-    const frame = encodeFrame([rid, op, args]);
+    let frame: Buffer;
+    try {
+      frame = encodeFrame([rid, op, args]);
+    } catch (err) {
+      return Promise.reject(new BadRequestError(`${op} args cannot be packed: ${(err as Error).message}`));
+    }
+    if (frame.length - 4 > this.peerMaxFrame) {
+      // The broker would close the link on it (it cannot resync after a bad length).
+      return Promise.reject(new TooLargeError(`${op} frame of ${frame.length - 4} bytes exceeds the broker's limit ${this.peerMaxFrame}`));
+    }
     return new Promise((resolve, reject) => {
       const t = timeoutMs ?? this.requestTimeoutMs;
       const timer = t > 0 ? setTimeout(() => this.expire(rid), t) : undefined;

@@ -9,7 +9,8 @@
  * A partitioned queue (docs/protocol.md "Partitions") is written to one
  * partition per job and read with a fan-out over all of them.
  */
-import { ConnectionInput, ShardqClient, resolveConnection } from "./client.js";
+import { ConnectionInput, ShardqClient, chunkItems, resolveConnection } from "./client.js";
+import { BadRequestError } from "./errors.js";
 import { Job } from "./job.js";
 import { pack, unpackPayload } from "./msgpack.js";
 import { JobsOptions, wireOpts } from "./options.js";
@@ -62,7 +63,13 @@ export class Queue<DataType = unknown, ResultType = unknown> {
   private item(name: string, data: DataType, opts: JobsOptions | undefined): [string, unknown[], JobsOptions] {
     const o = opts ? { ...this.defaultJobOptions, ...opts } : this.defaultJobOptions;
     const id = o.jobId ?? uuid7();
-    return [id, [id, name, pack(data), wireOpts(o)], o];
+    let packed: Uint8Array;
+    try {
+      packed = pack(data);
+    } catch (err) {
+      throw new BadRequestError(`job data cannot be packed as msgpack: ${(err as Error).message}`);
+    }
+    return [id, [id, name, packed, wireOpts(o)], o];
   }
 
   /**
@@ -98,10 +105,9 @@ export class Queue<DataType = unknown, ResultType = unknown> {
       job.partition = stored;
       out.push(job);
     });
-    const chunk = this.client.maxBatch;
     const sends: Array<Promise<unknown[]>> = [];
     for (const [stored, g] of byQueue) {
-      for (let lo = 0; lo < g.items.length; lo += chunk) sends.push(this.client.sendAdd(stored, g.items.slice(lo, lo + chunk)));
+      for (const chunk of chunkItems(g.items, this.client.maxBatch)) sends.push(this.client.sendAdd(stored, chunk));
     }
     const results = (await Promise.all(sends)).flat();
     const first = results.find((r) => r instanceof Error);

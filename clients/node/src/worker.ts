@@ -18,6 +18,7 @@
  * back to waiting; another worker may run it) drops the result and emits
  * `lockLost`: delivery is at-least-once (docs/protocol.md "Locks").
  */
+import { AsyncLocalStorage } from "node:async_hooks";
 import { EventEmitter } from "node:events";
 import { ConnectionInput, ShardqClient, resolveConnection } from "./client.js";
 import { AuthError, BadRequestError, BusyError, ConnectionClosedError, LockLostError, MovedError, TryAgainError } from "./errors.js";
@@ -47,6 +48,8 @@ export interface WorkerOptions {
 }
 
 const MAX_WAIT_MS = 60_000;
+// Which worker's processor is running: close() called from inside one must not wait for itself.
+const inProcessor = new AsyncLocalStorage<object>();
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 interface Outcome { job: Job; result?: unknown; error?: Error }
@@ -154,7 +157,8 @@ export class Worker<D = any, R = any> extends EventEmitter {
       if (this.ownsClient) await this.client.close();
       this.emit("closed");
     })();
-    return this.closePromise;
+    // From inside a processor the close goes on in the background: awaiting it would wait for itself.
+    return inProcessor.getStore() === this ? Promise.resolve() : this.closePromise;
   }
 
   // -- routing ---------------------------------------------------------------
@@ -289,7 +293,7 @@ export class Worker<D = any, R = any> extends EventEmitter {
   private async runOne(job: Job<D, R>): Promise<void> {
     let timer: NodeJS.Timeout | undefined;
     try {
-      const work = Promise.resolve().then(() => this.processor(job, String(job.token)));
+      const work = inProcessor.run(this, () => Promise.resolve().then(() => this.processor(job, String(job.token))));
       const result = job.timeoutMs
         ? await Promise.race([work, new Promise<never>((_, reject) => {
           timer = setTimeout(() => reject(new Error(`job ${job.id} timed out after ${job.timeoutMs} ms`)), job.timeoutMs);

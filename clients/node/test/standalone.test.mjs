@@ -233,3 +233,34 @@ describe("kill -9 of a broker", () => {
     await client.close();
   });
 });
+
+describe("limits", () => {
+  const sb = new Sandbox();
+  let client;
+  before(async () => { client = new ShardqClient((await sb.broker("bl")).addr); });
+  after(async () => { await client?.close(); await sb.cleanup(); });
+
+  test("big payloads are split into frames under the limit; one over it is refused, typed", async () => {
+    const queue = new Queue("big", { connection: client });
+    const blob = "x".repeat(200_000);
+    const jobs = await queue.addBulk(Array.from({ length: 120 }, (_, i) => ({ name: "b", data: { i, blob } })));
+    assert.equal(jobs.length, 120);
+    const singles = await Promise.all(Array.from({ length: 100 }, (_, i) => queue.add("s", { i, blob })));
+    assert.equal(singles.length, 100);
+    assert.equal(await queue.count(), 220);
+    await assert.rejects(queue.add("huge", { blob: "y".repeat(2_000_000) }), { name: "TooLargeError" });
+    await assert.rejects(queue.add("fn", { f: () => 1 }), BadRequestError);
+  });
+
+  test("close() called from a processor does not wait for itself", async () => {
+    const queue = new Queue("self-close", { connection: client });
+    await queue.add("x", {});
+    let worker;
+    const closed = new Promise((r) => {
+      worker = new Worker("self-close", async () => { await worker.close(); return "done"; }, { connection: client });
+      worker.on("closed", r);
+    });
+    await closed;
+    assert.equal(worker.completedCount, 1);
+  });
+});
