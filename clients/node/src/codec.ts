@@ -2,14 +2,14 @@
  * Sans-IO framing (docs/protocol.md "Framing"): a frame is a 4-byte
  * big-endian length and one msgpack value. Bytes in, values out; no sockets.
  */
-import { pack, unpack } from "./msgpack.js";
+import { packShared, unpack } from "./msgpack.js";
 import { TooLargeError } from "./errors.js";
 
 export const DEFAULT_MAX_FRAME = 16 * 1024 * 1024;
 
 /** Pack `value` as one length-prefixed frame. */
 export function encodeFrame(value: unknown): Buffer {
-  const body = pack(value);
+  const body = packShared(value); // a view of the encoder's buffer: copied once, below
   const out = Buffer.allocUnsafe(4 + body.length);
   out.writeUInt32BE(body.length, 0);
   out.set(body, 4);

@@ -18,6 +18,7 @@ import {
 export const PROTOCOL_VERSION = 1;
 export const DEFAULT_REQUEST_TIMEOUT_MS = 10_000;
 export const DEFAULT_CONNECT_TIMEOUT_MS = 5_000;
+const DIRECT_WRITE_BYTES = 16 * 1024;
 
 interface Pending {
   resolve(v: unknown): void;
@@ -156,6 +157,13 @@ export class Connection {
 
   private write(frame: Buffer): void {
     this.framesSent++;
+    if (frame.length >= DIRECT_WRITE_BYTES) {
+      // A big frame (a bulk ADD) goes out now, so the broker works on it while
+      // this process builds the next one; corking it would gain nothing.
+      this.flush();
+      if (!this.socket.destroyed) this.socket.write(frame);
+      return;
+    }
     if (this.wbuf.length === 0) setImmediate(() => this.flush());
     this.wbuf.push(frame);
   }

@@ -73,6 +73,11 @@ export function pack(value: unknown): Uint8Array {
   return encoder.encode(value);
 }
 
+/** Pack one value into the encoder's own buffer: valid only until the next pack. */
+export function packShared(value: unknown): Uint8Array {
+  return encoder.encodeSharedRef(value);
+}
+
 /** Unpack one msgpack value. Throws on malformed input. */
 export function unpack(bytes: Uint8Array): unknown {
   return decoder.decode(bytes);
