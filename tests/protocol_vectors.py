@@ -5,8 +5,8 @@ real Python encoder (`shardq.codec.encode_frame`) and hash
 (`shardq.router.slots`); `python -m tests.protocol_vectors --write`
 rewrites it. tests/unit/test_protocol_vectors.py checks the file against
 the code, tests/integration/test_protocol_vectors_broker.py replays its
-session against a real broker, and the Node client's test/vectors.test.mjs
-checks its own encoder, decoder and hash against the same file.
+session against a real broker, and clients/node/test/vectors.test.mjs
+checks the Node client's encoder, decoder and hash against the same file.
 
 JSON cannot hold msgpack bin or 64-bit integers, so values are written with
 two tags: `{"$bin": "<hex>"}` is a bin (bytes) value and `{"$int": "<decimal>"}`

@@ -2,7 +2,7 @@
 // queue moved between brokers while producers and a worker keep going.
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
-import { Connection, MovedError, Queue, ShardqClient, Worker } from "../dist/index.js";
+import { Connection, MovedError, Queue, ShardqClient, TryAgainError, Worker } from "../dist/index.js";
 import { Sandbox, httpJson, once, poll, queueOn } from "./helpers.mjs";
 
 async function brokerCall(addr, op, args) {
@@ -104,5 +104,40 @@ describe("3-broker cluster", () => {
     assert.equal(held2.returnvalue, "acked at b2");
     await staleQueue.close();
     await stale.close();
+  });
+});
+
+describe("a handoff held frozen", () => {
+  const sb = new Sandbox();
+  after(() => sb.cleanup());
+
+  test("TRYAGAIN while the slot is frozen is ridden out, then the add lands at the new owner", async () => {
+    // The coordinator sleeps 1.5 s right after the source froze the slot (a failpoint):
+    // writes to it answer TRYAGAIN for that long, within the client's 5 s budget.
+    const c = await sb.cluster(2, { coordinatorEnv: { SHARDQ_FAILPOINTS: "coordinator.after_freeze=sleep(1500)" } });
+    const client = new ShardqClient(c.url);
+    await client.ready();
+    const name = queueOn(c.topo, "b1", "frozen");
+    const queue = new Queue(name, { connection: client });
+    await queue.add("before", {}, { jobId: "before" });
+    await httpJson(c.url, `/queues/${name}/move`, { to: "b2" });
+    await poll(async () => {
+      try {
+        await brokerCall(c.brokers.b1.addr, "ADD", { queue: name, jobs: [] });
+        return false;
+      } catch (err) {
+        return err instanceof TryAgainError;
+      }
+    }, "b1 to answer TRYAGAIN for the frozen slot");
+    const t0 = performance.now();
+    const job = await queue.add("during", { v: 1 }, { jobId: "during" });
+    assert.equal(job.id, "during");
+    assert.ok(client.stats.tryAgain >= 1, "the add met TRYAGAIN");
+    assert.ok(performance.now() - t0 < 5000, "within the TRYAGAIN budget");
+    await poll(() => client.topology.route(name)?.[0] === "b2" || client.refreshTopology().then(() => false), "the map to name b2");
+    assert.ok(await brokerCall(c.brokers.b2.addr, "GET_JOB", { queue: name, id: "during" }));
+    assert.ok(await brokerCall(c.brokers.b2.addr, "GET_JOB", { queue: name, id: "before" }));
+    await queue.close();
+    await client.close();
   });
 });

@@ -73,8 +73,9 @@ export class Sandbox {
   }
 
   /** A coordinator and `n` brokers b1..bn, bootstrapped, each serving the coordinator's map. */
-  async cluster(n = 3) {
-    const coord = await this.start(["coordinator", "--port", "0", "--data-dir", join(this.dir, "coordinator"), "--expect", String(n)]);
+  async cluster(n = 3, { coordinatorEnv = {} } = {}) {
+    const coord = await this.start(["coordinator", "--port", "0", "--data-dir", join(this.dir, "coordinator"), "--expect", String(n)],
+      { env: coordinatorEnv });
     const url = `http://${coord.addr}`;
     const brokers = {};
     await Promise.all(Array.from({ length: n }, (_, i) => `b${i + 1}`).map(async (id) => {

@@ -128,6 +128,25 @@ describe("standalone broker", () => {
     await Promise.all([first.close(), second.close()]);
   });
 
+  test("renewed locks keep a job that runs longer than its lock", async () => {
+    const queue = new Queue(fresh("renew"), { connection: client });
+    const { id } = await queue.add("long", {});
+    const worker = new Worker(queue.name, async () => {
+      await new Promise((r) => setTimeout(r, 1500));
+      return "kept";
+    }, { connection: client, lockDuration: 400, lockRenewTime: 100 });
+    let lost = false;
+    worker.on("lockLost", () => (lost = true));
+    const [job, result] = await once(worker, "completed");
+    assert.equal(job.id, id);
+    assert.equal(result, "kept");
+    assert.equal(lost, false);
+    const final = await queue.getJob(id);
+    assert.equal(final.stalledCounter, 0);
+    assert.equal(final.attemptsStarted, 1);
+    await worker.close();
+  });
+
   test("upsertJobScheduler, getJobSchedulers, removeJobScheduler", async () => {
     const queue = new Queue(fresh("sched"), { connection: client });
     const s = await queue.upsertJobScheduler("tick", { every: 60_000 }, { name: "digest", data: { k: 1 } });
