@@ -86,6 +86,12 @@ describe("3-broker cluster", () => {
     }, "b1 to answer MOVED for the moved slot");
     stop = true;
     await producer;
+    // The busy client learnt the new map from the epoch its replies carry (or a MOVED).
+    const coordEpoch = (await httpJson(c.url, "/topology")).epoch;
+    await queue.getJobCounts();
+    await poll(() => client.topology.topo.epoch >= coordEpoch, "the client's map to reach the coordinator's epoch", 10_000);
+    assert.ok(client.topology.refreshes >= 1, "a newer epoch triggered a full refresh");
+    assert.equal(client.topology.route(name)[0], "b2");
     const completed = once(worker, "completed", 20_000, (job) => job.id === "held");
     release();
     const [, result] = await completed;
