@@ -2,7 +2,7 @@
 // queue moved between brokers while producers and a worker keep going.
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
-import { Connection, MovedError, Queue, ShardqClient, TryAgainError, Worker } from "../dist/index.js";
+import { Connection, MovedError, Queue, QueueEvents, ShardqClient, TryAgainError, Worker } from "../dist/index.js";
 import { Sandbox, httpJson, once, poll, queueOn } from "./helpers.mjs";
 
 async function brokerCall(addr, op, args) {
@@ -65,6 +65,9 @@ describe("3-broker cluster", () => {
     const stale = new ShardqClient(c.url);
     await stale.ready();
     await queue.add("held", { v: 0 }, { jobId: "held" });
+    const events = new QueueEvents(name, { connection: client });
+    await events.waitUntilReady();
+    const heldDone = once(events, "completed", 30_000, (e) => e.jobId === "held");
     let release;
     const held = new Promise((r) => (release = r));
     const worker = new Worker(name, async (job) => (job.id === "held" ? held.then(() => "acked at b2") : "ok"),
@@ -96,6 +99,10 @@ describe("3-broker cluster", () => {
     release();
     const [, result] = await completed;
     assert.equal(result, "acked at b2");
+    // The event subscription followed the queue to b2 and resumed where it was.
+    const [event] = await heldDone;
+    assert.equal(event.returnvalue, "acked at b2");
+    await events.close();
 
     const staleQueue = new Queue(name, { connection: stale });
     await staleQueue.add("late", {}, { jobId: "after-move" });
