@@ -18,6 +18,7 @@ import { partitionFor, partitionName } from "./slots.js";
 import { uuid7 } from "./uuid7.js";
 
 export const COUNT_TYPES = ["waiting", "delayed", "active", "completed", "failed"] as const;
+const DLQ_PAGE = 1000;
 export type CountType = (typeof COUNT_TYPES)[number] | "paused" | "prioritized" | "waiting-children";
 
 export interface QueueOptions {
@@ -202,6 +203,47 @@ export class Queue<DataType = unknown, ResultType = unknown> {
       if (logs.length) return { logs, count: logs.length };
     }
     return { logs: [], count: 0 };
+  }
+
+  /**
+   * Jobs that failed for good, oldest failure first (BullMQ's `getFailed`):
+   * shardq keeps every final failure in the queue's dead-letter list, bounded
+   * like failed history. `end` is inclusive; -1 reads to the end. Each job's
+   * `dlqReason` says why ("attempts exhausted", "stalled too many times", "ttl expired").
+   */
+  async getFailed(start = 0, end = -1): Promise<Array<Job<DataType, ResultType> & { dlqReason?: string }>> {
+    await this.client.ready();
+    const out: Array<Job<DataType, ResultType> & { dlqReason?: string }> = [];
+    const want = end < 0 ? Infinity : end - start + 1;
+    let skip = start;
+    for (const q of this.partitions()) {
+      for (let offset = 0; out.length < want;) {
+        const limit = Math.min(DLQ_PAGE, want - out.length + skip);
+        const page = (await this.client.call(q, "DLQ_LIST", { queue: q, offset, limit })) as Array<Record<string, unknown>>;
+        for (const d of page) {
+          if (skip > 0) { skip--; continue; }
+          const job = Job.fromDict<DataType, ResultType>(this.client, this.name, q, d) as Job<DataType, ResultType> & { dlqReason?: string };
+          job.dlqReason = d["dlq_reason"] as string | undefined;
+          if (out.length < want) out.push(job);
+        }
+        if (page.length < limit) break;
+        offset += page.length;
+      }
+    }
+    return out;
+  }
+
+  /**
+   * Put jobs that failed for good back to waiting with `attemptsMade` 0
+   * (BullMQ's `retryJobs({ state: "failed" })`; other states are refused).
+   * @returns how many were retried.
+   */
+  async retryJobs(opts: { state?: "failed"; count?: number } = {}): Promise<number> {
+    if (opts.state !== undefined && opts.state !== "failed") {
+      throw new BadRequestError(`retryJobs supports state "failed" only, got ${JSON.stringify(opts.state)}`);
+    }
+    const counts = (await this.each("DLQ_RETRY", { ids: null })) as number[];
+    return counts.reduce((a, b) => a + Number(b ?? 0), 0);
   }
 
   /** At most `max` jobs start in any sliding `duration` ms window (BullMQ's global rate limit). */

@@ -147,6 +147,25 @@ describe("standalone broker", () => {
     await worker.close();
   });
 
+  test("getFailed lists final failures and retryJobs puts them back", async () => {
+    const queue = new Queue(fresh("dlq"), { connection: client });
+    const jobs = await queue.addBulk([0, 1, 2].map((i) => ({ name: "f", data: { i } })));
+    let fail = true;
+    const worker = new Worker(queue.name, async (job) => { if (fail) throw new Error(`bad ${job.data.i}`); return "ok"; }, { connection: client });
+    await poll(async () => (await queue.getFailedCount()) === 3, "3 final failures");
+    const failed = await queue.getFailed();
+    assert.deepEqual(failed.map((j) => j.id), jobs.map((j) => j.id));
+    assert.deepEqual(failed.map((j) => [j.failedReason, j.dlqReason, j.attemptsMade]),
+      [0, 1, 2].map((i) => [`bad ${i}`, "attempts exhausted", 1]));
+    assert.deepEqual((await queue.getFailed(1, 1)).map((j) => j.id), [jobs[1].id]);
+    fail = false;
+    assert.equal(await queue.retryJobs({ state: "failed" }), 3);
+    await poll(async () => (await queue.getCompletedCount()) === 3, "3 completions after the retry");
+    assert.deepEqual(await queue.getFailed(), []);
+    await assert.rejects(queue.retryJobs({ state: "completed" }), BadRequestError);
+    await worker.close();
+  });
+
   test("upsertJobScheduler, getJobSchedulers, removeJobScheduler", async () => {
     const queue = new Queue(fresh("sched"), { connection: client });
     const s = await queue.upsertJobScheduler("tick", { every: 60_000 }, { name: "digest", data: { k: 1 } });
