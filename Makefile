@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check lint typecheck bench clean
+.PHONY: run test test-node check lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m shardq demo
 
-test: $(STAMP)
+test: $(STAMP) test-node
 	$(PY) -m pytest -q
 
 # The quick tier while editing (under a minute on a quiet 2-core box): ruff,
@@ -29,6 +29,20 @@ check: $(STAMP)
 	$(MAKE) --no-print-directory typecheck
 	SHARDQ_QUICK=1 $(PY) -m pytest -q -p no:cacheprovider tests/unit
 
+# The Node client (clients/node) against real brokers from this venv: npm ci
+# from the lockfile when node_modules is missing or older than it, then tsc and
+# `node --test`. Skipped, saying so, only where node is not installed.
+NODE_DIR := clients/node
+test-node: $(STAMP)
+ifeq ($(shell command -v node),)
+	@echo "test-node: SKIPPED: node is not installed (the Node client needs Node 20+)"
+else
+	@cd $(NODE_DIR) && if [ ! -f node_modules/.package-lock.json ] \
+		|| [ package-lock.json -nt node_modules/.package-lock.json ]; then \
+		npm ci --no-audit --no-fund; fi
+	cd $(NODE_DIR) && npm test
+endif
+
 lint: typecheck
 	$(VENV)/bin/ruff check .
 
@@ -38,7 +52,7 @@ bench: $(STAMP)
 	$(VENV)/bin/shardq bench all
 
 clean:
-	rm -rf $(VENV) shardq-data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) shardq-data .pytest_cache .mypy_cache .ruff_cache $(NODE_DIR)/node_modules $(NODE_DIR)/dist
 
 # mypy cannot follow the editable install's package-dir mapping, so it checks
 # a tree of symlinks laid out like the installed package.
