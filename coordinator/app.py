@@ -23,6 +23,9 @@
     POST /tenants/{name}/rate_limit  {queues, max|null, per_ms} -> the tenant's limit
                                      (null max removes it); brokers get their shares
                                      as `leases` in heartbeat answers (tenants.py)
+    GET  /ui, /ui/api/...            the web dashboard (ui/dashboard.py); the page shell
+                                     and its static files are the only routes served
+                                     without the token (they hold no data)
 
 Errors answer `{"error": message}` with 400 (malformed), 401 (token),
 403 (barred id), 404 (unknown broker), 409 (conflicting state).
@@ -63,6 +66,7 @@ from .moves import MoveExecutor, MovePolicy
 from .rebalance import Rebalancer
 from .stats import StatsBook
 from .tenants import TenantBook
+from .ui import Dashboard, is_public
 
 log = logging.getLogger("shardq.coordinator")
 
@@ -83,7 +87,8 @@ def default_rebalancer(membership: Membership, token: str | None = None, *,
 
 def create_app(membership: Membership, *, token: str | None = None,
                check_interval_ms: int = 1000, rebalancer: Rebalancer | None = None,
-               stats: StatsBook | None = None, tenants: TenantBook | None = None) -> Starlette:
+               stats: StatsBook | None = None, tenants: TenantBook | None = None,
+               ui_actions: bool = False) -> Starlette:
     """The ASGI app; its lifespan runs the liveness check every `check_interval_ms`,
     recovers unfinished moves at start and stops the rebalancer at the end.
 
@@ -97,18 +102,22 @@ def create_app(membership: Membership, *, token: str | None = None,
             default: a fresh `StatsBook()`.
         tenants: cluster-wide tenant limits and their leases; default: kept
             in memory only (the server passes one persisted in its store).
+        ui_actions: let the dashboard at /ui act (retry, pause, drain...);
+            without it the dashboard is read-only.
     """
     m = membership
     rb = rebalancer or default_rebalancer(membership, token)
     book = stats or StatsBook()
     tb = _tenant_book(tenants, m)
+    ui = Dashboard(m, rb, book, token=token, actions=ui_actions)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         task = asyncio.create_task(_liveness_loop(m, check_interval_ms / 1000.0))
         try:
             await rb.recover()
-            yield
+            async with ui.running():
+                yield
         finally:
             task.cancel()
             await asyncio.wait([task])
@@ -180,8 +189,9 @@ def create_app(membership: Membership, *, token: str | None = None,
         *_rebalance_routes(m, rb),
         *_tenant_routes(tb),
         *_stats_routes(m, book),
+        *ui.routes(),
     ]
-    middleware = [Middleware(BearerAuth, token=token)] if token else []
+    middleware = [Middleware(BearerAuth, token=token, public=is_public)] if token else []
     return Starlette(
         routes=routes,
         middleware=middleware,
@@ -319,14 +329,17 @@ def _field(body: dict[str, Any], name: str, kind: type[T], default: T = _MISSING
 
 
 class BearerAuth:
-    """Refuses every HTTP request without `Authorization: Bearer <token>` (401)."""
+    """Refuses every HTTP request without `Authorization: Bearer <token>` (401),
+    except to the paths `public` accepts."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, token: str,
+                 public: Callable[[str], bool] = lambda path: False) -> None:
         self.app = app
         self._expected = b"Bearer " + token.encode()
+        self._public = public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not self._public(scope["path"]):
             got = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(got, self._expected):
                 response = JSONResponse({"error": "missing or wrong bearer token"},

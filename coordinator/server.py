@@ -52,6 +52,7 @@ class CoordinatorConfig:
     handoff_step_timeout_s: float = 10.0
     handoff_retry_budget_s: float = 30.0
     handoff_copy_rate: int = 0
+    ui_actions: bool = False
 
 
 def serve(config: CoordinatorConfig) -> None:
@@ -69,7 +70,8 @@ async def serve_async(config: CoordinatorConfig) -> None:
         interval = max(20, min(1000, config.heartbeat_timeout_ms // 5))
         app = create_app(membership, token=config.token, check_interval_ms=interval,
                          rebalancer=_rebalancer(membership, config),
-                         tenants=TenantBook(store, membership.term))
+                         tenants=TenantBook(store, membership.term),
+                         ui_actions=config.ui_actions)
         server = _Server(uvicorn.Config(app, log_config=None, access_log=False,
                                         lifespan="on", timeout_graceful_shutdown=5))
         loop = asyncio.get_running_loop()
