@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shardq import protocol as p
-from shardq.broker import flows
+from shardq.broker import flows, jobops
 from shardq.broker import validate as v
 from shardq.broker.engine import Broker, Sink, Waiter
 from shardq.broker.queue import LOCK_LOST, NOT_FOUND, QueueState
@@ -436,6 +436,7 @@ HANDLERS: dict[str, Handler] = {
     p.DLQ_RETRY: op_dlq_retry, p.DLQ_PURGE: op_dlq_purge, p.SUBSCRIBE: op_subscribe,
     p.RATE_LIMIT: op_rate_limit, p.GROUP_SET: op_group_set, p.LIMITS: op_limits,
     **flows.HANDLERS,
+    **jobops.HANDLERS,
 }
 
 # Replies to these wait for the group commit holding their ops (durable mode).
@@ -443,4 +444,4 @@ WRITE_OPS = (frozenset({p.ADD, p.ACK, p.FAIL, p.PROGRESS, p.PAUSE, p.RESUME, p.D
                         p.SCHED_UPSERT, p.SCHED_REMOVE, p.RATE_LIMIT, p.GROUP_SET,
                         p.OBLITERATE, p.IMPORT_CHUNKS, p.IMPORT_OPS, p.HANDOFF_STATUS,
                         p.LOG, p.DLQ_RETRY, p.DLQ_PURGE})
-             | flows.WRITE_OPS)
+             | flows.WRITE_OPS | jobops.WRITE_OPS)

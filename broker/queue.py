@@ -40,6 +40,7 @@ discard waiting/delayed jobs that nobody pulls.
     ("bS", q, now, {window key: [n, per_ms]})          starts noted in rate windows
                                                        ("" queue, "g:<group>", "t" tenant)
     ("bT", q, tenant | None)                           the queue's cluster-wide tenant
+    ("jU", ...) ("jK", ...)                            job management: broker/jobadmin.py
 
 Scheduling (rate limits, groups: DESIGN §11, broker/limits.py) runs only for
 queues that use it: `pull` takes the plain priority/FIFO path unless the
@@ -80,6 +81,7 @@ from shardq.broker.job import (
     Job,
     backoff_delay,
 )
+from shardq.broker.jobadmin import JobAdmin
 from shardq.broker.limits import Line, TenantShare, Window
 
 # Per-item results of ack/fail/extend: None is success.
@@ -111,10 +113,10 @@ class QueueDefaults:
     tenants: dict[str, TenantShare] = field(default_factory=dict)
 
 
-class QueueState(FlowQueue):
+class QueueState(FlowQueue, JobAdmin):
     """Jobs of one queue in memory: waiting by (priority, FIFO), delayed by due
     time, active by lock deadline, and bounded completed/failed history
-    (flow state: broker/flowqueue.py)."""
+    (flow state: broker/flowqueue.py; job management: broker/jobadmin.py)."""
 
     def __init__(self, name: str, slot: int, log: list[Any], defaults: QueueDefaults) -> None:
         self.name = name
@@ -141,6 +143,7 @@ class QueueState(FlowQueue):
         self.ttls: list[tuple[int, Job]] = []  # (expires_at, job), lazy like the others
         self.ring: EventRing | None = None  # recent events, once someone subscribed
         self._init_flows()
+        self._init_admin()
         # Scheduling (broker/limits.py); none of it is touched by plain queues.
         self.rate: list[int] | None = None  # [max, per_ms]
         self.groups: dict[str, dict[str, Any]] = {}  # group -> {concurrency, paused, rate}
@@ -548,7 +551,7 @@ class QueueState(FlowQueue):
         self._emit(("C", self.name, job_id, result, now, job.attempts_made, job.order))
         if job.parent is not None:
             self._outbox_put(job, True, result)
-        self._retain(job, COMPLETED, job.remove_on_complete, self.defaults.keep_completed, now)
+        self._retain(job, COMPLETED, job.remove_on_complete, self.keep_for(COMPLETED), now)
         return None
 
     def fail(self, job_id: str, token: int, reason: str, now: int) -> str | None:
@@ -582,7 +585,7 @@ class QueueState(FlowQueue):
                     job.stalled_count, job.order))
         if job.parent is not None:
             self._outbox_put(job, False, reason)
-        self._retain(job, FAILED, job.remove_on_fail, self.defaults.keep_failed, now)
+        self._retain(job, FAILED, job.remove_on_fail, self.keep_for(FAILED), now)
 
     def _expire_ttl(self, job: Job, now: int) -> None:
         """A waiting or delayed job whose TTL ran out goes to the DLQ."""
@@ -864,6 +867,7 @@ class QueueState(FlowQueue):
         self.outbox.clear()
         self.counters = dict.fromkeys(self.counters, 0)
         self.rate, self.groups, self.windows = None, {}, {}
+        self._init_admin()
         self._rebuild_indexes()
         self._refresh_limited()
         self._emit(("X", self.name))
@@ -875,7 +879,7 @@ class QueueState(FlowQueue):
         meta = {"paused": self.paused, "seq": self.seq, "order": self._order,
                 "counters": dict(self.counters), "slot": self.slot,
                 "schedulers": {k: dict(v) for k, v in self.schedulers.items()},
-                **self._sched_meta()}
+                **self._sched_meta(), **self._keep_meta()}
         if events and self.ring is not None:
             meta["events"] = self.ring.to_meta()
         if self.outbox:
@@ -902,6 +906,7 @@ class QueueState(FlowQueue):
         self.seq = int(meta.get("seq", 0))
         self.counters.update(meta.get("counters", {}))
         self._adopt_sched_meta(meta)
+        self._adopt_keep(meta)
 
     def _rebuild_indexes(self) -> None:
         self._waiting, self._prios, self.n_waiting = {}, [], 0

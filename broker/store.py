@@ -38,9 +38,9 @@ log = logging.getLogger("shardq.broker.store")
 RowSource = Callable[[str, str], tuple[int, bytes | None] | None]
 
 # Queue-level ops: in the meta, not a job row ("b*": rate limits, groups,
-# tenants; "cO"/"cX": a flow child's outbox).
+# tenants; "cO"/"cX": a flow child's outbox; "jK": retention).
 _META_OPS = frozenset({"M", "SU", "SR", "SN", "cO", "cX",
-                       "bR", "bG", "bS", "bT"})
+                       "bR", "bG", "bS", "bT", "jK"})
 CHECKPOINT_CHUNK = 250  # rows per checkpoint transaction: a commit waits for one at most
 GONE_ROWS_PER_STEP = 1000  # rows of dropped queues deleted per checkpoint transaction
 # Dirty keys are written in B-tree order so a chunk's rows share pages (job ids

@@ -19,6 +19,7 @@ from shardq import protocol
 from shardq.router import partition_for, partition_name
 
 from .ids import uuid7
+from .jobs import JobsMixin
 
 if TYPE_CHECKING:
     from .client import Client
@@ -67,8 +68,9 @@ def wire_opts(priority: int = 0, delay_ms: int = 0, attempts: int | None = None,
     return opts
 
 
-class Queue:
-    """One named queue. Get it with `client.queue(name)` (cached, cheap)."""
+class Queue(JobsMixin):
+    """One named queue. Get it with `client.queue(name)` (cached, cheap).
+    Job management (get_jobs, retry_job, clean, ...): client/jobs.py."""
 
     __slots__ = ("_batcher", "_client", "_packb", "name")
 

@@ -147,6 +147,44 @@ class Job:
                                        {"queue": self.partition, "id": self.id})
         return {k: unpack(v) for k, v in raw.items()}
 
+    # -- job management (client/jobs.py), BullMQ's Job methods --------------------
+
+    async def _act(self, action: str, arg: Any = None) -> None:
+        from .jobs import job_action
+
+        await job_action(self._client, [self.partition], self.id, action, arg, self.queue)
+
+    async def retry(self) -> None:
+        """Put this job back to waiting once it has finished (`Queue.retry_job`)."""
+        await self._act("retry")
+
+    async def remove(self) -> None:
+        """Remove this job (`Queue.remove_job`); refused (JobStateError) while
+        a worker - this one too - holds it."""
+        await self._act("remove")
+
+    async def promote(self) -> None:
+        """Run this job now if it is delayed (`Queue.promote_job`)."""
+        await self._act("promote")
+
+    async def update_data(self, data: Any) -> None:
+        """Replace this job's stored data, and `job.data` here."""
+        await self._act("update_data", self._client._packb(data))
+        self._data = data
+
+    async def change_priority(self, priority: int) -> None:
+        """A new priority for this job's next run (`Queue.change_job_priority`)."""
+        await self._act("priority", priority)
+
+    async def change_delay(self, delay_ms: int) -> None:
+        """Run this job `delay_ms` from now if waiting or delayed."""
+        await self._act("delay", delay_ms)
+
+    async def discard(self) -> None:
+        """No more retries: when this attempt fails, the job fails for good
+        (BullMQ's `job.discard()`)."""
+        await self._act("discard")
+
     def info(self) -> JobInfo:
         """The job as a picklable value (what a process-pool handler gets)."""
         return JobInfo(self.id, self.name, self.data, self.queue, self.partition,

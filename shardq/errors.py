@@ -11,6 +11,7 @@
      │    ├── BadRequestError         BAD_REQUEST: malformed frame or arguments
      │    ├── TooLargeError           TOO_LARGE: frame or job data over the limit
      │    ├── NotFoundError           NOT_FOUND: no such job, queue or scheduler
+     │    ├── JobStateError           JOB_STATE: the job's state does not allow the action
      │    └── UnknownServerError      any code this client does not know
      ├── UnavailableError             (client side) owner unreachable past the budget
      └── ConnectionClosedError        (client side) the connection closed under a request
@@ -106,6 +107,20 @@ class NotFoundError(ServerError):
     code = "NOT_FOUND"
 
 
+class JobStateError(ServerError):
+    """A job action refused for the job's state (removing an active job,
+    promoting one that is not delayed, ...); `job_id` and `state` say which."""
+
+    code = "JOB_STATE"
+
+    def __init__(self, job_id: str, state: str, why: str, message: str | None = None) -> None:
+        super().__init__(message or f"job {job_id!r} is {state}: {why}")
+        self.job_id, self.state = job_id, state
+
+    def to_body(self) -> Any:
+        return {"id": self.job_id, "state": self.state, "message": str(self)}
+
+
 class UnknownServerError(ServerError):
     """A code this client version does not know."""
 
@@ -130,7 +145,7 @@ _BY_CODE: dict[str, type[ServerError]] = {
     cls.code: cls
     for cls in (
         MovedError, TryAgainError, StaleTermError, BusyError, LockLostError,
-        AuthError, BadRequestError, TooLargeError, NotFoundError,
+        AuthError, BadRequestError, TooLargeError, NotFoundError, JobStateError,
     )
 }
 
@@ -144,6 +159,10 @@ def error_from_wire(code: str, body: Any) -> ServerError:
         b = body if isinstance(body, dict) else {}
         return MovedError(int(b.get("slot", -1)), str(b.get("owner", "")), str(b.get("addr", "")),
                           int(b.get("epoch", 0)), b.get("queue"))
+    if cls is JobStateError:
+        b = body if isinstance(body, dict) else {}
+        return JobStateError(str(b.get("id", "")), str(b.get("state", "")), "",
+                             str(b.get("message", code)))
     if cls is TryAgainError or cls is BusyError:
         b = body if isinstance(body, dict) else {}
         return cls(str(b.get("message", code)), int(b.get("retry_after_ms", 10)))

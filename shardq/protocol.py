@@ -137,6 +137,36 @@ FLOW_CHILD_DONE   (broker to the parent's owner; an outbox delivery)
                             ignore_failure: bool], ...]}
                   -> ["recorded" | "duplicate" | "gone" | [code, body], ...]
 FLOW_CHILDREN     {queue, id} -> {child key: result|nil}   (NOT_FOUND: no such job)
+
+Job management (docs/features-jobs.md "Job management"; broker/jobadmin.py).
+States: waiting (priority 0), prioritized (waiting, priority > 0), delayed,
+active, completed, failed, waiting-children. Writes answer once durable;
+queue-wide ones touch at most 10,000 jobs per request (ask again for more).
+
+GET_JOBS     {queue, states: [state], start?: 0, end?: -1, asc?: false}
+             -> {jobs: [job dict], keys: [[rank, time, id]], total: n}
+             Jobs start..end (inclusive, end -1: the last; at most 1000 per
+             reply) ordered by the state's rank in `states`, then its time (due
+             for delayed, started for active, finished for completed/failed,
+             added otherwise), then id; asc false: times and ids descending.
+             `keys` lets a client merge partitions; `total`: jobs in the states.
+JOB_COUNTS   {queue, states?: [state]} -> {state: n, ..., completed_total: n,
+             failed_total: n}  (totals: ever completed / failed for good)
+JOB_ACTIONS  {items: [[queue, id, action, arg|nil], ...]} -> [nil | [code, body], ...]
+             action: "retry" (completed/failed -> waiting, attempts reset),
+             "remove" (not active), "promote" (delayed -> waiting),
+             "update_data" (arg: msgpack bytes), "priority" (arg: int >= 0),
+             "delay" (arg: ms >= 0, for waiting/delayed), "discard" (no more
+             retries). A wrong state answers JOB_STATE, an unknown id NOT_FOUND.
+RETRY_JOBS   {queue, state?: "failed"|"completed", count?: n} -> n retried
+PROMOTE_JOBS {queue, count?: n} -> n promoted (soonest due first)
+CLEAN        {queue, grace_ms: n, limit?: n, state: str} -> n removed
+             (state: completed, failed, waiting, prioritized or delayed; jobs
+             finished - or added - at least grace_ms ago, oldest first)
+SET_RETENTION {queue, keep_completed: n|nil, keep_failed: n|nil}
+             -> {keep_completed: n, keep_failed: n, removed: n}
+             The queue's retained history (nil: the broker default); history
+             over a lower bound is removed at once.
 """
 
 from __future__ import annotations
@@ -192,6 +222,13 @@ FLOW_COMMIT = "FLOW_COMMIT"
 FLOW_RESOLVE = "FLOW_RESOLVE"
 FLOW_CHILD_DONE = "FLOW_CHILD_DONE"
 FLOW_CHILDREN = "FLOW_CHILDREN"
+GET_JOBS = "GET_JOBS"
+JOB_COUNTS = "JOB_COUNTS"
+JOB_ACTIONS = "JOB_ACTIONS"
+RETRY_JOBS = "RETRY_JOBS"
+PROMOTE_JOBS = "PROMOTE_JOBS"
+CLEAN = "CLEAN"
+SET_RETENTION = "SET_RETENTION"
 
 # Handoff phases as the topology's `moving` entries name them (DESIGN §5).
 PHASES = ("prepare", "copy", "freeze", "catch-up", "commit", "activate", "cleanup")

@@ -84,7 +84,7 @@ def test_apply_op_creates_an_image_for_a_new_queue_and_counts_seq() -> None:
 def test_every_queue_op_code_has_a_handler() -> None:
     assert frozenset("ALECFWSDPRTMX") | {"SU", "SR", "SN", "aL", "aQ", "aR",
                                          "cO", "cX", "cD", "cR",
-                                         "bR", "bG", "bS", "bT"} == QUEUE_OPS
+                                         "bR", "bG", "bS", "bT", "jU", "jK"} == QUEUE_OPS
 
 
 def test_unknown_op_code_is_refused() -> None:
