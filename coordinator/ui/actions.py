@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import BadRequest
 
 if TYPE_CHECKING:
+    from shardq.client import Queue
+
     from .dashboard import Dashboard
 
 Runner = Callable[["Dashboard", dict[str, str]], Awaitable[str]]
@@ -27,7 +29,7 @@ class Action:
     run: Runner
 
 
-async def _queue(d: Dashboard, f: dict[str, str]) -> Any:
+async def _queue(d: Dashboard, f: dict[str, str]) -> Queue:
     client = await d.brokers.client()
     d.brokers.forget_flags(f["queue"])
     return client.queue(f["queue"])
@@ -53,34 +55,34 @@ async def _dlq_purge(d: Dashboard, f: dict[str, str]) -> str:
     return f"{n} dead-lettered jobs of {f['queue']} removed"
 
 
-def _job_method(method: str, done: str) -> Runner:
-    async def run(d: Dashboard, f: dict[str, str]) -> str:
-        q = await _queue(d, f)
-        call = getattr(q, method, None)
-        if call is None:
-            raise BadRequest(f"this client cannot {method} (no Queue.{method})")
-        await call(f["job_id"])
-        return f"job {f['job_id']} of {f['queue']} {done}"
-    return run
+async def _retry_job(d: Dashboard, f: dict[str, str]) -> str:
+    await (await _queue(d, f)).retry_job(f["job_id"])
+    return f"job {f['job_id']} of {f['queue']} back to waiting"
+
+
+async def _remove_job(d: Dashboard, f: dict[str, str]) -> str:
+    await (await _queue(d, f)).remove_job(f["job_id"])
+    return f"job {f['job_id']} of {f['queue']} removed"
+
+
+async def _promote_job(d: Dashboard, f: dict[str, str]) -> str:
+    await (await _queue(d, f)).promote_job(f["job_id"])
+    return f"job {f['job_id']} of {f['queue']} promoted to waiting"
 
 
 async def _retry_failed(d: Dashboard, f: dict[str, str]) -> str:
-    q = await _queue(d, f)
-    if not hasattr(q, "retry_jobs"):
-        raise BadRequest("this client cannot retry jobs in bulk (no Queue.retry_jobs)")
-    n = await q.retry_jobs(state="failed")
-    return f"{n} failed jobs of {f['queue']} retried"
+    n = await (await _queue(d, f)).retry_jobs(state="failed")
+    return f"{n} failed jobs of {f['queue']} back to waiting"
+
+
+CLEANABLE = ("completed", "failed", "waiting", "prioritized", "delayed")
 
 
 async def _clean(d: Dashboard, f: dict[str, str]) -> str:
-    q = await _queue(d, f)
-    if not hasattr(q, "clean"):
-        raise BadRequest("this client cannot clean (no Queue.clean)")
     state = f.get("state") or "completed"
-    if state not in ("completed", "failed", "waiting", "delayed"):
-        raise BadRequest(f"clean takes completed, failed, waiting or delayed, got {state!r}")
-    removed = await q.clean(0, 0, state)
-    n = len(removed) if isinstance(removed, list) else removed
+    if state not in CLEANABLE:
+        raise BadRequest(f"clean takes one of {', '.join(CLEANABLE)}, got {state!r}")
+    n = await (await _queue(d, f)).clean(0, None, state)
     return f"{n} {state} jobs of {f['queue']} removed"
 
 
@@ -106,9 +108,9 @@ ACTIONS: dict[str, Action] = {
     "clean": Action(("queue",), _clean),
     "dlq_retry": Action(("queue",), _dlq_retry),
     "dlq_purge": Action(("queue",), _dlq_purge),
-    "retry_job": Action(("queue", "job_id"), _job_method("retry_job", "retried")),
-    "remove_job": Action(("queue", "job_id"), _job_method("remove_job", "removed")),
-    "promote_job": Action(("queue", "job_id"), _job_method("promote_job", "promoted")),
+    "retry_job": Action(("queue", "job_id"), _retry_job),
+    "remove_job": Action(("queue", "job_id"), _remove_job),
+    "promote_job": Action(("queue", "job_id"), _promote_job),
     "drain": Action(("broker",), _drain),
     "undrain": Action(("broker",), _undrain),
     "rebalance": Action((), _rebalance),

@@ -51,13 +51,12 @@ class QueueFlags:
 
 @dataclass(slots=True)
 class JobListing:
-    """One page of a queue's jobs in a state (`jobs` is None when unsupported)."""
+    """One page of a queue's jobs in a state."""
 
-    jobs: list[dict[str, Any]] | None
+    jobs: list[dict[str, Any]]
     page: int
     pages: int
     count: int
-    error: str | None = None
 
 
 class BrokerReader:
@@ -143,27 +142,26 @@ class BrokerReader:
         async def read() -> dict[str, Any]:
             client = await self.client()
             q = client.queue(name)
-            counts, limits, schedulers = await asyncio.gather(
-                q.counts(), q.get_limits(), q.list_schedulers())
-            return {"counts": counts, "limits": limits, "schedulers": schedulers,
+            counts, states, limits, schedulers = await asyncio.gather(
+                q.counts(), q.get_job_counts(), q.get_limits(), q.list_schedulers())
+            return {"counts": {**states, "paused": counts.get("paused", False)},
+                    "limits": limits, "schedulers": schedulers,
                     "partitions": q.partitions(),
                     "owners": [client.topology.owner_of(p) for p in q.partitions()]}
         return await self._deadline(read(), f"queue {name}")
 
     async def jobs(self, name: str, state: str, page: int, size: int) -> JobListing:
-        """One page of `name`'s jobs in `state` (needs the client's job listing)."""
-        client = await self.client()
-        q: Any = client.queue(name)
-        if not hasattr(q, "get_jobs"):
-            return JobListing(None, 1, 1, 0, "this client has no job listing (get_jobs)")
-        start = (page - 1) * size
-
+        """One page of `name`'s jobs in `state`, newest first, over every partition
+        (the client's `get_jobs` merges them in one order)."""
         async def read() -> JobListing:
-            counts = await q.counts()
+            q = (await self.client()).queue(name)
+            counts = await q.get_job_counts(state)
             count = int(counts.get(state, 0))
-            jobs = await q.get_jobs([state], start, start + size - 1)
             pages = max(1, -(-count // size))
-            return JobListing(list(jobs), page, pages, count)
+            page_no = min(page, pages)
+            start = (page_no - 1) * size
+            jobs = await q.get_jobs(state, start, start + size - 1)
+            return JobListing(jobs, page_no, pages, count)
         return await self._deadline(read(), f"jobs of {name}")
 
     async def job(self, name: str, job_id: str) -> dict[str, Any] | None:

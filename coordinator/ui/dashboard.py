@@ -154,7 +154,8 @@ class Dashboard:
         name = _required(request, "queue")
         detail = await self.brokers.queue_detail(name)
         row = next((r for r in self.snapshots.current().rows if r.name == name), None)
-        return self._render("queue.html", queue=name, detail=detail, row=row)
+        return self._render("queue.html", queue=name, detail=detail, row=row,
+                            states=views.JOB_STATES)
 
     async def jobs(self, request: Request) -> Response:
         p = request.query_params

@@ -20,7 +20,8 @@ from . import svg
 from .snapshot import Point, QueueRow, Snapshot
 
 PAGE_SIZE = 50
-JOB_STATES = ("waiting", "active", "delayed", "completed", "failed")
+JOB_STATES = ("waiting", "prioritized", "active", "delayed", "completed", "failed",
+              "waiting-children")  # the client's get_jobs states
 SORTS: dict[str, Callable[[QueueRow], Any]] = {
     "depth": lambda r: (-r.depth, r.name),
     "rate": lambda r: (-r.rate, r.name),
