@@ -29,9 +29,10 @@ log = logging.getLogger("shardq.coordinator.ui")
 
 T = TypeVar("T")
 
-PAGE_DEADLINE_S = 1.5  # the table's extra cells; the rest of the page does not wait longer
+PAGE_DEADLINE_S = 2.0  # a background read of the table's extra cells gives up after this
+FLAGS_WAIT_S = 0.1  # how long the queue table waits for that read before answering
 DETAIL_DEADLINE_S = 6.0  # one queue or job: the client's own budgets (5 s) decide first
-FLAGS_TTL_S = 2.0
+FLAGS_TTL_S = 3.0
 
 
 class ReadFailed(ShardqError):
@@ -68,6 +69,9 @@ class BrokerReader:
         self._client: Client | None = None
         self._connecting: asyncio.Lock | None = None
         self._flags: dict[str, tuple[float, QueueFlags]] = {}
+        self._refreshing: set[str] = set()
+        self._forgotten: dict[str, float] = {}  # name -> when an action changed it
+        self._tasks: set[asyncio.Future[None]] = set()
 
     async def client(self) -> Client:
         """The shared client, connected on first use."""
@@ -87,6 +91,10 @@ class BrokerReader:
         return self._client
 
     async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -94,36 +102,47 @@ class BrokerReader:
     # -- queue table -------------------------------------------------------------
 
     async def queue_flags(self, names: list[str]) -> dict[str, QueueFlags]:
-        """Paused, rate limit and groups of `names`, cached FLAGS_TTL_S; rows whose
-        owner does not answer within PAGE_DEADLINE_S are left unknown."""
+        """Paused, rate limit and groups of `names` as last read (unknown if never).
+
+        Rows older than FLAGS_TTL_S are read again in one background task,
+        which the page waits for FLAGS_WAIT_S at most: a slow or dead broker
+        delays the queue table by that much, never more, and the next poll
+        shows what came in meanwhile.
+        """
         now = time.monotonic()
-        out: dict[str, QueueFlags] = {}
-        missing = []
-        for name in names:
-            hit = self._flags.get(name)
-            if hit is not None and now - hit[0] < FLAGS_TTL_S:
-                out[name] = hit[1]
-            else:
-                missing.append(name)
-        if missing:
-            try:
-                client = await self.client()
-            except (ShardqError, OSError) as e:
-                log.warning("dashboard: no broker client: %s", e)
-                return {n: out.get(n, QueueFlags()) for n in names}
-            tasks = {n: asyncio.ensure_future(self._read_flags(client, n)) for n in missing}
+        stale = [n for n in names if n not in self._refreshing
+                 and now - self._flags.get(n, (float("-inf"), None))[0] >= FLAGS_TTL_S]
+        if stale:
+            self._refreshing.update(stale)
+            task = asyncio.ensure_future(self._refresh_flags(stale))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            await asyncio.wait([task], timeout=FLAGS_WAIT_S)
+        return {n: self._flags[n][1] if n in self._flags else QueueFlags() for n in names}
+
+    async def _refresh_flags(self, names: list[str]) -> None:
+        started = time.monotonic()
+        try:
+            client = await self.client()
+            tasks = {n: asyncio.ensure_future(self._read_flags(client, n)) for n in names}
             await asyncio.wait(tasks.values(), timeout=PAGE_DEADLINE_S)
+            now = time.monotonic()
             for name, task in tasks.items():
                 if task.done() and not task.cancelled() and task.exception() is None:
-                    flags = task.result()
-                    self._flags[name] = (now, flags)
-                    out[name] = flags
+                    # A read that began before an action changed the queue is stale.
+                    if self._forgotten.get(name, float("-inf")) < started:
+                        self._flags[name] = (now, task.result())
                 else:
                     task.cancel()
-                    out[name] = QueueFlags()
             if len(self._flags) > 10_000:  # only rows recently on screen are worth keeping
-                self._flags = {k: v for k, v in self._flags.items() if now - v[0] < FLAGS_TTL_S}
-        return out
+                self._flags = {k: v for k, v in self._flags.items()
+                               if now - v[0] < FLAGS_TTL_S}
+                self._forgotten = {k: t for k, t in self._forgotten.items()
+                                   if now - t < PAGE_DEADLINE_S}
+        except (ShardqError, OSError) as e:
+            log.warning("dashboard: cannot read queue flags: %s", e)
+        finally:
+            self._refreshing.difference_update(names)
 
     async def _read_flags(self, client: Client, name: str) -> QueueFlags:
         q = client.queue(name)
@@ -132,8 +151,9 @@ class BrokerReader:
                           dict(limits.get("groups") or {}), True)
 
     def forget_flags(self, name: str) -> None:
-        """Drop a cached row after an action changed it."""
+        """Drop a cached row after an action changed it (and any read in flight)."""
         self._flags.pop(name, None)
+        self._forgotten[name] = time.monotonic()
 
     # -- one queue, its jobs, one job -----------------------------------------------
 

@@ -138,14 +138,14 @@ class Dashboard:
     async def cluster(self, request: Request) -> Response:
         snap = self.snapshots.current()
         topo: Topology = self.m.topology
-        model = views.cluster_model(topo, snap, self.m.status(), self.rb.progress(),
+        model = views.cluster_model(topo, snap, self.rb.progress(),
                                     list(self.throughput.points), self.m.stats_of)
         return self._render("cluster.html", **model)
 
     async def queues(self, request: Request) -> Response:
         snap = self.snapshots.current()
         p = request.query_params
-        page = views.queue_page(snap.rows, query=p.get("q", ""), sort=p.get("sort", "depth"),
+        page = views.queue_page(snap, query=p.get("q", ""), sort=p.get("sort", "depth"),
                                 page=_int(p.get("page"), 1), size=views.PAGE_SIZE)
         extra = await self.brokers.queue_flags([r.name for r in page.rows])
         return self._render("queues.html", page=page, flags=extra)
@@ -153,7 +153,7 @@ class Dashboard:
     async def queue(self, request: Request) -> Response:
         name = _required(request, "queue")
         detail = await self.brokers.queue_detail(name)
-        row = next((r for r in self.snapshots.current().rows if r.name == name), None)
+        row = self.snapshots.current().row(name)
         return self._render("queue.html", queue=name, detail=detail, row=row,
                             states=views.JOB_STATES)
 

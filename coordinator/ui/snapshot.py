@@ -18,20 +18,24 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from shardq.router import Topology
 
 from ..stats import ClusterView, QueueView, StatsBook
 
-MIN_AGE_S = 0.5  # brokers heartbeat once a second: fresher would show the same numbers
+MIN_AGE_S = 1.0  # brokers heartbeat once a second: fresher would show the same numbers
 HISTORY = 120  # chart points, one a second
 WATCH_S = 600.0  # keep sampling this long after the last page request
 
 
-@dataclass(frozen=True, slots=True)
-class QueueRow:
-    """One queue in the queue table: its owner's report of it (stats.py's rules)."""
+class QueueRow(NamedTuple):
+    """One queue in the queue table: its owner's report of it (stats.py's rules).
+
+    A named tuple: a snapshot makes one per queue every second it is watched,
+    and a tuple is the cheapest record to make.
+    """
 
     name: str
     broker: str
@@ -59,18 +63,33 @@ class BrokerTotals:
     completed_per_s: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Snapshot:
-    """The cluster at `at` (monotonic): the stats view and the rows of the queue table."""
+    """The cluster at `at` (monotonic): the stats view and the rows of the queue table,
+    with each sort order and the by-name index made once, on first use."""
 
     at: float
     view: ClusterView
     rows: list[QueueRow]
     brokers: dict[str, BrokerTotals]
+    _sorted: dict[str, list[QueueRow]] = field(default_factory=dict)
+    _by_name: dict[str, QueueRow] | None = None
 
     @property
     def totals(self) -> BrokerTotals:
         return _sum_totals(self.brokers.values())
+
+    def sorted_by(self, sort: str, key: Callable[[QueueRow], Any]) -> list[QueueRow]:
+        """The rows in the `sort` order (`key`), sorted once per snapshot."""
+        rows = self._sorted.get(sort)
+        if rows is None:
+            rows = self._sorted[sort] = sorted(self.rows, key=key)
+        return rows
+
+    def row(self, name: str) -> QueueRow | None:
+        if self._by_name is None:
+            self._by_name = {r.name: r for r in self.rows}
+        return self._by_name.get(name)
 
 
 def _broker_totals(queues: dict[str, QueueView]) -> BrokerTotals:

@@ -58,35 +58,36 @@ class QueuePage:
     sort: str
 
 
-def queue_page(rows: Sequence[QueueRow], *, query: str = "", sort: str = "depth",
-               page: int = 1, size: int = PAGE_SIZE) -> QueuePage:
+def queue_page(rows: Sequence[QueueRow] | Snapshot, *, query: str = "",
+               sort: str = "depth", page: int = 1, size: int = PAGE_SIZE) -> QueuePage:
     """Filter by a case-insensitive substring of the name, sort, and cut one page.
 
     Sorting is by depth (waiting+delayed+active) or rate (added+completed
     per second), largest first, ties by name; or by name. An unknown sort
-    falls back to depth; a page past the end shows the last one.
+    falls back to depth; a page past the end shows the last one. Given a
+    `Snapshot`, its rows are sorted once for all requests (10,000 rows take
+    ~10 ms to sort) and a search only filters them, keeping the order.
     """
+    sort = sort if sort in SORTS else "depth"
+    key = SORTS[sort]
+    ordered = (rows.sorted_by(sort, key) if isinstance(rows, Snapshot)
+               else sorted(rows, key=key))
     needle = query.strip().lower()
-    matched = [r for r in rows if needle in r.name.lower()] if needle else list(rows)
-    key = SORTS.get(sort, SORTS["depth"])
+    matched = [r for r in ordered if needle in r.name.lower()] if needle else ordered
     pages = max(1, math.ceil(len(matched) / size))
     page = min(max(1, page), pages)
-    # A full sort of 10,000 rows is a few ms; fine at one request a second.
-    matched.sort(key=key)
     start = (page - 1) * size
-    return QueuePage(matched[start:start + size], page, pages, len(matched), len(rows),
-                     query, sort if sort in SORTS else "depth")
+    return QueuePage(matched[start:start + size], page, pages, len(matched), len(ordered),
+                     query, sort)
 
 
-def cluster_model(topo: Topology, snap: Snapshot, status: dict[str, Any],
-                  progress: dict[str, Any], points: list[Point],
+def cluster_model(topo: Topology, snap: Snapshot, progress: dict[str, Any], points: list[Point],
                   stats_of: Callable[[str], dict[str, Any] | None]) -> dict[str, Any]:
     """Everything `cluster.html` shows."""
     ids = sorted(topo.brokers, key=natural_key)
     palette = svg.colours(ids)
     slot_counts = topo.slot_counts()
     rows = []
-    status_by_id = {b["id"]: b for b in status.get("brokers", [])}
     for bid in ids:
         b = topo.brokers[bid]
         view = snap.view.brokers.get(bid)
@@ -96,7 +97,7 @@ def cluster_model(topo: Topology, snap: Snapshot, status: dict[str, Any],
             "id": bid, "addr": b.addr, "state": b.state.value, "weight": b.weight,
             "colour": palette[bid], "slots": slot_counts.get(bid, 0),
             "live": bool(view and view.live), "age_s": view.age_s if view else None,
-            "queues": totals.queues if totals else status_by_id.get(bid, {}).get("queues", 0),
+            "queues": totals.queues if totals else 0,
             "counts": totals.counts if totals else {},
             "jobs": raw.get("jobs"),
             "added_per_s": totals.added_per_s if totals else 0.0,
