@@ -53,7 +53,7 @@ log = logging.getLogger("shardq.coordinator.ui")
 HERE = Path(__file__).parent
 PUBLIC_PATHS = ("/ui", "/ui/")
 PUBLIC_PREFIXES = ("/ui/static/",)
-VERSION = "1"  # cache-busts the static files when they change
+VERSION = "2"  # cache-busts the static files when they change
 
 
 class ActionsDisabled(CoordinatorError):

@@ -149,12 +149,16 @@
     refresh(true);
   });
 
+  // A new search or sort starts again at page 1.
+  function firstPage() {
+    if (route().params.get("page")) go("queues"); else refresh(true);
+  }
   let searchTimer = null;
   $("queue-search").addEventListener("input", () => {
     clearTimeout(searchTimer);
-    searchTimer = setTimeout(() => refresh(true), 200);
+    searchTimer = setTimeout(firstPage, 200);
   });
-  $("queue-sort").addEventListener("change", () => refresh(true));
+  $("queue-sort").addEventListener("change", firstPage);
   $("jobs-queue").addEventListener("change", () => {
     const r = route();
     go("jobs", new URLSearchParams({ queue: $("jobs-queue").value,
