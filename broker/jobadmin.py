@@ -148,6 +148,8 @@ class JobAdmin:
         a new bound is removed at once, oldest first. Returns jobs removed."""
         self.keep = {COMPLETED: completed, FAILED: failed}
         self._emit(("jK", self.name, {COMPLETED: completed, FAILED: failed}))
+        self._fin_changed.update(RETRY_STATES)
+        self._compact_finished()  # a stale entry must not count as a kept job
         removed = 0
         for st in RETRY_STATES:
             hist = self._finished[st]
@@ -185,12 +187,14 @@ class JobAdmin:
         raise BadRequestError(f"unknown job state {state!r}; one of {', '.join(LIST_STATES)}")
 
     def _waiting_jobs(self, prioritized: bool) -> Iterator[Job]:
-        # A replayed handoff op can index a job twice: listed once.
+        # Only the lines of the priorities asked for are walked (a live entry's
+        # job has its line's priority: a priority change gives a new order), so
+        # counting prioritized jobs costs O(prioritized), not O(waiting). A
+        # replayed handoff op can index a job twice: listed once.
         seen: set[str] = set()
-        for dq in self._waiting_lines():
+        for dq in self._waiting_lines(prioritized):
             for order, job in dq:
-                if (job.state == WAITING and job.order == order
-                        and (job.priority > 0) == prioritized and job.id not in seen):
+                if job.state == WAITING and job.order == order and job.id not in seen:
                     seen.add(job.id)
                     yield job
 
@@ -201,10 +205,11 @@ class JobAdmin:
                 seen.add(job.id)
                 yield job
 
-    def _waiting_lines(self) -> Iterator[deque[tuple[int, Job]]]:
-        yield from self._waiting.values()
-        for line in self._lines.values():
-            yield from line.waiting.values()
+    def _waiting_lines(self, prioritized: bool) -> Iterator[deque[tuple[int, Job]]]:
+        for lines in (self._waiting, *(line.waiting for line in self._lines.values())):
+            for prio, dq in lines.items():
+                if (prio > 0) == prioritized:
+                    yield dq
 
     def job_counts(self, states: Iterable[str]) -> dict[str, int]:
         """Jobs per listing state (waiting excludes prioritized, as BullMQ)."""

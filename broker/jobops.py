@@ -163,15 +163,20 @@ def op_clean(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
     return n
 
 
-def _keep(args: Any, key: str) -> int | None:
+def _keep(args: Any, key: str, now: int | None) -> int | None:
+    """nil: unchanged (`now`, the setting in force); -1: the broker default."""
     val = v.arg(args, key, int, None)
-    return None if val is None else v.non_neg_int(val, key)
+    if val is None:
+        return now
+    if val == -1:
+        return None
+    return v.non_neg_int(val, key)
 
 
 def op_set_retention(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
     q = _queue(b, args)
-    removed = q.set_retention(_keep(args, "keep_completed"), _keep(args, "keep_failed"),
-                              b.clock())
+    removed = q.set_retention(_keep(args, "keep_completed", q.keep[COMPLETED]),
+                              _keep(args, "keep_failed", q.keep[FAILED]), b.clock())
     return {"keep_completed": q.keep_for(COMPLETED), "keep_failed": q.keep_for(FAILED),
             "removed": removed}
 

@@ -190,6 +190,8 @@ class QueueState(FlowQueue, JobAdmin):
                 heapq.heappush(self.ttls, (job.expires_at, job))
         if o and "group" in o:  # set apart: plain adds pay one check, not a kwarg
             job.group = o["group"]
+        if o and "trace" in o:
+            job.trace = o["trace"]
         self.jobs[job_id] = job
         if parent is not None or children is not None:
             self._flow_added(job, parent, children)
@@ -285,8 +287,10 @@ class QueueState(FlowQueue, JobAdmin):
             self.ring.note(op, self.seq)
         row = [self.name, job.id, job.name, job.data, token, job.attempts_made,
                job.attempts_started, job.timestamp, lock_ms]
-        if job.timeout_ms:
+        if job.timeout_ms or job.trace is not None:
             row.append(job.timeout_ms)
+            if job.trace is not None:
+                row.append(job.trace)
         out.append(row)
 
     def _pull_scheduled(self, count: int, lock_ms: int, now: int, out: list[list[Any]]) -> int:

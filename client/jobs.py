@@ -174,10 +174,10 @@ class JobsMixin:
     async def set_retention(self, keep_completed: int | None = None,
                             keep_failed: int | None = None) -> dict[str, int]:
         """Keep the last `keep_completed` completed and `keep_failed` failed
-        jobs of this queue (None: the broker default, 10,000); a job's own
-        `remove_on_complete` / `remove_on_fail` still wins. History over a
-        lowered bound is removed at once. Returns the bounds in force and
-        `removed` (summed over partitions)."""
+        jobs of this queue (None: unchanged; -1: the broker default, 10,000);
+        a job's own `remove_on_complete` / `remove_on_fail` still wins.
+        History over a lowered bound is removed at once. Returns the bounds
+        in force and `removed` (summed over partitions)."""
         replies = await asyncio.gather(*(
             self._client._call(q, protocol.SET_RETENTION, {
                 "queue": q, "keep_completed": keep_completed, "keep_failed": keep_failed})

@@ -18,6 +18,7 @@ import msgpack
 from shardq import protocol
 from shardq.router import partition_for, partition_name
 
+from . import tracing
 from .ids import uuid7
 from .jobs import JobsMixin
 
@@ -66,6 +67,15 @@ def wire_opts(priority: int = 0, delay_ms: int = 0, attempts: int | None = None,
         if remove_on_fail is not None:
             opts["remove_on_fail"] = remove_on_fail
     return opts
+
+
+def _add_trace(items: list[Any]) -> None:
+    """The current trace context on every item (client/tracing.py); items
+    are shared with add_bulk's per-partition lists, so set in place."""
+    trace = tracing.carrier()
+    if trace is not None:
+        for item in items:
+            item[3] = {**(item[3] or {}), "trace": trace}
 
 
 class Queue(JobsMixin):
@@ -140,6 +150,9 @@ class Queue(JobsMixin):
         jid = job_id or uuid7()
         if group is not None:
             extra["group"] = group
+        trace = tracing.carrier()
+        if trace is not None:
+            extra["trace"] = trace
         opts = None
         if priority or delay_ms or attempts is not None or backoff is not None or extra \
                 or remove_on_complete is not None or remove_on_fail is not None:
@@ -182,6 +195,7 @@ class Queue(JobsMixin):
             group[0].append(len(items))
             group[1].append(item)
             items.append(item)
+        _add_trace(items)
         if not partitioned:
             by_queue = {self.name: (list(range(len(items))), items)}
         ids: list[Any] = [None] * len(items)

@@ -58,6 +58,8 @@ from shardq.errors import (
 )
 from shardq.router import partition_name
 
+from . import tracing
+
 if TYPE_CHECKING:
     from .client import Client
 
@@ -82,7 +84,7 @@ class Job:
 
     __slots__ = ("_client", "_data", "_raw", "_timer", "attempts_made", "attempts_started",
                  "broker", "id", "lock_lost", "lock_ms", "name", "partition", "queue",
-                 "timed_out", "timeout_ms", "timestamp", "token")
+                 "timed_out", "timeout_ms", "timestamp", "token", "trace")
 
     def __init__(self, client: Client, broker: str, wire: list[Any]) -> None:
         part: str = wire[protocol.J_QUEUE]
@@ -99,6 +101,9 @@ class Job:
         self.lock_ms: int = wire[protocol.J_LOCK_MS] if len(wire) > protocol.J_LOCK_MS else 0
         self.timeout_ms: int = (wire[protocol.J_TIMEOUT_MS]
                                 if len(wire) > protocol.J_TIMEOUT_MS else 0)
+        # The adder's trace context (client/tracing.py), when it had one.
+        self.trace: dict[str, str] | None = (wire[protocol.J_TRACE]
+                                             if len(wire) > protocol.J_TRACE else None)
         self.broker = broker
         self.lock_lost = False
         self.timed_out = False
@@ -447,11 +452,10 @@ class Worker:
             job = Job(self._client, bid, wire)
             self._running.add(job)
             try:
-                if self._pool is not None:
-                    res: Any = loop.run_in_executor(self._pool, _run_in_process, self.handler,
-                                                    job.info())
+                if job.trace is not None:
+                    res: Any = tracing.traced(job, functools.partial(self._call, loop, job))
                 else:
-                    res = self.handler(job)
+                    res = self._call(loop, job)
             except Exception as exc:
                 self._finish(job, None, exc)
                 continue
@@ -465,6 +469,11 @@ class Worker:
             else:
                 self._finish(job, res, None)
         return len(jobs)
+
+    def _call(self, loop: asyncio.AbstractEventLoop, job: Job) -> Any:
+        if self._pool is not None:
+            return loop.run_in_executor(self._pool, _run_in_process, self.handler, job.info())
+        return self.handler(job)
 
     @staticmethod
     def _time_out(job: Job, fut: asyncio.Future[Any]) -> None:
@@ -503,7 +512,10 @@ class Worker:
             else:
                 self._acks.append([job.partition, job.id, job.token, packed])
         if exc is not None and not job.lock_lost:
-            self._fails.append([job.partition, job.id, job.token, failure_reason(exc)])
+            reason = failure_reason(exc)
+            self._fails.append([job.partition, job.id, job.token, reason])
+            log.info("job %s in %s failed (attempt %d): %s", job.id, job.partition,
+                     job.attempts_started, reason)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             # Scheduled before the slot event wakes a pull loop, so the ack

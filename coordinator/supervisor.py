@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from .cluster_control import MAX_LINE, ClusterFile
+from .cluster_control import MAX_LINE, ClusterFile, register
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
@@ -56,7 +56,11 @@ class ClusterConfig:
     coordinator_port: int = 7070
     fast: bool = False
     token: str | None = None
+<<<<<<< HEAD
     ui_actions: bool = False  # the coordinator's dashboard may act (--ui-actions)
+=======
+    registry: Path | None = None  # where `scale` finds this cluster by URL (cluster_control.py)
+>>>>>>> jobs-api
 
 
 class ChildFailed(Exception):
@@ -265,6 +269,12 @@ class Cluster:
         """Record the cluster in DATA_DIR/cluster.json (cluster_control.py)."""
         ClusterFile(os.getpid(), self.url, control, [b.name for b in self.brokers],
                     self.removed).write(self.config.data_dir)
+        if self.config.registry is not None:
+            try:
+                register(self.config.registry, self.url, self.config.data_dir)
+            except OSError as exc:  # `scale` then needs --data-dir; the cluster still runs
+                self.console.print(f"[yellow]cannot register the cluster in "
+                                   f"{self.config.registry}: {exc}[/yellow]")
 
     @property
     def url(self) -> str:

@@ -25,10 +25,14 @@ ADD        {queue, jobs: [[id, name, data, opts|nil], ...]}
                    fails it "timed out"), ttl_ms:int>=1 (from the add, paused time
                    included: a job not started by then goes to the DLQ, never out)
                  group:str (1-256 chars; groups are served round-robin, DESIGN §11)
+                 trace:{str: str} (a trace context carrier, <= 1024 chars: stored
+                   and delivered to the worker; client/tracing.py)
 PULL       {queues: [str], count: int, wait_ms: int, lock_ms: int}
            -> [job, ...] where job = [queue, id, name, data, token, attempts_made,
-                                      attempts_started, timestamp, lock_ms, timeout_ms?]
-           (timeout_ms only for jobs added with one)
+                                      attempts_started, timestamp, lock_ms, timeout_ms?,
+                                      trace?]
+           (timeout_ms only for jobs added with one or with a trace (then 0 if
+           none); trace only for jobs added with one)
            Long-poll: waits up to wait_ms for at least one job (never longer than
            60 s); an empty list when none came.
 ACK        {items: [[queue, id, token, result|nil], ...], pull?: {queues, count, lock_ms}}
@@ -165,8 +169,8 @@ CLEAN        {queue, grace_ms: n, limit?: n, state: str} -> n removed
              finished - or added - at least grace_ms ago, oldest first)
 SET_RETENTION {queue, keep_completed: n|nil, keep_failed: n|nil}
              -> {keep_completed: n, keep_failed: n, removed: n}
-             The queue's retained history (nil: the broker default); history
-             over a lower bound is removed at once.
+             The queue's retained history (nil: unchanged, -1: the broker
+             default); history over a lower bound is removed at once.
 """
 
 from __future__ import annotations
@@ -235,7 +239,7 @@ PHASES = ("prepare", "copy", "freeze", "catch-up", "commit", "activate", "cleanu
 
 # index of fields in a delivered job (PULL / ACK-with-pull)
 (J_QUEUE, J_ID, J_NAME, J_DATA, J_TOKEN, J_ATTEMPTS_MADE, J_ATTEMPTS_STARTED, J_TIMESTAMP,
- J_LOCK_MS, J_TIMEOUT_MS) = range(10)
+ J_LOCK_MS, J_TIMEOUT_MS, J_TRACE) = range(11)
 
 JOB_FIELDS = (
     "id", "name", "data", "state", "priority", "attempts", "attempts_made",

@@ -101,6 +101,19 @@ class Proc:
             self._log.close()  # type: ignore[union-attr]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """`cluster up` registers itself for `scale` in $SHARDQ_STATE_DIR
+    (coordinator/cluster_control.py): the tests' clusters stay out of ~."""
+    old = os.environ.get("SHARDQ_STATE_DIR")
+    os.environ["SHARDQ_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if old is None:
+        os.environ.pop("SHARDQ_STATE_DIR", None)
+    else:
+        os.environ["SHARDQ_STATE_DIR"] = old
+
+
 @pytest.fixture
 def procs(tmp_path: Path) -> Iterator[list[Proc]]:
     """Collects every process a test starts and kills them all at teardown."""

@@ -39,11 +39,12 @@ def up(
     """
     import uvloop
 
+    from shardq.cli import cluster_registry
     from shardq.coordinator.supervisor import ChildFailed, ClusterConfig, run_cluster
 
     config = ClusterConfig(brokers=n, data_dir=data_dir, base_port=base_port,
                            coordinator_port=coordinator_port, fast=fast, token=token,
-                           ui_actions=ui_actions)
+                           ui_actions=ui_actions, registry=cluster_registry())
     console = Console(stderr=True)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -36,3 +36,23 @@ def test_a_broker_process_skips_the_rest_of_the_cli_and_other_commands_still_wor
                           text=True, timeout=60, check=True).stdout
     for command in ("broker", "coordinator", "status", "drain", "stats", "bench", "deploy"):
         assert command in full
+
+
+def test_broker_with_no_options_is_b1_on_7101_in_shardq_data(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+    import socket
+
+    with socket.socket() as s:  # the default port is shared with whatever else runs here
+        if s.connect_ex(("127.0.0.1", 7101)) == 0:
+            pytest.skip("port 7101 is in use on this machine")
+    p = subprocess.Popen([sys.executable, "-m", "shardq", "broker"], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline().decode().strip()
+        assert line == "READY 127.0.0.1:7101", (line, p.stderr.read() if p.poll() else b"")
+        assert (tmp_path / "shardq-data" / "broker.db").exists()
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=10)

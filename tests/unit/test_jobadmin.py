@@ -271,6 +271,11 @@ def test_retention_setting_trims_history_and_replays() -> None:
     add(q, "c6")
     finish(q, "c6", ok=True)
     assert [j.id for j in q.jobs_in(COMPLETED)] == ["c5", "c6"]
+    q.remove_job("c6", NOW + 20)  # a removed job no longer counts as kept
+    add(q, "c7")
+    finish(q, "c7", ok=True)
+    assert q.set_retention(2, None, NOW) == 0  # c5 and c7: already 2
+    assert [j.id for j in q.jobs_in(COMPLETED)] == ["c5", "c7"]
     back = replayed(log)
     assert back.keep_for(COMPLETED) == 2 and back.keep_for(FAILED) == 10_000
     assert export(back) == export(q)
