@@ -56,11 +56,8 @@ class ClusterConfig:
     coordinator_port: int = 7070
     fast: bool = False
     token: str | None = None
-<<<<<<< HEAD
     ui_actions: bool = False  # the coordinator's dashboard may act (--ui-actions)
-=======
     registry: Path | None = None  # where `scale` finds this cluster by URL (cluster_control.py)
->>>>>>> jobs-api
 
 
 class ChildFailed(Exception):
