@@ -37,7 +37,16 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from shardq.errors import BadRequestError, ShardqError
+from shardq.errors import (
+    BadRequestError,
+    BusyError,
+    JobStateError,
+    NotFoundError,
+    ShardqError,
+    TooLargeError,
+    TryAgainError,
+    UnavailableError,
+)
 from shardq.router import Topology
 
 from ..errors import BadRequest, CoordinatorError
@@ -194,10 +203,16 @@ class Dashboard:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+# A broker's refusal as the dashboard's answer; anything else from a broker is 502.
+_STATUS_OF_ERROR: tuple[tuple[type[ShardqError], int], ...] = (
+    (BadRequestError, 400), (TooLargeError, 400), (NotFoundError, 404),
+    (JobStateError, 409), (TryAgainError, 503), (BusyError, 503), (UnavailableError, 503))
+
+
 def _status_of(exc: Exception) -> int:
     if isinstance(exc, CoordinatorError):
         return exc.status
-    return 400 if isinstance(exc, BadRequestError) else 502
+    return next((code for kind, code in _STATUS_OF_ERROR if isinstance(exc, kind)), 502)
 
 
 def _fragment(handler: Handler) -> Handler:

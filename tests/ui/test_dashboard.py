@@ -174,6 +174,8 @@ def test_pausing_a_queue_in_the_page_stops_its_worker_getting_jobs(
 
         press(browser, f'{row_css} button[data-action="resume"]')
         wait_for(lambda: len(handled) == 25, "the worker to get the jobs after resume")
+        open_view(browser, c, f"queue?queue={queue}", '#queue-view[data-paused="false"]')
+        shot(browser, "queue")
     finally:
         aloop.call(_stop(client, worker, task))
 
