@@ -69,14 +69,19 @@ def test_cluster_view_lists_every_broker_with_its_slots_from_topology(
     c = ui_cluster()
     counts = Topology.from_dict(c.get("/topology")).slot_counts()
     open_view(browser, c, "cluster", "#brokers tr.broker")
-    rows = {r.get_attribute("data-broker"): r for r in css(browser, "#brokers tr.broker")}
+    # One script reads the whole fragment, so a refresh in between cannot split the reading.
+    rows, drawn = browser.execute_script("""
+        const rows = {};
+        for (const tr of document.querySelectorAll('#brokers tr.broker'))
+          rows[tr.dataset.broker] = [tr.dataset.slots, tr.querySelector('td.slots').textContent];
+        const drawn = {};
+        for (const p of document.querySelectorAll('svg.slots path.owner'))
+          drawn[p.getAttribute('data-owner')] = Number(p.getAttribute('data-slots'));
+        return [rows, drawn];""")
     assert sorted(rows) == ["b1", "b2", "b3"]
-    for bid, row in rows.items():
-        assert int(row.get_attribute("data-slots")) == counts[bid]
-        assert row.find_element(By.CSS_SELECTOR, "td.slots").text == f"{counts[bid]:,}"
+    for bid, (slots, text) in rows.items():
+        assert int(slots) == counts[bid] and text == f"{counts[bid]:,}"
     # The slot picture draws every slot once, in its owner's colour.
-    drawn = {p.get_attribute("data-owner"): int(p.get_attribute("data-slots"))
-             for p in css(browser, "svg.slots path.owner")}
     assert drawn == counts and sum(drawn.values()) == 4096
     shot(browser, "cluster")
 
@@ -116,8 +121,9 @@ def test_failed_job_shows_its_reason_and_retry_runs_it_to_completion(
         wait_for(lambda: (aloop.call(_job(client, queue, job_id)) or {}).get("state") == "failed",
                  "the job to fail")
         open_view(browser, c, f"jobs?queue={queue}&state=failed", f'tr.job[data-job="{job_id}"]')
-        row = css(browser, f'tr.job[data-job="{job_id}"]')[0]
-        assert "downstream said no" in row.find_element(By.CSS_SELECTOR, "td.reason").text
+        wait_for(lambda: "downstream said no" in
+                 css(browser, f'tr.job[data-job="{job_id}"] td.reason')[0].text,
+                 "the failed reason in the job's row")
         shot(browser, "jobs-failed")
 
         message = press(browser, f'tr.job[data-job="{job_id}"] button[data-action="retry_job"]')
@@ -127,7 +133,8 @@ def test_failed_job_shows_its_reason_and_retry_runs_it_to_completion(
         assert done and len(calls) == 2
         open_view(browser, c, f"job?queue={queue}&id={job_id}",
                   '#job-view[data-state="completed"]')
-        assert '"ok": true' in browser.find_element(By.ID, "job-view").text
+        wait_for(lambda: '"ok": true' in browser.find_element(By.ID, "job-view").text,
+                 "the job's result")
         shot(browser, "job")
     finally:
         aloop.call(_stop(client, worker, task))
@@ -193,10 +200,10 @@ def test_a_running_scale_out_shows_its_moves_in_the_slot_picture(
     aloop.call(push(), timeout=120)
     open_view(browser, c, "cluster", "#brokers tr.broker")
     c.start_broker("b4")
-    moving = wait_for(lambda: css(browser, 'svg.slots path.moving[data-to="b4"]'),
+    moving = wait_for(lambda: attrs(browser, 'svg.slots path.moving[data-to="b4"]', "data-slots"),
                       "a move onto b4 in the slot picture", timeout=60)
-    assert int(moving[0].get_attribute("data-slots")) > 0
-    assert css(browser, "#moves tr.move")
+    assert int(moving[0]) > 0
+    assert attrs(browser, "#moves tr.move", "data-move")
     shot(browser, "scale-out")
 
     topo = c.synced(("b1", "b2", "b3", "b4"))
