@@ -213,9 +213,15 @@ def test_a_running_scale_out_shows_its_moves_in_the_slot_picture(
 
 
 def test_without_the_token_the_page_shows_nothing_and_every_api_call_gets_401(
-        ui_cluster: Any, browser: Any) -> None:
+        ui_cluster: Any, browser: Any, aloop: LoopThread) -> None:
     token = "s3cret-dashboard-token"
     c = ui_cluster(token)
+
+    async def add() -> None:
+        async with await shardq.connect(c.url, token=token) as client:
+            await client.queue("ui-secret").add("x", 1)
+
+    aloop.call(add())
     calls = [("GET", "/ui/api/cluster"), ("GET", "/ui/api/queues?q=x"),
              ("GET", "/ui/api/queue?queue=x"), ("GET", "/ui/api/jobs?queue=x&state=failed"),
              ("GET", "/ui/api/job?queue=x&id=y"), ("POST", "/ui/api/action"),
@@ -240,6 +246,10 @@ def test_without_the_token_the_page_shows_nothing_and_every_api_call_gets_401(
              "the page to refuse a wrong token")
     field.send_keys(token, Keys.ENTER)
     wait_for(lambda: len(css(browser, "#brokers tr.broker")) == 3, "the cluster view")
+    # The coordinator reads the brokers with the same token (paused flags come from them).
+    browser.get(f"{c.url}/ui#queues")
+    wait_for(lambda: css(browser, 'tr.queue[data-queue="ui-secret"][data-paused="false"]'),
+             "the queue's row with its paused flag read from its broker")
     assert token not in browser.current_url
     assert browser.execute_script("return sessionStorage.getItem('shardq-token')") == token
     assert token not in (c.coordinator.log_path.read_text() if c.coordinator.log_path else "")
