@@ -3,9 +3,12 @@ typed refusals, the page's security headers (coordinator/ui/dashboard.py)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from ..conftest import Proc
 
@@ -48,3 +51,13 @@ def test_the_page_shell_runs_only_its_own_scripts(procs: list[Proc], tmp_path: P
     assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
     assert httpx.get(url + "/ui/static/app.js").status_code == 200
     assert httpx.get(url + "/ui/static/nope.js").status_code == 404
+
+
+@pytest.mark.slow
+def test_the_dashboard_bench_runs_and_times_every_request() -> None:
+    bench = Path(__file__).parents[2] / "bench" / "bench_dashboard.py"
+    r = subprocess.run([sys.executable, str(bench), "--queues", "30", "--jobs", "300",
+                        "--requests", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for what in ("healthz", "cluster (fresh)", "queues by depth (cached)", "job detail"):
+        assert what in r.stdout, r.stdout
