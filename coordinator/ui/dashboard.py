@@ -157,7 +157,9 @@ class Dashboard:
         page = views.queue_page(snap, query=p.get("q", ""), sort=p.get("sort", "depth"),
                                 page=_int(p.get("page"), 1), size=views.PAGE_SIZE)
         extra = await self.brokers.queue_flags([r.name for r in page.rows])
-        return self._render("queues.html", page=page, flags=extra)
+        parts = self.m.topology.partitions
+        logical = {r.name: views.logical_queue(r.name, parts) for r in page.rows}
+        return self._render("queues.html", page=page, flags=extra, logical=logical)
 
     async def queue(self, request: Request) -> Response:
         name = _required(request, "queue")

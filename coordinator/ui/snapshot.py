@@ -27,7 +27,7 @@ from ..stats import ClusterView, QueueView, StatsBook
 
 MIN_AGE_S = 1.0  # brokers heartbeat once a second: fresher would show the same numbers
 HISTORY = 120  # chart points, one a second
-WATCH_S = 600.0  # keep sampling this long after the last page request
+WATCH_S = 150.0  # keep sampling this long after the last page request (the chart's span)
 
 
 class QueueRow(NamedTuple):

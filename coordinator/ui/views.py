@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from shardq.router import Topology
+from shardq.router import PARTITION_SEP, Topology
 
 from ..membership import natural_key
 from . import svg
@@ -43,6 +43,12 @@ def fmt_rate(v: float) -> str:
     if v == 0:
         return "0"
     return f"{v:,.1f}" if v < 100 else f"{v:,.0f}"
+
+
+def logical_queue(stored: str, partitions: dict[str, int]) -> str:
+    """The queue a user knows: `hot` for its partition `hot~3` (docs/design.md §7)."""
+    base, sep, index = stored.rpartition(PARTITION_SEP)
+    return base if sep and index.isdigit() and base in partitions else stored
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,3 +97,34 @@ def test_an_action_on_a_job_that_is_not_there_says_so(ui_cluster: Any) -> None:
     r = httpx.post(c.url + "/ui/api/action",
                    json={"action": "retry_job", "queue": "nope", "job_id": "missing"})
     assert r.status_code == 404 and "missing" in r.json()["error"]
+
+
+def test_a_partitioned_queue_reads_and_pauses_as_one_across_brokers(
+        ui_cluster: Any, aloop: LoopThread) -> None:
+    c = ui_cluster()
+    topo = c.topology
+    # A name whose 3 partitions do not all live on one broker.
+    name = next(n for n in (f"ui-hot-{i}" for i in range(100))
+                if len({topo.owner_of(f"{n}~{p}") for p in range(3)}) > 1)
+
+    async def fill() -> None:
+        async with await shardq.connect(c.url) as client:
+            await client.declare_queue(name, partitions=3)
+            q = client.queue(name)
+            await q.add_bulk([("x", i, {"partition_key": f"k{i}"}) for i in range(30)])
+
+    aloop.call(fill())
+    jobs = httpx.get(c.url + "/ui/api/jobs", params={"queue": name, "state": "waiting"}).text
+    assert jobs.count('class="job"') == 30 and "(30)" in jobs
+    assert "paused" in act(c, action="pause", queue=name)
+
+    async def paused() -> list[bool]:
+        async with await shardq.connect(c.url) as client:
+            return [bool((await client.queue(f"{name}~{p}").counts())["paused"])
+                    for p in range(3)]
+
+    assert aloop.call(paused()) == [True, True, True]
+    table = wait_for(lambda: (t := httpx.get(c.url + "/ui/api/queues",
+                                             params={"q": name}).text).count('class="queue"')
+                     == 3 and t, "the three partitions in the queue table")
+    assert table.count(f"partition of {name}") == 3

@@ -91,3 +91,11 @@ def test_formats() -> None:
     assert views.fmt_ms_time(0) == "-"
     assert views.fmt_ms_time(1_700_000_000_123) == "2023-11-14 22:13:20.123"
     assert views.short("x" * 200).endswith("…")
+
+
+def test_a_partition_row_links_to_its_logical_queue() -> None:
+    parts = {"hot": 4}
+    assert views.logical_queue("hot~3", parts) == "hot"
+    assert views.logical_queue("cold~3", parts) == "cold~3"  # not declared partitioned
+    assert views.logical_queue("hot~x", parts) == "hot~x"
+    assert views.logical_queue("plain", parts) == "plain"
