@@ -10,6 +10,9 @@ STAMP  := $(VENV)/.installed
 .PHONY: run test test-node check lint typecheck bench clean
 
 $(STAMP): pyproject.toml
+	@# The dashboard's browser tests drive Debian's headless Chromium (tests/ui).
+	if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq chromium chromium-driver; fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench]'

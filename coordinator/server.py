@@ -53,6 +53,7 @@ class CoordinatorConfig:
     handoff_step_timeout_s: float = 10.0
     handoff_retry_budget_s: float = 30.0
     handoff_copy_rate: int = 0
+    ui_actions: bool = False
 
 
 def serve(config: CoordinatorConfig) -> None:
@@ -71,7 +72,8 @@ async def serve_async(config: CoordinatorConfig) -> None:
         app = create_app(membership, token=config.token, control_token=config.control_token,
                          check_interval_ms=interval,
                          rebalancer=_rebalancer(membership, config),
-                         tenants=TenantBook(store, membership.term))
+                         tenants=TenantBook(store, membership.term),
+                         ui_actions=config.ui_actions)
         server = _Server(uvicorn.Config(app, log_config=None, access_log=False,
                                         lifespan="on", timeout_graceful_shutdown=5))
         loop = asyncio.get_running_loop()

@@ -64,6 +64,7 @@ class ClusterConfig:
     coordinator_port: int = 7070
     fast: bool = False
     token: str | None = None
+    ui_actions: bool = False  # the coordinator's dashboard may act (--ui-actions)
     registry: Path | None = None  # where `scale` finds this cluster by URL (cluster_control.py)
 
 
@@ -244,7 +245,8 @@ class Cluster:
         self.coordinator = Child(
             "coordinator",
             lambda port: ["coordinator", "--port", str(port), "--data-dir", str(d / "coordinator"),
-                          "--expect", str(config.brokers), *self._token_args()],
+                          "--expect", str(config.brokers), *self._token_args(),
+                          *(["--ui-actions"] if config.ui_actions else [])],
             config.coordinator_port, d / "logs" / "coordinator.log", self.notify)
         self.removed: list[str] = list(saved.removed) if saved else []
         names = {f"b{i}" for i in range(1, config.brokers + 1)}
