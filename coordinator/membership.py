@@ -71,6 +71,32 @@ _OUT_OF_RING = frozenset({BrokerState.DRAINING, BrokerState.LEAVING, BrokerState
 _ABSENT = frozenset({BrokerState.DEAD, BrokerState.LOST_STORAGE})  # not serving its slots
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _STORAGE_RE = re.compile(r"^[0-9a-f]{32}$")
+
+J, A, DG, LV, DD, X, L = (BrokerState.JOINING, BrokerState.ACTIVE, BrokerState.DRAINING,
+                          BrokerState.LEAVING, BrokerState.DRAINED, BrokerState.DEAD,
+                          BrokerState.LOST_STORAGE)
+# The legal changes of a broker's state; `Membership._set_state` checks every
+# one. Dead and lost-storage are absences: entering one keeps the state to
+# come back to (`revive_state`), and leaving one goes back to it. Every other
+# state is operational: entering it makes it the one to come back to.
+#
+#   from \ to     joining active draining leaving drained dead lost-storage
+#   joining                  x       x        x       x      x
+#   active                           x        x       x      x       x
+#   draining                 x                x       x      x       x
+#   leaving                  x                        x      x       x
+#   drained                  x       x        x              x       x
+#   dead            (back to revive_state)                            x
+#   lost-storage    (back to revive_state)
+BROKER_TRANSITIONS: dict[BrokerState, frozenset[BrokerState]] = {
+    J: frozenset({A, DG, LV, DD, X}),
+    A: frozenset({DG, LV, DD, X, L}),
+    DG: frozenset({A, LV, DD, X, L}),
+    LV: frozenset({A, DD, X, L}),
+    DD: frozenset({A, DG, LV, X, L}),
+    X: frozenset({J, A, DG, LV, DD, L}),
+    L: frozenset({J, A, DG, LV, DD}),
+}
 _DIGITS = re.compile(r"(\d+)")
 
 
@@ -324,10 +350,7 @@ class Membership:
         b = topo.brokers[bid]
         b.addr, b.weight = addr, weight
         if presented and b.storage is not None and storage != b.storage and _owns(topo, bid):
-            if b.state is not BrokerState.LOST_STORAGE:
-                if b.state is not BrokerState.DEAD:
-                    rec.revive_state = b.state
-                b.state = BrokerState.LOST_STORAGE
+            self._set_state(topo, bid, BrokerState.LOST_STORAGE)
             if rec.presented_storage != storage or info.state is not BrokerState.LOST_STORAGE:
                 rec.presented_storage = storage
                 log.warning("broker %s is held (lost-storage): %s", bid,
@@ -338,7 +361,7 @@ class Membership:
             if b.state in _ABSENT:
                 if b.state is BrokerState.LOST_STORAGE:
                     log.warning("broker %s is back with its recorded storage %s", bid, storage)
-                b.state = rec.revive_state
+                self._set_state(topo, bid, rec.revive_state)
             rec.presented_storage = None
             if presented and storage is not None and storage != b.storage:
                 # A first identity for a broker recorded before identities
@@ -379,8 +402,7 @@ class Membership:
         if _owns(topo, broker_id):
             if info.state in _ABSENT:
                 return self._answer(broker_id)
-            self._records[broker_id].revive_state = info.state
-            topo.brokers[broker_id].state = BrokerState.DEAD
+            self._set_state(topo, broker_id, BrokerState.DEAD)
             self._commit(topo)
             return self._answer(broker_id)
         del topo.brokers[broker_id]
@@ -406,8 +428,7 @@ class Membership:
         if ids:
             topo = self._topo.copy()
             for bid in ids:
-                topo.brokers[bid].state = BrokerState.ACTIVE
-                self._records[bid].revive_state = BrokerState.ACTIVE
+                self._set_state(topo, bid, BrokerState.ACTIVE)
             self._commit(topo)
         return ids
 
@@ -443,8 +464,7 @@ class Membership:
         if info.state is not want and not (
                 info.state is BrokerState.LEAVING and want is BrokerState.DRAINING):
             topo = self._topo.copy()
-            topo.brokers[broker_id].state = want
-            self._records[broker_id].revive_state = want
+            self._set_state(topo, broker_id, want)
             self._commit(topo)
         return {**self._answer(broker_id), "slots": owned}
 
@@ -467,8 +487,7 @@ class Membership:
         elif info.state is not BrokerState.ACTIVE and (
                 info.state in _OUT_OF_RING or self.bootstrapped):
             topo = self._topo.copy()
-            topo.brokers[broker_id].state = BrokerState.ACTIVE
-            rec.revive_state = BrokerState.ACTIVE
+            self._set_state(topo, broker_id, BrokerState.ACTIVE)
             self._commit(topo)
         return self._answer(broker_id)
 
@@ -549,7 +568,8 @@ class Membership:
         epoch = self._next_epoch()
         if alive and rec.presented_storage is not None:
             b = topo.brokers[bid]
-            b.state, b.storage, b.since = rec.revive_state, rec.presented_storage, epoch
+            self._set_state(topo, bid, rec.revive_state)
+            b.storage, b.since = rec.presented_storage, epoch
             rec.presented_storage = None
             for s in slots:
                 topo.slot_epochs[s] = epoch
@@ -690,8 +710,7 @@ class Membership:
         if (state is MoveState.DONE and src is not None and src.state in _OUT_OF_RING
                 and src.state is not BrokerState.DRAINED and not _owns(self._topo, src.id)):
             topo = self._topo.copy()
-            topo.brokers[src.id].state = BrokerState.DRAINED
-            self._records[src.id].revive_state = BrokerState.DRAINED
+            self._set_state(topo, src.id, BrokerState.DRAINED)
             self._commit(topo, moves=[new])
         else:
             self._save_moves([new])
@@ -725,12 +744,31 @@ class Membership:
             return []
         topo = self._topo.copy()
         for bid in expired:
-            self._records[bid].revive_state = topo.brokers[bid].state
-            topo.brokers[bid].state = BrokerState.DEAD
+            self._set_state(topo, bid, BrokerState.DEAD)
         self._commit(topo)
         return expired
 
     # -- internals -----------------------------------------------------------
+
+    def _set_state(self, topo: Topology, bid: str, to: BrokerState) -> None:
+        """Move broker `bid` of `topo` (a copy about to be committed) to state `to`.
+
+        Raises:
+            Conflict: `BROKER_TRANSITIONS` does not allow it.
+        """
+        b, rec = topo.brokers[bid], self._records[bid]
+        now = b.state
+        if to is now:
+            return
+        if to not in BROKER_TRANSITIONS[now] or (now in _ABSENT and to not in _ABSENT
+                                                 and to is not rec.revive_state):
+            raise Conflict(f"broker {bid} is {now.value}: it cannot become {to.value}")
+        if to in _ABSENT:
+            if now not in _ABSENT:
+                rec.revive_state = now
+        else:
+            rec.revive_state = to
+        b.state = to
 
     def _maybe_bootstrap(self) -> None:
         if self.bootstrapped:
@@ -741,8 +779,7 @@ class Membership:
             return
         topo = self._topo.copy()
         for bid in weights:
-            topo.brokers[bid].state = BrokerState.ACTIVE
-            self._records[bid].revive_state = BrokerState.ACTIVE
+            self._set_state(topo, bid, BrokerState.ACTIVE)
         topo = topo.with_assignment(Ring(weights, self._vnodes).targets(), self._topo.epoch + 1)
         self._commit(topo)
 
