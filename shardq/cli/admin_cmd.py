@@ -50,14 +50,16 @@ def status(coordinator: str = COORDINATOR_OPT, token: str | None = TOKEN_OPT,
         return
     age = "live" if not stale else (f"live, but {', '.join(stale)} from the last "
                                     "heartbeat (<= ~1 s old)")
-    table = Table(title=f"epoch {data['epoch']} ({age})", box=box.SIMPLE_HEAD)
+    table = Table(title=f"epoch {data['epoch']} ({age})", box=box.SIMPLE_HEAD,
+                  padding=(0, 0, 0, 0), pad_edge=False, show_edge=False)
     for col in ("id", "addr", "state", "weight", "slots", "queues", "waiting", "active",
                 "delayed"):
         text = col in ("id", "addr", "state")
         # A header never shrinks below its own width (80 columns cut them to
-        # "weig…"); a long address folds onto a second line instead.
+        # "weig…"), and an address stays whole (it is copied into other
+        # commands): with collapsed padding a host:port of 21 characters fits.
         table.add_column(col, justify="left" if text else "right", min_width=len(col),
-                         no_wrap=col != "addr", overflow="fold")
+                         no_wrap=True, overflow="fold")
     for b in data["brokers"]:
         table.add_row(b["id"], b["addr"], _state_markup(b["state"]),
                       *(str(b[k]) for k in ("weight", "slots", "queues", "waiting", "active",
