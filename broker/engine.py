@@ -31,7 +31,7 @@ from shardq.broker.handoff import Handoffs
 from shardq.broker.limits import TenantShare
 from shardq.broker.queue import QueueDefaults, QueueState
 from shardq.broker.replay import Images
-from shardq.broker.store import Store
+from shardq.broker.store import StorageFullError, Store
 from shardq.errors import BusyError, MovedError, TryAgainError
 from shardq.router import NUM_SLOTS, Topology, slot_of
 
@@ -52,6 +52,9 @@ IDLE_CHECKPOINT_AFTER_S = 1.0
 # With no commit for this long, checkpoint steps run back to back instead of
 # paced: a commit that arrives then waits for one step (a few ms) at most.
 IDLE_UNPACED_AFTER_S = 0.1
+DISK_RETRY_S = 1.0  # with the disk full, a commit is tried again this often
+DISK_CHECK_S = 0.05  # adds read the free space at most this often
+DISK_FACTOR = 3  # disk bytes per byte of job data (log row, checkpoint row, WAL)
 
 
 def wall_ms() -> int:
@@ -75,6 +78,10 @@ class BrokerConfig:
     # `handshake_timeout_s`; a connection silent for `idle_timeout_s` is closed.
     handshake_timeout_s: float = 5.0
     idle_timeout_s: float = 300.0
+    # Below this much free space on the data dir's filesystem, adds are
+    # refused BUSY (a disk alarm, as RabbitMQ's disk_free_limit): the space
+    # left lets checkpoints finish and acks go on. 0: off.
+    disk_free_limit: int = 64 * 2**20
     coordinator: str | None = None
     ack_journal: str | None = None  # append every accepted ack here (tests, DESIGN §9)
     weight: int = 1
@@ -163,6 +170,15 @@ class Broker:
         self._admitted_bytes = 0  # estimated memory of adds let in since the RSS sample
         self._admitted_before = 0  # ... and in the second before it
         self._drift_logged = 0
+        # Disk full (_storage_full): ops of failed commits, not yet on disk.
+        self._unsaved: list[Any] = []
+        self.disk_full = False  # no commit until the retry timer
+        self.disk_full_since = 0.0  # monotonic start of the episode, 0 when none
+        self.disk_full_total = 0
+        self.disk_low = False  # the disk alarm (_check_disk_space)
+        self._disk_free = 1 << 62
+        self._disk_admitted = 0
+        self._disk_checked_at = 0.0
         self.handoffs: dict[str, int] = {}  # handoff results, for metrics
         self.finishes = RecentFinishes()  # tokens ACK/FAIL consumed: resends answer ok
         self.handoff = Handoffs(self)
@@ -333,6 +349,8 @@ class Broker:
         cfg = self.config
         if self.total_jobs >= cfg.max_jobs:
             raise BusyError(f"broker {cfg.broker_id} is at its limit of {cfg.max_jobs} jobs", 100)
+        if cfg.disk_free_limit and jobs:
+            self._check_disk_for(jobs)
         if not cfg.max_memory:
             return
         if not self.rss:
@@ -349,7 +367,7 @@ class Broker:
     # ------------------------------------------------------------ group commit
     def defer_reply(self, sink: Sink, data: bytes) -> None:
         """Send `data` once everything logged so far is durable."""
-        if self.config.durable and (self.log or self._writer_busy):
+        if self.config.durable and (self.log or self._writer_busy or self._unsaved):
             self._pending_replies.append((sink, data))
             self._schedule_flush()
         else:
@@ -367,12 +385,13 @@ class Broker:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._writer_busy:
-            return
-        if not self.log:
+        if self._writer_busy or self.disk_full:
+            return  # disk full: the retry timer flushes (see _storage_full)
+        if not self.log and not self._unsaved:
             self._writer_idle()
             return
-        ops = self.log[:]
+        ops = self._unsaved + self.log if self._unsaved else self.log[:]
+        self._unsaved = []
         self.log.clear()
         if self.handoff.taps:
             self.handoff.tap_batch(ops)
@@ -395,23 +414,29 @@ class Broker:
             try:
                 self.store.commit(seq, ops)
             except Exception as exc:
-                self._after_commit(exc, replies, seq)
+                self._after_commit(exc, replies, seq, marks, ops)
             else:
                 self._after_commit(None, replies, seq, marks)
             return
         self._writer_busy = True
         assert self._loop is not None
         fut = self._loop.run_in_executor(self._writer, self.store.commit, seq, ops)
-        fut.add_done_callback(lambda f: self._after_commit(f.exception(), replies, seq, marks))
+        fut.add_done_callback(
+            lambda f: self._after_commit(f.exception(), replies, seq, marks, ops))
         if start_ckpt:
             self._begin_checkpoint(seq)
 
     def _after_commit(self, exc: BaseException | None,
                       replies: list[tuple[Sink, bytes]], seq: int,
-                      marks: dict[str, int] | None = None) -> None:
+                      marks: dict[str, int] | None = None, ops: list[Any] | None = None) -> None:
         self._writer_busy = False
-        self._committed_seq = seq
         lines = self._journal_batches.pop(seq, None)
+        if isinstance(exc, StorageFullError):
+            self._storage_full(exc, ops or [], replies, lines)
+            return
+        self._committed_seq = seq
+        if self.disk_full_since:
+            self._storage_back()
         if lines and self.ack_journal is not None and exc is None:
             self.ack_journal.write("".join(lines))
             self.ack_journal.flush()  # before the acks are answered
@@ -432,6 +457,111 @@ class Broker:
             self._schedule_flush()
         else:
             self._writer_idle()
+
+    # ------------------------------------------------------------ disk full
+    def _storage_full(self, exc: StorageFullError, ops: list[Any],
+                      replies: list[tuple[Sink, bytes]], lines: list[str] | None) -> None:
+        """A commit found no space. Its ops stay in memory, unsaved, and go
+        first into the next commit; its replies wait for that commit. Until
+        then adds are refused BUSY (server.py), acks and reads go on, and a
+        commit is tried again every DISK_RETRY_S: no answered write is lost,
+        and the broker resumes by itself when space returns."""
+        self._unsaved = ops + self._unsaved
+        self._pending_replies = replies + self._pending_replies
+        if lines:
+            self.journal_lines = lines + self.journal_lines
+        self.disk_full = True
+        if not self.disk_full_since:
+            self.disk_full_since = time.monotonic()
+            self.disk_full_total += 1
+            log.error("disk full: %s; refusing adds, holding %d unsaved ops until space "
+                      "returns (retry every %.0f s)", exc, len(self._unsaved), DISK_RETRY_S)
+        else:
+            log.info("disk still full: %s", exc)
+        for f in self._idle_waiters:  # flush_all gives up (see there)
+            if not f.done():
+                f.set_result(None)
+        self._idle_waiters = []
+        assert self._loop is not None
+        self._loop.call_later(DISK_RETRY_S, self._retry_storage)
+
+    def _retry_storage(self) -> None:
+        if self._writer_busy:
+            assert self._loop is not None
+            self._loop.call_later(DISK_RETRY_S, self._retry_storage)
+            return
+        if self._ckpt_active and not self.store.checkpointing:
+            self._ckpt_active = False  # abandoned on the full disk: begun again later
+            self._ckpt_requested = True
+        # First win back the WAL's space (the frames of failed writes, and
+        # whatever the last checkpoint left), then commit what is unsaved. No
+        # checkpoint starts while the episode lasts (_ckpt_due): it would
+        # spend the space on a second copy of the jobs before they are saved.
+        self._writer_busy = True
+        assert self._loop is not None
+        fut = self._loop.run_in_executor(self._writer, self.store.reclaim_wal)
+        fut.add_done_callback(self._reclaimed)
+
+    def _reclaimed(self, fut: asyncio.Future[bool]) -> None:
+        self._writer_busy = False
+        self.disk_full = False
+        self._schedule_flush()
+
+    def _check_disk_for(self, jobs: Sequence[Any]) -> None:
+        """The disk alarm, checked before an add is applied: free space (read
+        at most every DISK_CHECK_S) minus what was let in since, at the
+        space a job takes on disk (its log row, its checkpoint row and their
+        WAL copies: ~3x its data)."""
+        now = time.monotonic()
+        if now - self._disk_checked_at >= DISK_CHECK_S:
+            self._check_disk_space()
+        adding = sum(DISK_FACTOR * len(j[2]) for j in jobs
+                     if isinstance(j, list) and len(j) > 2 and isinstance(j[2], bytes))
+        self._disk_admitted += adding
+        left = self._disk_free - self._disk_admitted
+        if not self.disk_low and left < self.config.disk_free_limit:
+            self.disk_low = True
+            self.disk_full_total += 1
+            log.error("disk alarm: ~%d MiB free on %s, under --disk-free-limit %d MiB; refusing "
+                      "adds", left >> 20,
+                      self.config.data_dir, self.config.disk_free_limit >> 20)
+        if self.disk_low:
+            raise BusyError(f"broker {self.config.broker_id} cannot write: its disk is full "
+                            "(adds resume by themselves when space returns)", 1000)
+
+    def _check_disk_space(self) -> None:
+        """The disk alarm: refuse adds while free space is under the limit,
+        and hand the WAL's space back to the filesystem once checkpointed."""
+        limit = self.config.disk_free_limit
+        if not limit:
+            return
+        try:
+            st = os.statvfs(self.config.data_dir)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        self._disk_free, self._disk_admitted = free, 0
+        self._disk_checked_at = time.monotonic()
+        low = free < limit
+        if low != self.disk_low:
+            self.disk_low = low
+            if low:
+                self.disk_full_total += 1
+                log.error("disk alarm: %d MiB free on %s, under --disk-free-limit %d MiB; "
+                          "refusing adds", free >> 20, self.config.data_dir, limit >> 20)
+            else:
+                log.warning("disk alarm cleared: %d MiB free; accepting adds", free >> 20)
+        if low and not self._writer_busy and not self._ckpt_active and not self.log:
+            self._writer.submit(self.store.reclaim_wal)
+
+    @property
+    def refusing_adds(self) -> bool:
+        return self.disk_low or bool(self.disk_full_since)
+
+    def _storage_back(self) -> None:
+        log.warning("disk has space again after %.1f s; accepting adds",
+                    time.monotonic() - self.disk_full_since)
+        self.disk_full_since = 0.0
 
     def _writer_idle(self) -> None:
         """Nothing is being written: replies parked meanwhile are durable."""
@@ -470,6 +600,8 @@ class Broker:
     def _ckpt_due(self) -> bool:
         if self.handoff.importing:
             return False  # staging lives in the log until activation or abort
+        if self.disk_full_since:
+            return False  # the log's space first (_retry_storage)
         return self._ckpt_requested or self._commits_since_ckpt >= CHECKPOINT_EVERY_COMMITS or (
             time.monotonic() - self._last_ckpt > CHECKPOINT_EVERY_S
             and self._commits_since_ckpt > 0)
@@ -477,6 +609,7 @@ class Broker:
     def _checkpoint_if_idle(self) -> None:
         """Start a checkpoint of the log when nothing was committed lately."""
         if (self._commits_since_ckpt == 0 or self._ckpt_active or self._ckpt_requested
+                or self.disk_full_since
                 or self.log or self._writer_busy or self.handoff.importing
                 or time.monotonic() - self._last_commit_at < IDLE_CHECKPOINT_AFTER_S):
             return
@@ -515,8 +648,12 @@ class Broker:
         took = time.monotonic() - self._last_step
         self._next_step_at = time.monotonic() + max(
             CHECKPOINT_STEP_EVERY_S, took * (1 / CHECKPOINT_STEP_SHARE - 1))
-        if fut.exception() is not None:
-            log.critical("checkpoint failed: %r; exiting", fut.exception())
+        exc = fut.exception()
+        if isinstance(exc, StorageFullError):
+            self._storage_full(exc, [], [], None)
+            return
+        if exc is not None:
+            log.critical("checkpoint failed: %r; exiting", exc)
             os._exit(3)
         if not fut.result():
             self._ckpt_active = False
@@ -567,6 +704,11 @@ class Broker:
         # in the log until activation or abort): then the log is enough.
         while self.log or self._writer_busy or self._ckpt_active or (
                 checkpoint and self._ckpt_requested and not self.handoff.importing):
+            if self.disk_full_since:
+                # Nothing unsaved was answered: stopping now loses no answered write.
+                log.error("stopping with the disk full: %d ops not saved (none answered)",
+                          len(self._unsaved) + len(self.log))
+                return
             fut: asyncio.Future[None] = self._loop.create_future()
             self._idle_waiters.append(fut)
             self._schedule_flush()
@@ -683,6 +825,7 @@ class Broker:
         self.total_jobs = sum(len(q.jobs) for q in self.queues.values())
         self.rss = _rss_bytes()
         self._note_clock_drift()
+        self._check_disk_space()
         # What was let in before this sample may not all show in it yet (the
         # redo batch is packed and committed after the reply): count one
         # more window of it, then trust the sample.
@@ -821,6 +964,8 @@ class Broker:
             "log_rows": self.store.log_rows,
             "durable": self.config.durable,
             "uptime_s": time.monotonic() - self.started,
+            "disk_full": self.refusing_adds,
+            "disk_full_total": self.disk_full_total,
             "clock_drift_ms": self.clock.drift_ms() if isinstance(self.clock, BrokerClock) else 0,
             "tenants": tenants.demand(self),
         }

@@ -61,6 +61,25 @@ WAL_RESTART_FRAMES = 4096  # 16 MB of 4 KB pages
 WAL_SIZE_LIMIT = 64 * 2**20  # bytes a restarted WAL file is truncated to
 
 
+class StorageFullError(Exception):
+    """A write failed for lack of space (or an I/O error of the disk): nothing
+    of it was committed and the transaction is rolled back. The caller keeps
+    the ops and tries again later; the broker stays up (README "Disk full")."""
+
+
+# SQLITE_FULL, SQLITE_IOERR (a WAL append on a full disk can report either).
+_STORAGE_ERRORS = (13, 10)
+
+
+def _storage_full(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None:
+            return code & 0xFF in _STORAGE_ERRORS
+        return "full" in str(exc) or "I/O error" in str(exc)
+    return isinstance(exc, OSError) and exc.errno == 28  # ENOSPC
+
+
 class Store:
     def __init__(self, path: str, durable: bool = True) -> None:
         self.path = path
@@ -158,7 +177,43 @@ class Store:
 
     # ------------------------------------------------------------ writer thread
     def commit(self, seq: int, ops: list[Any]) -> None:
-        """Write one group commit as log row `seq`; returns after fsync."""
+        """Write one group commit as log row `seq`; returns after fsync.
+
+        Raises:
+            StorageFullError: no space; nothing of it was written.
+        """
+        try:
+            self._commit(seq, ops)
+        except (sqlite3.OperationalError, OSError) as exc:
+            if not _storage_full(exc):
+                raise
+            self._rollback()
+            raise StorageFullError(f"commit of {len(ops)} ops failed: {exc}") from exc
+
+    def reclaim_wal(self) -> bool:
+        """Backfill the WAL into the database and truncate it to zero bytes:
+        after a failed write on a full disk, the space its frames took is
+        the first to win back. False when it could not (no space, readers)."""
+        db = self._db
+        if db is None:
+            return False
+        try:
+            row = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            log.debug("WAL reclaim failed: %r", exc)
+            return False
+        log.debug("WAL reclaim: %r", row)
+        return not row[0]
+
+    def _rollback(self) -> None:
+        db = self._db
+        if db is not None and db.in_transaction:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
+    def _commit(self, seq: int, ops: list[Any]) -> None:
         import time
 
         blob = msgpack.packb(ops, use_bin_type=True)
@@ -233,6 +288,26 @@ class Store:
 
     def checkpoint_step(self) -> bool:
         """Write one bounded chunk; True while more remains.
+
+        Raises:
+            StorageFullError: no space: the checkpoint is abandoned (its keys
+                are dirty again, the log it would replace stays) and is begun
+                again later.
+        """
+        try:
+            return self._checkpoint_step()
+        except (sqlite3.OperationalError, OSError) as exc:
+            if not _storage_full(exc):
+                raise
+            self._rollback()
+            ck, self._ckpt = self._ckpt, None
+            if ck is not None:
+                self._dirty.update(ck.keys)
+                self._obliterated.update(ck.gone)
+            raise StorageFullError(f"checkpoint failed: {exc}") from exc
+
+    def _checkpoint_step(self) -> bool:
+        """One chunk of the checkpoint (see checkpoint_step).
 
         Only the last step is fsynced: a crash that loses earlier steps loses
         nothing (the log they cover is deleted by the last step), and the

@@ -51,6 +51,10 @@ def broker(
     idle_timeout: float = typer.Option(
         300.0, min=0.01, help="Close a connection that sent nothing for this many seconds "
                               "(clients ping every few seconds when idle)."),
+    disk_free_limit: int = typer.Option(
+        64 * 1024 * 1024, min=0,
+        help="Refuse adds (BUSY) while the data dir's filesystem has less free space, in "
+             "bytes (0: off); acks and reads go on."),
     drain_on_term: bool = typer.Option(False, help="On SIGTERM, move all slots away first."),
     log_level: str = typer.Option("WARNING", envvar="SHARDQ_LOG_LEVEL"),
 ) -> None:
@@ -74,6 +78,7 @@ def broker(
         token=token, max_jobs=max_jobs, max_memory=max_memory, max_frame=max_frame,
         max_job_data=max_job_data, max_connections=max_connections, coordinator=coordinator,
         handshake_timeout_s=handshake_timeout, idle_timeout_s=idle_timeout,
+        disk_free_limit=disk_free_limit,
         weight=weight, drain_on_term=drain_on_term, control_token=control_token,
         ack_journal=os.environ.get("SHARDQ_ACK_JOURNAL") or None)
     clock = None
