@@ -162,12 +162,14 @@ def _peak_rss_kb(pid: int) -> int:
     return 0
 
 
-async def _good_client(addr: str, fuzzing: threading.Event) -> dict[str, Any]:
+async def _good_client(addr: str, fuzzing: threading.Event,
+                       connected: threading.Event) -> dict[str, Any]:
     """Push jobs for as long as the fuzzers run, then let the worker finish them
     (in a thread of its own, so the fuzzers' loop does not slow it down)."""
     errors: list[str] = []
     done: collections.Counter[str] = collections.Counter()
-    async with await shardq.connect(addr, TOKEN) as client:
+    async with await shardq.connect(addr, TOKEN, connect_timeout=30,
+                                    request_timeout=30) as client:
         q = client.queue("good")
 
         async def handle(job: shardq.Job) -> None:
@@ -175,6 +177,8 @@ async def _good_client(addr: str, fuzzing: threading.Event) -> dict[str, Any]:
 
         worker = client.worker("good", handle, concurrency=32)
         task = asyncio.create_task(worker.run())
+        await q.counts()  # connected before the fuzzers start
+        connected.set()
         added = 0
         while fuzzing.is_set():
             try:
@@ -210,9 +214,12 @@ async def main_async(args: argparse.Namespace) -> None:
         fuzzing = threading.Event()
         fuzzing.set()
         results: list[dict[str, Any]] = []
+        connected = threading.Event()
         good = threading.Thread(target=lambda: results.append(
-            asyncio.run(_good_client(addr, fuzzing))))
+            asyncio.run(_good_client(addr, fuzzing, connected))))
         good.start()
+        if not await asyncio.to_thread(connected.wait, 60):
+            raise SystemExit("the good client could not connect")
         t0 = time.monotonic()
         quota = args.frames // args.fuzzers
         await asyncio.gather(*(f.run(quota) for f in fuzzers))

@@ -82,6 +82,8 @@ class BrokerConfig:
     # refused BUSY (a disk alarm, as RabbitMQ's disk_free_limit): the space
     # left lets checkpoints finish and acks go on. 0: off.
     disk_free_limit: int = 64 * 2**20
+    verify: bool = False  # start with SQLite's full integrity_check (broker/integrity.py)
+    salvage: bool = False  # start on a damaged file, quarantining the damaged records
     coordinator: str | None = None
     ack_journal: str | None = None  # append every accepted ack here (tests, DESIGN §9)
     weight: int = 1
@@ -127,7 +129,8 @@ class Broker:
         # Monotonic epoch ms (broker/clock.py): a wall-clock step moves no deadline.
         self.clock: Callable[[], int] = clock or BrokerClock()
         self.defaults = defaults or QueueDefaults()
-        self.store = Store(os.path.join(config.data_dir, "broker.db"), durable=config.durable)
+        self.store = Store(os.path.join(config.data_dir, "broker.db"), durable=config.durable,
+                           verify=config.verify, salvage=config.salvage)
         self.queues: dict[str, QueueState] = {}
         self.log: list[Any] = []  # the open batch, shared by every QueueState
         self.owned = bytearray(NUM_SLOTS)
@@ -965,6 +968,7 @@ class Broker:
             "durable": self.config.durable,
             "uptime_s": time.monotonic() - self.started,
             "disk_full": self.refusing_adds,
+            "quarantined": len(self.store.damage.quarantined) if self.store.damage else 0,
             "disk_full_total": self.disk_full_total,
             "clock_drift_ms": self.clock.drift_ms() if isinstance(self.clock, BrokerClock) else 0,
             "tenants": tenants.demand(self),

@@ -28,6 +28,7 @@ from typing import Any
 import msgpack
 
 from shardq import failpoints
+from shardq.broker.integrity import CorruptionError, Damage, job_key, log_key, seal, unseal
 from shardq.broker.job import Job
 from shardq.broker.replay import Images, QueueImage, apply_broker_op, apply_op
 from shardq.router import slot_of
@@ -61,6 +62,10 @@ WAL_RESTART_FRAMES = 4096  # 16 MB of 4 KB pages
 WAL_SIZE_LIMIT = 64 * 2**20  # bytes a restarted WAL file is truncated to
 
 
+def _why(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, ValueError) and str(exc) else f"undecodable ({exc!r})"
+
+
 class StorageFullError(Exception):
     """A write failed for lack of space (or an I/O error of the disk): nothing
     of it was committed and the transaction is rolled back. The caller keeps
@@ -81,9 +86,13 @@ def _storage_full(exc: BaseException) -> bool:
 
 
 class Store:
-    def __init__(self, path: str, durable: bool = True) -> None:
+    def __init__(self, path: str, durable: bool = True, verify: bool = False,
+                 salvage: bool = False) -> None:
         self.path = path
         self.durable = durable
+        self.verify = verify  # the full integrity_check at start, not quick_check
+        self.salvage = salvage  # start on a damaged file, leaving damaged records out
+        self.damage: Damage | None = None  # what the start found (salvaged)
         self._db: sqlite3.Connection | None = None
         self._dirty: set[tuple[str, str]] = set()
         # Whole queues to write at the next checkpoint (a handoff's imports),
@@ -119,28 +128,61 @@ class Store:
         db.execute("CREATE TABLE IF NOT EXISTS state(key TEXT PRIMARY KEY, value BLOB)"
                    " WITHOUT ROWID")
         self._db = db
-        unpack = msgpack.unpackb
-        state = {k: unpack(v, raw=False) for k, v in db.execute("SELECT key, value FROM state")}
+        damage = Damage(self.path)
+        self._check_structure(db, damage)
+        state = self._load_state(db, damage)
         ckpt_seq = int(state.get("checkpoint_seq", 0))
         broker_state: dict[str, Any] = dict(state.get("broker", {}))
         images: Images = {}
         for key, meta in state.items():
             if key.startswith("q:"):
                 images[key[2:]] = QueueImage(meta=dict(meta))
-        for queue, jid, blob in db.execute("SELECT queue, id, blob FROM jobs"):
+        self._load_jobs(db, damage, images)
+        staging: dict[str, Images] = {}
+        last_seq = self._replay_log(db, damage, ckpt_seq, images, broker_state, staging)
+        self._settle_damage(db, damage)
+        self.log_rows = db.execute("SELECT count(*) FROM log").fetchone()[0]
+        self._start_wal_checkpointer()
+        return images, broker_state, staging, last_seq
+
+    def _load_state(self, db: sqlite3.Connection, damage: Damage) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        for k, v in self._rows(db, "SELECT key, value FROM state", damage):
+            try:
+                state[k] = msgpack.unpackb(v, raw=False)
+            except Exception as exc:  # a state row that does not decode
+                damage.add(f"state row {k!r}", f"undecodable ({exc})", table="state", key=k)
+        return state
+
+    def _load_jobs(self, db: sqlite3.Connection, damage: Damage, images: Images) -> None:
+        unpack = msgpack.unpackb
+        for queue, jid, blob in self._rows(db, "SELECT queue, id, blob FROM jobs", damage):
+            try:
+                rec = unpack(unseal(job_key(queue, jid), blob), raw=False)
+                job = None if len(rec) == 1 else Job.from_record(rec)
+            except Exception as exc:  # damaged: never served (README "Corruption")
+                damage.add(f"job row (queue {queue!r}, id {jid!r})", _why(exc),
+                           table="jobs", queue=str(queue), id=str(jid), blob=bytes(blob).hex())
+                continue
             img = images.get(queue)
             if img is None:
                 img = images[queue] = QueueImage()
-            rec = unpack(blob, raw=False)
-            if len(rec) == 1:
+            if job is None:
                 img.tombstones[jid] = rec[0]
             else:
-                img.jobs[jid] = Job.from_record(rec)
+                img.jobs[jid] = job
+
+    def _replay_log(self, db: sqlite3.Connection, damage: Damage, ckpt_seq: int,
+                    images: Images, broker_state: dict[str, Any],
+                    staging: dict[str, Images]) -> int:
         last_seq = ckpt_seq
-        staging: dict[str, Images] = {}
-        for seq, blob in db.execute("SELECT seq, ops FROM log WHERE seq > ? ORDER BY seq",
-                                    (ckpt_seq,)):
-            ops = unpack(blob, raw=False)
+        for seq, blob in self._rows(db, "SELECT seq, ops FROM log WHERE seq > ? ORDER BY seq",
+                                    damage, (ckpt_seq,)):
+            try:
+                ops = msgpack.unpackb(unseal(log_key(seq), blob), raw=False)
+            except Exception as exc:
+                damage.add(f"log row {seq}", _why(exc), table="log", seq=str(seq))
+                continue
             for op in ops:
                 if op[1] is None:
                     if op[0] == "I":  # imported jobs arrived without ops of their own
@@ -153,9 +195,52 @@ class Store:
             # checkpoint would delete these rows without writing their jobs.
             self._track(ops)
             last_seq = seq
-        self.log_rows = db.execute("SELECT count(*) FROM log").fetchone()[0]
-        self._start_wal_checkpointer()
-        return images, broker_state, staging, last_seq
+        return last_seq
+
+    def _settle_damage(self, db: sqlite3.Connection, damage: Damage) -> None:
+        """Refuse to start on damage, or (--salvage) list it and go on without it."""
+        if not damage.problems:
+            return
+        if not self.salvage:
+            db.close()
+            self._db = None
+            raise CorruptionError(damage)
+        self.damage = damage
+        where = damage.write_quarantine()
+        # Listed there with their bytes; gone from the file, so a later start
+        # does not find (and quarantine) them again.
+        db.execute("BEGIN")
+        for q in damage.quarantined:
+            if q.get("table") == "jobs":
+                db.execute("DELETE FROM jobs WHERE slot = ? AND queue = ? AND id = ?",
+                           (slot_of(q["queue"]), q["queue"], q["id"]))
+            elif q.get("table") == "log":
+                db.execute("DELETE FROM log WHERE seq = ?", (int(q["seq"]),))
+        db.execute("COMMIT")
+        log.error("salvaged a damaged %s: %d problem(s), damaged records left out and "
+                  "listed in %s", self.path, len(damage.problems), where)
+
+    def _check_structure(self, db: sqlite3.Connection, damage: Damage) -> None:
+        """SQLite's own check of the file: quick_check, or integrity_check with --verify."""
+        pragma = "integrity_check" if self.verify else "quick_check"
+        try:
+            rows = [r[0] for r in db.execute(f"PRAGMA {pragma}(20)")]
+        except sqlite3.DatabaseError as exc:
+            damage.add(f"sqlite {pragma}", str(exc))
+            return
+        if rows != ["ok"]:
+            for r in rows:
+                damage.add(f"sqlite {pragma}", str(r))
+
+    @staticmethod
+    def _rows(db: sqlite3.Connection, sql: str, damage: Damage,
+              params: tuple[Any, ...] = ()) -> list[Any]:
+        """All rows of a query; a table SQLite cannot read is reported, not raised."""
+        try:
+            return db.execute(sql, params).fetchall()
+        except sqlite3.DatabaseError as exc:
+            damage.add(f"reading {sql.split('FROM')[1].split()[0]}", str(exc))
+            return []
 
     def _start_wal_checkpointer(self) -> None:
         # Passive WAL checkpoints from a second connection never block the
@@ -216,7 +301,7 @@ class Store:
     def _commit(self, seq: int, ops: list[Any]) -> None:
         import time
 
-        blob = msgpack.packb(ops, use_bin_type=True)
+        blob = seal(log_key(seq), msgpack.packb(ops, use_bin_type=True))
         self._track(ops)
         db = self._db
         assert db is not None
@@ -359,7 +444,7 @@ class Store:
             if blob is None:
                 dels.append((slot, queue, jid))
             else:
-                puts.append((slot, queue, jid, blob))
+                puts.append((slot, queue, jid, seal(job_key(queue, jid), blob)))
         if puts:
             db.executemany("INSERT OR REPLACE INTO jobs(slot, queue, id, blob) VALUES (?,?,?,?)",
                            puts)
