@@ -13,6 +13,14 @@ follows the same rule: a line reaches the file only once its own commit
 did. Checkpoints (broker/store.py) run on the writer between commits, paced
 so that commits come first and the checkpoint never starves.
 
+Disk full is not fatal: a commit (or checkpoint step) that finds no space
+is rolled back by the store (`StorageFullError`); its ops stay in memory,
+unsaved, and go first into the next commit, and its replies wait for that
+commit. Every DISK_RETRY_S the WAL's space is reclaimed and the commit tried
+again, so the broker resumes by itself when space returns and no answered
+write is lost. No checkpoint starts meanwhile (it would spend the space on a
+second copy of the jobs before they are saved).
+
 The broker plugs in through `CommitHost`: what to do with a batch before it
 commits (handoff taps, event marks) and once it is durable (publish events),
 and what a checkpoint needs (queue metas, the ownership record, live rows).
@@ -28,7 +36,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TextIO
 
-from shardq.broker.store import RowSource, Store
+from shardq.broker.store import RowSource, StorageFullError, Store
 
 log = logging.getLogger("shardq.broker")
 
@@ -46,6 +54,7 @@ IDLE_CHECKPOINT_AFTER_S = 1.0
 # With no commit for this long, checkpoint steps run back to back instead of
 # paced: a commit that arrives then waits for one step (a few ms) at most.
 IDLE_UNPACED_AFTER_S = 0.1
+DISK_RETRY_S = 1.0  # with the disk full, a commit is tried again this often
 
 
 class Sink(Protocol):
@@ -115,6 +124,11 @@ class CommitLog:
         # line reaches the file only once its own commit did (no false doubles).
         self.journal_lines: list[str] = []
         self._journal_batches: dict[int, list[str]] = {}
+        # Disk full (_storage_full): ops of failed commits, not yet on disk.
+        self._unsaved: list[Any] = []
+        self.disk_full = False  # no commit until the retry timer
+        self.disk_full_since = 0.0  # monotonic start of the episode, 0 when none
+        self.disk_full_total = 0  # episodes (and disk alarms, counted by the broker)
 
     @property
     def journaling(self) -> bool:
@@ -140,7 +154,7 @@ class CommitLog:
     # ------------------------------------------------------------ replies
     def defer_reply(self, sink: Sink, data: bytes) -> None:
         """Send `data` once everything logged so far is durable."""
-        if self.durable_mode and (self.ops or self._writer_busy):
+        if self.durable_mode and (self.ops or self._writer_busy or self._unsaved):
             self._pending_replies.append((sink, data))
             self.schedule_flush()
         else:
@@ -175,6 +189,11 @@ class CommitLog:
         # in the log until activation or abort): then the log is enough.
         while self.ops or self._writer_busy or self._ckpt_active or (
                 checkpoint and self._ckpt_requested and not self._host.checkpoint_blocked()):
+            if self.disk_full_since:
+                # Nothing unsaved was answered: stopping now loses no answered write.
+                log.error("stopping with the disk full: %d ops not saved (none answered)",
+                          len(self._unsaved) + len(self.ops))
+                return
             fut: asyncio.Future[None] = self._loop.create_future()
             self._idle_waiters.append(fut)
             self.schedule_flush()
@@ -189,12 +208,13 @@ class CommitLog:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._writer_busy:
-            return
-        if not self.ops:
+        if self._writer_busy or self.disk_full:
+            return  # disk full: the retry timer flushes (see _storage_full)
+        if not self.ops and not self._unsaved:
             self._writer_idle()
             return
-        ops = self.ops[:]
+        ops = self._unsaved + self.ops if self._unsaved else self.ops[:]
+        self._unsaved = []
         self.ops.clear()
         token = self._host.batch_started(ops)
         replies = self._pending_replies
@@ -214,22 +234,30 @@ class CommitLog:
             try:
                 self.store.commit(seq, ops)
             except Exception as exc:
-                self._after_commit(exc, replies, seq)
+                self._after_commit(exc, replies, seq, token, ops)
             else:
                 self._after_commit(None, replies, seq, token)
             return
         self._writer_busy = True
         assert self._loop is not None
         fut = self._loop.run_in_executor(self._writer, self.store.commit, seq, ops)
-        fut.add_done_callback(lambda f: self._after_commit(f.exception(), replies, seq, token))
+        fut.add_done_callback(
+            lambda f: self._after_commit(f.exception(), replies, seq, token, ops))
         if start_ckpt:
             self._begin_checkpoint(seq)
 
-    def _after_commit(self, exc: BaseException | None,
-                      replies: list[tuple[Sink, bytes]], seq: int, token: Any = None) -> None:
+    def _after_commit(self, exc: BaseException | None, replies: list[tuple[Sink, bytes]],
+                      seq: int, token: Any = None, ops: list[Any] | None = None) -> None:
         self._writer_busy = False
-        self.committed_seq = seq
         lines = self._journal_batches.pop(seq, None)
+        if isinstance(exc, StorageFullError):
+            self._storage_full(exc, ops or [], replies, lines)
+            return
+        self.committed_seq = seq
+        if self.disk_full_since:
+            log.warning("disk has space again after %.1f s; accepting adds",
+                        time.monotonic() - self.disk_full_since)
+            self.disk_full_since = 0.0
         if lines and self._journal is not None and exc is None:
             self._journal.write("".join(lines))
             self._journal.flush()  # before the acks are answered
@@ -278,6 +306,56 @@ class CommitLog:
             else:
                 self._checkpoint_step()
 
+    # ------------------------------------------------------------ disk full
+    def _storage_full(self, exc: StorageFullError, ops: list[Any],
+                      replies: list[tuple[Sink, bytes]], lines: list[str] | None) -> None:
+        """A commit found no space: keep its ops, replies and journal lines for
+        the next one, and try again in DISK_RETRY_S (module docstring). Its
+        events go out with the next commit's (their marks only grow)."""
+        self._unsaved = ops + self._unsaved
+        self._pending_replies = replies + self._pending_replies
+        if lines:
+            self.journal_lines = lines + self.journal_lines
+        self.disk_full = True
+        if not self.disk_full_since:
+            self.disk_full_since = time.monotonic()
+            self.disk_full_total += 1
+            log.error("disk full: %s; refusing adds, holding %d unsaved ops until space "
+                      "returns (retry every %.0f s)", exc, len(self._unsaved), DISK_RETRY_S)
+        else:
+            log.info("disk still full: %s", exc)
+        for f in self._idle_waiters:  # flush_all gives up (see there)
+            if not f.done():
+                f.set_result(None)
+        self._idle_waiters = []
+        assert self._loop is not None
+        self._loop.call_later(DISK_RETRY_S, self._retry_storage)
+
+    def _retry_storage(self) -> None:
+        assert self._loop is not None
+        if self._writer_busy:
+            self._loop.call_later(DISK_RETRY_S, self._retry_storage)
+            return
+        if self._ckpt_active and not self.store.checkpointing:
+            self._ckpt_active = False  # abandoned on the full disk: begun again later
+            self._ckpt_requested = True
+        # First win back the WAL's space (the frames of failed writes, and
+        # whatever the last checkpoint left), then commit what is unsaved.
+        self._writer_busy = True
+        fut = self._loop.run_in_executor(self._writer, self.store.reclaim_wal)
+        fut.add_done_callback(self._reclaimed)
+
+    def _reclaimed(self, fut: asyncio.Future[bool]) -> None:
+        self._writer_busy = False
+        self.disk_full = False
+        self.schedule_flush()
+
+    def reclaim_when_idle(self) -> None:
+        """Hand the WAL's checkpointed space back to the filesystem (the disk
+        alarm is on), unless the writer has work."""
+        if not self._writer_busy and not self._ckpt_active and not self.ops:
+            self._writer.submit(self.store.reclaim_wal)
+
     def _wake_seq_waiters(self) -> None:
         keep = []
         for target, fut in self._seq_waiters:
@@ -299,6 +377,8 @@ class CommitLog:
     def _ckpt_due(self) -> bool:
         if self._host.checkpoint_blocked():
             return False  # staging lives in the log until activation or abort
+        if self.disk_full_since:
+            return False  # the log's space first (_retry_storage)
         return self._ckpt_requested or self._commits_since_ckpt >= CHECKPOINT_EVERY_COMMITS or (
             time.monotonic() - self._last_ckpt > CHECKPOINT_EVERY_S
             and self._commits_since_ckpt > 0)
@@ -306,7 +386,8 @@ class CommitLog:
     def checkpoint_if_idle(self) -> None:
         """Start a checkpoint of the log when nothing was committed lately."""
         if (self._commits_since_ckpt == 0 or self._ckpt_active or self._ckpt_requested
-                or self.ops or self._writer_busy or self._host.checkpoint_blocked()
+                or self.disk_full_since or self.ops or self._writer_busy
+                or self._host.checkpoint_blocked()
                 or time.monotonic() - self._last_commit_at < IDLE_CHECKPOINT_AFTER_S):
             return
         # A checkpoint begins right after a batch is handed to the writer;
@@ -339,8 +420,12 @@ class CommitLog:
         took = time.monotonic() - self._last_step
         self._next_step_at = time.monotonic() + max(
             CHECKPOINT_STEP_EVERY_S, took * (1 / CHECKPOINT_STEP_SHARE - 1))
-        if fut.exception() is not None:
-            log.critical("checkpoint failed: %r; exiting", fut.exception())
+        exc = fut.exception()
+        if isinstance(exc, StorageFullError):
+            self._storage_full(exc, [], [], None)
+            return
+        if exc is not None:
+            log.critical("checkpoint failed: %r; exiting", exc)
             os._exit(3)
         if not fut.result():
             self._ckpt_active = False

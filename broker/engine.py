@@ -38,6 +38,8 @@ from shardq.router import BrokerInfo, BrokerState, Topology, slot_of
 log = logging.getLogger("shardq.broker")
 
 FROZEN_TIMER_RETRY_MS = 10  # a due queue in a frozen slot is looked at again this much later
+DISK_CHECK_S = 0.05  # adds read the free space at most this often
+DISK_FACTOR = 3  # disk bytes per byte of job data (log row, checkpoint row, WAL)
 
 
 def wall_ms() -> int:
@@ -61,6 +63,12 @@ class BrokerConfig:
     # `handshake_timeout_s`; a connection silent for `idle_timeout_s` is closed.
     handshake_timeout_s: float = 5.0
     idle_timeout_s: float = 300.0
+    # Below this much free space on the data dir's filesystem, adds are
+    # refused BUSY (a disk alarm, as RabbitMQ's disk_free_limit): the space
+    # left lets checkpoints finish and acks go on. 0: off.
+    disk_free_limit: int = 64 * 2**20
+    verify: bool = False  # start with SQLite's full integrity_check (broker/integrity.py)
+    salvage: bool = False  # start on a damaged file, quarantining the damaged records
     coordinator: str | None = None
     ack_journal: str | None = None  # append every accepted ack here (tests, docs/design.md §9)
     weight: int = 1
@@ -98,7 +106,8 @@ class Broker:
         # Monotonic epoch ms (broker/clock.py): a wall-clock step moves no deadline.
         self.clock: Callable[[], int] = clock or BrokerClock()
         self.defaults = defaults or QueueDefaults()
-        self.store = Store(os.path.join(config.data_dir, "broker.db"), durable=config.durable)
+        self.store = Store(os.path.join(config.data_dir, "broker.db"), durable=config.durable,
+                           verify=config.verify, salvage=config.salvage)
         self.commits = CommitLog(self.store, self, config.durable, config.ack_journal)
         self.queues: dict[str, QueueState] = {}
         self.log = self.commits.ops  # the open batch, shared by every QueueState
@@ -134,6 +143,10 @@ class Broker:
         self._admitted_bytes = 0  # estimated memory of adds let in since the RSS sample
         self._admitted_before = 0  # ... and in the second before it
         self._drift_logged = 0
+        self.disk_low = False  # the disk alarm (_check_disk_space)
+        self._disk_free = 1 << 62
+        self._disk_admitted = 0
+        self._disk_checked_at = 0.0
         self.handoffs: dict[str, int] = {}  # handoff results, for metrics
         self.finishes = RecentFinishes()  # tokens ACK/FAIL consumed: resends answer ok
         self.handoff = Handoffs(self)
@@ -310,6 +323,8 @@ class Broker:
         cfg = self.config
         if self.total_jobs >= cfg.max_jobs:
             raise BusyError(f"broker {cfg.broker_id} is at its limit of {cfg.max_jobs} jobs", 100)
+        if cfg.disk_free_limit and jobs:
+            self._check_disk_for(jobs)
         if not cfg.max_memory:
             return
         if not self.rss:
@@ -341,6 +356,58 @@ class Broker:
     def checkpoint_state(self) -> tuple[dict[str, dict[str, Any]], dict[str, Any], RowSource]:
         metas = {name: q.meta() for name, q in self.queues.items()}
         return metas, self.ownership_state(), self._row_source
+
+    # ------------------------------------------------------------ disk alarm
+    def _check_disk_for(self, jobs: Sequence[Any]) -> None:
+        """The disk alarm, checked before an add is applied: free space (read
+        at most every DISK_CHECK_S) minus what was let in since, at the
+        space a job takes on disk (its log row, its checkpoint row and their
+        WAL copies: ~3x its data)."""
+        now = time.monotonic()
+        if now - self._disk_checked_at >= DISK_CHECK_S:
+            self._check_disk_space()
+        adding = sum(DISK_FACTOR * len(j[2]) for j in jobs
+                     if isinstance(j, list) and len(j) > 2 and isinstance(j[2], bytes))
+        self._disk_admitted += adding
+        left = self._disk_free - self._disk_admitted
+        if not self.disk_low and left < self.config.disk_free_limit:
+            self.disk_low = True
+            self.commits.disk_full_total += 1
+            log.error("disk alarm: ~%d MiB free on %s, under --disk-free-limit %d MiB; refusing "
+                      "adds", left >> 20,
+                      self.config.data_dir, self.config.disk_free_limit >> 20)
+        if self.disk_low:
+            raise BusyError(f"broker {self.config.broker_id} cannot write: its disk is full "
+                            "(adds resume by themselves when space returns)", 1000)
+
+    def _check_disk_space(self) -> None:
+        """The disk alarm: refuse adds while free space is under the limit,
+        and hand the WAL's space back to the filesystem once checkpointed."""
+        limit = self.config.disk_free_limit
+        if not limit:
+            return
+        try:
+            st = os.statvfs(self.config.data_dir)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        self._disk_free, self._disk_admitted = free, 0
+        self._disk_checked_at = time.monotonic()
+        low = free < limit
+        if low != self.disk_low:
+            self.disk_low = low
+            if low:
+                self.commits.disk_full_total += 1
+                log.error("disk alarm: %d MiB free on %s, under --disk-free-limit %d MiB; "
+                          "refusing adds", free >> 20, self.config.data_dir, limit >> 20)
+            else:
+                log.warning("disk alarm cleared: %d MiB free; accepting adds", free >> 20)
+        if low:
+            self.commits.reclaim_when_idle()
+
+    @property
+    def refusing_adds(self) -> bool:
+        return self.disk_low or bool(self.commits.disk_full_since)
 
     def _row_source(self, queue: str, jid: str) -> tuple[int, bytes | None] | None:
         # Runs on the writer thread; see broker/store.py for why racing reads are safe.
@@ -455,6 +522,7 @@ class Broker:
         self.total_jobs = sum(len(q.jobs) for q in self.queues.values())
         self.rss = _rss_bytes()
         self._note_clock_drift()
+        self._check_disk_space()
         # What was let in before this sample may not all show in it yet (the
         # redo batch is packed and committed after the reply): count one
         # more window of it, then trust the sample.
@@ -593,6 +661,9 @@ class Broker:
             "log_rows": self.store.log_rows,
             "durable": self.config.durable,
             "uptime_s": time.monotonic() - self.started,
+            "disk_full": self.refusing_adds,
+            "quarantined": len(self.store.damage.quarantined) if self.store.damage else 0,
+            "disk_full_total": self.commits.disk_full_total,
             "clock_drift_ms": self.clock.drift_ms() if isinstance(self.clock, BrokerClock) else 0,
             "tenants": tenants.demand(self),
         }

@@ -36,6 +36,11 @@ log = logging.getLogger("shardq.broker.server")
 # 16 MiB frame or queue unbounded error replies (docs/design.md §4).
 PREAUTH_MAX_FRAME = 4096
 PREAUTH_MAX_REFUSALS = 16
+# Refused while the disk is full: the ops that add data. Acks, fails and the
+# rest of the writes are applied and answered once a commit succeeds again.
+GROWTH_OPS = frozenset({p.ADD, p.FLOW_ADD_CHILDREN, p.FLOW_ADD_PARENT, p.SCHED_UPSERT, p.LOG,
+                        p.DLQ_RETRY, p.IMPORT_CHUNKS, p.IMPORT_OPS, p.HANDOFF_PREPARE,
+                        p.HANDOFF_COPY})
 # A connection over --max-connections gets this long to send its first frame,
 # which is answered BUSY (so the client backs off rather than seeing a reset).
 REJECT_LINGER_S = 1.0
@@ -186,6 +191,9 @@ class BrokerConnection(asyncio.Protocol):
             spec = OPS.get(op) if isinstance(op, str) else None
             if spec is None:
                 raise BadRequestError(f"unknown op {op!r}")
+            if b.refusing_adds and op in GROWTH_OPS:
+                raise BusyError(f"broker {b.config.broker_id} cannot write: its disk is full "
+                                "(adds resume by themselves when space returns)", 1000)
             if op in p.CONTROL_OPS and not self.control:
                 raise AuthError(f"{op} needs a control connection (HELLO with the control "
                                 "token); a client token cannot send it")

@@ -36,6 +36,7 @@ import msgpack
 from shardq import failpoints
 from shardq.broker import redo
 from shardq.broker.histogram import COMMIT_BUCKETS_S, Buckets
+from shardq.broker.integrity import CorruptionError, Damage, job_key, log_key, seal, unseal
 from shardq.broker.job import Job
 from shardq.broker.replay import Images, QueueImage, apply_broker_op, apply_op
 from shardq.router import slot_of
@@ -72,10 +73,37 @@ class ForeignStorageError(Exception):
     """The data directory belongs to another broker (two data dirs swapped?)."""
 
 
+def _why(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, ValueError) and str(exc) else f"undecodable ({exc!r})"
+
+
+class StorageFullError(Exception):
+    """A write failed for lack of space (or an I/O error of the disk): nothing
+    of it was committed and the transaction is rolled back. The caller keeps
+    the ops and tries again later; the broker stays up (README "Disk full")."""
+
+
+# SQLITE_FULL, SQLITE_IOERR (a WAL append on a full disk can report either).
+_STORAGE_ERRORS = (13, 10)
+
+
+def _storage_full(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None:
+            return code & 0xFF in _STORAGE_ERRORS
+        return "full" in str(exc) or "I/O error" in str(exc)
+    return isinstance(exc, OSError) and exc.errno == 28  # ENOSPC
+
+
 class Store:
-    def __init__(self, path: str, durable: bool = True) -> None:
+    def __init__(self, path: str, durable: bool = True, verify: bool = False,
+                 salvage: bool = False) -> None:
         self.path = path
         self.durable = durable
+        self.verify = verify  # the full integrity_check at start, not quick_check
+        self.salvage = salvage  # start on a damaged file, leaving damaged records out
+        self.damage: Damage | None = None  # what the start found (salvaged)
         self._db: sqlite3.Connection | None = None
         self._dirty: set[tuple[str, str]] = set()
         # Whole queues to write at the next checkpoint (a handoff's imports),
@@ -146,8 +174,9 @@ class Store:
         db.execute("CREATE TABLE IF NOT EXISTS state(key TEXT PRIMARY KEY, value BLOB)"
                    " WITHOUT ROWID")
         self._db = db
-        unpack = msgpack.unpackb
-        state = {k: unpack(v, raw=False) for k, v in db.execute("SELECT key, value FROM state")}
+        damage = Damage(self.path)
+        self._check_structure(db, damage)
+        state = self._load_state(db, damage)
         self._identity = state.get("identity") or self._new_identity()
         self.storage_id = str(self._identity["storage"])
         ckpt_seq = int(state.get("checkpoint_seq", 0))
@@ -156,20 +185,52 @@ class Store:
         for key, meta in state.items():
             if key.startswith("q:"):
                 images[key[2:]] = QueueImage(meta=dict(meta))
-        for queue, jid, blob in db.execute("SELECT queue, id, blob FROM jobs"):
+        self._load_jobs(db, damage, images)
+        staging: dict[str, Images] = {}
+        last_seq = self._replay_log(db, damage, ckpt_seq, images, broker_state, staging)
+        self._settle_damage(db, damage)
+        self.log_rows = db.execute("SELECT count(*) FROM log").fetchone()[0]
+        self._start_wal_checkpointer()
+        return images, broker_state, staging, last_seq
+
+    def _load_state(self, db: sqlite3.Connection, damage: Damage) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        for k, v in self._rows(db, "SELECT key, value FROM state", damage):
+            try:
+                state[k] = msgpack.unpackb(v, raw=False)
+            except Exception as exc:  # a state row that does not decode
+                damage.add(f"state row {k!r}", f"undecodable ({exc})", table="state", key=k)
+        return state
+
+    def _load_jobs(self, db: sqlite3.Connection, damage: Damage, images: Images) -> None:
+        unpack = msgpack.unpackb
+        for queue, jid, blob in self._rows(db, "SELECT queue, id, blob FROM jobs", damage):
+            try:
+                rec = unpack(unseal(job_key(queue, jid), blob), raw=False)
+                job = None if len(rec) == 1 else Job.from_record(rec)
+            except Exception as exc:  # damaged: never served (README "Corruption")
+                damage.add(f"job row (queue {queue!r}, id {jid!r})", _why(exc),
+                           table="jobs", queue=str(queue), id=str(jid), blob=bytes(blob).hex())
+                continue
             img = images.get(queue)
             if img is None:
                 img = images[queue] = QueueImage()
-            rec = unpack(blob, raw=False)
-            if len(rec) == 1:
+            if job is None:
                 img.tombstones[jid] = rec[0]
             else:
-                img.jobs[jid] = Job.from_record(rec)
+                img.jobs[jid] = job
+
+    def _replay_log(self, db: sqlite3.Connection, damage: Damage, ckpt_seq: int,
+                    images: Images, broker_state: dict[str, Any],
+                    staging: dict[str, Images]) -> int:
         last_seq = ckpt_seq
-        staging: dict[str, Images] = {}
-        for seq, blob in db.execute("SELECT seq, ops FROM log WHERE seq > ? ORDER BY seq",
-                                    (ckpt_seq,)):
-            ops = unpack(blob, raw=False)
+        for seq, blob in self._rows(db, "SELECT seq, ops FROM log WHERE seq > ? ORDER BY seq",
+                                    damage, (ckpt_seq,)):
+            try:
+                ops = msgpack.unpackb(unseal(log_key(seq), blob), raw=False)
+            except Exception as exc:
+                damage.add(f"log row {seq}", _why(exc), table="log", seq=str(seq))
+                continue
             for op in ops:
                 if op[1] is None:
                     if op[0] == "I":  # imported jobs arrived without ops of their own
@@ -182,9 +243,52 @@ class Store:
             # checkpoint would delete these rows without writing their jobs.
             self._track(ops)
             last_seq = seq
-        self.log_rows = db.execute("SELECT count(*) FROM log").fetchone()[0]
-        self._start_wal_checkpointer()
-        return images, broker_state, staging, last_seq
+        return last_seq
+
+    def _settle_damage(self, db: sqlite3.Connection, damage: Damage) -> None:
+        """Refuse to start on damage, or (--salvage) list it and go on without it."""
+        if not damage.problems:
+            return
+        if not self.salvage:
+            db.close()
+            self._db = None
+            raise CorruptionError(damage)
+        self.damage = damage
+        where = damage.write_quarantine()
+        # Listed there with their bytes; gone from the file, so a later start
+        # does not find (and quarantine) them again.
+        db.execute("BEGIN")
+        for q in damage.quarantined:
+            if q.get("table") == "jobs":
+                db.execute("DELETE FROM jobs WHERE slot = ? AND queue = ? AND id = ?",
+                           (slot_of(q["queue"]), q["queue"], q["id"]))
+            elif q.get("table") == "log":
+                db.execute("DELETE FROM log WHERE seq = ?", (int(q["seq"]),))
+        db.execute("COMMIT")
+        log.error("salvaged a damaged %s: %d problem(s), damaged records left out and "
+                  "listed in %s", self.path, len(damage.problems), where)
+
+    def _check_structure(self, db: sqlite3.Connection, damage: Damage) -> None:
+        """SQLite's own check of the file: quick_check, or integrity_check with --verify."""
+        pragma = "integrity_check" if self.verify else "quick_check"
+        try:
+            rows = [r[0] for r in db.execute(f"PRAGMA {pragma}(20)")]
+        except sqlite3.DatabaseError as exc:
+            damage.add(f"sqlite {pragma}", str(exc))
+            return
+        if rows != ["ok"]:
+            for r in rows:
+                damage.add(f"sqlite {pragma}", str(r))
+
+    @staticmethod
+    def _rows(db: sqlite3.Connection, sql: str, damage: Damage,
+              params: tuple[Any, ...] = ()) -> list[Any]:
+        """All rows of a query; a table SQLite cannot read is reported, not raised."""
+        try:
+            return db.execute(sql, params).fetchall()
+        except sqlite3.DatabaseError as exc:
+            damage.add(f"reading {sql.split('FROM')[1].split()[0]}", str(exc))
+            return []
 
     def _start_wal_checkpointer(self) -> None:
         # Passive WAL checkpoints from a second connection never block the
@@ -206,10 +310,46 @@ class Store:
 
     # ------------------------------------------------------------ writer thread
     def commit(self, seq: int, ops: list[Any]) -> None:
-        """Write one group commit as log row `seq`; returns after fsync."""
+        """Write one group commit as log row `seq`; returns after fsync.
+
+        Raises:
+            StorageFullError: no space; nothing of it was written.
+        """
+        try:
+            self._commit(seq, ops)
+        except (sqlite3.OperationalError, OSError) as exc:
+            if not _storage_full(exc):
+                raise
+            self._rollback()
+            raise StorageFullError(f"commit of {len(ops)} ops failed: {exc}") from exc
+
+    def reclaim_wal(self) -> bool:
+        """Backfill the WAL into the database and truncate it to zero bytes:
+        after a failed write on a full disk, the space its frames took is
+        the first to win back. False when it could not (no space, readers)."""
+        db = self._db
+        if db is None:
+            return False
+        try:
+            row = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            log.debug("WAL reclaim failed: %r", exc)
+            return False
+        log.debug("WAL reclaim: %r", row)
+        return not row[0]
+
+    def _rollback(self) -> None:
+        db = self._db
+        if db is not None and db.in_transaction:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
+    def _commit(self, seq: int, ops: list[Any]) -> None:
         import time
 
-        blob = msgpack.packb(ops, use_bin_type=True)
+        blob = seal(log_key(seq), msgpack.packb(ops, use_bin_type=True))
         self._track(ops)
         db = self._db
         assert db is not None
@@ -284,6 +424,26 @@ class Store:
     def checkpoint_step(self) -> bool:
         """Write one bounded chunk; True while more remains.
 
+        Raises:
+            StorageFullError: no space: the checkpoint is abandoned (its keys
+                are dirty again, the log it would replace stays) and is begun
+                again later.
+        """
+        try:
+            return self._checkpoint_step()
+        except (sqlite3.OperationalError, OSError) as exc:
+            if not _storage_full(exc):
+                raise
+            self._rollback()
+            ck, self._ckpt = self._ckpt, None
+            if ck is not None:
+                self._dirty.update(ck.keys)
+                self._obliterated.update(ck.gone)
+            raise StorageFullError(f"checkpoint failed: {exc}") from exc
+
+    def _checkpoint_step(self) -> bool:
+        """One chunk of the checkpoint (see checkpoint_step).
+
         Only the last step is fsynced: a crash that loses earlier steps loses
         nothing (the log they cover is deleted by the last step), and the
         last step's fsync of the WAL makes every earlier frame durable too.
@@ -334,7 +494,7 @@ class Store:
             if blob is None:
                 dels.append((slot, queue, jid))
             else:
-                puts.append((slot, queue, jid, blob))
+                puts.append((slot, queue, jid, seal(job_key(queue, jid), blob)))
         if puts:
             db.executemany("INSERT OR REPLACE INTO jobs(slot, queue, id, blob) VALUES (?,?,?,?)",
                            puts)

@@ -50,7 +50,7 @@ DEFAULT_CONNECT_TIMEOUT_S = 5.0
 # its requests fail as retryable link errors and the owner re-dials.
 # Brokers close connections idle past --idle-timeout (default 300 s).
 DEFAULT_PING_INTERVAL_S = 5.0
-DEFAULT_PING_TIMEOUT_S = 5.0
+DEFAULT_PING_TIMEOUT_S = 10.0
 
 EpochCallback = Callable[["Connection", int], None]
 

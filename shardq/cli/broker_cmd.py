@@ -52,6 +52,16 @@ def broker(
     idle_timeout: float = typer.Option(
         300.0, min=0.01, help="Close a connection that sent nothing for this many seconds "
                               "(clients ping every few seconds when idle)."),
+    disk_free_limit: int = typer.Option(
+        64 * 1024 * 1024, min=0,
+        help="Refuse adds (BUSY) while the data dir's filesystem has less free space, in "
+             "bytes (0: off); acks and reads go on."),
+    verify: bool = typer.Option(
+        False, "--verify", help="At start, run SQLite's full integrity_check (slower) instead "
+                                "of quick_check."),
+    salvage: bool = typer.Option(
+        False, "--salvage", help="Start on a damaged data file: leave damaged records out, "
+                                 "list them in broker.db.quarantine.jsonl, count them in STATS."),
     drain_on_term: bool = typer.Option(False, help="On SIGTERM, move all slots away first."),
     log_level: str = typer.Option("WARNING", envvar="SHARDQ_LOG_LEVEL"),
 ) -> None:
@@ -77,6 +87,7 @@ def broker(
         token=token, max_jobs=max_jobs, max_memory=max_memory, max_frame=max_frame,
         max_job_data=max_job_data, max_connections=max_connections, coordinator=coordinator,
         handshake_timeout_s=handshake_timeout, idle_timeout_s=idle_timeout,
+        disk_free_limit=disk_free_limit, verify=verify, salvage=salvage,
         weight=weight, drain_on_term=drain_on_term, control_token=control_token,
         ack_journal=os.environ.get("SHARDQ_ACK_JOURNAL") or None)
     clock = None
@@ -85,9 +96,14 @@ def broker(
         from shardq.broker.clock import BrokerClock, offset_wall
 
         clock = BrokerClock(offset_wall(offset_file))
+    from shardq.broker.integrity import CorruptionError
+
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve(config, bind, port, metrics_port=metrics_port, clock=clock))
+    except CorruptionError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     except ForeignStorageError as e:
         logging.getLogger("shardq.broker").error("refusing to start: %s", e)
         raise typer.Exit(2) from None

@@ -22,6 +22,7 @@ import pytest
 
 from shardq.broker import store as store_module
 from shardq.broker.engine import live_row
+from shardq.broker.integrity import job_key, log_key, unseal
 from shardq.broker.job import ACTIVE, COMPLETED, WAITING
 from shardq.broker.queue import QueueDefaults, QueueState
 from shardq.broker.store import Store
@@ -228,7 +229,8 @@ def test_each_commit_is_one_log_row_holding_its_ops(path: str, brokers: Any) -> 
     b.commit()
     [(seq, blob)] = sql(path, "SELECT seq, ops FROM log")
     assert seq == 1
-    assert msgpack.unpackb(blob, raw=False) == expected
+    assert blob[0] == 0xC1  # sealed (broker/integrity.py)
+    assert msgpack.unpackb(unseal(log_key(seq), blob), raw=False) == expected
     assert (b.store.commits, b.store.log_rows) == (1, 1)
 
 
@@ -573,7 +575,8 @@ def test_dedup_tombstones_survive_checkpoint_and_restart(path: str, brokers: Any
     q.ack(jid, tok, None, now=2)
     b.commit()
     b.checkpoint()
-    assert sql(path, "SELECT id, blob FROM jobs") == [("once", msgpack.packb([2]))]
+    [(jid, blob)] = sql(path, "SELECT id, blob FROM jobs")
+    assert (jid, unseal(job_key("emails", jid), blob)) == ("once", msgpack.packb([2]))
     b.close()
     r = brokers(Broker(path)).queues["emails"]
     assert r.tombstones == {"once": 2}
