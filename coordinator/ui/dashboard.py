@@ -170,7 +170,10 @@ class Dashboard:
 
     async def jobs(self, request: Request) -> Response:
         p = request.query_params
-        name = _required(request, "queue")
+        if not p.get("queue"):
+            return HTMLResponse('<p class="muted">Type a queue name above, or pick a queue '
+                                'in <a href="#queues">Queues</a>.</p>')
+        name = p["queue"]
         state = p.get("state", "waiting")
         if state not in views.JOB_STATES:
             raise BadRequest(f"state must be one of {', '.join(views.JOB_STATES)}")
