@@ -6,9 +6,11 @@ with one shared client that routes each queue to its owner (partitions,
 moves and MOVED included), and gives each page a deadline, so a broker that
 is down makes its cells read "?" instead of stalling the page.
 
-The client is made on first use from the brokers' addresses in the
-coordinator's topology and the coordinator's token (the one brokers take in
-HELLO, as the rebalancer's links do).
+The client is made on first use, connected to this coordinator's own URL
+(learnt from the first request) with the coordinator's token (the one
+brokers take in HELLO, as the rebalancer's links do), and refreshes its map
+whenever the coordinator's epoch is newer; without a known URL it starts
+from the brokers' addresses in the topology.
 """
 
 from __future__ import annotations
@@ -63,9 +65,12 @@ class JobListing:
 class BrokerReader:
     """Reads and commands queues on their owners through one shared `Client`."""
 
-    def __init__(self, addrs: Callable[[], list[str]], token: str | None) -> None:
+    def __init__(self, addrs: Callable[[], list[str]], epoch: Callable[[], int],
+                 token: str | None) -> None:
         self._addrs = addrs
+        self._epoch = epoch
         self._token = token
+        self._self_url: str | None = None
         self._client: Client | None = None
         self._connecting: asyncio.Lock | None = None
         self._flags: dict[str, tuple[float, QueueFlags]] = {}
@@ -73,22 +78,36 @@ class BrokerReader:
         self._forgotten: dict[str, float] = {}  # name -> when an action changed it
         self._tasks: set[asyncio.Future[None]] = set()
 
+    def note_server(self, server: tuple[str, int | None] | None) -> None:
+        """Learn this coordinator's own address from a request (the ASGI `server`),
+        so the client takes its topology from here, the freshest copy: a queue
+        declared partitioned a moment ago is already read as one."""
+        if self._self_url is None and server is not None and server[1] is not None:
+            host = f"[{server[0]}]" if ":" in server[0] else server[0]
+            self._self_url = f"http://{host}:{server[1]}"
+
     async def client(self) -> Client:
-        """The shared client, connected on first use."""
-        if self._client is not None:
-            return self._client
+        """The shared client, connected on first use, its map no older than ours."""
+        client = self._client
+        if client is None:
+            client = await self._connect()
+        if client.topology.epoch < self._epoch():
+            await client.refresh_topology()
+        return client
+
+    async def _connect(self) -> Client:
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
             if self._client is None:
                 from shardq.client import connect  # the client only when the dashboard is used
 
-                addrs = self._addrs()
-                if not addrs:
+                target: str | list[str] = self._self_url or self._addrs()
+                if not target:
                     raise ReadFailed("no broker has registered yet")
-                self._client = await connect(addrs, token=self._token,
+                self._client = await connect(target, token=self._token,
                                              client_name="shardq-dashboard")
-        return self._client
+            return self._client
 
     async def aclose(self) -> None:
         for task in list(self._tasks):

@@ -92,7 +92,7 @@ class Dashboard:
         self.actions = actions
         self.snapshots = Snapshots(book, lambda: membership.topology)
         self.throughput = Throughput(self.snapshots)
-        self.brokers = BrokerReader(self._broker_addrs, token)
+        self.brokers = BrokerReader(self._broker_addrs, lambda: membership.epoch, token)
         self._env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True, undefined=jinja2.StrictUndefined)
@@ -127,10 +127,17 @@ class Dashboard:
             Route("/ui", self.shell, methods=["GET"]),
             Route("/ui/", self.shell, methods=["GET"]),
             Mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static"),
-            *(Route(f"/ui/api/{name}", _fragment(handler), methods=["GET"])
+            *(Route(f"/ui/api/{name}", _fragment(self._noting(handler)), methods=["GET"])
               for name, handler in fragments.items()),
-            Route("/ui/api/action", _answer(self.action), methods=["POST"]),
+            Route("/ui/api/action", _answer(self._noting(self.action)), methods=["POST"]),
         ]
+
+    def _noting(self, handler: Handler) -> Handler:
+        """`handler`, after telling the broker reader which address it was reached at."""
+        async def noted(request: Request) -> Response:
+            self.brokers.note_server(request.scope.get("server"))
+            return await handler(request)
+        return noted
 
     def _render(self, name: str, **context: Any) -> Response:
         html = self._env.get_template(name).render(actions=self.actions, **context)
@@ -170,7 +177,10 @@ class Dashboard:
 
     async def jobs(self, request: Request) -> Response:
         p = request.query_params
-        name = _required(request, "queue")
+        if not p.get("queue"):
+            return HTMLResponse('<p class="muted">Type a queue name above, or pick a queue '
+                                'in <a href="#queues">Queues</a>.</p>')
+        name = p["queue"]
         state = p.get("state", "waiting")
         if state not in views.JOB_STATES:
             raise BadRequest(f"state must be one of {', '.join(views.JOB_STATES)}")

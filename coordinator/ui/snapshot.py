@@ -15,6 +15,7 @@ dashboard within `WATCH_S` (an idle coordinator aggregates nothing).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -24,6 +25,8 @@ from typing import Any, NamedTuple
 from shardq.router import Topology
 
 from ..stats import ClusterView, QueueView, StatsBook
+
+log = logging.getLogger("shardq.coordinator.ui")
 
 MIN_AGE_S = 1.0  # brokers heartbeat once a second: fresher would show the same numbers
 HISTORY = 120  # chart points, one a second
@@ -182,4 +185,7 @@ class Throughput:
         while True:
             await asyncio.sleep(self._interval_s)
             if self._snapshots.watched_within(WATCH_S):
-                self.sample()
+                try:
+                    self.sample()
+                except Exception:  # a bad sample must not stop the chart for good
+                    log.exception("dashboard: throughput sample failed")

@@ -113,6 +113,8 @@ def test_a_partitioned_queue_reads_and_pauses_as_one_across_brokers(
             q = client.queue(name)
             await q.add_bulk([("x", i, {"partition_key": f"k{i}"}) for i in range(30)])
 
+    # The dashboard's client is made before the declaration, so it must learn of it.
+    assert httpx.get(c.url + "/ui/api/queue", params={"queue": name}).status_code == 200
     aloop.call(fill())
     jobs = httpx.get(c.url + "/ui/api/jobs", params={"queue": name, "state": "waiting"}).text
     assert jobs.count('class="job"') == 30 and "(30)" in jobs
@@ -124,7 +126,9 @@ def test_a_partitioned_queue_reads_and_pauses_as_one_across_brokers(
                     for p in range(3)]
 
     assert aloop.call(paused()) == [True, True, True]
-    table = wait_for(lambda: (t := httpx.get(c.url + "/ui/api/queues",
-                                             params={"q": name}).text).count('class="queue"')
-                     == 3 and t, "the three partitions in the queue table")
+    def table_rows() -> str | None:
+        text = httpx.get(c.url + "/ui/api/queues", params={"q": name}).text
+        return text if all(f'data-queue="{name}~{p}"' in text for p in range(3)) else None
+
+    table = wait_for(table_rows, "the three partitions in the queue table")
     assert table.count(f"partition of {name}") == 3

@@ -3,6 +3,7 @@ typed refusals, the page's security headers (coordinator/ui/dashboard.py)."""
 
 from __future__ import annotations
 
+import http.client
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,17 @@ def test_the_dashboard_bench_runs_and_times_every_request() -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     for what in ("healthz", "cluster (fresh)", "queues by depth (cached)", "job detail"):
         assert what in r.stdout, r.stdout
+
+
+def test_dot_segments_under_the_public_static_path_reach_no_data(procs: list[Proc],
+                                                                   tmp_path: Path) -> None:
+    url = coordinator(procs, tmp_path, "--token", "t0ken")
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    for path in ("/ui/static/../api/cluster", "/ui/static/..%2fapi/cluster",
+                 "/ui/static/../../topology", "/ui/static/%2e%2e/%2e%2e/topology"):
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("GET", path)  # sent as is: httpx would normalise the dots away
+        status = conn.getresponse().status
+        conn.close()
+        assert status == 404, path
+    assert httpx.get(url + "/ui/api/cluster").status_code == 401

@@ -99,3 +99,46 @@ def test_a_partition_row_links_to_its_logical_queue() -> None:
     assert views.logical_queue("cold~3", parts) == "cold~3"  # not declared partitioned
     assert views.logical_queue("hot~x", parts) == "hot~x"
     assert views.logical_queue("plain", parts) == "plain"
+
+
+def _book_with(clock: list[float]) -> tuple[object, object]:
+    from shardq.coordinator.stats import StatsBook
+    from shardq.router import BrokerInfo, Topology
+
+    topo = Topology.standalone("b1", "h:1")
+    topo.brokers["b2"] = BrokerInfo("b2", "h:2")
+    topo.slot_owners = [("b1", "b2")[s % 2] for s in range(4096)]
+    book = StatsBook(clock=lambda: clock[0])
+    return book, topo
+
+
+def _beat(book: object, topo: object, added: int) -> None:
+    for bid in ("b1", "b2"):
+        queues = {f"q{i}": {"waiting": 1, "added_total": added}
+                  for i in range(20) if topo.owner_of(f"q{i}") == bid}  # type: ignore[attr-defined]
+        book.observe(bid, {"queues": queues})  # type: ignore[attr-defined]
+
+
+def test_snapshots_are_shared_for_a_second_and_the_chart_samples_their_rates() -> None:
+    from shardq.coordinator.ui.snapshot import MIN_AGE_S, Snapshots, Throughput
+
+    clock = [100.0]
+    book, topo = _book_with(clock)
+    _beat(book, topo, 0)
+    clock[0] += 1.0
+    _beat(book, topo, 10)  # every queue: 10 added over 1 s
+    snaps = Snapshots(book, lambda: topo, clock=lambda: clock[0])  # type: ignore[arg-type]
+    first = snaps.current()
+    assert snaps.current() is first  # within MIN_AGE_S: the same snapshot
+    assert first.totals.queues == 20 and first.totals.counts["waiting"] == 20
+    assert first.row("q3") is not None and first.row("nope") is None
+    chart = Throughput(snaps)
+    clock[0] += MIN_AGE_S
+    chart.sample()
+    assert snaps.current() is not first
+    point = chart.points[-1]
+    assert point.cluster[0] == 200.0  # 20 queues x 10/s
+    assert sum(a for a, _ in point.brokers.values()) == 200.0
+    assert snaps.watched_within(1.0)
+    clock[0] += 1000
+    assert not snaps.watched_within(150.0)
