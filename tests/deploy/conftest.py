@@ -18,11 +18,13 @@ local process or `docker exec`), `stop(broker_id)` (SIGTERM, exit code) and
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import subprocess
 import sys
 import uuid
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -189,16 +191,24 @@ class ContainerCluster:
 
 def docker_unavailable() -> str | None:
     """Why containers cannot run here, or None when a Docker engine answers."""
-    try:
-        import docker
-
-        client = docker.from_env(timeout=5)
+    if not os.environ.get("DOCKER_HOST") and not os.path.exists("/var/run/docker.sock"):
+        return "no Docker engine reachable (no DOCKER_HOST, no /var/run/docker.sock)"
+    # docker-py leaves its socket open when `from_env` fails; collect it here,
+    # where its ResourceWarning is ours to drop, not the next test's error.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
         try:
-            client.ping()
+            import docker
+
+            client = docker.from_env(timeout=5)
+            try:
+                client.ping()
+            finally:
+                client.close()
+        except Exception as e:  # any failure to reach the engine means: skip
+            return f"no Docker engine reachable ({type(e).__name__}: {str(e)[:120]})"
         finally:
-            client.close()
-    except Exception as e:  # any failure to reach the engine means: skip
-        return f"no Docker engine reachable ({type(e).__name__}: {str(e)[:120]})"
+            gc.collect()
     return None
 
 
