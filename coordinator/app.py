@@ -61,6 +61,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .bodies import json_object
 from .errors import BadRequest, CoordinatorError
 from .links import BrokerLinks
 from .membership import Membership
@@ -311,16 +312,7 @@ async def _error_response(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": str(exc)}, status_code=status)
 
 
-async def _json_body(request: Request, empty_ok: bool = False) -> dict[str, Any]:
-    if empty_ok and not await request.body():
-        return {}
-    try:
-        body = await request.json()
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("the body must be JSON") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    return body
+_json_body = json_object
 
 
 _MISSING: Any = object()

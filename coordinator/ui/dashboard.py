@@ -49,6 +49,7 @@ from shardq.errors import (
 )
 from shardq.router import Topology
 
+from ..bodies import json_object
 from ..errors import BadRequest, CoordinatorError
 from ..membership import Membership, natural_key
 from ..rebalance import Rebalancer
@@ -201,12 +202,7 @@ class Dashboard:
         # this server never grants: a page elsewhere cannot act through a browser.
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             raise BadRequest("actions take a JSON body (Content-Type: application/json)")
-        try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            raise BadRequest("the body must be JSON") from None
-        if not isinstance(body, dict):
-            raise BadRequest("the body must be a JSON object")
+        body = await json_object(request)
         message = await actions.run(self, body)
         log.info("dashboard action %s: %s", body.get("action"), message)
         return JSONResponse({"ok": True, "message": message})
