@@ -116,7 +116,8 @@ export class ShardqClient {
 
   /** Resolves once the first topology is loaded (retried for the unavailable budget). */
   ready(): Promise<void> {
-    this.readyPromise ??= this.loadFirst();
+    // A failed first load is not kept: the next call tries again.
+    this.readyPromise ??= this.loadFirst().catch((err: unknown) => { this.readyPromise = null; throw err; });
     return this.readyPromise;
   }
 
