@@ -202,6 +202,17 @@ export class ShardqClient {
 
   // -- topology sources ------------------------------------------------------
 
+  /**
+   * A connection of its own to `addr` (a QueueEvents subscription), with this
+   * client's token, timeouts and pings; the caller closes it.
+   */
+  openDedicated(addr: string, clientName: string): Promise<Connection> {
+    return Connection.open(addr, {
+      token: this.token, clientName, connectTimeoutMs: this.connectTimeoutMs,
+      requestTimeoutMs: this.requestTimeoutMs, pingIntervalMs: this.pingIntervalMs, pingTimeoutMs: this.pingTimeoutMs,
+    });
+  }
+
   private open(addr: string): Promise<Connection> {
     return Connection.open(addr, {
       token: this.token, clientName: this.clientName, connectTimeoutMs: this.connectTimeoutMs,

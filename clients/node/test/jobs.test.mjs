@@ -118,6 +118,20 @@ describe("job management on a 3-broker cluster", () => {
     await worker.close();
   });
 
+  test("a trace given at add reaches the worker as job.trace (PULL's field 10)", async () => {
+    const name = fresh("trace");
+    const queue = new Queue(name, { connection: client });
+    const trace = { traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01" };
+    await queue.add("t", { n: 1 }, { jobId: "traced", trace });
+    await queue.add("u", { n: 2 }, { jobId: "plain" });
+    const seen = new Map();
+    const worker = new Worker(name, async (job) => { seen.set(job.id, [job.trace, job.timeoutMs]); }, { connection: client });
+    await poll(async () => seen.size === 2, "both jobs run");
+    assert.deepEqual(seen.get("traced"), [trace, 0]);
+    assert.deepEqual(seen.get("plain"), [undefined, 0]);
+    await worker.close();
+  });
+
   test("a Node job action on jobs a Python producer added, read back by Python", async () => {
     const name = fresh("xjobs");
     const addr = client.topology.route(name)[1];
