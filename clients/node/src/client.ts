@@ -32,7 +32,7 @@ export interface ConnectionOptions {
   tokenFile?: string;
   /** ms of silence on a connection before it sends PING (default 5000; 0: never). */
   pingIntervalMs?: number;
-  /** A pong later than this many ms marks the link dead (default 5000). */
+  /** A pong later than this many ms marks the link dead (default 10000). */
   pingTimeoutMs?: number;
   /** How brokers see this client in HELLO (default `shardq-node/<pid>`). */
   clientName?: string;

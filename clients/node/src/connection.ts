@@ -28,8 +28,8 @@ export const DEFAULT_REQUEST_TIMEOUT_MS = 10_000;
 export const DEFAULT_CONNECT_TIMEOUT_MS = 5_000;
 /** Silence (either way) before a PING; brokers close links idle past --idle-timeout (300 s). */
 export const DEFAULT_PING_INTERVAL_MS = 5_000;
-/** A pong later than this marks the link dead. */
-export const DEFAULT_PING_TIMEOUT_MS = 5_000;
+/** A pong later than this marks the link dead (10 s, as the Python client: 5 s fired spuriously under heavy load). */
+export const DEFAULT_PING_TIMEOUT_MS = 10_000;
 const DIRECT_WRITE_BYTES = 16 * 1024;
 
 interface Pending {
