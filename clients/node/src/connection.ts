@@ -133,6 +133,7 @@ export class Connection {
       conn.abort(new ConnectionClosedError("HELLO failed"));
       // Only HELLO was sent: no request of the caller's can have been applied.
       if (err instanceof RequestTimeoutError) throw new ConnectionClosedError(`HELLO to ${addr} timed out`);
+      if (err instanceof ConnectionClosedError && err.maybeApplied) throw new ConnectionClosedError(err.message);
       throw err;
     }
     conn.startPings();
