@@ -55,6 +55,8 @@ export class Connection {
   framesSent = 0;
   /** The broker's frame limit (HELLO's `max_frame`): larger requests are refused here. */
   peerMaxFrame = DEFAULT_MAX_FRAME;
+  /** HELLO's `role`: "client" (queue ops) or "control" (control ops too; docs/protocol.md "Roles"). */
+  role = "";
   private readonly decoder: FrameDecoder;
   private readonly pending = new Map<number, Pending>();
   private readonly pushes = new Map<number, PushHandler>();
@@ -128,6 +130,7 @@ export class Connection {
         const epoch = reply["epoch"];
         if (typeof epoch === "number" && epoch > conn.maxEpoch) conn.maxEpoch = epoch;
         if (typeof reply["max_frame"] === "number") conn.peerMaxFrame = reply["max_frame"];
+        if (typeof reply["role"] === "string") conn.role = reply["role"];
       }
     } catch (err) {
       conn.abort(new ConnectionClosedError("HELLO failed"));

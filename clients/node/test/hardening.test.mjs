@@ -10,7 +10,7 @@ import { renameSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import {
-  AuthError, BusyError, ConnectionClosedError, JobStateError, OwnerUnavailableError, Queue, ShardqClient,
+  AuthError, Connection, ConnectionClosedError, JobStateError, OwnerUnavailableError, Queue, ShardqClient,
   UnavailableError, errorFromWire, isLinkError, resolveToken,
 } from "../dist/index.js";
 import { Sandbox, httpJson, poll, queueOn } from "./helpers.mjs";
@@ -130,6 +130,23 @@ describe("connections to a standalone broker", () => {
     }
     writeFileSync(file, "\n");
     assert.throws(() => resolveToken(undefined, file), /is empty/);
+  });
+});
+
+describe("roles", () => {
+  const sb = new Sandbox();
+  after(() => sb.cleanup());
+
+  test("a client-token connection is role client and cannot send a control op", async () => {
+    const { addr } = await sb.broker("roles", "--token", "client-t", "--control-token", "control-t");
+    const conn = await Connection.open(addr, { token: "client-t" });
+    assert.equal(conn.role, "client");
+    await assert.rejects(conn.request("HANDOFF_STATUS", { move_id: "m1" }), (err) => err instanceof AuthError && /control/.test(err.message));
+    assert.equal(await conn.request("PING", {}), "pong");
+    conn.abort();
+    const control = await Connection.open(addr, { token: "control-t" });
+    assert.equal(control.role, "control");
+    control.abort();
   });
 });
 
