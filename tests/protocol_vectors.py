@@ -30,6 +30,8 @@ PATH = Path(__file__).resolve().parent.parent / "docs" / "protocol-vectors.json"
 FAR_DEADLINE = 4_102_444_800_000  # 2100-01-01, ms: a flow deadline that never passes
 STALE_TOKEN = 3_141_592_653_589_793_238  # a 62-bit token no delivery has (LOCK_LOST)
 Q = "vec-emails"
+JQ = "vec-admin"  # the job management steps' own queue
+TRACE = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
 
 
 def b(value: Any) -> bytes:
@@ -72,7 +74,7 @@ SESSION: list[dict[str, Any]] = [
         "args": {"version": 1, "client": "vectors"},
         "expect": {
             "status": "ok",
-            "keys": ["broker_id", "epoch", "version", "max_frame", "max_job_data"],
+            "keys": ["broker_id", "epoch", "version", "max_frame", "max_job_data", "role"],
         },
     },
     {"op": "PING", "args": {}, "expect": {"status": "ok", "body": "pong"}},
@@ -214,6 +216,75 @@ SESSION: list[dict[str, Any]] = [
     },
     {"op": "DLQ_RETRY", "args": {"queue": Q, "ids": None}, "expect": {"status": "ok", "body": 0}},
     {"op": "DLQ_PURGE", "args": {"queue": Q}, "expect": {"status": "ok", "body": 0}},
+    # Job management (docs/protocol.md "Job management"): a delayed, a
+    # prioritized (with a trace) and a waiting job.
+    {
+        "op": "ADD",
+        "args": {
+            "queue": JQ,
+            "jobs": [
+                ["a-1", "x", b(1), {"delay_ms": 600_000}],
+                ["a-2", "x", b(2), {"priority": 3, "trace": TRACE}],
+                ["a-3", "x", b(3), None],
+            ],
+        },
+        "expect": {"status": "ok", "body": ["a-1", "a-2", "a-3"]},
+    },
+    {
+        "op": "GET_JOBS",
+        "args": {"queue": JQ, "states": ["waiting", "prioritized", "delayed"], "start": 0,
+                 "end": -1, "asc": True},
+        "expect": {"status": "ok", "keys": ["jobs", "keys", "total"]},
+    },
+    {
+        "op": "JOB_COUNTS",
+        "args": {"queue": JQ, "states": ["waiting", "prioritized", "delayed", "completed"]},
+        "expect": {
+            "status": "ok",
+            "body": {"waiting": 1, "prioritized": 1, "delayed": 1, "completed": 0,
+                     "completed_total": 0, "failed_total": 0},
+        },
+    },
+    {
+        "op": "JOB_ACTIONS",
+        "args": {
+            "items": [
+                [JQ, "a-1", "promote", None],
+                [JQ, "a-3", "priority", 5],
+                [JQ, "a-2", "update_data", b({"v": 2})],
+                [JQ, "nope", "remove", None],
+                [JQ, "a-3", "retry", None],
+            ],
+        },
+        "expect": {"status": "ok",
+                   "items": [None, None, None, {"code": "NOT_FOUND"}, {"code": "JOB_STATE"}]},
+    },
+    {
+        "op": "PROMOTE_JOBS",
+        "args": {"queue": JQ, "count": 10},
+        "expect": {"status": "ok", "body": 0},
+    },
+    {
+        "op": "RETRY_JOBS",
+        "args": {"queue": JQ, "state": "failed", "count": 10},
+        "expect": {"status": "ok", "body": 0},
+    },
+    {
+        "op": "CLEAN",
+        "args": {"queue": JQ, "grace_ms": 0, "limit": 10, "state": "waiting"},
+        "expect": {"status": "ok", "body": 1},
+    },
+    {
+        "op": "SET_RETENTION",
+        "args": {"queue": JQ, "keep_completed": 100, "keep_failed": None},
+        "expect": {"status": "ok", "keys": ["keep_completed", "keep_failed", "removed"]},
+    },
+    {
+        "op": "PULL",
+        "args": {"queues": [JQ], "count": 1, "wait_ms": 0, "lock_ms": 30_000},
+        "expect": {"status": "ok"},
+    },
+    {"op": "OBLITERATE", "args": {"queue": JQ}, "expect": {"status": "ok", "body": None}},
     {
         "op": "FLOW_ADD_CHILDREN",
         "args": {
@@ -276,6 +347,7 @@ REPLIES: list[dict[str, Any]] = [
                 "version": 1,
                 "max_frame": 16_777_216,
                 "max_job_data": 1_048_576,
+                "role": "client",
             },
             7,
         ],
@@ -343,6 +415,62 @@ REPLIES: list[dict[str, Any]] = [
         "frame": [6, "BUSY", {"retry_after_ms": 50, "message": "broker is over its limits"}, 9],
     },
     {"what": "AUTH", "frame": [1, "AUTH", "wrong or missing token", 0]},
+    {
+        "what": "PULL delivering a job added with a trace (11 fields; timeout_ms 0: none)",
+        "frame": [
+            8,
+            "ok",
+            [[JQ, "a-2", "x", b(2), STALE_TOKEN, 0, 1, 1_767_225_600_000, 30_000, 0, TRACE]],
+            7,
+        ],
+    },
+    {
+        "what": "GET_JOBS",
+        "frame": [
+            13,
+            "ok",
+            {
+                "jobs": [{"id": "a-3", "name": "x", "data": b(3), "state": "waiting"}],
+                "keys": [[0, 1_767_225_600_000, "a-3"]],
+                "total": 1,
+            },
+            7,
+        ],
+    },
+    {
+        "what": "JOB_ACTIONS with a refused item",
+        "frame": [
+            14,
+            "ok",
+            [None, ["JOB_STATE", {"id": "a-3", "state": "waiting",
+                                  "message": "job 'a-3' is waiting: only completed or failed "
+                                             "jobs are retried"}],
+             ["NOT_FOUND", "no job 'nope' in 'vec-admin'"]],
+            7,
+        ],
+    },
+    {
+        "what": "UNAVAILABLE (the map's owner lost its storage)",
+        "frame": [
+            15,
+            "UNAVAILABLE",
+            "broker b2 cannot serve slot 1234: its slots are owned under storage "
+            "5f0c2a9e1b7d4c3a8e6f0b1d2c3a4e5f but this data directory is storage "
+            "0a1b2c3d4e5f60718293a4b5c6d7e8f9: the jobs are not on this disk (lost or "
+            "replaced). Restore that data directory, or run `shardq forget b2 "
+            "--accept-data-loss` to serve the slots again, empty",
+            9,
+        ],
+    },
+    {
+        "what": "BUSY answering HELLO over --max-connections (then the broker closes)",
+        "frame": [1, "BUSY", {"retry_after_ms": 1000,
+                              "message": "broker b1 has its limit of 1000 connections open"}, 9],
+    },
+    {
+        "what": "unsolicited close reason (req_id 0): handshake deadline",
+        "frame": [0, "BAD_REQUEST", "no HELLO within 5 s", 0],
+    },
     {
         "what": "event push",
         "frame": [

@@ -9,7 +9,11 @@
  * fall back to the brokers' TOPOLOGY, so the coordinator is never on the data path.
  */
 import { Cluster, DEFAULT_POLICY, RetryPolicy } from "./cluster.js";
-import { Connection, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_REQUEST_TIMEOUT_MS, isLinkError } from "./connection.js";
+import { readFileSync } from "node:fs";
+import {
+  Connection, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_PING_INTERVAL_MS, DEFAULT_PING_TIMEOUT_MS,
+  DEFAULT_REQUEST_TIMEOUT_MS, isLinkError,
+} from "./connection.js";
 import { AuthError, ConnectionClosedError, ShardqError, UnavailableError } from "./errors.js";
 import { Topology, TopologyManager, TopologySource } from "./topology.js";
 
@@ -18,8 +22,18 @@ export interface ConnectionOptions {
   url?: string;
   /** Broker addresses, `"host:port,host:port"` or a list. */
   brokers?: string | string[];
-  /** The cluster's token, when brokers run with `--token`. */
+  /**
+   * The cluster's client token, when brokers run with `--token`. Default:
+   * the first line of `tokenFile`, else `$SHARDQ_TOKEN` (README "Security and
+   * limits": a file or the environment keeps it off command lines).
+   */
   token?: string;
+  /** A file whose first line is the token (wins over `token` and the environment). */
+  tokenFile?: string;
+  /** ms of silence on a connection before it sends PING (default 5000; 0: never). */
+  pingIntervalMs?: number;
+  /** A pong later than this many ms marks the link dead (default 10000). */
+  pingTimeoutMs?: number;
   /** How brokers see this client in HELLO (default `shardq-node/<pid>`). */
   clientName?: string;
   requestTimeoutMs?: number;
@@ -71,6 +85,8 @@ export class ShardqClient {
   addFrames = 0;
   private readonly clientName: string;
   private readonly connectTimeoutMs: number;
+  private readonly pingIntervalMs: number;
+  private readonly pingTimeoutMs: number;
   private loading = false;
   private readyPromise: Promise<void> | null = null;
   private pendingAdds = new Map<string, PendingBatch>();
@@ -85,7 +101,9 @@ export class ShardqClient {
     if (!this.coordinator && this.seeds.length === 0) {
       throw new ShardqError("connection needs a coordinator URL or at least one broker address");
     }
-    this.token = o.token;
+    this.token = resolveToken(o.token, o.tokenFile);
+    this.pingIntervalMs = o.pingIntervalMs ?? DEFAULT_PING_INTERVAL_MS;
+    this.pingTimeoutMs = o.pingTimeoutMs ?? DEFAULT_PING_TIMEOUT_MS;
     this.clientName = o.clientName ?? `shardq-node/${process.pid}`;
     this.requestTimeoutMs = o.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
     this.connectTimeoutMs = o.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
@@ -98,7 +116,8 @@ export class ShardqClient {
 
   /** Resolves once the first topology is loaded (retried for the unavailable budget). */
   ready(): Promise<void> {
-    this.readyPromise ??= this.loadFirst();
+    // A failed first load is not kept: the next call tries again.
+    this.readyPromise ??= this.loadFirst().catch((err: unknown) => { this.readyPromise = null; throw err; });
     return this.readyPromise;
   }
 
@@ -183,10 +202,22 @@ export class ShardqClient {
 
   // -- topology sources ------------------------------------------------------
 
+  /**
+   * A connection of its own to `addr` (a QueueEvents subscription), with this
+   * client's token, timeouts and pings; the caller closes it.
+   */
+  openDedicated(addr: string, clientName: string): Promise<Connection> {
+    return Connection.open(addr, {
+      token: this.token, clientName, connectTimeoutMs: this.connectTimeoutMs,
+      requestTimeoutMs: this.requestTimeoutMs, pingIntervalMs: this.pingIntervalMs, pingTimeoutMs: this.pingTimeoutMs,
+    });
+  }
+
   private open(addr: string): Promise<Connection> {
     return Connection.open(addr, {
       token: this.token, clientName: this.clientName, connectTimeoutMs: this.connectTimeoutMs,
-      requestTimeoutMs: this.requestTimeoutMs,
+      requestTimeoutMs: this.requestTimeoutMs, pingIntervalMs: this.pingIntervalMs,
+      pingTimeoutMs: this.pingTimeoutMs,
       onEpoch: (_c, epoch) => { if (!this.loading) this.topology.noteEpoch(epoch); },
     });
   }
@@ -281,6 +312,26 @@ async function askTopology(conn: Connection): Promise<Topology> {
   const reply = await conn.request("TOPOLOGY", {});
   // A broker with no map of its own is standalone: it owns every slot.
   return reply === null ? Topology.standalone(conn.brokerId, conn.addr) : Topology.fromDict(reply);
+}
+
+/**
+ * The token: the first line of `file` when given, else `token`, else
+ * `$SHARDQ_TOKEN` (as shardq/secrets.py resolves a server's).
+ * @throws ShardqError the file cannot be read or holds no token.
+ */
+export function resolveToken(token: string | undefined, file: string | undefined): string | undefined {
+  if (file !== undefined) {
+    let text: string;
+    try {
+      text = readFileSync(file, "utf8");
+    } catch (err) {
+      throw new ShardqError(`cannot read token file ${file}: ${(err as Error).message}`);
+    }
+    const first = text.trim().split(/\r?\n/)[0]?.trim() ?? "";
+    if (!first) throw new ShardqError(`token file ${file} is empty`);
+    return first;
+  }
+  return token || process.env["SHARDQ_TOKEN"] || undefined;
 }
 
 function parseTarget(target: string | string[]): ConnectionOptions {

@@ -41,6 +41,8 @@ export class Budget {
   private busySince: number | null = null;
   private downSince: number | null = null;
   private downAttempts = 0;
+  /** Some attempt was sent and never answered: the final UnavailableError says so. */
+  private maybeApplied = false;
 
   constructor(private readonly policy: RetryPolicy, private readonly stats: ClusterStats) {}
 
@@ -76,11 +78,20 @@ export class Budget {
     return { delayMs: this.retryAfter(err.retryAfterMs), refresh: false };
   }
 
+  /**
+   * The connection failed, broke or timed out under the request, or the owner
+   * answered UNAVAILABLE. An error with `maybeApplied` (sent, then a timeout
+   * or a lost link) makes the final UnavailableError say the outcome is unknown.
+   */
   unreachable(broker: string, err: unknown): Decision {
+    if (err !== null && typeof err === "object" && (err as { maybeApplied?: unknown }).maybeApplied === true) {
+      this.maybeApplied = true;
+    }
     const now = performance.now();
     this.downSince ??= now;
     if (now - this.downSince >= this.policy.unavailableBudgetMs) {
-      throw new UnavailableError(broker, err instanceof Error ? err.message : String(err));
+      throw new UnavailableError(broker, err instanceof Error ? err.message : String(err),
+        { maybeApplied: this.maybeApplied });
     }
     this.downAttempts++;
     const delayMs = Math.min(this.policy.backoffMinMs * 2 ** (this.downAttempts - 1), this.policy.backoffMaxMs);

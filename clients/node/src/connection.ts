@@ -8,16 +8,28 @@
  * write (`setImmediate` flush), so many small requests cost one syscall.
  * Every reply carries the broker's topology epoch; a newer one than seen so
  * far is reported through `onEpoch` so the router can refresh its map.
+ *
+ * Liveness (as the Python client, client/connection.py): a connection silent
+ * either way for `pingIntervalMs` sends PING; no pong within `pingTimeoutMs`
+ * means the link is dead (a peer gone without a FIN, a NAT that dropped its
+ * mapping): it is aborted, its requests fail as retryable link errors with
+ * `maybeApplied` true, and the router re-dials. A request timeout also sends
+ * a PING at once, to tell a slow broker from a dead link.
  */
 import net from "node:net";
 import { BadFrame, DEFAULT_MAX_FRAME, FrameDecoder, encodeFrame } from "./codec.js";
 import {
-  BadRequestError, ConnectionClosedError, RequestTimeoutError, ShardqError, TooLargeError, errorFromWire,
+  BadRequestError, BusyError, ConnectionClosedError, OwnerUnavailableError, RequestTimeoutError, ShardqError, TooLargeError,
+  errorFromWire,
 } from "./errors.js";
 
 export const PROTOCOL_VERSION = 1;
 export const DEFAULT_REQUEST_TIMEOUT_MS = 10_000;
 export const DEFAULT_CONNECT_TIMEOUT_MS = 5_000;
+/** Silence (either way) before a PING; brokers close links idle past --idle-timeout (300 s). */
+export const DEFAULT_PING_INTERVAL_MS = 5_000;
+/** A pong later than this marks the link dead (10 s, as the Python client: 5 s fired spuriously under heavy load). */
+export const DEFAULT_PING_TIMEOUT_MS = 10_000;
 const DIRECT_WRITE_BYTES = 16 * 1024;
 
 interface Pending {
@@ -43,6 +55,8 @@ export class Connection {
   framesSent = 0;
   /** The broker's frame limit (HELLO's `max_frame`): larger requests are refused here. */
   peerMaxFrame = DEFAULT_MAX_FRAME;
+  /** HELLO's `role`: "client" (queue ops) or "control" (control ops too; docs/protocol.md "Roles"). */
+  role = "";
   private readonly decoder: FrameDecoder;
   private readonly pending = new Map<number, Pending>();
   private readonly pushes = new Map<number, PushHandler>();
@@ -50,6 +64,12 @@ export class Connection {
   private wbuf: Buffer[] = [];
   private closeReason: Error | null = null;
   private readonly closedPromise: Promise<void>;
+  private pingTimer: NodeJS.Timeout | undefined = undefined;
+  private pingOut = false;
+  private lastRx = performance.now();
+  private lastTx = performance.now();
+  /** PINGs sent by the liveness timer (for tests). */
+  pingsSent = 0;
 
   private constructor(
     readonly addr: string,
@@ -57,12 +77,15 @@ export class Connection {
     private readonly onEpoch: ((conn: Connection, epoch: number) => void) | undefined,
     readonly requestTimeoutMs: number,
     maxFrame: number,
+    private readonly pingIntervalMs: number = DEFAULT_PING_INTERVAL_MS,
+    private readonly pingTimeoutMs: number = DEFAULT_PING_TIMEOUT_MS,
   ) {
     this.decoder = new FrameDecoder(maxFrame);
     socket.setNoDelay(true);
     socket.on("data", (chunk: Buffer) => this.onData(chunk));
     this.closedPromise = new Promise((resolve) => {
       socket.on("close", () => {
+        this.stopPings();
         this.fail(this.closeReason ?? new ConnectionClosedError(`connection to ${addr} lost`));
         resolve();
       });
@@ -80,6 +103,9 @@ export class Connection {
     token?: string | undefined; clientName?: string | undefined;
     onEpoch?: ((conn: Connection, epoch: number) => void) | undefined;
     connectTimeoutMs?: number | undefined; requestTimeoutMs?: number | undefined;
+    /** ms of silence before a PING (0: never ping). */
+    pingIntervalMs?: number | undefined;
+    pingTimeoutMs?: number | undefined;
   } = {}): Promise<Connection> {
     const [host, port] = splitAddr(addr);
     const connectTimeout = opts.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
@@ -87,12 +113,14 @@ export class Connection {
       const s = net.connect({ host, port });
       const timer = setTimeout(() => {
         s.destroy();
-        reject(new RequestTimeoutError(`connect to ${addr} timed out`));
+        // Nothing was sent: no request can have been applied.
+        reject(new ConnectionClosedError(`connect to ${addr} timed out`));
       }, connectTimeout);
       s.once("connect", () => { clearTimeout(timer); s.removeAllListeners("error"); resolve(s); });
       s.once("error", (err) => { clearTimeout(timer); reject(new ConnectionClosedError(`connect to ${addr} failed: ${err.message}`)); });
     });
-    const conn = new Connection(addr, socket, opts.onEpoch, opts.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS, DEFAULT_MAX_FRAME);
+    const conn = new Connection(addr, socket, opts.onEpoch, opts.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS,
+      DEFAULT_MAX_FRAME, opts.pingIntervalMs ?? DEFAULT_PING_INTERVAL_MS, opts.pingTimeoutMs ?? DEFAULT_PING_TIMEOUT_MS);
     const hello: Record<string, unknown> = { version: PROTOCOL_VERSION, client: opts.clientName ?? `shardq-node/${process.pid}` };
     if (opts.token !== undefined) hello["token"] = opts.token;
     try {
@@ -102,11 +130,16 @@ export class Connection {
         const epoch = reply["epoch"];
         if (typeof epoch === "number" && epoch > conn.maxEpoch) conn.maxEpoch = epoch;
         if (typeof reply["max_frame"] === "number") conn.peerMaxFrame = reply["max_frame"];
+        if (typeof reply["role"] === "string") conn.role = reply["role"];
       }
     } catch (err) {
       conn.abort(new ConnectionClosedError("HELLO failed"));
+      // Only HELLO was sent: no request of the caller's can have been applied.
+      if (err instanceof RequestTimeoutError) throw new ConnectionClosedError(`HELLO to ${addr} timed out`);
+      if (err instanceof ConnectionClosedError && err.maybeApplied) throw new ConnectionClosedError(err.message);
       throw err;
     }
+    conn.startPings();
     return conn;
   }
 
@@ -153,6 +186,42 @@ export class Connection {
     this.pending.delete(rid);
     this.pushes.delete(rid);
     p.reject(new RequestTimeoutError(`${p.op} to ${this.addr} timed out`));
+    if (p.op !== "PING" && this.pingTimer !== undefined) this.sendPing(); // slow broker or dead link?
+  }
+
+  // -- liveness ----------------------------------------------------------------
+
+  private startPings(): void {
+    if (this.pingIntervalMs > 0 && this.pingTimer === undefined && !this.closed) {
+      this.pingTimer = setInterval(() => this.pingTick(), this.pingIntervalMs / 2);
+      this.pingTimer.unref(); // the socket, not the timer, keeps a process alive
+    }
+  }
+
+  private stopPings(): void {
+    if (this.pingTimer !== undefined) clearInterval(this.pingTimer);
+    this.pingTimer = undefined;
+  }
+
+  private pingTick(): void {
+    if (this.closed) { this.stopPings(); return; }
+    // Idle in either direction: a subscriber that only receives still has to
+    // show the broker it is alive.
+    if (performance.now() - Math.min(this.lastRx, this.lastTx) >= this.pingIntervalMs) this.sendPing();
+  }
+
+  private sendPing(): void {
+    if (this.pingOut || this.closed) return;
+    this.pingOut = true;
+    this.pingsSent++;
+    this.request("PING", {}, this.pingTimeoutMs).then(
+      () => { this.pingOut = false; },
+      (err) => {
+        this.pingOut = false;
+        if (err instanceof RequestTimeoutError && !this.closed) {
+          this.abort(new ConnectionClosedError(`no pong from ${this.addr} within ${this.pingTimeoutMs} ms; link presumed dead`));
+        }
+      });
   }
 
   private write(frame: Buffer): void {
@@ -161,7 +230,10 @@ export class Connection {
       // A big frame (a bulk ADD) goes out now, so the broker works on it while
       // this process builds the next one; corking it would gain nothing.
       this.flush();
-      if (!this.socket.destroyed) this.socket.write(frame);
+      if (!this.socket.destroyed) {
+        this.lastTx = performance.now();
+        this.socket.write(frame);
+      }
       return;
     }
     if (this.wbuf.length === 0) setImmediate(() => this.flush());
@@ -172,6 +244,7 @@ export class Connection {
     const buf = this.wbuf;
     this.wbuf = [];
     if (buf.length && !this.socket.destroyed) {
+      this.lastTx = performance.now();
       this.socket.write(buf.length === 1 ? buf[0]! : Buffer.concat(buf));
     }
   }
@@ -187,6 +260,7 @@ export class Connection {
   }
 
   private onData(chunk: Buffer): void {
+    this.lastRx = performance.now();
     let frames: unknown[];
     try {
       frames = this.decoder.feed(chunk);
@@ -216,8 +290,14 @@ export class Connection {
       this.maxEpoch = epoch;
       this.onEpoch?.(this, epoch);
     }
+    if (rid === 0 && status !== "ok") {
+      // An error naming no request: the broker says why it closes the link
+      // (handshake deadline, idle, oversized frame), or that it is full (BUSY).
+      this.abort(unsolicitedError(this.addr, String(status), frame[2]));
+      return;
+    }
     const p = this.pending.get(rid);
-    if (!p) return; // timed out, or an unsolicited frame (rid 0: a refusal before close)
+    if (!p) return; // timed out and forgotten
     this.pending.delete(rid);
     if (p.timer) clearTimeout(p.timer);
     if (status === "ok") {
@@ -229,6 +309,10 @@ export class Connection {
   }
 
   private fail(err: Error): void {
+    if (err instanceof ConnectionClosedError && !err.maybeApplied) {
+      // These were sent (or about to be): the broker may have applied them.
+      err = new ConnectionClosedError(err.message, { maybeApplied: true });
+    }
     const pending = [...this.pending.values()];
     this.pending.clear();
     for (const p of pending) {
@@ -242,6 +326,7 @@ export class Connection {
 
   /** Drop the link at once; pending requests fail with `err`. */
   abort(err: Error = new ConnectionClosedError(`connection to ${this.addr} closed`)): void {
+    this.stopPings();
     this.closeReason ??= err;
     this.fail(this.closeReason);
     this.socket.destroy();
@@ -263,6 +348,7 @@ export class Connection {
 
   /** Close now; pending requests fail with ConnectionClosedError. */
   async close(): Promise<void> {
+    this.stopPings();
     this.closeReason ??= new ConnectionClosedError(`connection to ${this.addr} closed`);
     this.fail(this.closeReason);
     this.flush();
@@ -271,7 +357,20 @@ export class Connection {
   }
 }
 
+/**
+ * Errors that mean "the link, not the broker's answer": reconnect and resend.
+ * UNAVAILABLE (OwnerUnavailableError) counts as one: the owner is up but lost
+ * its storage, so wait for the map to change as for a dead owner.
+ */
 export function isLinkError(err: unknown): boolean {
   return err instanceof ConnectionClosedError || err instanceof RequestTimeoutError
+    || err instanceof OwnerUnavailableError
     || (err instanceof Error && !(err instanceof ShardqError) && "code" in err && typeof (err as { code: unknown }).code === "string");
+}
+
+/** A rid-0 error frame: BUSY stays BUSY (backed off and retried), the rest are link failures. */
+function unsolicitedError(addr: string, code: string, body: unknown): Error {
+  const err = errorFromWire(code, body);
+  if (err instanceof BusyError) return err;
+  return new ConnectionClosedError(`${addr} closed the connection: ${code}: ${err.message}`);
 }

@@ -12,10 +12,18 @@
  *      │    ├── BadRequestError     BAD_REQUEST: malformed frame or arguments
  *      │    ├── TooLargeError       TOO_LARGE: frame or job data over the limit
  *      │    ├── NotFoundError       NOT_FOUND: no such job, queue or scheduler
+ *      │    ├── OwnerUnavailableError UNAVAILABLE: the map's owner lost its storage;
+ *      │    │                       retried like an unreachable owner, then UnavailableError
+ *      │    ├── JobStateError       JOB_STATE: the job's state does not allow the action
  *      │    └── UnknownServerError  a code this client does not know
  *      ├── UnavailableError         (client side) owner unreachable past the budget
  *      ├── ConnectionClosedError    (client side) the link closed under a request
  *      └── RequestTimeoutError      (client side) no reply within the request timeout
+ *
+ * `maybeApplied` (UnavailableError, ConnectionClosedError, RequestTimeoutError)
+ * is true when a request was sent and never answered: the broker may have
+ * applied it, the outcome is unknown. Resending with the same job id is safe
+ * (client-made ids; a resent ACK/FAIL answers as the first did).
  */
 
 export class ShardqError extends Error {
@@ -88,6 +96,27 @@ export type TooLargeError = InstanceType<typeof TooLargeError>;
 export const NotFoundError = simple("NOT_FOUND", "NotFoundError");
 export type NotFoundError = InstanceType<typeof NotFoundError>;
 
+/**
+ * UNAVAILABLE: the broker the map names for the slot will not serve it (its
+ * storage was lost, docs/design.md §3.2). The router retries it like an
+ * unreachable owner and then throws UnavailableError: the queue is
+ * unavailable, never empty.
+ */
+export const OwnerUnavailableError = simple("UNAVAILABLE", "OwnerUnavailableError");
+export type OwnerUnavailableError = InstanceType<typeof OwnerUnavailableError>;
+
+/** JOB_STATE: a job action refused for the job's state; `jobId` and `state` say which. */
+export class JobStateError extends ServerError {
+  override name = "JobStateError";
+  readonly jobId: string;
+  readonly state: string;
+  constructor(jobId: string, state: string, message?: string, body?: unknown) {
+    super("JOB_STATE", message ?? `job ${JSON.stringify(jobId)} is ${state}`, body);
+    this.jobId = jobId;
+    this.state = state;
+  }
+}
+
 export class UnknownServerError extends ServerError {
   override name = "UnknownServerError";
   constructor(code: string, body: unknown) {
@@ -95,19 +124,35 @@ export class UnknownServerError extends ServerError {
   }
 }
 
+/**
+ * The owner of a queue could not be reached (or could not serve, UNAVAILABLE)
+ * within the retry budget. `maybeApplied`: some attempt was sent and never
+ * answered, so the broker may have applied it (resend with the same id).
+ */
 export class UnavailableError extends ShardqError {
   override name = "UnavailableError";
-  constructor(readonly broker: string, reason = "") {
-    super(`broker ${broker} unavailable${reason ? ": " + reason : ""}`);
+  readonly maybeApplied: boolean;
+  constructor(readonly broker: string, reason = "", opts: { maybeApplied?: boolean } = {}) {
+    const unknown = opts.maybeApplied ? "; the request may have been applied (outcome unknown)" : "";
+    super(`broker ${broker} unavailable${reason ? ": " + reason : ""}${unknown}`);
+    this.maybeApplied = opts.maybeApplied ?? false;
   }
 }
 
+/** The link closed under a request (`maybeApplied`), or before it could be sent. */
 export class ConnectionClosedError extends ShardqError {
   override name = "ConnectionClosedError";
+  readonly maybeApplied: boolean;
+  constructor(message = "", opts: { maybeApplied?: boolean } = {}) {
+    super(message);
+    this.maybeApplied = opts.maybeApplied ?? false;
+  }
 }
 
+/** A sent request got no reply in time: it may have been applied. */
 export class RequestTimeoutError extends ShardqError {
   override name = "RequestTimeoutError";
+  readonly maybeApplied = true;
 }
 
 function describe(body: unknown): string {
@@ -148,6 +193,10 @@ export function errorFromWire(code: string, body: unknown): ServerError {
       return new TooLargeError(message, body);
     case "NOT_FOUND":
       return new NotFoundError(message, body);
+    case "UNAVAILABLE":
+      return new OwnerUnavailableError(message, body);
+    case "JOB_STATE":
+      return new JobStateError(String(b["id"] ?? ""), String(b["state"] ?? ""), message, body);
     default:
       return new UnknownServerError(code, body);
   }

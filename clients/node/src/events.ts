@@ -60,7 +60,8 @@ export class QueueEvents extends EventEmitter {
       const addr = route[1];
       let conn: Connection | null = null;
       try {
-        conn = await Connection.open(addr, { token: this.client.token, clientName: `shardq-node-events/${process.pid}` });
+        // Pings on it too: a dead link ends the subscription, which resumes at the owner.
+        conn = await this.client.openDedicated(addr, `shardq-node-events/${process.pid}`);
         this.conns.add(conn);
         const pushes: Array<unknown | null> = [];
         let wake: (() => void) | null = null;

@@ -2,10 +2,12 @@
  * shardq for Node.js: BullMQ's API shape over shardq's wire protocol
  * (docs/protocol.md in the shardq repository).
  */
-export { ShardqClient, resolveConnection } from "./client.js";
+export { ShardqClient, resolveConnection, resolveToken } from "./client.js";
 export type { ConnectionInput, ConnectionOptions } from "./client.js";
 export { Queue, COUNT_TYPES } from "./queue.js";
-export type { QueueOptions, BulkJob, RepeatOptions, JobTemplate, CountType } from "./queue.js";
+export type { QueueOptions, BulkJob, RepeatOptions, JobTemplate, CountType, Retention } from "./queue.js";
+export { JOB_STATES, stateList, compareKeys } from "./jobs.js";
+export type { JobType, ListState } from "./jobs.js";
 export { Worker } from "./worker.js";
 export type { WorkerOptions, Processor } from "./worker.js";
 export { Job } from "./job.js";
@@ -16,7 +18,7 @@ export { QueueEvents } from "./events.js";
 export type { JobsOptions, BackoffOptions, KeepJobs } from "./options.js";
 export { wireOpts } from "./options.js";
 export * from "./errors.js";
-export { Connection, PROTOCOL_VERSION, splitAddr } from "./connection.js";
+export { Connection, PROTOCOL_VERSION, splitAddr, isLinkError } from "./connection.js";
 export { encodeFrame, FrameDecoder, BadFrame, DEFAULT_MAX_FRAME } from "./codec.js";
 export { pack, unpack } from "./msgpack.js";
 export { murmur3x64 } from "./murmur.js";

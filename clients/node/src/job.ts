@@ -5,9 +5,11 @@
  */
 import type { ShardqClient } from "./client.js";
 import type { JobsOptions } from "./options.js";
-import { unpackPayload } from "./msgpack.js";
+import { BadRequestError } from "./errors.js";
+import { jobAction } from "./jobs.js";
+import { pack, unpackPayload } from "./msgpack.js";
 
-export type JobState = "waiting" | "delayed" | "active" | "completed" | "failed" | "waiting-children" | "unknown";
+export type JobState = "waiting" | "prioritized" | "delayed" | "active" | "completed" | "failed" | "waiting-children" | "unknown";
 
 export class Job<DataType = unknown, ReturnType = unknown> {
   /** The stored queue it lives in (`name~i` for a partition of a partitioned queue). */
@@ -27,12 +29,14 @@ export class Job<DataType = unknown, ReturnType = unknown> {
   /** ms the processor may run before the attempt is failed "timed out" (0: none). */
   timeoutMs = 0;
   state: JobState | undefined = undefined;
+  /** The trace context carrier the job was added with (ADD's `trace`), if any. */
+  trace: Record<string, string> | undefined = undefined;
 
   constructor(
     /** @internal */ readonly client: ShardqClient,
     readonly queueName: string,
     readonly name: string,
-    readonly data: DataType,
+    public data: DataType,
     readonly opts: JobsOptions,
     readonly id: string,
     public timestamp: number = Date.now(),
@@ -87,6 +91,65 @@ export class Job<DataType = unknown, ReturnType = unknown> {
     const d = (await this.client.call(this.partition, "GET_JOB", { queue: this.partition, id: this.id })) as Record<string, unknown> | null;
     return d ? (d["state"] as JobState) : "unknown";
   }
+
+  // -- actions (docs/protocol.md "JOB_ACTIONS"); JobStateError for a wrong state --------
+
+  private action(action: string, arg: unknown = null): Promise<void> {
+    return jobAction(this.client, [this.partition], this.id, action, arg, this.queueName);
+  }
+
+  /**
+   * A completed or failed job back to waiting, attempts reset (BullMQ's `retry`).
+   * @throws JobStateError it has not finished (or is not in `state`). NotFoundError: it is gone.
+   */
+  async retry(state?: "completed" | "failed"): Promise<void> {
+    if (state !== undefined) {
+      const now = await this.getState();
+      if (now !== state) throw new BadRequestError(`job ${this.id} is ${now}, not ${state}`);
+    }
+    await this.action("retry");
+  }
+
+  /**
+   * Remove the job (not while a worker holds it); its id stays taken for the
+   * dedup window. A flow child counts as done (null) on its parent.
+   * @throws JobStateError it is active.
+   */
+  async remove(): Promise<void> { await this.action("remove"); }
+
+  /** Run a delayed job now. @throws JobStateError it is not delayed. */
+  async promote(): Promise<void> { await this.action("promote"); }
+
+  /** Replace the job's data (any state; a running processor keeps what it was given). */
+  async updateData(data: DataType): Promise<void> {
+    await this.action("update_data", pack(data));
+    this.data = data;
+  }
+
+  /**
+   * A new priority (>= 0, lower runs first) for a job not yet started
+   * (BullMQ's `changePriority({ priority })`; `lifo` is refused).
+   * @throws JobStateError it started or finished.
+   */
+  async changePriority(opts: { priority?: number; lifo?: boolean }): Promise<void> {
+    if (opts.lifo) throw new BadRequestError("lifo is not supported by shardq (jobs run by priority, then FIFO)");
+    const priority = opts.priority ?? 0;
+    await this.action("priority", priority);
+    this.opts.priority = priority;
+  }
+
+  /** Run a waiting or delayed job `delay` ms from now (0: now). @throws JobStateError otherwise. */
+  async changeDelay(delay: number): Promise<void> {
+    await this.action("delay", delay);
+    this.opts.delay = delay;
+  }
+
+  /**
+   * No more retries: the current (or next) attempt is its last. Async here
+   * (BullMQ's is a local flag; shardq's broker decides retries).
+   * @throws JobStateError it has finished.
+   */
+  async discard(): Promise<void> { await this.action("discard"); }
 
   /** A flow parent's children's results, keyed `queue:jobId` (BullMQ's `getChildrenValues`). */
   async getChildrenValues<T = unknown>(): Promise<Record<string, T>> {

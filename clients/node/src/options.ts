@@ -11,6 +11,7 @@
  *   group: {id} | id    -> group (BullMQ Pro groups)
  *   timeout, ttl        -> timeout_ms, ttl_ms (shardq extras)
  *   partitionKey        -> picks the partition of a partitioned queue
+ *   trace: {k: v}       -> trace (a trace context carrier, delivered to the worker as job.trace)
  */
 import { BadRequestError } from "./errors.js";
 
@@ -34,6 +35,8 @@ export interface JobsOptions {
   ttl?: number;
   /** Picks the partition of a partitioned queue (shardq extra). */
   partitionKey?: string;
+  /** A trace context carrier (e.g. W3C `traceparent`), at most 1024 chars in all (shardq extra). */
+  trace?: Record<string, string>;
   /** BullMQ's own, refused here with a clear error. */
   lifo?: boolean;
   repeat?: unknown;
@@ -69,5 +72,6 @@ export function wireOpts(o: JobsOptions | undefined): Record<string, unknown> | 
   if (o.group !== undefined) out["group"] = typeof o.group === "string" ? o.group : o.group.id;
   if (o.timeout !== undefined) out["timeout_ms"] = o.timeout;
   if (o.ttl !== undefined) out["ttl_ms"] = o.ttl;
+  if (o.trace !== undefined) out["trace"] = o.trace;
   return Object.keys(out).length ? out : null;
 }

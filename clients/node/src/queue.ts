@@ -10,16 +10,23 @@
  * partition per job and read with a fan-out over all of them.
  */
 import { ConnectionInput, ShardqClient, chunkItems, resolveConnection } from "./client.js";
-import { BadRequestError } from "./errors.js";
+import { BadRequestError, NotFoundError } from "./errors.js";
 import { Job } from "./job.js";
 import { pack, unpackPayload } from "./msgpack.js";
+import { JobType, MAX_TOUCH, jobAction, jobCounts, listJobs, stateList, touchAll } from "./jobs.js";
 import { JobsOptions, wireOpts } from "./options.js";
 import { partitionFor, partitionName } from "./slots.js";
 import { uuid7 } from "./uuid7.js";
 
 export const COUNT_TYPES = ["waiting", "delayed", "active", "completed", "failed"] as const;
 const DLQ_PAGE = 1000;
-export type CountType = (typeof COUNT_TYPES)[number] | "paused" | "prioritized" | "waiting-children";
+export type CountType = (typeof COUNT_TYPES)[number] | "paused" | "prioritized" | "waiting-children"
+  | "completed_total" | "failed_total";
+const ALL_COUNTS: CountType[] = ["waiting", "active", "completed", "failed", "delayed", "paused", "prioritized",
+  "waiting-children", "completed_total", "failed_total"];
+
+/** What `setRetention` answers: the bounds in force, and the history removed at once. */
+export interface Retention { keepCompleted: number; keepFailed: number; removed: number }
 
 export interface QueueOptions {
   connection: ConnectionInput;
@@ -148,18 +155,23 @@ export class Queue<DataType = unknown, ResultType = unknown> {
   }
 
   /**
-   * Jobs retained per state (BullMQ's `getJobCounts`): all states when none
-   * is named. `paused` counts the waiting jobs of a paused queue; shardq has
-   * no separate prioritized list, so `prioritized` is 0.
+   * Jobs per state (BullMQ's `getJobCounts`, over JOB_COUNTS, summed over
+   * partitions). With no type named: every state plus `completed_total` and
+   * `failed_total`, the jobs ever completed / failed for good (beyond the
+   * retained history); those two can also be named. `waiting` excludes
+   * `prioritized` (waiting jobs with a priority > 0), as BullMQ; on a paused
+   * queue the waiting jobs count as `paused` and `waiting` is 0.
    */
   async getJobCounts(...types: CountType[]): Promise<Record<string, number>> {
-    const c = await this.counts();
-    const all: Record<string, number> = {
-      waiting: c.paused ? 0 : c["waiting"]!, paused: c.paused ? c["waiting"]! : 0,
-      delayed: c["delayed"]!, active: c["active"]!, completed: c["completed"]!, failed: c["failed"]!,
-      prioritized: 0, "waiting-children": 0,
-    };
-    const want = types.length ? types : (["waiting", "active", "completed", "failed", "delayed", "paused", "prioritized", "waiting-children"] as CountType[]);
+    await this.client.ready();
+    const want = types.length ? types : ALL_COUNTS;
+    const states = stateList(want.filter((t) => t !== "completed_total" && t !== "failed_total") as JobType[]);
+    const needPaused = want.includes("paused") || want.includes("waiting");
+    const [c, paused] = await Promise.all([
+      jobCounts(this.client, this.partitions(), states),
+      needPaused ? this.isPaused() : Promise.resolve(false),
+    ]);
+    const all: Record<string, number> = { ...c, waiting: paused ? 0 : c["waiting"] ?? 0, paused: paused ? c["waiting"] ?? 0 : 0 };
     return Object.fromEntries(want.map((t) => [t, all[t] ?? 0]));
   }
 
@@ -168,12 +180,15 @@ export class Queue<DataType = unknown, ResultType = unknown> {
     return Object.values(await this.getJobCounts(...types)).reduce((a, b) => a + b, 0);
   }
 
-  /** Jobs waiting or delayed (BullMQ's `count`). */
+  /** Jobs not yet started: waiting, prioritized, delayed, waiting for children (BullMQ's `count`). */
   async count(): Promise<number> {
-    return this.getJobCountByTypes("waiting", "paused", "delayed");
+    return this.getJobCountByTypes("waiting", "paused", "prioritized", "delayed", "waiting-children");
   }
 
+  /** Waiting jobs, prioritized ones excluded (as BullMQ: see getPrioritizedCount). */
   getWaitingCount(): Promise<number> { return this.getJobCountByTypes("waiting", "paused"); }
+  getPrioritizedCount(): Promise<number> { return this.getJobCountByTypes("prioritized"); }
+  getWaitingChildrenCount(): Promise<number> { return this.getJobCountByTypes("waiting-children"); }
   getActiveCount(): Promise<number> { return this.getJobCountByTypes("active"); }
   getDelayedCount(): Promise<number> { return this.getJobCountByTypes("delayed"); }
   getCompletedCount(): Promise<number> { return this.getJobCountByTypes("completed"); }
@@ -205,13 +220,38 @@ export class Queue<DataType = unknown, ResultType = unknown> {
     return { logs: [], count: 0 };
   }
 
+  // -- job management (docs/protocol.md "Job management") ------------------------
+
   /**
-   * Jobs that failed for good, oldest failure first (BullMQ's `getFailed`):
-   * shardq keeps every final failure in the queue's dead-letter list, bounded
-   * like failed history. `end` is inclusive; -1 reads to the end. Each job's
-   * `dlqReason` says why ("attempts exhausted", "stalled too many times", "ttl expired").
+   * Jobs `start..end` (inclusive; -1: to the last) in `types` (default all),
+   * BullMQ's `getJobs`. Order: by type as listed, then the state's time (due
+   * time for delayed, start for active, finish for completed/failed, added
+   * otherwise), then id; newest first unless `asc`. The order holds across
+   * partitions and pages. "wait" and "paused" read as "waiting".
+   * @throws BadRequestError an unknown type, or a bad start/end.
    */
-  async getFailed(start = 0, end = -1): Promise<Array<Job<DataType, ResultType> & { dlqReason?: string }>> {
+  async getJobs(types?: JobType | JobType[], start = 0, end = -1, asc = false): Promise<Array<Job<DataType, ResultType>>> {
+    await this.client.ready();
+    const listed = await listJobs(this.client, this.partitions(), stateList(types), start, end, asc);
+    return listed.map((l) => Job.fromDict<DataType, ResultType>(this.client, this.name, l.partition, l.job));
+  }
+
+  getWaiting(start = 0, end = -1): Promise<Array<Job<DataType, ResultType>>> { return this.getJobs(["waiting"], start, end, true); }
+  getPrioritized(start = 0, end = -1): Promise<Array<Job<DataType, ResultType>>> { return this.getJobs(["prioritized"], start, end, true); }
+  getWaitingChildren(start = 0, end = -1): Promise<Array<Job<DataType, ResultType>>> { return this.getJobs(["waiting-children"], start, end, true); }
+  getActive(start = 0, end = -1): Promise<Array<Job<DataType, ResultType>>> { return this.getJobs(["active"], start, end, true); }
+  getDelayed(start = 0, end = -1): Promise<Array<Job<DataType, ResultType>>> { return this.getJobs(["delayed"], start, end, true); }
+  /** Completed jobs, newest first (as BullMQ). */
+  getCompleted(start = 0, end = -1): Promise<Array<Job<DataType, ResultType>>> { return this.getJobs(["completed"], start, end, false); }
+  /** Failed jobs (final failures, the dead-letter list included), newest first (as BullMQ). */
+  getFailed(start = 0, end = -1): Promise<Array<Job<DataType, ResultType>>> { return this.getJobs(["failed"], start, end, false); }
+
+  /**
+   * The queue's dead-letter list: every final failure, oldest first, each
+   * with `dlqReason` ("attempts exhausted", "stalled too many times", "ttl
+   * expired"). `end` is inclusive; -1 reads to the end. (shardq extra)
+   */
+  async getDeadLetters(start = 0, end = -1): Promise<Array<Job<DataType, ResultType> & { dlqReason?: string }>> {
     await this.client.ready();
     const out: Array<Job<DataType, ResultType> & { dlqReason?: string }> = [];
     const want = end < 0 ? Infinity : end - start + 1;
@@ -234,16 +274,89 @@ export class Queue<DataType = unknown, ResultType = unknown> {
   }
 
   /**
-   * Put jobs that failed for good back to waiting with `attemptsMade` 0
-   * (BullMQ's `retryJobs({ state: "failed" })`; other states are refused).
-   * @returns how many were retried.
+   * Put every failed (or completed) job back to waiting with attempts reset,
+   * oldest first (BullMQ's `retryJobs`; `count` is the jobs per request, as
+   * BullMQ's per-iteration count, at most 10,000).
+   * @returns how many were retried (BullMQ resolves to nothing).
+   * @throws BadRequestError another state, or `timestamp` (not supported).
    */
-  async retryJobs(opts: { state?: "failed"; count?: number } = {}): Promise<number> {
-    if (opts.state !== undefined && opts.state !== "failed") {
-      throw new BadRequestError(`retryJobs supports state "failed" only, got ${JSON.stringify(opts.state)}`);
+  async retryJobs(opts: { state?: "failed" | "completed"; count?: number; timestamp?: number } = {}): Promise<number> {
+    const state = opts.state ?? "failed";
+    if (state !== "failed" && state !== "completed") {
+      throw new BadRequestError(`retryJobs state must be "failed" or "completed", got ${JSON.stringify(state)}`);
     }
-    const counts = (await this.each("DLQ_RETRY", { ids: null })) as number[];
-    return counts.reduce((a, b) => a + Number(b ?? 0), 0);
+    if (opts.timestamp !== undefined) throw new BadRequestError("retryJobs({ timestamp }) is not supported by shardq");
+    await this.client.ready();
+    return touchAll(this.client, this.partitions(), "RETRY_JOBS", opts.count ?? MAX_TOUCH, "count", { state });
+  }
+
+  /**
+   * Move every delayed job to waiting now, soonest due first (BullMQ's
+   * `promoteJobs`; `count` is the jobs per request).
+   * @returns how many were promoted.
+   */
+  async promoteJobs(opts: { count?: number } = {}): Promise<number> {
+    await this.client.ready();
+    return touchAll(this.client, this.partitions(), "PROMOTE_JOBS", opts.count ?? MAX_TOUCH, "count", {});
+  }
+
+  /**
+   * Remove up to `limit` (0: all) jobs of `type` (completed, failed, waiting,
+   * prioritized, delayed; "wait"/"paused" read as waiting) that finished -
+   * or, for the unfinished states, were added - at least `grace` ms ago,
+   * oldest first (BullMQ's `clean`).
+   * @returns how many were removed (BullMQ resolves to their ids; CLEAN answers a count).
+   */
+  async clean(grace: number, limit = 0, type: JobType = "completed"): Promise<number> {
+    if (!Number.isInteger(grace) || grace < 0) throw new BadRequestError("grace must be an integer >= 0 (ms)");
+    if (!Number.isInteger(limit) || limit < 0) throw new BadRequestError("limit must be an integer >= 0 (0: all)");
+    const [state] = stateList(type);
+    await this.client.ready();
+    if (limit === 0) return touchAll(this.client, this.partitions(), "CLEAN", MAX_TOUCH, "limit", { grace_ms: grace, state });
+    let done = 0;
+    for (const q of this.partitions()) {
+      while (done < limit) {
+        const ask = Math.min(MAX_TOUCH, limit - done);
+        const n = Number((await this.client.call(q, "CLEAN", { queue: q, grace_ms: grace, limit: ask, state })) ?? 0);
+        done += n;
+        if (n < ask) break;
+      }
+    }
+    return done;
+  }
+
+  /**
+   * Keep the last `keepCompleted` completed and `keepFailed` failed jobs of
+   * this queue (undefined: unchanged; -1: the broker default, 10,000); a
+   * job's own removeOnComplete / removeOnFail still wins. History over a
+   * lowered bound is removed at once. Stored with the queue: it survives
+   * restarts and moves. (shardq extra; BullMQ keeps it per job only)
+   */
+  async setRetention(opts: { keepCompleted?: number; keepFailed?: number }): Promise<Retention> {
+    await this.client.ready();
+    const replies = (await this.each("SET_RETENTION", {
+      keep_completed: opts.keepCompleted ?? null, keep_failed: opts.keepFailed ?? null,
+    })) as Array<Record<string, unknown>>;
+    return {
+      keepCompleted: Number(replies[0]!["keep_completed"]), keepFailed: Number(replies[0]!["keep_failed"]),
+      removed: replies.reduce((a, r) => a + Number(r["removed"] ?? 0), 0),
+    };
+  }
+
+  /**
+   * Remove a job no worker holds (BullMQ's `queue.remove`); its id stays
+   * taken for the dedup window.
+   * @returns 1 when removed, 0 when there was no such job.
+   * @throws JobStateError it is active.
+   */
+  async remove(jobId: string): Promise<number> {
+    try {
+      await jobAction(this.client, this.partitions(), jobId, "remove", null, this.name);
+      return 1;
+    } catch (err) {
+      if (err instanceof NotFoundError) return 0;
+      throw err;
+    }
   }
 
   /** At most `max` jobs start in any sliding `duration` ms window (BullMQ's global rate limit). */

@@ -9,8 +9,13 @@ import { NUM_SLOTS, slotOf } from "./slots.js";
 export interface BrokerInfo {
   id: string;
   addr: string;
+  /** "active", "draining", "dead", "lost-storage" (its storage was lost: held, docs/design.md §3.2), ... */
   state: string;
   weight: number;
+  /** The identity of the data directory the coordinator recorded for it (32 hex digits). */
+  storage?: string;
+  /** The epoch at which that identity was recorded. */
+  since?: number;
 }
 
 /** The topology map, parsed from the coordinator's JSON or a broker's TOPOLOGY reply. */
@@ -41,7 +46,12 @@ export class Topology {
     t.epoch = Number(m["epoch"]);
     if (!Number.isInteger(t.epoch)) throw new ShardqError("topology is missing its epoch");
     for (const [id, info] of Object.entries((m["brokers"] ?? {}) as Record<string, Record<string, unknown>>)) {
-      t.brokers.set(id, { id, addr: String(info["addr"]), state: String(info["state"] ?? "active"), weight: Number(info["weight"] ?? 1) });
+      const b: BrokerInfo = { id, addr: String(info["addr"]), state: String(info["state"] ?? "active"), weight: Number(info["weight"] ?? 1) };
+      // Storage identity (docs/design.md §3.2): informational for a client; a
+      // held broker's queues answer UNAVAILABLE, which the router retries.
+      if (typeof info["storage"] === "string") b.storage = info["storage"];
+      if (info["since"] !== undefined && info["since"] !== null) b.since = Number(info["since"]);
+      t.brokers.set(id, b);
     }
     for (const run of (m["slots"] ?? []) as unknown[][]) {
       const [start, end, owner, epoch] = run as [number, number, string, number];

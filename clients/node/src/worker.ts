@@ -275,6 +275,8 @@ export class Worker<D = any, R = any> extends EventEmitter {
       job.attemptsMade = Number(wire[5]);
       job.attemptsStarted = Number(wire[6]);
       job.timeoutMs = wire.length > 9 ? Number(wire[9] ?? 0) : 0;
+      // Field 10 (trace) only for jobs added with one (docs/protocol.md "PULL").
+      if (wire.length > 10 && wire[10] && typeof wire[10] === "object") job.trace = wire[10] as Record<string, string>;
       job.processedOn = Date.now();
       job.state = "active";
       this.running.add(job);

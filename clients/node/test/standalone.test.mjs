@@ -30,14 +30,17 @@ describe("standalone broker", () => {
     assert.equal(got.opts.attempts, 2);
     assert.equal(await queue.getJob("nope"), undefined);
     await queue.add("later", {}, { delay: 60_000 });
-    assert.deepEqual(await queue.getJobCounts("waiting", "delayed", "active"), { waiting: 1, delayed: 1, active: 0 });
+    await queue.add("plain", {});
+    // As BullMQ: a job with a priority counts as prioritized, not waiting.
+    assert.deepEqual(await queue.getJobCounts("waiting", "prioritized", "delayed", "active"),
+      { waiting: 1, prioritized: 1, delayed: 1, active: 0 });
     await queue.pause();
     assert.equal(await queue.isPaused(), true);
     assert.deepEqual(await queue.getJobCounts("waiting", "paused"), { waiting: 0, paused: 1 });
     await queue.resume();
-    assert.equal(await queue.count(), 2);
+    assert.equal(await queue.count(), 3);
     await queue.drain();
-    assert.deepEqual(await queue.getJobCounts("waiting", "delayed"), { waiting: 0, delayed: 1 });
+    assert.deepEqual(await queue.getJobCounts("waiting", "prioritized", "delayed"), { waiting: 0, prioritized: 0, delayed: 1 });
     await queue.obliterate();
     assert.equal(await queue.count(), 0);
   });
@@ -147,22 +150,28 @@ describe("standalone broker", () => {
     await worker.close();
   });
 
-  test("getFailed lists final failures and retryJobs puts them back", async () => {
+  test("getFailed and getDeadLetters list final failures and retryJobs puts them back", async () => {
     const queue = new Queue(fresh("dlq"), { connection: client });
     const jobs = await queue.addBulk([0, 1, 2].map((i) => ({ name: "f", data: { i } })));
     let fail = true;
     const worker = new Worker(queue.name, async (job) => { if (fail) throw new Error(`bad ${job.data.i}`); return "ok"; }, { connection: client });
     await poll(async () => (await queue.getFailedCount()) === 3, "3 final failures");
-    const failed = await queue.getFailed();
-    assert.deepEqual(failed.map((j) => j.id), jobs.map((j) => j.id));
-    assert.deepEqual(failed.map((j) => [j.failedReason, j.dlqReason, j.attemptsMade]),
+    const dead = await queue.getDeadLetters();
+    assert.deepEqual(dead.map((j) => j.id), jobs.map((j) => j.id));
+    assert.deepEqual(dead.map((j) => [j.failedReason, j.dlqReason, j.attemptsMade]),
       [0, 1, 2].map((i) => [`bad ${i}`, "attempts exhausted", 1]));
-    assert.deepEqual((await queue.getFailed(1, 1)).map((j) => j.id), [jobs[1].id]);
+    assert.deepEqual((await queue.getDeadLetters(1, 1)).map((j) => j.id), [jobs[1].id]);
+    // BullMQ's getFailed: newest failure first.
+    const failed = await queue.getFailed();
+    assert.deepEqual(failed.map((j) => j.finishedOn), [...failed.map((j) => j.finishedOn)].sort((a, b) => b - a));
+    assert.deepEqual(failed.map((j) => j.id).sort(), jobs.map((j) => j.id).sort());
+    assert.equal(failed[0].state, "failed");
     fail = false;
     assert.equal(await queue.retryJobs({ state: "failed" }), 3);
     await poll(async () => (await queue.getCompletedCount()) === 3, "3 completions after the retry");
     assert.deepEqual(await queue.getFailed(), []);
-    await assert.rejects(queue.retryJobs({ state: "completed" }), BadRequestError);
+    assert.deepEqual(await queue.getDeadLetters(), []);
+    await assert.rejects(queue.retryJobs({ state: "active" }), BadRequestError);
     await worker.close();
   });
 

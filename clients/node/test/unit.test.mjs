@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import {
   BadRequestError, BusyError, LockLostError, MovedError, NotFoundError, ShardqClient, Topology, TryAgainError,
-  UnknownServerError, errorFromWire, pack, unpack, uuid7, wireOpts,
+  UnknownServerError, compareKeys, errorFromWire, pack, stateList, unpack, uuid7, wireOpts,
 } from "../dist/index.js";
 
 describe("BullMQ options -> wire opts", () => {
@@ -96,5 +96,26 @@ describe("topology", () => {
     assert.deepEqual(t.route("hot"), ["b2", "h:2"]);
     assert.equal(t.partitions.get("wide"), 4);
     assert.equal(t.slotEpochs[4095], 3);
+  });
+});
+
+describe("job management helpers", () => {
+  test("BullMQ job types map to the wire states, deduplicated, unknown ones refused", () => {
+    assert.deepEqual(stateList(undefined), ["waiting", "prioritized", "delayed", "active", "completed", "failed", "waiting-children"]);
+    assert.deepEqual(stateList(["failed", "wait", "paused", "failed"]), ["failed", "waiting"]);
+    assert.deepEqual(stateList("delayed"), ["delayed"]);
+    assert.throws(() => stateList(["repeat"]), BadRequestError);
+  });
+
+  test("sort keys order partitions as the broker does: rank, then time and id (desc unless asc)", () => {
+    const keys = [[1, 5, "a"], [0, 9, "b"], [0, 9, "c"], [0, 3, "z"], [1, 7, "a"]];
+    const asc = [...keys].sort((x, y) => compareKeys(x, y, true));
+    assert.deepEqual(asc, [[0, 3, "z"], [0, 9, "b"], [0, 9, "c"], [1, 5, "a"], [1, 7, "a"]]);
+    const desc = [...keys].sort((x, y) => compareKeys(x, y, false));
+    assert.deepEqual(desc, [[0, 9, "c"], [0, 9, "b"], [0, 3, "z"], [1, 7, "a"], [1, 5, "a"]]);
+  });
+
+  test("trace goes to the ADD opts as given", () => {
+    assert.deepEqual(wireOpts({ trace: { traceparent: "00-ab-cd-01" } }), { trace: { traceparent: "00-ab-cd-01" } });
   });
 });
