@@ -22,6 +22,7 @@ from typing import Any
 import msgpack
 
 from shardq.broker import tenants
+from shardq.broker.acks import RecentFinishes
 from shardq.broker.commitlog import CommitLog, Sink
 from shardq.broker.events import EventHub
 from shardq.broker.flows import FlowAgent
@@ -54,6 +55,10 @@ class BrokerConfig:
     max_frame: int = 16 * 1024 * 1024
     max_job_data: int = 1024 * 1024
     max_connections: int = 10_000
+    # Hostile connections (docs/design.md §4): HELLO must come within
+    # `handshake_timeout_s`; a connection silent for `idle_timeout_s` is closed.
+    handshake_timeout_s: float = 5.0
+    idle_timeout_s: float = 300.0
     coordinator: str | None = None
     ack_journal: str | None = None  # append every accepted ack here (tests, DESIGN §9)
     weight: int = 1
@@ -114,6 +119,7 @@ class Broker:
         self.total_jobs = 0
         self.rss = 0
         self.handoffs: dict[str, int] = {}  # handoff results, for metrics
+        self.finishes = RecentFinishes()  # tokens ACK/FAIL consumed: resends answer ok
         self.handoff = Handoffs(self)
         self.events = EventHub(self)
         self.flows = FlowAgent(self)  # run by serve(); see broker/flows.py

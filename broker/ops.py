@@ -132,7 +132,10 @@ def _ack(b: Broker, q: QueueState, it: list[Any], now: int) -> str | None:
     if result is not None and not isinstance(result, bytes):
         raise BadRequestError("result must be msgpack bytes or nil")
     err = q.ack(it[1], it[2], result, now)
-    if err is None and b.commits.journaling:
+    if err is not None:
+        return _repeat_of_finish(b, q, it, err)
+    b.finishes.record(q.name, it[1], it[2])
+    if b.commits.journaling:
         b.commits.journal_lines.append(f"{q.name}\t{it[1]}\t{it[2]}\n")
     if q.outbox:
         b.flows.kick()  # a flow child completed: tell its parent
@@ -143,13 +146,24 @@ def _ack(b: Broker, q: QueueState, it: list[Any], now: int) -> str | None:
     return err
 
 
+def _repeat_of_finish(b: Broker, q: QueueState, it: list[Any], err: str) -> str | None:
+    """A resent ACK/FAIL whose first copy was applied answers as that one did
+    (ok), instead of LOCK_LOST, or NOT_FOUND once retention removed the job
+    (broker/acks.py)."""
+    if err in (LOCK_LOST, NOT_FOUND) and b.finishes.finished(q.name, it[1], it[2]):
+        return None
+    return err
+
+
 def _fail(b: Broker, q: QueueState, it: list[Any], now: int) -> str | None:
     reason = it[3] if len(it) > 3 else ""
     if not isinstance(reason, str):
         raise BadRequestError("failure reason must be a string")
     err = q.fail(it[1], it[2], reason[:4096], now)
-    if err is None:
-        b.arm(q)
+    if err is not None:
+        return _repeat_of_finish(b, q, it, err)
+    b.finishes.record(q.name, it[1], it[2])
+    b.arm(q)
     if q.outbox:
         b.flows.kick()
     return err

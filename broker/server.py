@@ -14,48 +14,69 @@ import hmac
 import logging
 import os
 import signal
-import socket
 import sys
+import time
 from typing import Any
 
 from shardq import protocol as p
 from shardq.broker.engine import Broker, BrokerConfig
 from shardq.broker.ops import HANDLERS, PARKED, WRITE_OPS
 from shardq.codec import FrameDecoder, encode_frame, is_bad_frame
-from shardq.errors import AuthError, BadRequestError, ServerError, TooLargeError
+from shardq.errors import AuthError, BadRequestError, BusyError, ServerError, TooLargeError
+from shardq.netopts import tune_socket
 
 log = logging.getLogger("shardq.broker.server")
+
+
+# Until HELLO succeeds a connection may send only small frames, and only a
+# few refused ones: an unauthenticated peer cannot make the broker buffer a
+# 16 MiB frame or queue unbounded error replies (docs/design.md §4).
+PREAUTH_MAX_FRAME = 4096
+PREAUTH_MAX_REFUSALS = 16
+# A connection over --max-connections gets this long to send its first frame,
+# which is answered BUSY (so the client backs off rather than seeing a reset).
+REJECT_LINGER_S = 1.0
 
 
 class BrokerConnection(asyncio.Protocol):
     def __init__(self, broker: Broker, server: BrokerServer) -> None:
         self.broker = broker
         self.server = server
-        self.decoder = FrameDecoder(broker.config.max_frame)
+        self.decoder = FrameDecoder(min(PREAUTH_MAX_FRAME, broker.config.max_frame))
         self.transport: asyncio.Transport | None = None
         self.authed = broker.config.token is None
+        # HELLO succeeded (or, with no token, a first request was served):
+        # from then on the full frame limit applies and no deadline runs.
+        self.greeted = False
+        self.refusals = 0
+        self.rejected = False  # over --max-connections: answer BUSY, then close
         self.peer = "?"
+        self.opened_at = self.last_rx = time.monotonic()
 
     # asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.peer = str(transport.get_extra_info("peername"))
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        tune_socket(transport.get_extra_info("socket"))
         if len(self.server.connections) >= self.broker.config.max_connections:
-            self.write(encode_frame([0, "BUSY", {"retry_after_ms": 1000,
-                                     "message": "too many connections"}, 0]))
-            transport.close()
+            self.rejected = True
+            asyncio.get_running_loop().call_later(REJECT_LINGER_S, self._refuse_busy, 0)
             return
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self.broker.drop_sink(self)
+
+    def pause_writing(self) -> None:
+        # The peer does not read its replies: stop reading its requests, so
+        # neither the write buffer nor the decoder grows without bound.
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -72,14 +93,59 @@ class BrokerConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def close_with(self, code: str, message: str) -> None:
+        """Tell the peer why (an unsolicited reply, req_id 0), then close."""
+        self.write(encode_frame([0, code, message, self.broker.epoch]))
+        if self.transport is not None:
+            self.transport.close()
+
+    def _refuse_busy(self, req_id: int) -> None:
+        if self.is_closing():
+            return
+        limit = self.broker.config.max_connections
+        self.write(encode_frame([req_id, BusyError.code, {
+            "retry_after_ms": 1000,
+            "message": f"broker {self.broker.config.broker_id} has its limit of {limit} "
+                       "connections open"}, self.broker.epoch]))
+        assert self.transport is not None
+        self.transport.close()
+
     def data_received(self, data: bytes) -> None:
+        self.last_rx = time.monotonic()
+        if self.greeted:
+            self._run(self._feed(data))
+            return
+        # Before HELLO: one frame at a time, so the frame that authenticates
+        # raises the limit before the next frame is even delimited.
+        frames = self._feed(data, 1)
+        while frames and not self.greeted:
+            if self.rejected:
+                self._refuse_busy(_req_id_of(frames[0]))
+                return
+            self._run(frames)
+            if self.is_closing():
+                return
+            if self.refusals >= PREAUTH_MAX_REFUSALS:
+                self.close_with(AuthError.code, "too many requests before a successful HELLO")
+                return
+            frames = self._feed(b"", 1)
+        if self.greeted:
+            self.decoder.max_frame = self.broker.config.max_frame
+            self._run(self._feed(b""))
+
+    def _feed(self, data: bytes, limit: int = 0) -> list[Any]:
         try:
-            frames = self.decoder.feed(data)
+            return self.decoder.feed(data, limit)
         except TooLargeError as exc:
             # The stream cannot be resynchronised after a bad length prefix.
-            self.write(encode_frame([0, exc.code, str(exc), self.broker.epoch]))
-            assert self.transport is not None
-            self.transport.close()
+            if not self.greeted:
+                exc = TooLargeError(f"{exc} (before HELLO frames are limited to "
+                                    f"{self.decoder.max_frame} bytes)")
+            self.close_with(exc.code, str(exc))
+            return []
+
+    def _run(self, frames: list[Any]) -> None:
+        if not frames:
             return
         immediate: list[bytes] = []
         deferred: list[bytes] = []
@@ -105,9 +171,12 @@ class BrokerConnection(asyncio.Protocol):
                 raise BadRequestError("req_id must be an integer")
             if op == p.HELLO:
                 immediate.append(self._reply(req_id, p.OK, self._hello(args)))
+                self.greeted = True
                 return
             if not self.authed:
+                self.refusals += 1
                 raise AuthError("authenticate with HELLO {token} first")
+            self.greeted = True
             handler = HANDLERS.get(op) if isinstance(op, str) else None
             if handler is None:
                 raise BadRequestError(f"unknown op {op!r}")
@@ -136,12 +205,20 @@ class BrokerConnection(asyncio.Protocol):
             got = args.get("token")
             if not isinstance(got, str) or not hmac.compare_digest(got.encode(), want.encode()):
                 self.authed = False
+                self.refusals += 1
                 raise AuthError("wrong or missing token")
             self.authed = True
         cfg = self.broker.config
         return {"broker_id": cfg.broker_id, "epoch": self.broker.epoch,
                 "version": p.PROTOCOL_VERSION, "max_frame": cfg.max_frame,
                 "max_job_data": cfg.max_job_data}
+
+
+def _req_id_of(frame: Any) -> int:
+    if isinstance(frame, list) and frame and isinstance(frame[0], int) \
+            and not isinstance(frame[0], bool):
+        return frame[0]
+    return 0
 
 
 class BrokerServer:
@@ -152,6 +229,7 @@ class BrokerServer:
         self.connections: set[BrokerConnection] = set()
         self.server: asyncio.Server | None = None
         self.port = 0
+        self._sweep: asyncio.TimerHandle | None = None
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -160,8 +238,37 @@ class BrokerServer:
             lambda: BrokerConnection(self.broker, self), host, port,
             reuse_address=True, backlog=2048)
         self.port = self.server.sockets[0].getsockname()[1]
+        self._schedule_sweep()
+
+    def _sweep_every(self) -> float:
+        cfg = self.broker.config
+        return min(max(min(cfg.handshake_timeout_s, cfg.idle_timeout_s) / 4, 0.05), 1.0)
+
+    def _schedule_sweep(self) -> None:
+        self._sweep = asyncio.get_running_loop().call_later(self._sweep_every(), self.sweep)
+
+    def sweep(self) -> None:
+        """Close connections past the handshake deadline or the idle limit.
+
+        One pass over the connections a few times a second, instead of a
+        timer per connection re-armed at every read. A silent client's active
+        jobs stay locked until their locks expire, as for any lost worker.
+        """
+        cfg = self.broker.config
+        now = time.monotonic()
+        for c in list(self.connections):
+            if not c.greeted and now - c.opened_at >= cfg.handshake_timeout_s:
+                c.close_with(AuthError.code if not c.authed else BadRequestError.code,
+                             f"no HELLO within {cfg.handshake_timeout_s:g} s")
+                self.connections.discard(c)
+            elif now - c.last_rx >= cfg.idle_timeout_s:
+                c.close_with(BadRequestError.code, f"idle for {cfg.idle_timeout_s:g} s; closing")
+                self.connections.discard(c)
+        self._schedule_sweep()
 
     async def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
         if self.server is not None:
             self.server.close()
         for c in list(self.connections):

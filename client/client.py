@@ -22,13 +22,15 @@ import httpx
 import msgpack
 
 from shardq import protocol
-from shardq.errors import AuthError, BadRequestError, ShardqError, UnavailableError
+from shardq.errors import AuthError, BadRequestError, BusyError, ShardqError, UnavailableError
 from shardq.router import Topology
 
 from .batcher import DEFAULT_MAX_ITEMS, AddBatcher
 from .cluster import LINK_ERRORS, Channel, Cluster, Connector
 from .connection import (
     DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_PING_INTERVAL_S,
+    DEFAULT_PING_TIMEOUT_S,
     DEFAULT_REQUEST_TIMEOUT_S,
     Connection,
     open_connection,
@@ -52,7 +54,9 @@ class Client:
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
                  max_batch: int = DEFAULT_MAX_ITEMS,
-                 connector: Connector | None = None) -> None:
+                 connector: Connector | None = None,
+                 ping_interval: float = DEFAULT_PING_INTERVAL_S,
+                 ping_timeout: float = DEFAULT_PING_TIMEOUT_S) -> None:
         """Prefer `connect()`, which also loads the topology before returning."""
         self.coordinator = coordinator.rstrip("/") if coordinator else None
         self.seeds = list(seeds)
@@ -60,6 +64,7 @@ class Client:
         self._client_name = client_name or f"shardq-py/{os.getpid()}"
         self._request_timeout = request_timeout
         self._connect_timeout = connect_timeout
+        self._ping = (ping_interval, ping_timeout)
         self._http: httpx.AsyncClient | None = None
         if self.coordinator:
             headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -241,7 +246,8 @@ class Client:
     async def _open(self, addr: str) -> Channel:
         return await open_connection(
             addr, token=self.token, client_name=self._client_name, on_epoch=self._on_epoch,
-            connect_timeout=self._connect_timeout, request_timeout=self._request_timeout)
+            connect_timeout=self._connect_timeout, request_timeout=self._request_timeout,
+            ping_interval=self._ping[0], ping_timeout=self._ping[1])
 
     def _on_epoch(self, _conn: Connection, epoch: int) -> None:
         if not self._loading:  # the first load is fetching the map anyway
@@ -275,7 +281,7 @@ class Client:
                 conn = await self._open(addr)
             except AuthError:
                 raise
-            except LINK_ERRORS as exc:
+            except (BusyError, *LINK_ERRORS) as exc:  # BUSY: its connection limit is full
                 last = exc
                 continue
             try:
@@ -337,7 +343,9 @@ async def connect(target: str | Sequence[str], token: str | None = None, *,
                   client_name: str | None = None,
                   request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
                   connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
-                  policy: RetryPolicy | None = None) -> Client:
+                  policy: RetryPolicy | None = None,
+                  ping_interval: float = DEFAULT_PING_INTERVAL_S,
+                  ping_timeout: float = DEFAULT_PING_TIMEOUT_S) -> Client:
     """Connect to a cluster and load its topology.
 
     Args:
@@ -348,6 +356,9 @@ async def connect(target: str | Sequence[str], token: str | None = None, *,
         request_timeout: seconds before one request is given up and resent.
         connect_timeout: seconds for a TCP connect + HELLO (and coordinator HTTP calls).
         policy: retry budgets (DESIGN §4).
+        ping_interval: seconds of silence on a connection before it sends a
+            PING (0: never); a pong later than `ping_timeout` seconds marks
+            the link dead: it is closed, its requests are resent on a new one.
 
     Returns:
         A `Client`; use it as `async with await shardq.connect(...) as client:`.
@@ -359,7 +370,8 @@ async def connect(target: str | Sequence[str], token: str | None = None, *,
     coordinator, seeds = _parse_target(target)
     client = Client(coordinator=coordinator, seeds=seeds, token=token, client_name=client_name,
                     policy=policy, request_timeout=request_timeout,
-                    connect_timeout=connect_timeout)
+                    connect_timeout=connect_timeout, ping_interval=ping_interval,
+                    ping_timeout=ping_timeout)
     try:
         await client._load()
     except BaseException:

@@ -31,12 +31,26 @@ from shardq.codec import (
     encode_frame,
     is_bad_frame,
 )
-from shardq.errors import ConnectionClosedError, ShardqError, error_from_wire
+from shardq.errors import (
+    BusyError,
+    ConnectionClosedError,
+    RequestTimeoutError,
+    ShardqError,
+    error_from_wire,
+)
+from shardq.netopts import tune_socket
 
 log = logging.getLogger("shardq.client")
 
 DEFAULT_REQUEST_TIMEOUT_S = 10.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
+# A connection with nothing sent or received for PING_INTERVAL_S sends a
+# PING; no pong within PING_TIMEOUT_S means the link is dead (a peer gone
+# without a FIN, a NAT that dropped its mapping): the connection is aborted,
+# its requests fail as retryable link errors and the owner re-dials.
+# Brokers close connections idle past --idle-timeout (default 300 s).
+DEFAULT_PING_INTERVAL_S = 5.0
+DEFAULT_PING_TIMEOUT_S = 5.0
 
 EpochCallback = Callable[["Connection", int], None]
 
@@ -59,7 +73,9 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, addr: str, on_epoch: EpochCallback | None = None,
                  max_frame: int = DEFAULT_MAX_FRAME,
-                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S) -> None:
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
+                 ping_interval: float = DEFAULT_PING_INTERVAL_S,
+                 ping_timeout: float = DEFAULT_PING_TIMEOUT_S) -> None:
         self.addr = addr
         self.broker_id = ""
         self.max_epoch = 0
@@ -80,14 +96,21 @@ class Connection(asyncio.Protocol):
         # Server pushes (SUBSCRIBE): req_id -> handler; None is sent when the
         # link goes, so the subscriber knows to resume elsewhere.
         self._push: dict[int, Callable[[Any], None]] = {}
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._ping_out = False
+        self._last_rx = self._last_tx = self._loop.time()
 
     # -- asyncio.Protocol -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop transports are not asyncio.Transport subclasses; duck-type them.
         self._transport = cast(asyncio.Transport, transport)
+        tune_socket(transport.get_extra_info("socket"))
 
     def data_received(self, data: bytes) -> None:
+        self._last_rx = self._loop.time()
         try:
             frames = self._decoder.feed(data)
         except ShardqError as exc:  # oversized frame: the stream cannot resync
@@ -106,6 +129,9 @@ class Connection(asyncio.Protocol):
 
     def _on_reply(self, frame: list[Any]) -> None:
         rid = frame[0]
+        if rid == 0 and frame[1] != protocol.OK:
+            self._abort(_unsolicited_error(self.addr, str(frame[1]), frame[2]))
+            return
         if self._push and frame[1] == protocol.PUSH:
             handler = self._push.get(rid)
             if handler is not None:
@@ -132,6 +158,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._stop_pings()
         if self._close_reason is None:
             self._close_reason = ConnectionClosedError(
                 f"connection to {self.addr} lost" + (f": {exc}" if exc else ""))
@@ -199,7 +226,44 @@ class Connection(asyncio.Protocol):
         self._timers.pop(rid, None)
         fut = self._pending.pop(rid, None)
         if fut is not None and not fut.done():
-            fut.set_exception(TimeoutError(f"{op} to {self.addr} timed out"))
+            fut.set_exception(RequestTimeoutError(f"{op} to {self.addr} timed out"))
+        if op != protocol.PING and self._ping_timer is not None:
+            self._send_ping()  # a slow broker or a dead link: find out which now
+
+    # -- liveness --------------------------------------------------------------
+
+    def start_pings(self) -> None:
+        """Ping whenever the link is idle (called once HELLO succeeded)."""
+        if self._ping_interval > 0 and self._ping_timer is None and not self.closed:
+            self._ping_timer = self._loop.call_later(self._ping_interval / 2, self._ping_tick)
+
+    def _stop_pings(self) -> None:
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self._ping_timer = None
+
+    def _ping_tick(self) -> None:
+        if self.closed:
+            self._ping_timer = None
+            return
+        # Idle in either direction: a subscriber that only receives still
+        # has to show the broker it is alive.
+        if self._loop.time() - min(self._last_rx, self._last_tx) >= self._ping_interval:
+            self._send_ping()
+        self._ping_timer = self._loop.call_later(self._ping_interval / 2, self._ping_tick)
+
+    def _send_ping(self) -> None:
+        if self._ping_out or self.closed:
+            return
+        self._ping_out = True
+        self.request(protocol.PING, {}, timeout=self._ping_timeout).add_done_callback(self._pong)
+
+    def _pong(self, fut: asyncio.Future[Any]) -> None:
+        self._ping_out = False
+        exc = None if fut.cancelled() else fut.exception()
+        if isinstance(exc, TimeoutError) and not self.closed:
+            self._abort(ConnectionClosedError(
+                f"no pong from {self.addr} within {self._ping_timeout:g} s; link presumed dead"))
 
     def _write(self, frame: bytes) -> None:
         self.frames_sent += 1
@@ -210,6 +274,7 @@ class Connection(asyncio.Protocol):
     def _flush(self) -> None:
         buf, self._wbuf = self._wbuf, []
         if self._transport is not None and buf:
+            self._last_tx = self._loop.time()
             self._transport.writelines(buf)
 
     async def wait_writable(self) -> None:
@@ -226,6 +291,9 @@ class Connection(asyncio.Protocol):
     # -- closing -------------------------------------------------------------
 
     def _fail_pending(self, exc: BaseException) -> None:
+        if isinstance(exc, ConnectionClosedError) and not exc.maybe_applied:
+            # These were sent (or about to be): the broker may have applied them.
+            exc = ConnectionClosedError(str(exc), maybe_applied=True)
         pending, self._pending = self._pending, {}
         for timer in self._timers.values():
             timer.cancel()
@@ -236,6 +304,7 @@ class Connection(asyncio.Protocol):
 
     def _abort(self, exc: BaseException) -> None:
         log.warning("dropping connection to %s: %s", self.addr, exc)
+        self._stop_pings()
         self._close_reason = exc
         self._fail_pending(exc)
         self._end_pushes()
@@ -269,6 +338,7 @@ class Connection(asyncio.Protocol):
         """Close the link; pending requests fail with ConnectionClosedError."""
         if self._close_reason is None:
             self._close_reason = ConnectionClosedError(f"connection to {self.addr} closed")
+        self._stop_pings()
         self._fail_pending(self._close_reason)
         if self._transport is not None:
             self._flush()
@@ -279,8 +349,13 @@ class Connection(asyncio.Protocol):
 async def open_connection(addr: str, *, token: str | None = None, client_name: str | None = None,
                           on_epoch: EpochCallback | None = None,
                           connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
-                          request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S) -> Connection:
+                          request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
+                          ping_interval: float = DEFAULT_PING_INTERVAL_S,
+                          ping_timeout: float = DEFAULT_PING_TIMEOUT_S) -> Connection:
     """Connect to `addr` and complete HELLO.
+
+    The connection then pings when idle (`ping_interval`, 0: never) and
+    aborts itself when a pong is `ping_timeout` late.
 
     Raises:
         OSError / TimeoutError: the broker cannot be reached.
@@ -291,13 +366,19 @@ async def open_connection(addr: str, *, token: str | None = None, client_name: s
     host, port = split_addr(addr)
     async with asyncio.timeout(connect_timeout):
         _, conn = await loop.create_connection(
-            lambda: Connection(addr, on_epoch, request_timeout=request_timeout), host, port)
+            lambda: Connection(addr, on_epoch, request_timeout=request_timeout,
+                               ping_interval=ping_interval, ping_timeout=ping_timeout),
+            host, port)
     hello: dict[str, Any] = {"version": protocol.PROTOCOL_VERSION,
                              "client": client_name or f"shardq-py/{os.getpid()}"}
     if token is not None:
         hello["token"] = token
     try:
         reply = await conn.request(protocol.HELLO, hello, timeout=connect_timeout)
+    except RequestTimeoutError as exc:
+        conn._abort(ConnectionClosedError("HELLO failed"))
+        # Only HELLO was sent: no request of the caller's can have been applied.
+        raise TimeoutError(str(exc)) from None
     except BaseException:
         conn._abort(ConnectionClosedError("HELLO failed"))
         raise
@@ -306,4 +387,15 @@ async def open_connection(addr: str, *, token: str | None = None, client_name: s
         epoch = reply.get("epoch")
         if isinstance(epoch, int) and epoch > conn.max_epoch:
             conn.max_epoch = epoch
+    conn.start_pings()
     return conn
+
+
+def _unsolicited_error(addr: str, code: str, body: Any) -> ShardqError:
+    """A broker's error frame with req_id 0 names no request: it says why the
+    broker is closing the link (handshake deadline, idle, oversized frame) or
+    that it is full (BUSY). All but BUSY are link failures, retried."""
+    err = error_from_wire(code, body)
+    if isinstance(err, BusyError):
+        return err
+    return ConnectionClosedError(f"{addr} closed the connection: {code}: {err}")

@@ -55,6 +55,7 @@ class Budget:
     busy_since: float | None = None
     down_since: float | None = None
     down_attempts: int = 0
+    maybe_applied: bool = False  # some attempt was sent and never answered
 
     def moved(self, err: MovedError, sent_to: str, stale: bool = False) -> Decision:
         """A MOVED answer from broker `sent_to` (already patched by the caller).
@@ -94,12 +95,18 @@ class Budget:
         return Decision(delay=_retry_after(err.retry_after_ms, self.policy))
 
     def unreachable(self, broker: str, exc: BaseException) -> Decision:
-        """The connection failed, broke or timed out under the request."""
+        """The connection failed, broke or timed out under the request.
+
+        An error with a true `maybe_applied` (a request sent, then a timeout or
+        a lost link) makes the final UnavailableError say the outcome is unknown.
+        """
+        self.maybe_applied = self.maybe_applied or bool(getattr(exc, "maybe_applied", False))
         now = self.clock()
         if self.down_since is None:
             self.down_since = now
         if now - self.down_since >= self.policy.unavailable_budget:
-            raise UnavailableError(broker, str(exc) or type(exc).__name__) from exc
+            raise UnavailableError(broker, str(exc) or type(exc).__name__,
+                                   maybe_applied=self.maybe_applied) from exc
         self.down_attempts += 1
         delay = min(self.policy.backoff_min * 2 ** (self.down_attempts - 1),
                     self.policy.backoff_max)

@@ -42,8 +42,22 @@ class FrameDecoder:
         self._buf = bytearray()
         self._max_frame = max_frame
 
-    def feed(self, data: bytes) -> list[Any]:
+    @property
+    def max_frame(self) -> int:
+        return self._max_frame
+
+    @max_frame.setter
+    def max_frame(self, n: int) -> None:
+        """Change the limit for the frames not decoded yet (a broker raises it
+        once HELLO succeeded: pre-auth input stays small, docs/design.md §4)."""
+        self._max_frame = n
+
+    def feed(self, data: bytes, limit: int = 0) -> list[Any]:
         """Add bytes; return every complete decoded frame.
+
+        `limit` > 0 stops after that many frames; the rest stays buffered for
+        the next call (`feed(b"")`), so a caller can act on one frame (HELLO)
+        before the limit for the next ones is decided.
 
         Raises:
             TooLargeError: a length prefix exceeds the frame limit. The stream
@@ -56,7 +70,7 @@ class FrameDecoder:
         frames: list[Any] = []
         pos = 0
         end = len(buf)
-        while end - pos >= 4:
+        while end - pos >= 4 and (not limit or len(frames) < limit):
             (size,) = _HEADER.unpack_from(buf, pos)
             if size > self._max_frame:
                 del buf[:]

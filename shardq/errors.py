@@ -16,6 +16,15 @@
      │    └── UnknownServerError      any code this client does not know
      ├── UnavailableError             (client side) owner unreachable past the budget
      └── ConnectionClosedError        (client side) the connection closed under a request
+
+    TimeoutError
+     └── RequestTimeoutError          (client side) a sent request got no reply in time
+
+`UnavailableError.maybe_applied`, `ConnectionClosedError.maybe_applied` and
+`RequestTimeoutError.maybe_applied` say whether a request was sent before
+the failure, so the broker may have applied it: the outcome is unknown.
+Resending with the same job id (ids are made by the client) is safe: an add
+whose id exists changes nothing, and a resent ACK/FAIL answers as the first.
 """
 
 from __future__ import annotations
@@ -127,15 +136,32 @@ class UnknownServerError(ServerError):
 
 
 class UnavailableError(ShardqError):
-    """The owner of a queue could not be reached within the retry budget."""
+    """The owner of a queue could not be reached within the retry budget.
 
-    def __init__(self, broker: str, reason: str = "") -> None:
-        super().__init__(f"broker {broker} unavailable{': ' + reason if reason else ''}")
+    `maybe_applied` is true when some attempt was sent and never answered:
+    the broker may have applied it (retry with the same id; it is safe).
+    """
+
+    def __init__(self, broker: str, reason: str = "", *, maybe_applied: bool = False) -> None:
+        unknown = "; the request may have been applied (outcome unknown)" if maybe_applied else ""
+        super().__init__(f"broker {broker} unavailable{': ' + reason if reason else ''}{unknown}")
         self.broker = broker
+        self.maybe_applied = maybe_applied
 
 
 class ConnectionClosedError(ShardqError):
-    """The connection closed while a request was in flight."""
+    """The connection closed while a request was in flight (`maybe_applied`),
+    or before it could be sent."""
+
+    def __init__(self, message: str = "", *, maybe_applied: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_applied = maybe_applied
+
+
+class RequestTimeoutError(TimeoutError):
+    """A request was sent and no reply came within its timeout."""
+
+    maybe_applied = True
 
 
 _BY_CODE: dict[str, type[ServerError]] = {

@@ -35,7 +35,13 @@ def broker(
         0, min=0, help="Over this RSS in bytes, adds get BUSY (0: off)."),
     max_frame: int = typer.Option(16 * 1024 * 1024, min=1024, help="Largest frame in bytes."),
     max_job_data: int = typer.Option(1024 * 1024, min=1, help="Largest job data in bytes."),
-    max_connections: int = typer.Option(10_000, min=1, help="Most client connections."),
+    max_connections: int = typer.Option(
+        10_000, min=1, help="Most client connections; one more is answered BUSY and closed."),
+    handshake_timeout: float = typer.Option(
+        5.0, min=0.01, help="Seconds a new connection has to send HELLO."),
+    idle_timeout: float = typer.Option(
+        300.0, min=0.01, help="Close a connection that sent nothing for this many seconds "
+                              "(clients ping every few seconds when idle)."),
     drain_on_term: bool = typer.Option(False, help="On SIGTERM, move all slots away first."),
     log_level: str = typer.Option("WARNING", envvar="SHARDQ_LOG_LEVEL"),
 ) -> None:
@@ -54,6 +60,7 @@ def broker(
         broker_id=broker_id, data_dir=data_dir, advertise=advertise or "", durable=not fast,
         token=token, max_jobs=max_jobs, max_memory=max_memory, max_frame=max_frame,
         max_job_data=max_job_data, max_connections=max_connections, coordinator=coordinator,
+        handshake_timeout_s=handshake_timeout, idle_timeout_s=idle_timeout,
         weight=weight, drain_on_term=drain_on_term,
         ack_journal=os.environ.get("SHARDQ_ACK_JOURNAL") or None)
     try:
