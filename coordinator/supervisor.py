@@ -36,6 +36,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from shardq import coordinator_http
+
 from .cluster_control import MAX_LINE, ClusterFile
 
 READY_TIMEOUT_S = 30.0
@@ -285,8 +287,7 @@ class Cluster:
         return [*self.brokers, self.coordinator]
 
     def http(self) -> httpx.AsyncClient:
-        headers = {"Authorization": f"Bearer {self.config.token}"} if self.config.token else {}
-        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=5.0)
+        return coordinator_http.async_client(self.url, self.config.token, timeout_s=5.0)
 
 
 async def run_cluster(config: ClusterConfig, out: TextIO, console: Console) -> None:
