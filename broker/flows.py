@@ -234,7 +234,7 @@ class FlowAgent:
                 except TimeoutError:
                     pass
         finally:  # the broker is stopping: no link of it outlives the agent
-            await self.b.peers.pool.aclose()
+            await self.b.peers.aclose()
 
     async def _round(self) -> None:
         b = self.b

@@ -34,3 +34,8 @@ class Peers:
             self._pool = ConnectionPool(dialer(token=self._token, client_name=self._name,
                                                request_timeout=PEER_REQUEST_TIMEOUT_S))
         return self._pool
+
+    async def aclose(self) -> None:
+        """Close every link (the broker is stopping); idempotent."""
+        if self._pool is not None:
+            await self._pool.aclose()
