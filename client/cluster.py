@@ -22,18 +22,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from shardq.errors import (
-    BusyError,
     ConnectionClosedError,
     MovedError,
     ServerError,
     ShardqError,
-    TryAgainError,
     error_from_wire,
 )
 
 from .pool import Channel, ConnectionPool, Connector
 from .retry import Budget, Decision, RetryPolicy
-from .retrying import LINK_ERRORS, RetryLoop
+from .retrying import LINK_ERRORS, RetryLoop, retry_kind
 from .topology import TopologyManager
 
 __all__ = ["LINK_ERRORS", "ArgsBuilder", "Channel", "Cluster", "Connector", "ReplyParser"]
@@ -244,11 +242,8 @@ class _Round:
         self.retry: dict[type, list[tuple[int, BaseException, str]]] = {}
 
     def _classify(self, i: int, exc: BaseException, bid: str, out: list[Any]) -> None:
-        if isinstance(exc, MovedError | TryAgainError | BusyError):
-            kind: type = type(exc)
-        elif isinstance(exc, LINK_ERRORS):
-            kind = ConnectionClosedError
-        else:
+        kind = retry_kind(exc)
+        if kind is None:
             out[i] = exc
             return
         self.retry.setdefault(kind, []).append((i, exc, bid))

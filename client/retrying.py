@@ -45,6 +45,19 @@ T = TypeVar("T")
 LINK_ERRORS = (OSError, TimeoutError, ConnectionClosedError, OwnerUnavailableError)
 RETRYABLE = (MovedError, TryAgainError, BusyError, *LINK_ERRORS)
 
+
+
+def retry_kind(exc: BaseException) -> type | None:
+    """How a bulk round groups a failed item for one charge per kind: its
+    answer's class (MOVED, TRYAGAIN, BUSY), ConnectionClosedError for any
+    link failure, None when it is not retried."""
+    if isinstance(exc, MovedError | TryAgainError | BusyError):
+        return type(exc)
+    if isinstance(exc, LINK_ERRORS):
+        return ConnectionClosedError
+    return None
+
+
 Route = tuple[str, str]
 """(broker id, address)."""
 
