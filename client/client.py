@@ -142,15 +142,8 @@ class Client:
         Raises:
             ShardqError: no coordinator (connect by URL), or it refused.
         """
-        if not self.coordinator or self._http is None:
-            raise ShardqError("declare_queue needs the coordinator: connect with its URL")
-        try:
-            resp = await self._http.post(f"/queues/{name}/declare",
-                                         json={"partitions": partitions})
-        except httpx.HTTPError as exc:
-            raise UnavailableError("coordinator", str(exc)) from exc
-        if resp.status_code >= 400:
-            raise BadRequestError(f"declare_queue({name!r}): {resp.text}")
+        await self._coordinator_post(f"/queues/{name}/declare", {"partitions": partitions},
+                                     f"declare_queue({name!r})")
         await self.refresh_topology()
 
     async def add_flow(self, flow: dict[str, Any], *, timeout_ms: int = 30_000) -> str:
