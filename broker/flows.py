@@ -86,7 +86,7 @@ def op_flow_add_children(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
     pq, pid = _ref(v.arg(args, "parent", list), "parent")
     jobs = v.arg(args, "jobs", list)
     deadline = _deadline(b, args)
-    b.check_capacity()
+    b.check_capacity(jobs)
     now = b.clock()
     out: list[Any] = []
     for item in jobs:
@@ -115,7 +115,7 @@ def op_flow_add_parent(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
     if failpoints.ACTIVE:
         failpoints.hit("broker.before_flow_parent")
     _deadline(b, args)
-    b.check_capacity()
+    b.check_capacity([[jid, name, data]])
     if not q.add(jid, name, data, opts, b.clock(), children=[flow, n, {}]):
         raise BadRequestError(f"job {jid!r} exists (or existed) in {q.name!r}; "
                               "a flow's parent needs an id of its own")

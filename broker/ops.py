@@ -45,7 +45,7 @@ def op_ping(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
 def op_add(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
     q = b.queue_for(v.queue_name(v.arg(args, "queue", str)))
     jobs = v.arg(args, "jobs", list)
-    b.check_capacity()
+    b.check_capacity(jobs)
     now = b.clock()
     max_data = b.config.max_job_data
     out: list[Any] = []

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from shardq import protocol as p
@@ -44,7 +45,11 @@ class BrokerConnection(asyncio.Protocol):
         self.server = server
         self.decoder = FrameDecoder(min(PREAUTH_MAX_FRAME, broker.config.max_frame))
         self.transport: asyncio.Transport | None = None
-        self.authed = broker.config.token is None
+        cfg = broker.config
+        self.authed = cfg.token is None
+        # May send CONTROL_OPS: the control token's HELLO, or a broker with
+        # no tokens at all (open, for development).
+        self.control = cfg.token is None and cfg.control_token is None
         # HELLO succeeded (or, with no token, a first request was served):
         # from then on the full frame limit applies and no deadline runs.
         self.greeted = False
@@ -180,6 +185,9 @@ class BrokerConnection(asyncio.Protocol):
             handler = HANDLERS.get(op) if isinstance(op, str) else None
             if handler is None:
                 raise BadRequestError(f"unknown op {op!r}")
+            if op in p.CONTROL_OPS and not self.control:
+                raise AuthError(f"{op} needs a control connection (HELLO with the control "
+                                "token); a client token cannot send it")
             body = handler(b, args, self, req_id)
             if body is PARKED:
                 return
@@ -200,18 +208,30 @@ class BrokerConnection(asyncio.Protocol):
         if args.get("version") != p.PROTOCOL_VERSION:
             raise BadRequestError(f"unsupported protocol version {args.get('version')!r}; "
                                   f"this broker speaks {p.PROTOCOL_VERSION}")
-        want = self.broker.config.token
-        if want is not None:
-            got = args.get("token")
-            if not isinstance(got, str) or not hmac.compare_digest(got.encode(), want.encode()):
-                self.authed = False
-                self.refusals += 1
-                raise AuthError("wrong or missing token")
-            self.authed = True
+        self._authenticate(args.get("token"))
         cfg = self.broker.config
         return {"broker_id": cfg.broker_id, "epoch": self.broker.epoch,
                 "version": p.PROTOCOL_VERSION, "max_frame": cfg.max_frame,
-                "max_job_data": cfg.max_job_data}
+                "max_job_data": cfg.max_job_data,
+                "role": "control" if self.control else "client"}
+
+    def _authenticate(self, got: Any) -> None:
+        """Set the connection's role from HELLO's token (README "Security")."""
+        cfg = self.broker.config
+        if cfg.control_token is not None and _same(got, cfg.control_token):
+            self.authed = self.control = True
+            return
+        if cfg.token is not None and not _same(got, cfg.token):
+            self.authed = self.control = False
+            self.refusals += 1
+            raise AuthError("wrong or missing token")
+        self.authed = True
+        # Without a control token the client token keeps both roles.
+        self.control = cfg.control_token is None
+
+
+def _same(got: Any, want: str) -> bool:
+    return isinstance(got, str) and hmac.compare_digest(got.encode(), want.encode())
 
 
 def _req_id_of(frame: Any) -> int:
@@ -278,9 +298,9 @@ class BrokerServer:
 
 
 async def serve(config: BrokerConfig, host: str, port: int, metrics_port: int | None = None,
-                ready: bool = True) -> None:
+                ready: bool = True, clock: Callable[[], int] | None = None) -> None:
     """Run a broker until SIGTERM/SIGINT; prints `READY host:port` once bound."""
-    broker = Broker(config)
+    broker = Broker(config, clock=clock)
     broker.recover()
     # Millions of long-lived job objects make every full GC pass walk them all;
     # they form no cycles, so freeze what recovery built and collect the old
@@ -306,7 +326,7 @@ async def serve(config: BrokerConfig, host: str, port: int, metrics_port: int | 
         from shardq.broker.membership import MembershipAgent
 
         agent = MembershipAgent(broker_id=config.broker_id, advertise=addr, weight=config.weight,
-                                coordinator_url=config.coordinator, token=config.token,
+                                coordinator_url=config.coordinator, token=config.link_token,
                                 get_stats=broker.stats, on_topology=broker.apply_topology,
                                 on_leases=broker.apply_leases, storage=broker.storage_id)
     else:
@@ -325,6 +345,9 @@ async def serve(config: BrokerConfig, host: str, port: int, metrics_port: int | 
         sys.stdout.flush()
     log.info("broker %s listening on %s (%s)", config.broker_id, addr,
              "durable" if config.durable else "fast")
+    if config.token is not None and config.control_token is None:
+        log.warning("no --control-token: the client token may also send handoff and term "
+                    "ops; give the coordinator and brokers a separate control token")
     async with asyncio.TaskGroup() as tg:
         tg.create_task(_housekeeping(broker, stop))
         agent_task = tg.create_task(agent.run()) if agent else None
@@ -372,7 +395,7 @@ async def _drain_self(broker: Broker, stop: asyncio.Event) -> None:
         return  # nothing to ask: only a broker with a coordinator drains
     log.warning("draining %s before exit", cfg.broker_id)
     try:
-        async with coordinator_http.async_client(cfg.coordinator, cfg.token,
+        async with coordinator_http.async_client(cfg.coordinator, cfg.link_token,
                                                  timeout_s=10) as http:
             r = await http.post(f"/brokers/{cfg.broker_id}/drain", json={})
             if r.status_code >= 400:

@@ -86,7 +86,8 @@ def default_rebalancer(membership: Membership, token: str | None = None, *,
 
 def create_app(membership: Membership, *, token: str | None = None,
                check_interval_ms: int = 1000, rebalancer: Rebalancer | None = None,
-               stats: StatsBook | None = None, tenants: TenantBook | None = None) -> Starlette:
+               stats: StatsBook | None = None, tenants: TenantBook | None = None,
+               control_token: str | None = None) -> Starlette:
     """The ASGI app; its lifespan runs the liveness check every `check_interval_ms`,
     recovers unfinished moves at start and stops the rebalancer at the end.
 
@@ -94,6 +95,9 @@ def create_app(membership: Membership, *, token: str | None = None,
         membership: the state it serves and changes.
         token: when set, every request needs `Authorization: Bearer <token>`
             (and brokers get it in HELLO from the default rebalancer).
+        control_token: when set, only it may change anything (POST: register,
+            heartbeat, moves, forget, ...) and brokers get it in HELLO; the
+            client `token` then only reads (GET: topology, status, stats).
         check_interval_ms: how often silent brokers are looked for.
         rebalancer: runs moves; default: `default_rebalancer(membership, token)`.
         stats: keeps the brokers' heartbeat stats for /stats and /metrics;
@@ -102,7 +106,7 @@ def create_app(membership: Membership, *, token: str | None = None,
             in memory only (the server passes one persisted in its store).
     """
     m = membership
-    rb = rebalancer or default_rebalancer(membership, token)
+    rb = rebalancer or default_rebalancer(membership, control_token or token)
     book = stats or StatsBook()
     tb = _tenant_book(tenants, m)
 
@@ -186,7 +190,8 @@ def create_app(membership: Membership, *, token: str | None = None,
         *_tenant_routes(tb),
         *_stats_routes(m, book),
     ]
-    middleware = [Middleware(BearerAuth, token=token)] if token else []
+    middleware = ([Middleware(BearerAuth, token=token, control_token=control_token)]
+                  if token or control_token else [])
     return Starlette(
         routes=routes,
         middleware=middleware,
@@ -324,18 +329,39 @@ def _field(body: dict[str, Any], name: str, kind: type[T], default: T = _MISSING
 
 
 class BearerAuth:
-    """Refuses every HTTP request without `Authorization: Bearer <token>` (401)."""
+    """Refuses an HTTP request without the bearer token its method needs.
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    With a control token, it alone may change state (any method but GET and
+    HEAD, 403 for the client token); the client token, or no token when
+    there is none, may read. Without one, the client token may do all.
+    """
+
+    _READS = frozenset({"GET", "HEAD"})
+
+    def __init__(self, app: ASGIApp, token: str | None, control_token: str | None = None) -> None:
         self.app = app
-        self._expected = b"Bearer " + token.encode()
+        self._client = b"Bearer " + token.encode() if token else None
+        self._control = b"Bearer " + control_token.encode() if control_token else None
+
+    def _allowed(self, got: bytes, method: str) -> int:
+        """0 when allowed, else the HTTP status to answer."""
+        if self._control is not None and hmac.compare_digest(got, self._control):
+            return 0
+        client_ok = self._client is None or hmac.compare_digest(got, self._client)
+        if self._control is None:
+            return 0 if client_ok else 401
+        if method in self._READS:
+            return 0 if client_ok else 401
+        return 403 if client_ok and got else 401
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             got = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(got, self._expected):
-                response = JSONResponse({"error": "missing or wrong bearer token"},
-                                        status_code=401,
+            status = self._allowed(got, scope.get("method", "GET"))
+            if status:
+                message = ("this needs the control token" if status == 403
+                           else "missing or wrong bearer token")
+                response = JSONResponse({"error": message}, status_code=status,
                                         headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send)
                 return

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shardq.secrets import TokenError, read_token_file
+
 CLUSTER_FILE = "cluster.json"
 MAX_LINE = 1 << 20
 
@@ -72,6 +74,11 @@ class ClusterFile:
         os.replace(tmp, data_dir / CLUSTER_FILE)
 
 
+# `cluster up --token` keeps its tokens here, under DATA_DIR/secrets (0600).
+CLIENT_TOKEN_FILE = "client.token"
+CONTROL_TOKEN_FILE = "control.token"
+
+
 class LocalCluster:
     """A running `cluster up`, found through its data dir.
 
@@ -98,6 +105,14 @@ class LocalCluster:
     @property
     def coordinator(self) -> str:
         return self.info.coordinator
+
+    def coordinator_token(self) -> str | None:
+        """The control token `cluster up` made (admin calls change state), if
+        it made one and this user can read it; else the token given."""
+        try:
+            return read_token_file(self.data_dir / "secrets" / CONTROL_TOKEN_FILE)
+        except TokenError:
+            return self._token
 
     def add(self, count: int, timeout_s: float = 120.0) -> list[dict[str, Any]]:
         """Start `count` new brokers; returns [{id, addr}] once each is listening."""

@@ -44,6 +44,7 @@ class CoordinatorConfig:
     advertise: str | None = None
     expect: int = 1
     token: str | None = None
+    control_token: str | None = None  # only it may change state; see create_app
     heartbeat_timeout_ms: int = 5000
     rebalance_concurrency: int = 2
     rebalance_throttle_ms: int = 0
@@ -67,7 +68,8 @@ async def serve_async(config: CoordinatorConfig) -> None:
         membership = Membership(store, expect=config.expect,
                                 heartbeat_timeout_ms=config.heartbeat_timeout_ms)
         interval = max(20, min(1000, config.heartbeat_timeout_ms // 5))
-        app = create_app(membership, token=config.token, check_interval_ms=interval,
+        app = create_app(membership, token=config.token, control_token=config.control_token,
+                         check_interval_ms=interval,
                          rebalancer=_rebalancer(membership, config),
                          tenants=TenantBook(store, membership.term))
         server = _Server(uvicorn.Config(app, log_config=None, access_log=False,
@@ -95,7 +97,7 @@ def _rebalancer(membership: Membership, config: CoordinatorConfig) -> Rebalancer
                         copy_timeout_s=config.handoff_copy_timeout_s,
                         retry_budget_s=config.handoff_retry_budget_s,
                         copy_rate=config.handoff_copy_rate)
-    return default_rebalancer(membership, config.token, policy=policy,
+    return default_rebalancer(membership, config.control_token or config.token, policy=policy,
                               concurrency=config.rebalance_concurrency,
                               throttle_ms=config.rebalance_throttle_ms,
                               auto=config.auto_rebalance)

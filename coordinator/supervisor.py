@@ -37,8 +37,9 @@ from rich.live import Live
 from rich.text import Text
 
 from shardq import coordinator_http
+from shardq.secrets import new_token, read_token_file, write_token_file
 
-from .cluster_control import MAX_LINE, ClusterFile
+from .cluster_control import CLIENT_TOKEN_FILE, CONTROL_TOKEN_FILE, MAX_LINE, ClusterFile
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
@@ -233,6 +234,7 @@ class Cluster:
         self.config = config
         self.console = console
         d = config.data_dir
+        self.token_files = _token_files(d, config.token)
         self.coordinator = Child(
             "coordinator",
             lambda port: ["coordinator", "--port", str(port), "--data-dir", str(d / "coordinator"),
@@ -274,7 +276,16 @@ class Cluster:
         self.console.print(line, highlight=False)
 
     def _token_args(self) -> list[str]:
-        return ["--token", self.config.token] if self.config.token else []
+        # Paths, never the tokens: a command line is readable by every local
+        # user in /proc/PID/cmdline (README "Security").
+        if self.token_files is None:
+            return []
+        client, control = self.token_files
+        return ["--token-file", str(client), "--control-token-file", str(control)]
+
+    @property
+    def control_token(self) -> str | None:
+        return read_token_file(self.token_files[1]) if self.token_files else None
 
     def _broker_args(self, name: str) -> Callable[[int], list[str]]:
         def make(port: int) -> list[str]:
@@ -287,7 +298,22 @@ class Cluster:
         return [*self.brokers, self.coordinator]
 
     def http(self) -> httpx.AsyncClient:
-        return coordinator_http.async_client(self.url, self.config.token, timeout_s=5.0)
+        return coordinator_http.async_client(self.url, self.control_token, timeout_s=5.0)
+
+
+def _token_files(data_dir: Path, token: str | None) -> tuple[Path, Path] | None:
+    """With a client token, DATA_DIR/secrets/{client,control}.token (mode 0600):
+    the client token as given, and a control token made once and kept, so
+    only the coordinator and the brokers (and admin commands run with
+    `--data-dir`) may send handoff and term ops."""
+    if not token:
+        return None
+    secrets_dir = data_dir / "secrets"
+    client = write_token_file(secrets_dir / CLIENT_TOKEN_FILE, token)
+    control = secrets_dir / CONTROL_TOKEN_FILE
+    if not control.exists():
+        write_token_file(control, new_token())
+    return client, control
 
 
 async def run_cluster(config: ClusterConfig, out: TextIO, console: Console) -> None:

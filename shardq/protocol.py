@@ -12,8 +12,11 @@ and returns them without decoding.
 Ops and their args (all maps are msgpack maps with str keys):
 
 HELLO      {version: 1, token?: str, client?: str}
-           -> {broker_id, epoch, version, max_frame, max_job_data}
-           Must be the first frame when the broker has a token.
+           -> {broker_id, epoch, version, max_frame, max_job_data, role}
+           Must be the first frame when the broker has a token; it must come
+           within --handshake-timeout, and until it succeeds frames are at most
+           4 KB. `role` is "control" (the control token: every op) or "client"
+           (the client token: every op but CONTROL_OPS).
 PING       {} -> "pong"
 ADD        {queue, jobs: [[id, name, data, opts|nil], ...]}
            -> [id | [code, body], ...]   (existing id: returns id, changes nothing)
@@ -192,6 +195,15 @@ FLOW_COMMIT = "FLOW_COMMIT"
 FLOW_RESOLVE = "FLOW_RESOLVE"
 FLOW_CHILD_DONE = "FLOW_CHILD_DONE"
 FLOW_CHILDREN = "FLOW_CHILDREN"
+
+# Ops only a control connection may send (HELLO with the control token):
+# handoff steps carry the coordinator's term, and the rest move data between
+# brokers. A client token can never send them (README "Security").
+CONTROL_OPS = frozenset({
+    HANDOFF_PREPARE, HANDOFF_COPY, HANDOFF_FREEZE, HANDOFF_CATCHUP, HANDOFF_ACTIVATE,
+    HANDOFF_RELEASE, HANDOFF_ABORT, HANDOFF_STATUS, IMPORT_CHUNKS, IMPORT_OPS,
+    FLOW_RESOLVE, FLOW_CHILD_DONE,
+})
 
 # Handoff phases as the topology's `moving` entries name them (DESIGN §5).
 PHASES = ("prepare", "copy", "freeze", "catch-up", "commit", "activate", "cleanup")

@@ -18,7 +18,9 @@ T = TypeVar("T")
 
 COORDINATOR_OPT = typer.Option(DEFAULT_URL, "--coordinator", envvar="SHARDQ_COORDINATOR",
                                help="Coordinator URL.")
-TOKEN_OPT = typer.Option(None, "--token", envvar="SHARDQ_TOKEN", help="Coordinator token.")
+TOKEN_OPT = typer.Option(
+    None, "--token", envvar=["SHARDQ_CONTROL_TOKEN", "SHARDQ_TOKEN"],
+    help="Coordinator token: the control token to change anything, when the cluster has one.")
 JSON_OPT = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
 

@@ -28,7 +28,16 @@ def broker(
         help="Answer writes BEFORE they are committed: a crash may lose the last few ms of "
              "answered writes. Default is durable (answer after fsync)."),
     token: str | None = typer.Option(
-        None, envvar="SHARDQ_TOKEN", help="Shared secret clients must send."),
+        None, envvar="SHARDQ_TOKEN",
+        help="Client token producers and workers must send (prefer --token-file or the "
+             "environment: a command line is visible to every local user)."),
+    token_file: str | None = typer.Option(None, help="Read the client token from this file."),
+    control_token: str | None = typer.Option(
+        None, envvar="SHARDQ_CONTROL_TOKEN",
+        help="Control token of the coordinator and the other brokers: only it may send "
+             "handoff and term ops. Without it the client token may."),
+    control_token_file: str | None = typer.Option(
+        None, help="Read the control token from this file."),
     metrics_port: int | None = typer.Option(None, help="Serve Prometheus /metrics on this port."),
     max_jobs: int = typer.Option(10_000_000, min=1, help="Over this many jobs, adds get BUSY."),
     max_memory: int = typer.Option(
@@ -52,20 +61,31 @@ def broker(
     from shardq.broker.engine import BrokerConfig
     from shardq.broker.server import serve
     from shardq.broker.store import ForeignStorageError
+    from shardq.secrets import TokenError, resolve_pair
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     failpoints.configure(os.environ.get("SHARDQ_FAILPOINTS"))
+    try:
+        token, control_token = resolve_pair(token, token_file, control_token, control_token_file)
+    except TokenError as exc:
+        raise typer.BadParameter(str(exc)) from None
     config = BrokerConfig(
         broker_id=broker_id, data_dir=data_dir, advertise=advertise or "", durable=not fast,
         token=token, max_jobs=max_jobs, max_memory=max_memory, max_frame=max_frame,
         max_job_data=max_job_data, max_connections=max_connections, coordinator=coordinator,
         handshake_timeout_s=handshake_timeout, idle_timeout_s=idle_timeout,
-        weight=weight, drain_on_term=drain_on_term,
+        weight=weight, drain_on_term=drain_on_term, control_token=control_token,
         ack_journal=os.environ.get("SHARDQ_ACK_JOURNAL") or None)
+    clock = None
+    offset_file = os.environ.get("SHARDQ_TEST_WALL_OFFSET_FILE")  # tests only: a stepped wall
+    if offset_file:
+        from shardq.broker.clock import BrokerClock, offset_wall
+
+        clock = BrokerClock(offset_wall(offset_file))
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(config, bind, port, metrics_port=metrics_port))
+            runner.run(serve(config, bind, port, metrics_port=metrics_port, clock=clock))
     except ForeignStorageError as e:
         logging.getLogger("shardq.broker").error("refusing to start: %s", e)
         raise typer.Exit(2) from None

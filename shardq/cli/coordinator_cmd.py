@@ -23,7 +23,14 @@ def coordinator(
     expect: int = typer.Option(
         1, min=1, help="Brokers to wait for before the first slot assignment (bootstrap)."),
     token: str | None = typer.Option(
-        None, envvar="SHARDQ_TOKEN", help="Require `Authorization: Bearer T` on every request."),
+        None, envvar="SHARDQ_TOKEN", help="Client token: require `Authorization: Bearer T` "
+        "on every request (with --control-token, on reads only)."),
+    token_file: str | None = typer.Option(None, help="Read the client token from this file."),
+    control_token: str | None = typer.Option(
+        None, envvar="SHARDQ_CONTROL_TOKEN",
+        help="Control token: only it may change state over HTTP, and it is sent to brokers."),
+    control_token_file: str | None = typer.Option(
+        None, help="Read the control token from this file."),
     heartbeat_timeout_ms: int = typer.Option(
         5000, min=1, help="A broker silent this long is marked dead (it keeps its slots)."),
     rebalance_concurrency: int = typer.Option(
@@ -45,13 +52,18 @@ def coordinator(
     """Run the coordinator: membership, topology, handoffs and status over HTTP."""
     from shardq import failpoints
     from shardq.coordinator import CoordinatorConfig, serve
+    from shardq.secrets import TokenError, resolve_pair
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     failpoints.configure(os.environ.get("SHARDQ_FAILPOINTS"))
+    try:
+        token, control_token = resolve_pair(token, token_file, control_token, control_token_file)
+    except TokenError as exc:
+        raise typer.BadParameter(str(exc)) from None
     serve(CoordinatorConfig(
         data_dir=data_dir, port=port, bind=bind, advertise=advertise, expect=expect,
-        token=token, heartbeat_timeout_ms=heartbeat_timeout_ms,
+        token=token, control_token=control_token, heartbeat_timeout_ms=heartbeat_timeout_ms,
         rebalance_concurrency=rebalance_concurrency, rebalance_throttle_ms=rebalance_throttle_ms,
         auto_rebalance=auto_rebalance, handoff_copy_timeout_s=handoff_copy_timeout_s,
         handoff_retry_budget_s=handoff_retry_budget_s, handoff_copy_rate=handoff_copy_rate))

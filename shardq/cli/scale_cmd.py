@@ -304,7 +304,7 @@ def scale_out(n: int = typer.Option(1, "-n", "--brokers", min=1, max=64,
         if progress["failed"]:
             raise _Failed(_stopped_reason(progress, "some slots did not move"))
 
-    _run(coordinator or local.coordinator, token, body)
+    _run(coordinator or local.coordinator, local.coordinator_token(), body)
 
 
 def _wait_active(api: CoordinatorApi, ids: list[str]) -> None:
@@ -363,7 +363,8 @@ def scale_in(broker_id: str = typer.Option(..., "--broker", help="The broker to 
             err.print(f"{broker_id} drained ({answer['slots']} slots moved), stopped and "
                       f"removed at epoch {epoch}", highlight=False)
 
-    _run(coordinator or (local.coordinator if local else None), token, body)
+    _run(coordinator or (local.coordinator if local else None),
+         local.coordinator_token() if local else token, body)
 
 
 def _wait_state(api: CoordinatorApi, broker_id: str, state: str) -> None:
