@@ -1,4 +1,4 @@
-"""Cluster benchmark (issue 4): run from a checkout, `python bench/bench_cluster.py`.
+"""Cluster benchmark: run from a checkout, `python bench/bench_cluster.py`.
 
 For 1, 2 and 3 brokers (a coordinator with `--expect n` and n brokers, each
 its own process, started by this script on free ports; durable mode unless

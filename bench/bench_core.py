@@ -1,4 +1,4 @@
-"""Single-broker benchmark (issue 3): run from a checkout, `python bench/bench_core.py`.
+"""Single-broker benchmark: run from a checkout, `python bench/bench_core.py`.
 
 For durable and fast mode, with client and broker on this machine, it prints:
 add_bulk jobs/s, concurrent single add jobs/s (200 in flight), one-at-a-time

@@ -1,4 +1,4 @@
-"""CPU-seconds per job against the number of brokers (issue 7): `shardq bench cpu`.
+"""CPU-seconds per job against the number of brokers: `shardq bench cpu`.
 
 For each broker count (default 1,2,3,4): a fresh local cluster (coordinator + brokers, each
 its own process), one client pushes --jobs over --queues queues with add_bulk and one worker

@@ -1,4 +1,4 @@
-"""Handoff benchmark (issue 5): run from a checkout, `python bench/bench_handoff.py`.
+"""Handoff benchmark: run from a checkout, `python bench/bench_handoff.py`.
 
 Part 1, the write pause of a moving slot. For each N (default 10k and 200k;
 `--big`: 10k and 1M): a coordinator and two durable brokers, a queue Q whose
@@ -14,7 +14,7 @@ in which phase. Reported per N: p50/p99/max add latency and the longest gap
 between two answered adds, for Q during its own move, for U during that same
 window and during the whole drain, and for both in the baseline; each latency
 is also printed as a ratio to the baseline of the same probe in the same run.
-Goal (issue 5): p99 < 50 ms for Q whether it holds 10k or 1M jobs.
+Goal: p99 < 50 ms for Q whether it holds 10k or 1M jobs.
 
 Part 2, scale out 3 -> 6 under load. Three durable brokers hold M waiting
 jobs over 1000 queues (default 200k; `--big`: 1M) that nobody consumes;
@@ -589,7 +589,7 @@ def print_pause(results: list[dict[str, Any]]) -> None:
                 print(f"  {what}: {w['ms']:.1f} ms, started {w['start_vs_move_ms']:+.0f} ms "
                       f"from the start of Q's move, ended in Q's phase {w['q_phase_at_end']!r} "
                       f"(TRYAGAIN resends {w['tryagain']}, MOVED {w['moved']})")
-    print("\n  goal (issue 5): p99 < 50 ms while Q's slot moves, whether Q holds 10k or 1M jobs.")
+    print("\n  goal: p99 < 50 ms while Q's slot moves, whether Q holds 10k or 1M jobs.")
     print("  A serial probe is stalled once per pause, so the p99 over the move window mostly "
           "says how many adds the window held;\n  the pause itself is the longest add / gap:")
     for r in results:

@@ -1,4 +1,4 @@
-"""shardq side by side with BullMQ+Redis and bunqueue (issue 7): `shardq bench peers`.
+"""shardq side by side with BullMQ+Redis and bunqueue: `shardq bench peers`.
 
 Every system runs the same workloads with the same payload, queues and concurrency, one
 fresh server per (system, workload), each driven by its own client in its own process:
@@ -6,6 +6,7 @@ fresh server per (system, workload), each driven by its own client in its own pr
   system                 server                                 client
   shardq-durable         N brokers (default 1) + coordinator     shardq (Python)
   shardq-fast            same, brokers with --fast               shardq (Python)
+  shardq-node            same as shardq-durable                   shardq (Node.js, clients/node)
   bunqueue-memory        `bunqueue start` on bun, no data path   bunqueue/client (bun)
   bunqueue-sqlite        `bunqueue start --data-path` (SQLite)   bunqueue/client (bun)
   bullmq-node-redis      redis-server, no persistence            bullmq (Node.js)
@@ -49,7 +50,7 @@ from benchlib import (
 )
 
 WORKLOADS = ["add_single", "add_concurrent", "add_bulk", "e2e"]
-SYSTEMS = ["shardq-durable", "shardq-fast", "bunqueue-memory", "bunqueue-sqlite",
+SYSTEMS = ["shardq-durable", "shardq-fast", "shardq-node", "bunqueue-memory", "bunqueue-sqlite",
            "bullmq-node-redis", "bullmq-node-redis-aof", "bullmq-py-redis", "bullmq-py-redis-aof"]
 DRIVER_PY = BENCH / "drivers" / "shardq_driver.py"
 DRIVER_BULL_PY = BENCH / "drivers" / "bullmq_py_driver.py"
@@ -65,6 +66,14 @@ class Server:
 
 
 def start_system(system: str, data: Path, a: argparse.Namespace) -> Server:
+    if system == "shardq-node":
+        # The Node client on durable brokers, driven by the same driver.mjs as BullMQ.
+        peers_setup.ensure_node_client()
+        node_cluster = bench_cluster.start_cluster(a.brokers, data, False)
+        node_url = node_cluster.url
+        return Server([b.popen.pid for b in node_cluster.brokers], node_cluster.stop,
+                      lambda cfg: ["node", str(DRIVER_JS),
+                                   json.dumps({**cfg, "peer": "shardq", "target": node_url})])
     if system.startswith("shardq"):
         cluster = bench_cluster.start_cluster(a.brokers, data, system.endswith("fast"))
         url = cluster.url
@@ -123,6 +132,8 @@ def measure(system: str, workload: str, a: argparse.Namespace, prog: Any) -> dic
 def check_available(system: str) -> str | None:
     """None when the system can run here, else why not (installing what it can)."""
     try:
+        if system == "shardq-node":
+            peers_setup.ensure_node_client()
         if system.startswith("bunqueue") or system.startswith("bullmq-node"):
             peers_setup.ensure_node_peers()
         if system.startswith("bullmq"):
@@ -156,10 +167,12 @@ def summary(rows: list[dict[str, Any]], skipped: dict[str, str]) -> Table:
 
 RATIO_BASES = [("bunqueue-sqlite", 3.0), ("bullmq-node-redis-aof", 5.0),
                ("bullmq-py-redis-aof", 5.0), ("bunqueue-memory", 1.0)]
+# The Node client against BullMQ on Node: the same driver, language and event loop (no goal).
+NODE_RATIO_BASES = ["bullmq-node-redis-aof", "bullmq-node-redis"]
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """shardq-durable per broker / each peer, per workload, with the issue's goal."""
+    """shardq-durable per broker / each peer, per workload, with its goal."""
     by = {(r["system"], r["workload"]): r for r in rows}
     out = []
     for w in dict.fromkeys(r["workload"] for r in rows):
@@ -175,6 +188,13 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append({"bench": "peers-ratio", "workload": w, "vs": base, "ratio": x,
                         "goal": goal if goal_applies else None,
                         "met": (x >= goal) if goal_applies else None})
+        node = by.get(("shardq-node", w))
+        for base in NODE_RATIO_BASES if node is not None else []:
+            other = by.get((base, w))
+            if other is not None and other["rate_per_broker"]:
+                out.append({"bench": "peers-ratio", "workload": w, "system": "shardq-node",
+                            "vs": base, "ratio": node["rate_per_broker"] / other["rate_per_broker"],
+                            "goal": None, "met": None})
     return out
 
 
@@ -229,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
             mark = "" if r["met"] is None else (" [green]met[/green]" if r["met"]
                                                else " [red]missed[/red]")
             goal = "" if r["goal"] is None else f" (goal >= {r['goal']:.0f}x)"
-            console.print(f"  shardq-durable / {r['vs']:22} {r['workload']:15} "
+            mine = r.get("system", "shardq-durable")
+            console.print(f"  {mine} / {r['vs']:22} {r['workload']:15} "
                           f"{r['ratio']:6.2f}x{goal}{mark}")
     if a.json:
         for r in results.rows:

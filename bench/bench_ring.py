@@ -1,4 +1,4 @@
-"""Ring balance, scale-out movement and routing cost (DESIGN §5).
+"""Ring balance, scale-out movement and routing cost (docs/design.md §5).
 
 Run from a checkout with the package installed (`pip install -e .`)::
 
@@ -26,7 +26,7 @@ from shardq.router import slots as _slots
 
 BROKERS = 10
 VNODES = (40, 160, 640)
-ROUTE_BUDGET_NS = 500  # DESIGN §5: routing a queue costs <= 0.5 us
+ROUTE_BUDGET_NS = 500  # docs/design.md §5: routing a queue costs <= 0.5 us
 
 
 def _ids(n: int) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""The broadcast scenario (issue 7): `shardq bench scenario`.
+"""The broadcast scenario: `shardq bench scenario`.
 
 A burst of N messages (default 300k) enters a six-stage pipeline, one queue per stage per
 tenant (`t007-contact`, `t007-enrich`, ... `t007-webhook`), sharded over T tenants (default

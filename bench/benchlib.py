@@ -1,4 +1,4 @@
-"""Shared pieces of the issue-7 benchmarks: processes, CPU accounting, results files, progress.
+"""Shared pieces of the benchmarks: processes, CPU accounting, results files, progress.
 
 Everything runs on this machine and talks to loopback only. Each benchmark writes JSON lines
 (one per measurement) to a results file and prints a rich summary table.

@@ -8,6 +8,8 @@
     package-lock.json, installed with `npm ci` into bench/peers/node_modules (gitignored).
   * BullMQ (Python): pip `bullmq` pinned in bench/peers/requirements-bullmq-python.txt, in its
     own venv bench/peers/pyvenv (it pins croniter/msgpack versions unlike shardq's).
+  * shardq's own Node client (clients/node): `npm ci` from its lockfile and `npm run build`
+    when dist/ is missing or older than its sources.
   * bunqueue server: `bunqueue start` on bun, in memory (no --data-path) or SQLite
     (--data-path), which is how its README runs the TCP server.
 
@@ -77,6 +79,24 @@ def ensure_node_peers() -> None:
     _run(["npm", "ci", "--no-audit", "--no-fund"], "npm ci", cwd=PEERS)
     if not BUN.exists():
         raise PeerUnavailable("npm package bun installed no bun binary for this platform")
+
+
+NODE_CLIENT = BENCH.parent / "clients" / "node"
+
+
+def ensure_node_client() -> Path:
+    """clients/node built (npm ci + tsc on first use or after a change); returns dist/index.js."""
+    if not shutil.which("node") or not shutil.which("npm"):
+        raise PeerUnavailable("Node.js/npm not found: the shardq Node client needs them")
+    marker = NODE_CLIENT / "node_modules" / ".package-lock.json"
+    lock = NODE_CLIENT / "package-lock.json"
+    if not marker.exists() or marker.stat().st_mtime < lock.stat().st_mtime:
+        _run(["npm", "ci", "--no-audit", "--no-fund"], "npm ci (clients/node)", cwd=NODE_CLIENT)
+    dist = NODE_CLIENT / "dist" / "index.js"
+    newest = max(f.stat().st_mtime for f in (NODE_CLIENT / "src").glob("*.ts"))
+    if not dist.exists() or dist.stat().st_mtime < newest:
+        _run(["npm", "run", "build"], "build clients/node", cwd=NODE_CLIENT)
+    return dist
 
 
 def ensure_bullmq_python() -> Path:

@@ -1,4 +1,4 @@
-"""The issue-7 plots (PNG, matplotlib) from the results files: `shardq bench plots`.
+"""The benchmark plots (PNG, matplotlib) from the results files: `shardq bench plots`.
 
   scenario_throughput.png  stage executions/s and messages/s over time, scale events marked
   peers_bars.png           jobs/s per broker, shardq vs each peer, per workload

@@ -3,7 +3,7 @@
 Runs on one event loop. Ops mutate memory synchronously and append redo ops
 to `self.log`; the writer thread commits them as one log row per group
 commit. In durable mode a write's reply is held until the commit holding
-its ops returned from fsync (DESIGN §3, §9.1); pulls and extensions ride
+its ops returned from fsync (docs/design.md §3, §9.1); pulls and extensions ride
 along without waiting.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
 import logging
 import os
 import time
@@ -21,7 +20,7 @@ from typing import Any
 
 import msgpack
 
-from shardq.broker import tenants
+from shardq.broker import replies, tenants
 from shardq.broker.acks import RecentFinishes
 from shardq.broker.clock import BrokerClock
 from shardq.broker.commitlog import CommitLog, Sink
@@ -29,12 +28,13 @@ from shardq.broker.events import EventHub
 from shardq.broker.flows import FlowAgent
 from shardq.broker.handoff import Handoffs
 from shardq.broker.limits import TenantShare
+from shardq.broker.ownership import SlotTable
 from shardq.broker.peers import Peers
 from shardq.broker.queue import QueueDefaults, QueueState
 from shardq.broker.replay import Images
 from shardq.broker.store import RowSource, Store
 from shardq.errors import BusyError, MovedError, OwnerUnavailableError, TryAgainError
-from shardq.router import NUM_SLOTS, BrokerInfo, BrokerState, Topology, slot_of
+from shardq.router import BrokerInfo, BrokerState, Topology, slot_of
 
 log = logging.getLogger("shardq.broker")
 
@@ -63,7 +63,7 @@ class BrokerConfig:
     handshake_timeout_s: float = 5.0
     idle_timeout_s: float = 300.0
     coordinator: str | None = None
-    ack_journal: str | None = None  # append every accepted ack here (tests, DESIGN §9)
+    ack_journal: str | None = None  # append every accepted ack here (tests, docs/design.md §9)
     weight: int = 1
     drain_on_term: bool = False
     # The control role's token (coordinator, other brokers, admin); without
@@ -103,8 +103,11 @@ class Broker:
         self.commits = CommitLog(self.store, self, config.durable, config.ack_journal)
         self.queues: dict[str, QueueState] = {}
         self.log = self.commits.ops  # the open batch, shared by every QueueState
-        self.owned = bytearray(NUM_SLOTS)
-        self.slot_epochs = [0] * NUM_SLOTS
+        # Slots, epochs, freezes, imports, term: changed only through its methods;
+        # `owned` and `slot_epochs` are read-only views of it for the hot path.
+        self.slots = SlotTable()
+        self.owned = self.slots.owned
+        self.slot_epochs = self.slots.epochs
         self.topology = Topology.empty()
         # `topology` as a dict (the coordinator's own, until a MOVED-time patch),
         # and whether the log already holds it: ownership records in the log
@@ -113,7 +116,6 @@ class Broker:
         self._topology_dict: dict[str, Any] | None = None
         self._topology_logged = False
         self.epoch = 0
-        self.term = 0
         self.storage_id = ""  # this data directory's identity (set by recover)
         # Why the map's slots for this broker are not adopted (its storage
         # identity is not the one they are owned under), or None.
@@ -161,12 +163,13 @@ class Broker:
             self.queues[name] = q
             self.adopt_tenant_window(q)
 
+    @property
+    def term(self) -> int:
+        """The coordinator term this broker accepted last."""
+        return self.slots.term
+
     def _restore_ownership(self, state: dict[str, Any]) -> None:
-        for start, end, epoch in state.get("slots", []):
-            for s in range(start, end + 1):
-                self.owned[s] = 1
-                self.slot_epochs[s] = epoch
-        self.term = int(state.get("term", 0))
+        self.slots.restore(state.get("slots", []), int(state.get("term", 0)))
         for name, lease in (state.get("tenants") or {}).items():
             self.defaults.tenants[name] = TenantShare.from_dict(lease)
         if state.get("topology"):
@@ -202,7 +205,7 @@ class Broker:
         me = self.config.broker_id
         changed = False
         lost: dict[str, list[int]] = {}
-        owned, epochs = self.owned, self.slot_epochs
+        owned, epochs, slots = self.owned, self.slot_epochs, self.slots
         self._set_held(_held_reason(topo.brokers.get(me), self.storage_id))
         # Slots the map names for us are ours only under our storage identity
         # and from the epoch it was recorded at: older ones were owned by a
@@ -216,16 +219,17 @@ class Broker:
             if owner == me and e >= epochs[s] and e >= since >= 0:
                 # Bootstrap or forget hand slots over empty; a handoff's slots
                 # wait for ACTIVATE (guarantee 4), never for the map.
-                if not self.handoff.importing_slot(s):
-                    owned[s], epochs[s], changed = 1, e, True
+                if s not in slots.importing:
+                    slots.adopt(s, e)
+                    changed = True
             elif owner is not None and owner != me and e > epochs[s]:
                 lost.setdefault(owner, []).append(s)  # a committed handoff moved it
         self._adopt(topo, d)
-        self.term = max(self.term, topo.term)
+        slots.accept_term(topo.term)
         self.epoch = topo.epoch
-        for owner, slots in lost.items():
-            self.handoff.give_up(slots, owner, topo.addr_of(owner) or "",
-                                 max(topo.slot_epoch(s) for s in slots))
+        for owner, gone in lost.items():
+            self.handoff.give_up(gone, owner, topo.addr_of(owner) or "",
+                                 max(topo.slot_epoch(s) for s in gone))
             changed = True
         self.log.append(self.ownership_op())
         self.commits.schedule_flush()
@@ -254,17 +258,11 @@ class Broker:
 
     def ownership_state(self) -> dict[str, Any]:
         """Slots, epochs, term, topology, handoffs and leases: the whole record."""
-        runs: list[list[int]] = []
-        s = 0
-        for (own, e), group in itertools.groupby(zip(self.owned, self.slot_epochs, strict=True)):
-            n = sum(1 for _ in group)
-            if own:
-                runs.append([s, s + n - 1, e])
-            s += n
         if self._topology_dict is None:
             self._topology_dict = self.topology.to_dict()
-        return {"slots": runs, "term": self.term, "topology": self._topology_dict,
-                "handoff": self.handoff.state(), "tenants": self._leases()}
+        return {"slots": self.slots.runs(), "term": self.slots.term,
+                "topology": self._topology_dict, "handoff": self.handoff.state(),
+                "tenants": self._leases()}
 
     def ownership_op(self) -> tuple[str, None, dict[str, Any]]:
         """An ownership record for the log: without the map if the log has it."""
@@ -279,21 +277,21 @@ class Broker:
         q = self.queues.get(name)
         if q is not None:
             slot = q.slot
-            if self.owned[slot] and not (self.handoff.frozen and slot in self.handoff.frozen):
+            if self.owned[slot] and not (self.slots.frozen and slot in self.slots.frozen):
                 return q
         else:
             slot = slot_of(name)
-            if self.owned[slot] and not (self.handoff.frozen and slot in self.handoff.frozen):
+            if self.owned[slot] and not (self.slots.frozen and slot in self.slots.frozen):
                 q = self.queues[name] = QueueState(name, slot, self.log, self.defaults)
                 return q
         raise self._not_owner(slot, name)
 
     def serves(self, q: QueueState) -> bool:
         """Owned and not frozen for a handoff."""
-        return bool(self.owned[q.slot]) and q.slot not in self.handoff.frozen
+        return self.slots.serves(q.slot)
 
     def _not_owner(self, slot: int, queue: str) -> Exception:
-        if slot in self.handoff.frozen:
+        if slot in self.slots.frozen:
             # Short: a freeze lasts tens of ms, and a resend costs the broker ~µs.
             return TryAgainError(f"slot {slot} is frozen for a handoff", 5)
         owner = self.topology.owner_of_slot(slot)
@@ -303,7 +301,7 @@ class Broker:
         if owner is None or addr is None or owner == self.config.broker_id:
             return TryAgainError(f"slot {slot} has no serving owner yet", 200)
         # A slot's MOVED names no queue: the client patches the whole slot
-        # (DESIGN §4/§5; `queue` is for pinned-queue overrides only).
+        # (docs/design.md §4/§5; `queue` is for pinned-queue overrides only).
         return MovedError(slot, owner, addr, self.topology.slot_epoch(slot))
 
     def check_capacity(self, jobs: Sequence[Any] = ()) -> None:
@@ -412,7 +410,7 @@ class Broker:
     def run_timers(self) -> None:
         """Promote due delayed jobs and expire locks in the queues that are due."""
         now = self.clock()
-        frozen = self.handoff.frozen
+        frozen = self.slots.frozen
         due_heap, armed = self._due, self._armed
         while due_heap and due_heap[0][0] <= now:
             due, name = heapq.heappop(due_heap)
@@ -619,9 +617,7 @@ def live_row(queues: dict[str, QueueState], queue: str,
 
 
 def _reply(req_id: int, body: Any, epoch: int) -> bytes:
-    from shardq.codec import encode_frame
-
-    return encode_frame([req_id, "ok", body, epoch])
+    return replies.frame(req_id, body, epoch)
 
 
 def _p99(samples: Any) -> int | None:

@@ -1,6 +1,6 @@
 """Job events: derived from the redo ops a queue emits, kept in a bounded
 ring per queue on its owner, and pushed to subscribers after the commit
-holding them (DESIGN §11: `client.events(queue)`).
+holding them (docs/design.md §11: `client.events(queue)`).
 
 An event is `[seq, type, job_id, data]`, where `seq` is the queue's op
 sequence number after the op that made it (`QueueState.seq`). The seq
@@ -35,7 +35,7 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
-from shardq.codec import encode_frame
+from shardq.broker import replies
 from shardq.errors import ServerError, TryAgainError
 from shardq.protocol import PUSH
 
@@ -184,7 +184,7 @@ class EventHub:
                 b.queue_for(q.name)
             except ServerError as exc:
                 err = exc
-            sub.sink.write(encode_frame([sub.req_id, err.code, err.to_body(), b.epoch]))
+            sub.sink.write(replies.error_of(sub.req_id, err, b.epoch))
             return
         ring = q.ring
         assert ring is not None
@@ -193,8 +193,8 @@ class EventHub:
         events = ring.between(sub.sent, upto)
         sub.sent = max(sub.sent, upto)
         sub.live = True
-        sub.sink.write(encode_frame([sub.req_id, "ok", {"seq": sub.sent, "events": events,
-                                                         "gap": gap}, b.epoch]))
+        sub.sink.write(replies.frame(sub.req_id, {"seq": sub.sent, "events": events,
+                                                  "gap": gap}, b.epoch))
 
     def publish(self, marks: dict[str, int]) -> None:
         """A batch committed: push each subscribed queue's events up to its mark."""
@@ -216,8 +216,8 @@ class EventHub:
                 events = q.ring.between(sub.sent, mark)
                 sub.sent = mark
                 if events:
-                    sub.sink.write(encode_frame([sub.req_id, PUSH,
-                                                 {"queue": name, "events": events}, epoch]))
+                    sub.sink.write(replies.error_frame(sub.req_id, PUSH,
+                                                       {"queue": name, "events": events}, epoch))
                     self._check_backlog(sub)
 
     def _check_backlog(self, sub: Subscription) -> None:
@@ -237,8 +237,8 @@ class EventHub:
             self.committed.pop(name, None)
             for sub in self.subs.pop(name, ()):
                 if sub.live and not sub.sink.is_closing():
-                    sub.sink.write(encode_frame([sub.req_id, PUSH,
-                                                 {"queue": name, "moved": body}, epoch]))
+                    sub.sink.write(replies.error_frame(sub.req_id, PUSH,
+                                                       {"queue": name, "moved": body}, epoch))
 
     def _drop(self, sub: Subscription) -> None:
         lst = self.subs.get(sub.queue)

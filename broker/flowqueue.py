@@ -1,6 +1,6 @@
 """Flows on one queue: pending children, parents waiting for children, the outbox.
 
-A flow (DESIGN §11) is a parent job and its children, which may live in
+A flow (docs/design.md §11) is a parent job and its children, which may live in
 queues of other brokers. This is the per-queue half, plain Python without
 I/O, mixed into `QueueState`; broker/flows.py carries the messages between
 brokers and holds the wire handlers.

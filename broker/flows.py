@@ -32,6 +32,7 @@ from shardq import protocol as p
 from shardq.broker import validate as v
 from shardq.broker.flowqueue import DUPLICATE
 from shardq.broker.queue import QueueState
+from shardq.broker.replies import Durability, OpSpec, table
 from shardq.errors import (
     BadRequestError,
     MovedError,
@@ -185,15 +186,16 @@ def op_flow_children(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
     return dict(job.children[2])
 
 
-HANDLERS: dict[str, Any] = {
-    p.FLOW_ADD_CHILDREN: op_flow_add_children, p.FLOW_ADD_PARENT: op_flow_add_parent,
-    p.FLOW_COMMIT: op_flow_commit, p.FLOW_RESOLVE: op_flow_resolve,
-    p.FLOW_CHILD_DONE: op_flow_child_done, p.FLOW_CHILDREN: op_flow_children,
+# This module's part of the op table (broker/ops.py). Answered once durable:
+# a "committed" FLOW_RESOLVE or a delivered child must not be forgotten by a
+# crash of the broker that answered.
+OPS: dict[str, OpSpec] = {
+    **table(Durability.DURABLE, {
+        p.FLOW_ADD_CHILDREN: op_flow_add_children, p.FLOW_ADD_PARENT: op_flow_add_parent,
+        p.FLOW_COMMIT: op_flow_commit, p.FLOW_RESOLVE: op_flow_resolve,
+        p.FLOW_CHILD_DONE: op_flow_child_done}),
+    **table(Durability.READ, {p.FLOW_CHILDREN: op_flow_children}),
 }
-# Answered once durable: a "committed" FLOW_RESOLVE or a delivered child must
-# not be forgotten by a crash of the broker that answered.
-WRITE_OPS = frozenset({p.FLOW_ADD_CHILDREN, p.FLOW_ADD_PARENT, p.FLOW_COMMIT, p.FLOW_RESOLVE,
-                       p.FLOW_CHILD_DONE})
 
 
 # ---------------------------------------------------------------- the agent

@@ -1,14 +1,26 @@
-"""The broker's half of a slot handoff A -> B (DESIGN §6, ops in shardq.protocol).
+"""The broker's half of a slot handoff A -> B (docs/design.md §6, ops in shardq.protocol).
 
-States of a move on each side (every transition is persisted before it is
-answered, in the same redo log as the data):
+A move's state on this broker is a `Side`; `TRANSITIONS` lists the legal
+changes and `Handoffs._transition` checks each one; the step persists it (in
+the same redo log as the data) before it is answered:
 
-    source A:  serving --COPY--> tapping --FREEZE--> frozen --CATCHUP--> frozen
-               frozen --RELEASE (or newer topology)--> gone (MOVED to B)
-               tapping|frozen --ABORT (or B says aborted)--> serving
-    target B:  none --PREPARE--> importing --IMPORT_*--> importing (staged)
-               importing --ACTIVATE--> owner (serves)
-               importing --ABORT / unknown move asked--> aborted (never activates)
+    step                 source A                     target B
+    COPY                 -, tapping -> tapping
+    PREPARE                                           - -> importing
+    IMPORT_*                                          importing -> importing
+    FREEZE               tapping, frozen -> frozen
+    CATCHUP              frozen -> frozen
+    ACTIVATE                                          importing -> committed (serves)
+    RELEASE / newer map  frozen -> committed (MOVED)
+    ABORT                tapping, frozen -> aborted   importing -> aborted
+    STATUS of a move                                  - -> aborted (never activates)
+      never heard of
+    B answers STATUS     frozen -> committed | aborted
+
+`-` is a move this broker does not know (never seen, or forgotten across a
+restart before anything was persisted). A committed or aborted move is
+final and remembered (REMEMBERED_MOVES), so a late or repeated step gets
+the first outcome.
 
 The tap records every op on the moving slots from the instant the snapshot
 begins; ops carry absolute values, so applying them over a snapshot read
@@ -26,6 +38,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from shardq import failpoints
@@ -33,7 +46,7 @@ from shardq.broker.job import Job
 from shardq.broker.queue import BY_ORDER, QueueDefaults, QueueState
 from shardq.broker.replay import Images, QueueImage, apply_chunk, apply_op, op_job_id
 from shardq.broker.validate import non_neg_int
-from shardq.errors import BadRequestError, ShardqError, StaleTermError
+from shardq.errors import BadRequestError, ShardqError
 from shardq.router import NUM_SLOTS, slot_of
 
 if TYPE_CHECKING:
@@ -48,6 +61,31 @@ CATCHUP_FRAME_OPS = 2000
 SORT_RUN = 50_000  # jobs sorted per loop step when a copy starts
 PRE_CATCHUP_ROUNDS = 3  # rounds of tapped ops sent before the freeze ...
 PRE_CATCHUP_ENOUGH = 500  # ... stopping early once a round is this small
+
+
+class Side(StrEnum):
+    """Where one move stands on this broker."""
+
+    TAPPING = "tapping"  # source: copying while serving; ops on its slots are tapped
+    FROZEN = "frozen"  # source: frozen durably; writes get TRYAGAIN
+    IMPORTING = "importing"  # target: staged, not served
+    COMMITTED = "committed"  # final: the target serves the slots
+    ABORTED = "aborted"  # final: the source serves them (again)
+
+
+_FINAL: frozenset[Side | None] = frozenset({Side.COMMITTED, Side.ABORTED})
+TRANSITIONS: dict[Side | None, frozenset[Side]] = {
+    None: frozenset({Side.TAPPING, Side.IMPORTING, Side.ABORTED}),
+    Side.TAPPING: frozenset({Side.TAPPING, Side.FROZEN, Side.ABORTED}),
+    Side.FROZEN: frozenset({Side.FROZEN, Side.COMMITTED, Side.ABORTED}),
+    Side.IMPORTING: frozenset({Side.COMMITTED, Side.ABORTED}),
+    Side.COMMITTED: frozenset(),
+    Side.ABORTED: frozenset(),
+}
+
+
+class TransitionError(BadRequestError):
+    """A handoff step that the move's state on this broker does not allow."""
 
 
 @dataclass(slots=True)
@@ -77,10 +115,11 @@ class Import:
 class Handoffs:
     def __init__(self, broker: Broker) -> None:
         self.b = broker
-        self.frozen: dict[int, str] = {}  # slot -> move_id
+        self.slots = broker.slots  # the ownership table: freezes and imports live there
         self.frozen_moves: dict[str, dict[str, Any]] = {}  # move_id -> {slots, target, addr, at}
         self.importing: dict[str, Import] = {}
         self.finished: OrderedDict[str, str] = OrderedDict()  # move_id -> committed|aborted
+        self.finished_epoch: dict[str, int] = {}  # committed moves: the epoch of the commit
         self.taps: dict[str, Tap] = {}
         self._tapped: set[int] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -88,31 +127,66 @@ class Handoffs:
     # ------------------------------------------------------------ persistence
     def state(self) -> dict[str, Any]:
         return {
-            "frozen": [[mid, sorted(s for s, m in self.frozen.items() if m == mid), info]
+            "frozen": [[mid, self.slots.frozen_by(mid), info]
                        for mid, info in self.frozen_moves.items()],
             "importing": {mid: {"slots": imp.slots, "source": imp.source}
                           for mid, imp in self.importing.items()},
-            "finished": list(self.finished.items()),
+            "finished": [[mid, result, self.finished_epoch.get(mid, 0)]
+                         for mid, result in self.finished.items()],
         }
 
     def restore(self, state: dict[str, Any], staging: dict[str, Images]) -> None:
         for mid, slots, info in state.get("frozen", []):
             self.frozen_moves[mid] = dict(info)
-            for s in slots:
-                self.frozen[s] = mid
+            self.slots.freeze(slots, mid)
         for mid, imp in state.get("importing", {}).items():
             self.importing[mid] = Import(list(imp["slots"]), imp["source"],
                                          staging.get(mid, {}))
-        self.finished = OrderedDict((m, r) for m, r in state.get("finished", []))
+            self.slots.begin_import(imp["slots"], mid)
+        for mid, result, *epoch in state.get("finished", []):
+            self.finished[mid] = result
+            if epoch and epoch[0]:
+                self.finished_epoch[mid] = int(epoch[0])
 
     def _persist(self) -> None:
         self.b.log.append(self.b.ownership_op())
 
-    def _finish(self, move_id: str, result: str) -> None:
+    # ------------------------------------------------------------ states
+    def side(self, move_id: str) -> Side | None:
+        """The move's state here (None: not known)."""
+        if move_id in self.importing:
+            return Side.IMPORTING
+        if move_id in self.frozen_moves:
+            return Side.FROZEN
+        if move_id in self.taps:
+            return Side.TAPPING
+        result = self.finished.get(move_id)
+        return None if result is None else Side(result)
+
+    def _transition(self, move_id: str, to: Side, epoch: int = 0) -> Side | None:
+        """Check that `move_id` may go to `to`; finish it there if `to` is final.
+
+        Returns the state it was in. The caller changes the move's data and
+        calls `_persist` (one ownership record) before the step is answered.
+
+        Raises:
+            TransitionError: the table does not allow it.
+        """
+        now = self.side(move_id)
+        if to not in TRANSITIONS[now]:
+            raise TransitionError(f"move {move_id} is {now or 'unknown'} here: cannot go {to}")
+        if to in _FINAL:
+            self._finish(move_id, to.value, epoch)
+        return now
+
+    def _finish(self, move_id: str, result: str, epoch: int = 0) -> None:
         self.finished[move_id] = result
         self.finished.move_to_end(move_id)
+        if epoch:
+            self.finished_epoch[move_id] = epoch
         while len(self.finished) > REMEMBERED_MOVES:
-            self.finished.popitem(last=False)
+            gone, _ = self.finished.popitem(last=False)
+            self.finished_epoch.pop(gone, None)
         self.b.handoffs[result] = self.b.handoffs.get(result, 0) + 1
 
     # ------------------------------------------------------------ hot-path hooks
@@ -129,16 +203,9 @@ class Handoffs:
                 if q is not None and q.slot in tap.slots:
                     tap.ops.append(op)
 
-    def importing_slot(self, slot: int) -> bool:
-        return any(slot in imp.slots for imp in self.importing.values())
-
     # ------------------------------------------------------------ term
     def check_term(self, term: Any) -> None:
-        if not isinstance(term, int) or isinstance(term, bool):
-            raise BadRequestError("term must be an integer")
-        if term < self.b.term:
-            raise StaleTermError(f"term {term} is older than {self.b.term}")
-        self.b.term = term
+        self.slots.accept_term(term)
 
     # ------------------------------------------------------------ target side
     async def prepare(self, args: dict[str, Any]) -> Any:
@@ -147,6 +214,7 @@ class Handoffs:
         if self.finished.get(mid) == "aborted":
             raise BadRequestError(f"move {mid} was aborted here; it can never be prepared again")
         if mid not in self.importing:
+            self._transition(mid, Side.IMPORTING)
             owned = [s for s in slots if self.b.owned[s]]
             if owned:
                 raise BadRequestError(f"already own slots {owned[:5]}")
@@ -154,6 +222,7 @@ class Handoffs:
             for other in [m for m, imp in self.importing.items() if set(imp.slots) & set(slots)]:
                 self._drop_import(other)
             self.importing[mid] = Import(slots, str(args.get("source", "")))
+            self.slots.begin_import(slots, mid)
             self._persist()
         await self.b.commits.durable()
         return {"state": "importing"}
@@ -204,7 +273,7 @@ class Handoffs:
             return {"active": True}
         imp = self.importing.get(mid)
         if imp is None:
-            raise BadRequestError(f"move {mid} is not importing here (state "
+            raise TransitionError(f"move {mid} is not importing here (state "
                                   f"{self.finished.get(mid, 'unknown')})")
         b = self.b
         live = imp.live or {}
@@ -216,10 +285,9 @@ class Handoffs:
                 q.adopt_meta(img.meta)
             b.queues[name] = q
             b.adopt_tenant_window(q)
-        for s in imp.slots:
-            b.owned[s], b.slot_epochs[s] = 1, max(epoch, b.slot_epochs[s])
+        self._transition(mid, Side.COMMITTED, epoch)
+        self.slots.take(imp.slots, epoch)
         del self.importing[mid]
-        self._finish(mid, "committed")
         b.log.append(("I", None, mid))
         self._persist()
         # The writer thread lists the imported jobs for the next checkpoint, so
@@ -237,20 +305,26 @@ class Handoffs:
         return {"active": True}
 
     def _drop_import(self, mid: str) -> None:
+        self._transition(mid, Side.ABORTED)
         self.importing.pop(mid, None)
-        self._finish(mid, "aborted")
+        self.slots.end_import(mid)
         self.b.log.append(("AB", None, mid))
 
     def status(self, args: dict[str, Any]) -> Any:
+        """`pending`, `committed` or `aborted`; with `detail`, `{state, epoch}`
+        (`epoch`: the epoch the move committed at, 0 when not committed)."""
         mid = _move_id(args)
         if mid in self.importing:
-            return "pending"
-        result = self.finished.get(mid)
-        if result is None:
-            # Never heard of it: record it aborted so it can never activate later.
-            self._finish(mid, "aborted")
-            self._persist()
-            return "aborted"
+            result = "pending"
+        else:
+            result = self.finished.get(mid) or ""
+            if not result:
+                # Never heard of it: record it aborted so it can never activate later.
+                self._transition(mid, Side.ABORTED)
+                self._persist()
+                result = "aborted"
+        if args.get("detail"):
+            return {"state": result, "epoch": self.finished_epoch.get(mid, 0)}
         return result
 
     # ------------------------------------------------------------ source side
@@ -263,6 +337,7 @@ class Handoffs:
         not_mine = [s for s in slots if not b.owned[s]]
         if not_mine:
             raise BadRequestError(f"do not own slots {not_mine[:5]}")
+        self._transition(mid, Side.TAPPING)
         conn = await self._connect(addr)
         # The tap and the queue metas are taken in the same loop step: the
         # snapshot's counters are exactly those of the ops before the tap.
@@ -336,14 +411,14 @@ class Handoffs:
         tap = self.taps.get(mid)
         if mid not in self.frozen_moves:
             if tap is None:
-                raise BadRequestError(f"move {mid} has no copy in progress here; abort it")
+                raise TransitionError(f"move {mid} has no copy in progress here; abort it")
+            self._transition(mid, Side.FROZEN)
             loop = asyncio.get_running_loop()
             self.frozen_moves[mid] = {"target": tap.target, "addr": tap.target_addr,
                                       "at": loop.time()}
-            for s in slots:
-                self.frozen[s] = mid
+            self.slots.freeze(slots, mid)
             self._persist()
-        await self.b.commits.durable()  # durable before answered (DESIGN §6 step 3)
+        await self.b.commits.durable()  # durable before answered (docs/design.md §6 step 3)
         return {"frozen": True}
 
     async def catchup(self, args: dict[str, Any]) -> Any:
@@ -351,7 +426,7 @@ class Handoffs:
         self.check_term(args.get("term"))
         tap = self.taps.get(mid)
         if tap is None or mid not in self.frozen_moves:
-            raise BadRequestError(f"move {mid}: nothing recorded to catch up (restarted?); abort")
+            raise TransitionError(f"move {mid}: nothing recorded to catch up (restarted?); abort")
         await self.b.commits.durable()  # every tapped op is in a batch the tap has seen
         ops = tap.ops
         # The target may have restarted elsewhere since the copy: use the
@@ -373,11 +448,12 @@ class Handoffs:
         info = self.frozen_moves.get(mid)
         if info is None:
             return {"released": True}  # already released (idempotent)
-        slots = [s for s, m in self.frozen.items() if m == mid]
+        slots = self.slots.frozen_by(mid)
         owner = str(args.get("owner", info["target"]))
         addr = str(args.get("addr", info["addr"]))
-        self.give_up(slots, owner, addr, int(args.get("epoch", 0)))
-        self._finish(mid, "committed")
+        epoch = int(args.get("epoch", 0))
+        self._transition(mid, Side.COMMITTED, epoch)
+        self.give_up(slots, owner, addr, epoch)
         await self.b.commits.durable()
         return {"released": True}
 
@@ -385,13 +461,10 @@ class Handoffs:
         """The slots now belong to `owner`: answer MOVED and drop their data."""
         b = self.b
         slot_set = set(slots)
+        for mid in self.slots.give_up(slot_set, epoch):
+            self.frozen_moves.pop(mid, None)
         for s in slot_set:
-            b.owned[s] = 0
-            b.slot_epochs[s] = max(b.slot_epochs[s], epoch)
             b.topology.patch_slot(s, owner, addr, max(epoch, b.topology.slot_epoch(s)))
-            mid = self.frozen.pop(s, None)
-            if mid is not None and mid not in self.frozen.values():
-                self.frozen_moves.pop(mid, None)
         b.topology_patched()
         gone = [n for n, q in b.queues.items() if q.slot in slot_set]
         b.free_later([b.queues.pop(n) for n in gone])
@@ -417,12 +490,11 @@ class Handoffs:
         self.taps.pop(mid, None)
         if mid in self.frozen_moves:
             del self.frozen_moves[mid]
-            for s in [s for s, m in self.frozen.items() if m == mid]:
-                del self.frozen[s]
+            self.slots.thaw(mid)
         if mid in self.importing:
             self._drop_import(mid)
         elif mid not in self.finished:
-            self._finish(mid, "aborted")
+            self._transition(mid, Side.ABORTED)
         self._persist()
         self.b.commits.flush_soon()
         log.info("move %s aborted here", mid)
@@ -438,19 +510,22 @@ class Handoffs:
             try:
                 conn = await self._connect(addr)
                 try:
-                    result = await conn.request("HANDOFF_STATUS", {"move_id": mid}, timeout=5)
+                    result = await conn.request("HANDOFF_STATUS", {"move_id": mid, "detail": True},
+                                                timeout=5)
                 finally:
                     await conn.aclose()
             except (OSError, ShardqError, TimeoutError) as exc:
                 log.debug("target of move %s unreachable: %r", mid, exc)
                 continue
-            if result == "aborted":
+            state = result.get("state") if isinstance(result, dict) else None
+            if state == "aborted":
                 self._abort_local(mid)
-            elif result == "committed" and mid in self.frozen_moves:
-                slots = [s for s, m in self.frozen.items() if m == mid]
-                epoch = max((self.b.slot_epochs[s] for s in slots), default=0) + 1
+            elif state == "committed" and mid in self.frozen_moves:
+                slots = self.slots.frozen_by(mid)
+                epoch = int(result.get("epoch") or 0) or (
+                    max((self.b.slot_epochs[s] for s in slots), default=0) + 1)
+                self._transition(mid, Side.COMMITTED, epoch)
                 self.give_up(slots, info["target"], addr, epoch)
-                self._finish(mid, "committed")
 
     async def _connect(self, addr: str) -> Any:
         # A link of the step's own (the caller closes it): a COPY's stream

@@ -26,6 +26,7 @@ FIELDS = (
     "result", "failed_reason", "processed_on", "finished_on", "token", "lock_until",
     "order", "remove_on_complete", "remove_on_fail",
     "timeout_ms", "expires_at", "dlq_reason", "logs", "parent", "children", "group",
+    "trace",
 )
 RECORD_VERSION = 1
 
@@ -71,7 +72,8 @@ class Job:
     # result}] (see broker/flowqueue.py).
     parent: list[Any] | None = None
     children: list[Any] | None = None
-    group: str | None = None  # groups are served round-robin (DESIGN §11)
+    group: str | None = None  # groups are served round-robin (docs/design.md §11)
+    trace: dict[str, str] | None = None  # the adder's trace context (client/tracing.py)
 
     def __lt__(self, other: Job) -> bool:
         # Heap entries end with the job; two entries for one job with equal
@@ -87,7 +89,7 @@ class Job:
             self.lock_until, self.order, self.remove_on_complete, self.remove_on_fail,
             self.timeout_ms, self.expires_at, self.dlq_reason, self.logs,
             self.parent, self.children,
-            self.group,
+            self.group, self.trace,
         ]
 
     @classmethod
@@ -95,7 +97,7 @@ class Job:
         return cls(*rec)
 
     def to_public(self) -> dict[str, Any]:
-        """The `get_job` dict (DESIGN §10); data and result stay packed bytes."""
+        """The `get_job` dict (docs/design.md §10); data and result stay packed bytes."""
         out = {
             "id": self.id, "name": self.name, "data": self.data, "state": self.state,
             "priority": self.priority, "attempts": self.attempts,

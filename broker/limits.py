@@ -1,5 +1,5 @@
 """Rate-limit windows, group lines and tenant leases: the pieces of a queue's
-scheduling (DESIGN §11) that stay out of the plain priority/FIFO hot path.
+scheduling (docs/design.md §11) that stay out of the plain priority/FIFO hot path.
 
 A rate limit `[max, per_ms]` allows at most `max` starts (jobs handed out by
 PULL) in any sliding window of `per_ms` ms. It is a sliding *log*: a window

@@ -1,7 +1,7 @@
 """The broker's link to the coordinator: register, heartbeat, follow the topology.
 
 The broker serves from its own persisted slots whether or not this agent
-ever reaches the coordinator (DESIGN §3, §6: the coordinator is not on the
+ever reaches the coordinator (docs/design.md §3, §6: the coordinator is not on the
 data path). The agent only keeps the coordinator informed and hands every
 newer topology to the broker through `on_topology`.
 
@@ -49,7 +49,7 @@ class MembershipAgent:
         get_stats: returns the stats sent with each heartbeat, shaped
             ``{"queues": {name: {"waiting", "active", "delayed", "completed",
             "failed"}}, ...}``; called on the event loop, keep it cheap.
-        on_topology: called with each topology dict (DESIGN §5) whose epoch
+        on_topology: called with each topology dict (docs/design.md §5) whose epoch
             is newer than the last one delivered; never with epoch 0 (no
             map yet). Called on the event loop.
         heartbeat_ms: interval between heartbeats.

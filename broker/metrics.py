@@ -1,4 +1,4 @@
-"""Prometheus metrics of one broker (DESIGN §10), served on --metrics-port.
+"""Prometheus metrics of one broker (docs/design.md §10), served on --metrics-port.
 
 A custom collector reads the broker's own counters at scrape time, so the
 hot path only bumps plain ints; the scrape runs on the broker's event loop
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -21,12 +22,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from shardq.broker.histogram import Buckets
+
 if TYPE_CHECKING:
     from shardq.broker.engine import Broker
 
 log = logging.getLogger("shardq.broker.metrics")
 
-DURATION_BUCKETS_MS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 COUNTERS = (("added", "jobs_added"), ("completed", "jobs_completed"), ("failed", "jobs_failed"),
             ("retried", "jobs_retried"), ("stalled", "jobs_stalled"))
 
@@ -52,13 +54,10 @@ class BrokerCollector(Collector):
                 if state != "paused":
                     depth.add_metric([bid, q.name, state], n)
         yield depth
-        yield _histogram("shardq_job_duration_seconds", "Time from start to ack", bid,
-                         [d for q in owned for d in q.durations_ms])
-        st = b.store
-        commit = HistogramMetricFamily("shardq_commit_seconds", "Group commit duration",
-                                       labels=["broker"])
-        commit.add_metric([bid], buckets=[("+Inf", st.commits)], sum_value=st.commit_seconds)
-        yield commit
+        yield _histogram("shardq_job_duration_seconds", "Time from a job's start to its ack",
+                         bid, b.defaults.durations, 1000)
+        yield _histogram("shardq_commit_seconds", "Group commit duration, fsync included",
+                         bid, b.store.commit_hist)
         handoffs = CounterMetricFamily("shardq_handoffs_total", "Slot handoffs",
                                        labels=["broker", "result"])
         for result, n in b.handoffs.items():
@@ -76,14 +75,12 @@ class BrokerCollector(Collector):
             yield g
 
 
-def _histogram(name: str, doc: str, bid: str, samples_ms: list[int]) -> HistogramMetricFamily:
-    """A histogram of the most recent durations (a sliding sample per queue)."""
-    fam = HistogramMetricFamily(name, doc + " (recent sample)", labels=["broker"])
-    buckets = []
-    for edge in DURATION_BUCKETS_MS:
-        buckets.append((str(edge / 1000), sum(1 for d in samples_ms if d <= edge)))
-    buckets.append(("+Inf", len(samples_ms)))
-    fam.add_metric([bid], buckets=buckets, sum_value=sum(samples_ms) / 1000)
+def _histogram(name: str, doc: str, bid: str, hist: Buckets,
+               divisor: float = 1) -> HistogramMetricFamily:
+    """A cumulative histogram since the broker started (broker/histogram.py)."""
+    fam = HistogramMetricFamily(name, doc, labels=["broker"])
+    buckets, total = hist.cumulative(divisor)
+    fam.add_metric([bid], buckets=buckets, sum_value=total)
     return fam
 
 
@@ -93,12 +90,16 @@ def registry_for(broker: Broker) -> CollectorRegistry:
     return reg
 
 
-def start_metrics_server(broker: Broker, host: str, port: int) -> asyncio.Task[None]:
-    """Serve /metrics on the running loop; returns the server task."""
+def start_metrics_server(broker: Broker, host: str,
+                         port: int) -> tuple[asyncio.Task[None], int]:
+    """Serve /metrics on the running loop; returns the server task and the
+    port it bound (the socket is bound before this returns, so `port` 0 works
+    and the caller can announce the real one)."""
     import uvicorn
 
+    sock = socket.create_server((host, port))
     app = make_asgi_app(registry_for(broker))
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
-                            loop="none")
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", loop="none")
     server = uvicorn.Server(config)
-    return asyncio.get_running_loop().create_task(server.serve())
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    return task, sock.getsockname()[1]

@@ -14,11 +14,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shardq import protocol as p
-from shardq.broker import flows
+from shardq.broker import flows, jobops, replies
 from shardq.broker import validate as v
 from shardq.broker.commitlog import Sink
 from shardq.broker.engine import Broker, Waiter
 from shardq.broker.queue import LOCK_LOST, NOT_FOUND, QueueState
+from shardq.broker.replies import Durability, OpSpec, table
 from shardq.errors import (
     BadRequestError,
     LockLostError,
@@ -100,8 +101,7 @@ def op_pull(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
     out: list[list[Any]] = []
     _pull_into(b, queues, count, lock_ms, out)
     if out or not wait_ms:
-        b.commits.flush_soon()
-        return out
+        return out  # LAZY: the locks are committed soon, not waited on
     b.park(Waiter(sink, req_id, names, count, lock_ms), wait_ms)
     return PARKED
 
@@ -207,9 +207,7 @@ def _extend(b: Broker, q: QueueState, it: list[Any], now: int) -> str | None:
 
 
 def op_extend(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
-    out = _finish_items(b, args, _extend)
-    b.commits.flush_soon()
-    return out
+    return _finish_items(b, args, _extend)
 
 
 def _job(b: Broker, args: Any) -> tuple[QueueState, str]:
@@ -384,7 +382,6 @@ def _spawn(b: Broker, sink: Sink, req_id: int, step: str,
            work: Callable[[], Awaitable[Any]]) -> Any:
     """Run a handoff step as a task and answer when it is done (durably)."""
     from shardq.broker.handoff import hit
-    from shardq.codec import encode_frame
 
     async def run() -> None:
         try:
@@ -393,16 +390,16 @@ def _spawn(b: Broker, sink: Sink, req_id: int, step: str,
             body = await work()
             log.info("handoff step %s took %.1f ms", step, (time.perf_counter() - t0) * 1e3)
             hit(step, "after")
-            frame = encode_frame([req_id, p.OK, body, b.epoch])
+            data = replies.frame(req_id, body, b.epoch)
         except ServerError as exc:
-            frame = encode_frame([req_id, exc.code, exc.to_body(), b.epoch])
+            data = replies.error_of(req_id, exc, b.epoch)
         except (OSError, ShardqError, TimeoutError) as exc:
-            frame = encode_frame([req_id, "UNAVAILABLE", f"{step}: {exc!r}", b.epoch])
+            data = replies.error_frame(req_id, "UNAVAILABLE", f"{step}: {exc!r}", b.epoch)
         except Exception as exc:  # a bug costs this step, not the broker
             log.exception("handoff step %s failed", step)
-            frame = encode_frame([req_id, BadRequestError.code, f"{step}: {exc!r}", b.epoch])
-        if not sink.is_closing():
-            sink.write(frame)
+            data = replies.error_frame(req_id, BadRequestError.code, f"{step}: {exc!r}",
+                                       b.epoch)
+        replies.answer(b, sink, data, Durability.READ)
 
     b.spawn(run())
     return PARKED
@@ -429,33 +426,34 @@ def op_handoff_status(b: Broker, args: Any, sink: Sink, req_id: int) -> Any:
     return b.handoff.status(v.arg(args, "move_id", str) and args)
 
 
-HANDLERS: dict[str, Handler] = {
-    p.HANDOFF_PREPARE: _handoff("prepare", "prepare"),
-    p.HANDOFF_COPY: _handoff("copy", "copy"),
-    p.HANDOFF_FREEZE: _handoff("freeze", "freeze"),
-    p.HANDOFF_CATCHUP: _handoff("catchup", "catchup"),
-    p.HANDOFF_ACTIVATE: _handoff("activate", "activate"),
-    p.HANDOFF_RELEASE: _handoff("cleanup", "release"),
-    p.HANDOFF_ABORT: _handoff("abort", "abort"),
-    p.HANDOFF_STATUS: op_handoff_status,
-    p.IMPORT_CHUNKS: op_import_chunks,
-    p.IMPORT_OPS: op_import_ops,
-    p.PING: op_ping, p.ADD: op_add, p.PULL: op_pull, p.ACK: op_ack, p.FAIL: op_fail,
-    p.EXTEND: op_extend, p.PROGRESS: op_progress, p.COUNTS: op_counts,
-    p.GET_JOB: op_get_job, p.PAUSE: op_pause, p.RESUME: op_resume, p.DRAIN: op_drain,
-    p.OBLITERATE: op_obliterate, p.QUEUES: op_queues, p.STATS: op_stats,
-    p.TOPOLOGY: op_topology,
-    p.SCHED_UPSERT: op_sched_upsert, p.SCHED_REMOVE: op_sched_remove,
-    p.SCHED_LIST: op_sched_list,
-    p.LOG: op_log, p.GET_LOGS: op_get_logs, p.DLQ_LIST: op_dlq_list,
-    p.DLQ_RETRY: op_dlq_retry, p.DLQ_PURGE: op_dlq_purge, p.SUBSCRIBE: op_subscribe,
-    p.RATE_LIMIT: op_rate_limit, p.GROUP_SET: op_group_set, p.LIMITS: op_limits,
-    **flows.HANDLERS,
+# The op table: every op's handler and what its reply waits for (broker/replies.py).
+OPS: dict[str, OpSpec] = {
+    **table(Durability.READ, {
+        # Handoff steps run as tasks and answer when done; the protocol's own
+        # durability points (a freeze is on disk before it is answered, ...)
+        # are awaited inside the steps, whatever --fast says (docs/design.md §6).
+        p.HANDOFF_PREPARE: _handoff("prepare", "prepare"),
+        p.HANDOFF_COPY: _handoff("copy", "copy"),
+        p.HANDOFF_FREEZE: _handoff("freeze", "freeze"),
+        p.HANDOFF_CATCHUP: _handoff("catchup", "catchup"),
+        p.HANDOFF_ACTIVATE: _handoff("activate", "activate"),
+        p.HANDOFF_RELEASE: _handoff("cleanup", "release"),
+        p.HANDOFF_ABORT: _handoff("abort", "abort"),
+        p.PING: op_ping, p.COUNTS: op_counts, p.GET_JOB: op_get_job, p.QUEUES: op_queues,
+        p.STATS: op_stats, p.TOPOLOGY: op_topology, p.SCHED_LIST: op_sched_list,
+        p.GET_LOGS: op_get_logs, p.DLQ_LIST: op_dlq_list, p.LIMITS: op_limits,
+        p.SUBSCRIBE: op_subscribe,  # answered by broker/events.py once durable
+    }),
+    **table(Durability.LAZY, {p.PULL: op_pull, p.EXTEND: op_extend}),
+    **table(Durability.DURABLE, {
+        p.ADD: op_add, p.ACK: op_ack, p.FAIL: op_fail, p.PROGRESS: op_progress,
+        p.PAUSE: op_pause, p.RESUME: op_resume, p.DRAIN: op_drain,
+        p.OBLITERATE: op_obliterate, p.SCHED_UPSERT: op_sched_upsert,
+        p.SCHED_REMOVE: op_sched_remove, p.LOG: op_log, p.DLQ_RETRY: op_dlq_retry,
+        p.DLQ_PURGE: op_dlq_purge, p.RATE_LIMIT: op_rate_limit, p.GROUP_SET: op_group_set,
+        p.IMPORT_CHUNKS: op_import_chunks, p.IMPORT_OPS: op_import_ops,
+        p.HANDOFF_STATUS: op_handoff_status,  # an unknown move is recorded aborted first
+    }),
+    **flows.OPS,
+    **jobops.OPS,
 }
-
-# Replies to these wait for the group commit holding their ops (durable mode).
-WRITE_OPS = (frozenset({p.ADD, p.ACK, p.FAIL, p.PROGRESS, p.PAUSE, p.RESUME, p.DRAIN,
-                        p.SCHED_UPSERT, p.SCHED_REMOVE, p.RATE_LIMIT, p.GROUP_SET,
-                        p.OBLITERATE, p.IMPORT_CHUNKS, p.IMPORT_OPS, p.HANDOFF_STATUS,
-                        p.LOG, p.DLQ_RETRY, p.DLQ_PURGE})
-             | flows.WRITE_OPS)

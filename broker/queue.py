@@ -13,7 +13,7 @@ often, TTL expired before a start) keeps the job `failed` with a
 `expires_at`; pull checks it, and a heap of deadlines lets the broker timer
 discard waiting/delayed jobs that nobody pulls.
 
-Scheduling (rate limits, groups: DESIGN §11, broker/limits.py) runs only for
+Scheduling (rate limits, groups: docs/design.md §11, broker/limits.py) runs only for
 queues that use it: `pull` takes the plain priority/FIFO path unless the
 queue has a limit or grouped jobs waiting. Grouped jobs wait in one line per
 group; PULL serves groups round-robin, one job per turn, and the ungrouped
@@ -40,6 +40,7 @@ from typing import Any
 from shardq.broker import schedule
 from shardq.broker.events import EventRing
 from shardq.broker.flowqueue import FlowQueue
+from shardq.broker.histogram import JOB_DURATION_BUCKETS_MS, Buckets
 from shardq.broker.job import (
     ACTIVE,
     COMPLETED,
@@ -52,6 +53,7 @@ from shardq.broker.job import (
     Job,
     backoff_delay,
 )
+from shardq.broker.jobadmin import JobAdmin
 from shardq.broker.limits import Line, TenantShare, Window
 
 # Per-item results of ack/fail/extend: None is success.
@@ -81,12 +83,14 @@ class QueueDefaults:
     max_tombstones: int = 100_000  # per queue; oldest are forgotten first
     # This broker's leases of cluster-wide tenant limits (shared by its queues).
     tenants: dict[str, TenantShare] = field(default_factory=dict)
+    # Start-to-ack durations of this broker's jobs, ms (shardq_job_duration_seconds).
+    durations: Buckets = field(default_factory=lambda: Buckets(JOB_DURATION_BUCKETS_MS))
 
 
-class QueueState(FlowQueue):
+class QueueState(FlowQueue, JobAdmin):
     """Jobs of one queue in memory: waiting by (priority, FIFO), delayed by due
     time, active by lock deadline, and bounded completed/failed history
-    (flow state: broker/flowqueue.py)."""
+    (flow state: broker/flowqueue.py; job management: broker/jobadmin.py)."""
 
     def __init__(self, name: str, slot: int, log: list[Any], defaults: QueueDefaults) -> None:
         self.name = name
@@ -109,10 +113,11 @@ class QueueState(FlowQueue):
         self._finished: dict[str, deque[Job]] = {COMPLETED: deque(), FAILED: deque()}
         self._order = 0
         self._finished_stale = False  # history may list jobs that left it (handoff replay)
-        self.durations_ms: deque[int] = deque(maxlen=512)
+        self.durations_ms: deque[int] = deque(maxlen=512)  # recent, for /stats p99_ms
         self.ttls: list[tuple[int, Job]] = []  # (expires_at, job), lazy like the others
         self.ring: EventRing | None = None  # recent events, once someone subscribed
         self._init_flows()
+        self._init_admin()
         # Scheduling (broker/limits.py); none of it is touched by plain queues.
         self.rate: list[int] | None = None  # [max, per_ms]
         self.groups: dict[str, dict[str, Any]] = {}  # group -> {concurrency, paused, rate}
@@ -159,6 +164,8 @@ class QueueState(FlowQueue):
                 heapq.heappush(self.ttls, (job.expires_at, job))
         if o and "group" in o:  # set apart: plain adds pay one check, not a kwarg
             job.group = o["group"]
+        if o and "trace" in o:
+            job.trace = o["trace"]
         self.jobs[job_id] = job
         if parent is not None or children is not None:
             self._flow_added(job, parent, children)
@@ -254,8 +261,10 @@ class QueueState(FlowQueue):
             self.ring.note(op, self.seq)
         row = [self.name, job.id, job.name, job.data, token, job.attempts_made,
                job.attempts_started, job.timestamp, lock_ms]
-        if job.timeout_ms:
+        if job.timeout_ms or job.trace is not None:
             row.append(job.timeout_ms)
+            if job.trace is not None:
+                row.append(job.trace)
         out.append(row)
 
     def _pull_scheduled(self, count: int, lock_ms: int, now: int, out: list[list[Any]]) -> int:
@@ -516,11 +525,13 @@ class QueueState(FlowQueue):
         self._order += 1
         job.order = self._order  # history keeps completion order, exactly
         self.counters["completed"] += 1
-        self.durations_ms.append(now - job.processed_on)
+        took = now - job.processed_on
+        self.durations_ms.append(took)
+        self.defaults.durations.observe(took)
         self._emit(("C", self.name, job_id, result, now, job.attempts_made, job.order))
         if job.parent is not None:
             self._outbox_put(job, True, result)
-        self._retain(job, COMPLETED, job.remove_on_complete, self.defaults.keep_completed, now)
+        self._retain(job, COMPLETED, job.remove_on_complete, self.keep_for(COMPLETED), now)
         return None
 
     def fail(self, job_id: str, token: int, reason: str, now: int) -> str | None:
@@ -554,7 +565,7 @@ class QueueState(FlowQueue):
                     job.stalled_count, job.order))
         if job.parent is not None:
             self._outbox_put(job, False, reason)
-        self._retain(job, FAILED, job.remove_on_fail, self.defaults.keep_failed, now)
+        self._retain(job, FAILED, job.remove_on_fail, self.keep_for(FAILED), now)
 
     def _expire_ttl(self, job: Job, now: int) -> None:
         """A waiting or delayed job whose TTL ran out goes to the DLQ."""
@@ -836,6 +847,7 @@ class QueueState(FlowQueue):
         self.outbox.clear()
         self.counters = dict.fromkeys(self.counters, 0)
         self.rate, self.groups, self.windows = None, {}, {}
+        self._init_admin()
         self._rebuild_indexes()
         self._refresh_limited()
         self._emit(("X", self.name))
@@ -847,7 +859,7 @@ class QueueState(FlowQueue):
         meta = {"paused": self.paused, "seq": self.seq, "order": self._order,
                 "counters": dict(self.counters), "slot": self.slot,
                 "schedulers": {k: dict(v) for k, v in self.schedulers.items()},
-                **self._sched_meta()}
+                **self._sched_meta(), **self._keep_meta()}
         if events and self.ring is not None:
             meta["events"] = self.ring.to_meta()
         if self.outbox:
@@ -874,6 +886,7 @@ class QueueState(FlowQueue):
         self.seq = int(meta.get("seq", 0))
         self.counters.update(meta.get("counters", {}))
         self._adopt_sched_meta(meta)
+        self._adopt_keep(meta)
 
     def _rebuild_indexes(self) -> None:
         self._waiting, self._prios, self.n_waiting = {}, [], 0

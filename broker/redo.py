@@ -80,6 +80,12 @@ OPS: dict[str, OpSpec] = {s.code: s for s in (
     _op("aQ", "id dlq_reason", J, Touch.JOB, "into the DLQ (just before its F)"),
     _op("aR", "id order", J, Touch.JOB,
         "out of the DLQ: waiting again, attempts, stalls and TTL reset"),
+    # -- job management (broker/jobadmin.py)
+    _op("jU", "id fields", J, Touch.JOB,
+        "fields of one job set, absolute: {field: value} (a retry, a promotion, new "
+        "data, priority, delay, or attempts for a discard)"),
+    _op("jK", "retention", Q, Touch.META,
+        "the queue's retention {completed: n|None, failed: n|None} (None: broker default)"),
     # -- the queue (broker/queue.py, broker/limits.py)
     _op("M", "meta", Q, Touch.META, "queue meta: {paused}"),
     _op("X", "", Q, Touch.QUEUE_GONE, "obliterate"),

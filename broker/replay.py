@@ -16,6 +16,7 @@ from typing import Any
 
 from shardq.broker import redo
 from shardq.broker.job import ACTIVE, COMPLETED, FAILED, Job
+from shardq.broker.jobadmin import set_fields
 from shardq.broker.limits import note_runs
 from shardq.broker.queue import append_log, dlq_reset
 
@@ -124,7 +125,7 @@ def _obliterate(img: QueueImage, op: list[Any]) -> None:
     img.meta["schedulers"] = {}
     img.meta.pop("outbox", None)
     img.meta["counters"] = dict.fromkeys(img.meta["counters"], 0)
-    for key in ("rate", "groups", "win"):  # the tenant stays: the coordinator set it
+    for key in ("rate", "groups", "win", "keep"):  # the tenant stays: the coordinator set it
         img.meta.pop(key, None)
 
 
@@ -216,7 +217,25 @@ def _tenant(img: QueueImage, op: list[Any]) -> None:
         img.meta["tenant"] = op[2]
 
 
+def _set_fields(img: QueueImage, op: list[Any]) -> None:
+    order = op[3].get("order")
+    if order is not None:
+        _raise_order(img, order)
+    job = img.jobs.get(op[2])
+    if job is not None:
+        set_fields(job, op[3])
+
+
+def _retention(img: QueueImage, op: list[Any]) -> None:
+    keep = {k: v for k, v in op[2].items() if v is not None}
+    if keep:
+        img.meta["keep"] = keep
+    else:
+        img.meta.pop("keep", None)
+
+
 _APPLY: dict[str, Callable[[QueueImage, list[Any]], None]] = {
+    "jU": _set_fields, "jK": _retention,
     "aL": _log_line, "aQ": _dlq_in, "aR": _dlq_retry,
     "bR": _rate_limit, "bG": _group_set, "bS": _starts, "bT": _tenant,
     "SU": _sched_upsert, "SR": _sched_remove, "SN": _sched_next,

@@ -1,9 +1,9 @@
 """TCP front end: one asyncio.Protocol per connection, and `serve(config)`.
 
 A connection decodes frames with the sans-IO codec, runs each request
-through `broker.ops.HANDLERS` and writes replies. Bad input answers an
+through `broker.ops.OPS` (handler and durability per op) and writes replies. Bad input answers an
 error on that connection only; nothing a client sends can stop the broker
-(DESIGN §9.7).
+(docs/design.md §9.7).
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from collections.abc import Callable
 from typing import Any
 
 from shardq import protocol as p
+from shardq.broker import replies
 from shardq.broker.engine import Broker, BrokerConfig
-from shardq.broker.ops import HANDLERS, PARKED, WRITE_OPS
-from shardq.codec import FrameDecoder, encode_frame, is_bad_frame
+from shardq.broker.ops import OPS, PARKED
+from shardq.broker.replies import Durability
+from shardq.codec import FrameDecoder, is_bad_frame
 from shardq.errors import AuthError, BadRequestError, BusyError, ServerError, TooLargeError
 from shardq.netopts import tune_socket
 
@@ -100,7 +102,7 @@ class BrokerConnection(asyncio.Protocol):
 
     def close_with(self, code: str, message: str) -> None:
         """Tell the peer why (an unsolicited reply, req_id 0), then close."""
-        self.write(encode_frame([0, code, message, self.broker.epoch]))
+        self.write(replies.error_frame(0, code, message, self.broker.epoch))
         if self.transport is not None:
             self.transport.close()
 
@@ -108,10 +110,9 @@ class BrokerConnection(asyncio.Protocol):
         if self.is_closing():
             return
         limit = self.broker.config.max_connections
-        self.write(encode_frame([req_id, BusyError.code, {
-            "retry_after_ms": 1000,
-            "message": f"broker {self.broker.config.broker_id} has its limit of {limit} "
-                       "connections open"}, self.broker.epoch]))
+        busy = BusyError(f"broker {self.broker.config.broker_id} has its limit of {limit} "
+                         "connections open", 1000)
+        self.write(replies.error_of(req_id, busy, self.broker.epoch))
         assert self.transport is not None
         self.transport.close()
 
@@ -182,25 +183,34 @@ class BrokerConnection(asyncio.Protocol):
                 self.refusals += 1
                 raise AuthError("authenticate with HELLO {token} first")
             self.greeted = True
-            handler = HANDLERS.get(op) if isinstance(op, str) else None
-            if handler is None:
+            spec = OPS.get(op) if isinstance(op, str) else None
+            if spec is None:
                 raise BadRequestError(f"unknown op {op!r}")
             if op in p.CONTROL_OPS and not self.control:
                 raise AuthError(f"{op} needs a control connection (HELLO with the control "
                                 "token); a client token cannot send it")
-            body = handler(b, args, self, req_id)
+            body = spec.handler(b, args, self, req_id)
             if body is PARKED:
                 return
-            out = self._reply(req_id, p.OK, body)
-            (deferred if op in WRITE_OPS else immediate).append(out)
+            self._route(self._reply(req_id, p.OK, body), spec.durability, immediate, deferred)
         except ServerError as exc:
             immediate.append(self._reply(req_id, exc.code, exc.to_body()))
         except Exception as exc:  # a bug must cost one request, not the broker
             log.exception("op failed")
             immediate.append(self._reply(req_id, BadRequestError.code, f"internal error: {exc!r}"))
 
+    def _route(self, out: bytes, durability: Durability, immediate: list[bytes],
+               deferred: list[bytes]) -> None:
+        """Where a reply goes by its op's durability (broker/replies.py)."""
+        if durability is Durability.DURABLE:
+            deferred.append(out)  # to the commit log, with the batch's other replies
+            return
+        immediate.append(out)
+        if durability is Durability.LAZY:
+            self.broker.commits.flush_soon()  # committed soon; nobody waits for it
+
     def _reply(self, req_id: int, status: str, body: Any) -> bytes:
-        return encode_frame([req_id, status, body, self.broker.epoch])
+        return replies.error_frame(req_id, status, body, self.broker.epoch)
 
     def _hello(self, args: Any) -> dict[str, Any]:
         if not isinstance(args, dict):
@@ -335,13 +345,16 @@ async def serve(config: BrokerConfig, host: str, port: int, metrics_port: int | 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    metrics_task = None
+    metrics_task, bound = None, 0
     if metrics_port is not None:
         from shardq.broker.metrics import start_metrics_server
 
-        metrics_task = start_metrics_server(broker, host, metrics_port)
+        metrics_task, bound = start_metrics_server(broker, host, metrics_port)
+        log.info("metrics on http://%s:%d/metrics", host, bound)
     if ready:
         sys.stdout.write(f"READY {addr}\n")
+        if metrics_task is not None:  # after READY, the first line (docs/design.md §8)
+            sys.stdout.write(f"METRICS {adv_host}:{bound}\n")
         sys.stdout.flush()
     log.info("broker %s listening on %s (%s)", config.broker_id, addr,
              "durable" if config.durable else "fast")

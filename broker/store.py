@@ -1,6 +1,6 @@
 """SQLite persistence: a redo log written by group commit, and a checkpointer.
 
-Layout (DESIGN §3):
+Layout (docs/design.md §3):
     log(seq INTEGER PRIMARY KEY, ops BLOB)    one row per group commit
     jobs(slot, queue, id, blob) WITHOUT ROWID live jobs and dedup tombstones
     state(key PRIMARY KEY, value) WITHOUT ROWID
@@ -35,6 +35,7 @@ import msgpack
 
 from shardq import failpoints
 from shardq.broker import redo
+from shardq.broker.histogram import COMMIT_BUCKETS_S, Buckets
 from shardq.broker.job import Job
 from shardq.broker.replay import Images, QueueImage, apply_broker_op, apply_op
 from shardq.router import slot_of
@@ -84,6 +85,7 @@ class Store:
         self._ckpt: _Checkpoint | None = None
         self.commits = 0
         self.commit_seconds = 0.0
+        self.commit_hist = Buckets(COMMIT_BUCKETS_S)  # shardq_commit_seconds
         self.log_rows = 0
         self._stop_wal = threading.Event()
         self._wal_thread: threading.Thread | None = None
@@ -186,7 +188,7 @@ class Store:
 
     def _start_wal_checkpointer(self) -> None:
         # Passive WAL checkpoints from a second connection never block the
-        # writer (DESIGN §3); wal_autocheckpoint=0 keeps them off the commit path.
+        # writer (docs/design.md §3); wal_autocheckpoint=0 keeps them off the commit path.
         def run() -> None:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             try:
@@ -219,7 +221,9 @@ class Store:
         db.execute("COMMIT")
         if failpoints.ACTIVE:
             failpoints.hit("commit.after_fsync")
-        self.commit_seconds += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        self.commit_seconds += took
+        self.commit_hist.observe(took)
         self.commits += 1
         self.log_rows += 1
         if self._wal_frames > WAL_RESTART_FRAMES:

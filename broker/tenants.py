@@ -1,4 +1,4 @@
-"""The broker's side of cluster-wide tenant rate limits (DESIGN §11).
+"""The broker's side of cluster-wide tenant rate limits (docs/design.md §11).
 
 The coordinator (coordinator/tenants.py) leases this broker a share of a
 tenant's limit in each heartbeat answer: `{tenant: {queues, max, per_ms,

@@ -1,5 +1,5 @@
 """Checks on request arguments: every bad input becomes a BadRequestError
-naming what is wrong, before any state changes (DESIGN §9.7)."""
+naming what is wrong, before any state changes (docs/design.md §9.7)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,9 @@ def _backoff(v: Any) -> list[Any] | None:
 
 _OPT_KEYS = frozenset({"priority", "delay_ms", "attempts", "backoff", "remove_on_complete",
                        "remove_on_fail", "timestamp", "group"})
-_OPT_KEYS |= {"timeout_ms", "ttl_ms"}  # DESIGN §11 (docs/features-jobs.md)
+_OPT_KEYS |= {"timeout_ms", "ttl_ms"}  # docs/design.md §11 (docs/features-jobs.md)
+_OPT_KEYS |= {"trace"}  # a trace context carrier (client/tracing.py), stored and delivered
+TRACE_MAX = 1024  # characters of a trace carrier's keys and values together
 GROUP_MAX = 256
 RATE_MAX = 10_000_000  # starts per window
 PER_MS_MAX = 86_400_000  # one day
@@ -93,9 +95,25 @@ def job_opts(o: Any) -> dict[str, Any] | None:
     if "timestamp" in o:
         out["timestamp"] = non_neg_int(o["timestamp"], "timestamp")
     _time_limits(o, out)
+    _tags(o, out)
+    return out
+
+
+def _tags(o: dict[str, Any], out: dict[str, Any]) -> None:
+    """Options stored on the job as given: group, trace."""
     if o.get("group") is not None:
         out["group"] = group(o["group"])
-    return out
+    if o.get("trace") is not None:
+        out["trace"] = trace(o["trace"])
+
+
+def trace(v: Any) -> dict[str, str]:
+    """A trace context carrier ({"traceparent": ..., "tracestate"?: ...})."""
+    if (not isinstance(v, dict) or not v
+            or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
+            or sum(len(k) + len(x) for k, x in v.items()) > TRACE_MAX):
+        raise BadRequestError(f"trace must be a map of strings of at most {TRACE_MAX} chars")
+    return v
 
 
 def group(v: Any) -> str:

@@ -1,4 +1,4 @@
-"""shardq.client: the asyncio client (DESIGN §8).
+"""shardq.client: the asyncio client (docs/design.md §8).
 
 Layers, bottom up: `shardq.codec` (frames) -> `connection` (one pipelined
 broker link: request ids, futures, timeouts) -> `pool` (the links by broker

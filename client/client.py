@@ -7,7 +7,7 @@
 With a coordinator URL the topology comes from `GET {url}/topology`; with
 broker addresses it comes from the first reachable broker's `TOPOLOGY`
 answer. Either way later refreshes fall back to the brokers when the
-coordinator is down (DESIGN §6: the coordinator is not on the data path).
+coordinator is down (docs/design.md §6: the coordinator is not on the data path).
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class Client:
 
     async def declare_queue(self, name: str, partitions: int) -> None:
         """Store queue `name` as `partitions` queues `name~0..name~P-1`, spread
-        over brokers by their slots (DESIGN §7); adds pick a partition by
+        over brokers by their slots (docs/design.md §7); adds pick a partition by
         `partition_key` (else job id), workers and `counts` fan out.
 
         Raises:
@@ -173,7 +173,7 @@ class Client:
     async def set_tenant_rate_limit(self, tenant: str, queues: Sequence[str] = (), *,
                                     max: int | None, per_ms: int = 1000) -> dict[str, Any]:
         """Let at most `max` jobs of `queues` start in any `per_ms` window,
-        cluster-wide, whichever brokers own them (DESIGN §11); `max=None`
+        cluster-wide, whichever brokers own them (docs/design.md §11); `max=None`
         removes the limit. The coordinator leases each owner a share, by
         demand, in its heartbeats; it is never asked per job. Takes effect
         within about a heartbeat (1 s); see docs/features-sched.md for the
@@ -344,7 +344,7 @@ async def connect(target: str | Sequence[str], token: str | None = None, *,
         client_name: how brokers see this client in HELLO (default `shardq-py/<pid>`).
         request_timeout: seconds before one request is given up and resent.
         connect_timeout: seconds for a TCP connect + HELLO (and coordinator HTTP calls).
-        policy: retry budgets (DESIGN §4).
+        policy: retry budgets (docs/design.md §4).
         ping_interval: seconds of silence on a connection before it sends a
             PING (0: never); a pong later than `ping_timeout` seconds marks
             the link dead: it is closed, its requests are resent on a new one.

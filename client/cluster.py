@@ -3,7 +3,7 @@
 Above the connection layer (which only knows one broker) and below the
 Queue/Worker API (which only knows queue names). Links come from the
 connection pool (pool.py); every resend follows the one retry loop
-(retrying.py). `call()` sends one request for one queue; `bulk()` sends
+(retrying.py, docs/design.md §4). `call()` sends one request for one queue; `bulk()` sends
 a bulk op whose items may belong to many queues and brokers, splits it by
 owner, sends the frames in parallel and retries failed items alone (a
 `MOVED` item is re-routed by itself, the rest of its frame stays done).

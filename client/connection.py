@@ -1,6 +1,6 @@
 """One pipelined connection to one broker (the client's asyncio adapter).
 
-Layering (STYLE §2): `shardq.codec` turns bytes into frames; this module is
+Layering (docs/design.md §1): `shardq.codec` turns bytes into frames; this module is
 the only owner of request ids, reply futures, timeouts and write
 backpressure; routing and the Queue/Worker API sit above it and never see
 a request id.

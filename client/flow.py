@@ -1,6 +1,6 @@
 """`Client.add_flow`: a parent job and its children, written all or nothing.
 
-The three steps (DESIGN §11; the broker side is broker/flowqueue.py):
+The three steps (docs/design.md §11; the broker side is broker/flowqueue.py):
 
 1. the children, `pending`, one FLOW_ADD_CHILDREN per queue, in parallel;
 2. the parent, `waiting-children` - the commit point;

@@ -1,7 +1,7 @@
 """Time-ordered job ids (UUIDv7, RFC 9562), generated client-side.
 
 Python 3.11 has no `uuid.uuid7`. Ids are made before the first send so a
-resend after a timeout, `TRYAGAIN` or `MOVED` is idempotent (DESIGN §2).
+resend after a timeout, `TRYAGAIN` or `MOVED` is idempotent (docs/design.md §2).
 
 Layout: 48-bit Unix ms | version 7 | 12-bit counter | variant 0b10 | 62 random
 bits. The 12-bit field is a counter seeded randomly each new millisecond

@@ -1,7 +1,7 @@
 """The `Queue` API: add jobs, read counts and jobs, pause/resume/drain/obliterate.
 
-Names follow BullMQ in snake_case (DESIGN §8, §10). A partitioned queue
-(DESIGN §7: `topology.partitions[name] = P`) is stored as `name~0 ..
+Names follow BullMQ in snake_case (docs/design.md §8, §10). A partitioned queue
+(docs/design.md §7: `topology.partitions[name] = P`) is stored as `name~0 ..
 name~P-1`; `add` picks one partition per job and the read/admin calls fan
 out over all of them.
 """
@@ -18,7 +18,9 @@ import msgpack
 from shardq import protocol
 from shardq.router import partition_for, partition_name
 
+from . import tracing
 from .ids import uuid7
+from .jobs import JobsMixin
 
 if TYPE_CHECKING:
     from .client import Client
@@ -27,7 +29,7 @@ COUNT_FIELDS = ("waiting", "delayed", "active", "completed", "failed")
 _DLQ_PAGE = 1000
 
 # add() options with a wire name of their own; anything else given to add()
-# is passed through as is (newer broker options, DESIGN §11).
+# is passed through as is (newer broker options, docs/design.md §11).
 _OPTION_NAMES = frozenset({
     "priority", "delay_ms", "attempts", "backoff", "job_id", "remove_on_complete",
     "remove_on_fail", "partition_key", "timestamp",
@@ -67,8 +69,18 @@ def wire_opts(priority: int = 0, delay_ms: int = 0, attempts: int | None = None,
     return opts
 
 
-class Queue:
-    """One named queue. Get it with `client.queue(name)` (cached, cheap)."""
+def _add_trace(items: list[Any]) -> None:
+    """The current trace context on every item (client/tracing.py); items
+    are shared with add_bulk's per-partition lists, so set in place."""
+    trace = tracing.carrier()
+    if trace is not None:
+        for item in items:
+            item[3] = {**(item[3] or {}), "trace": trace}
+
+
+class Queue(JobsMixin):
+    """One named queue. Get it with `client.queue(name)` (cached, cheap).
+    Job management (get_jobs, retry_job, clean, ...): client/jobs.py."""
 
     __slots__ = ("_batcher", "_client", "_packb", "name")
 
@@ -138,6 +150,9 @@ class Queue:
         jid = job_id or uuid7()
         if group is not None:
             extra["group"] = group
+        trace = tracing.carrier()
+        if trace is not None:
+            extra["trace"] = trace
         opts = None
         if priority or delay_ms or attempts is not None or backoff is not None or extra \
                 or remove_on_complete is not None or remove_on_fail is not None:
@@ -180,6 +195,7 @@ class Queue:
             group[0].append(len(items))
             group[1].append(item)
             items.append(item)
+        _add_trace(items)
         if not partitioned:
             by_queue = {self.name: (list(range(len(items))), items)}
         ids: list[Any] = [None] * len(items)
@@ -271,7 +287,7 @@ class Queue:
         """Remove the queue and every job in it."""
         await self._each(protocol.OBLITERATE)
 
-    # -- logs and dead letters (DESIGN §11) ---------------------------------------
+    # -- logs and dead letters (docs/design.md §11) ---------------------------------------
 
     async def get_logs(self, job_id: str) -> list[str]:
         """The lines the job's handlers logged with `job.log(line)`, oldest
@@ -315,7 +331,7 @@ class Queue:
     async def dlq_purge(self) -> int:
         """Remove every job in the DLQ; returns how many."""
         return sum(int(n or 0) for n in await self._each(protocol.DLQ_PURGE))
-    # -- rate limits and groups (DESIGN §11) ------------------------------------
+    # -- rate limits and groups (docs/design.md §11) ------------------------------------
 
     async def set_rate_limit(self, max: int | None, per_ms: int = 1000) -> None:
         """Let at most `max` jobs start (be handed to workers) in any sliding
@@ -360,7 +376,7 @@ class Queue:
             self.partitions()[0], protocol.LIMITS, {"queue": self.partitions()[0]})
         return reply
 
-    # -- job schedulers (DESIGN §6, §10) ----------------------------------------
+    # -- job schedulers (docs/design.md §6, §10) ----------------------------------------
 
     async def upsert_scheduler(self, scheduler_id: str, *, every_ms: int | None = None,
                                cron: str | None = None, tz: str = "UTC",

@@ -1,4 +1,4 @@
-"""Retry budgets for one request (DESIGN §4's "client does" column).
+"""Retry budgets for one request (docs/design.md §4's "client does" column).
 
 Pure decisions, no sleeping and no I/O: `Budget` is told what went wrong and
 answers how long to wait before the resend, whether the topology should be

@@ -1,7 +1,7 @@
 """The client's copy of the topology: patches, coalesced refreshes, change events.
 
 `shardq.router.Topology` is pure data; this module adds the I/O policy
-around it (DESIGN §4, §5):
+around it (docs/design.md §4, §5):
 
 - `MOVED` patches one slot (or one override) in place;
 - a reply carrying a newer epoch schedules a full refresh, coalesced so at

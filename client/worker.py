@@ -16,7 +16,7 @@ out as `FAIL` items; the broker decides retry or final failure. Every
 
 `LOCK_LOST` (the lock expired and the job went back to waiting): the
 result is dropped and logged; the broker redelivers the job (at-least-once,
-DESIGN §2).
+docs/design.md §2).
 
 Timeouts. A job added with `timeout_ms` arrives with it; when the timer
 fires the handler's task is cancelled and the attempt fails with a reason
@@ -56,6 +56,8 @@ from shardq.errors import (
 )
 from shardq.router import partition_name
 
+from . import tracing
+
 if TYPE_CHECKING:
     from .client import Client
 
@@ -81,7 +83,7 @@ class Job:
 
     __slots__ = ("_client", "_data", "_raw", "_timer", "attempts_made", "attempts_started",
                  "broker", "id", "lock_lost", "lock_ms", "name", "partition", "queue",
-                 "timed_out", "timeout_ms", "timestamp", "token")
+                 "timed_out", "timeout_ms", "timestamp", "token", "trace")
 
     def __init__(self, client: Client, broker: str, wire: list[Any]) -> None:
         part: str = wire[protocol.J_QUEUE]
@@ -98,6 +100,9 @@ class Job:
         self.lock_ms: int = wire[protocol.J_LOCK_MS] if len(wire) > protocol.J_LOCK_MS else 0
         self.timeout_ms: int = (wire[protocol.J_TIMEOUT_MS]
                                 if len(wire) > protocol.J_TIMEOUT_MS else 0)
+        # The adder's trace context (client/tracing.py), when it had one.
+        self.trace: dict[str, str] | None = (wire[protocol.J_TRACE]
+                                             if len(wire) > protocol.J_TRACE else None)
         self.broker = broker
         self.lock_lost = False
         self.timed_out = False
@@ -145,6 +150,44 @@ class Job:
         raw = await self._client._call(self.partition, protocol.FLOW_CHILDREN,
                                        {"queue": self.partition, "id": self.id})
         return {k: unpack(v) for k, v in raw.items()}
+
+    # -- job management (client/jobs.py), BullMQ's Job methods --------------------
+
+    async def _act(self, action: str, arg: Any = None) -> None:
+        from .jobs import job_action
+
+        await job_action(self._client, [self.partition], self.id, action, arg, self.queue)
+
+    async def retry(self) -> None:
+        """Put this job back to waiting once it has finished (`Queue.retry_job`)."""
+        await self._act("retry")
+
+    async def remove(self) -> None:
+        """Remove this job (`Queue.remove_job`); refused (JobStateError) while
+        a worker - this one too - holds it."""
+        await self._act("remove")
+
+    async def promote(self) -> None:
+        """Run this job now if it is delayed (`Queue.promote_job`)."""
+        await self._act("promote")
+
+    async def update_data(self, data: Any) -> None:
+        """Replace this job's stored data, and `job.data` here."""
+        await self._act("update_data", self._client._packb(data))
+        self._data = data
+
+    async def change_priority(self, priority: int) -> None:
+        """A new priority for this job's next run (`Queue.change_job_priority`)."""
+        await self._act("priority", priority)
+
+    async def change_delay(self, delay_ms: int) -> None:
+        """Run this job `delay_ms` from now if waiting or delayed."""
+        await self._act("delay", delay_ms)
+
+    async def discard(self) -> None:
+        """No more retries: when this attempt fails, the job fails for good
+        (BullMQ's `job.discard()`)."""
+        await self._act("discard")
 
     def info(self) -> JobInfo:
         """The job as a picklable value (what a process-pool handler gets)."""
@@ -420,11 +463,10 @@ class Worker:
             job = Job(self._client, bid, wire)
             self._running.add(job)
             try:
-                if self._pool is not None:
-                    res: Any = loop.run_in_executor(self._pool, _run_in_process, self.handler,
-                                                    job.info())
+                if job.trace is not None:
+                    res: Any = tracing.traced(job, functools.partial(self._call, loop, job))
                 else:
-                    res = self.handler(job)
+                    res = self._call(loop, job)
             except Exception as exc:
                 self._finish(job, None, exc)
                 continue
@@ -438,6 +480,11 @@ class Worker:
             else:
                 self._finish(job, res, None)
         return len(jobs)
+
+    def _call(self, loop: asyncio.AbstractEventLoop, job: Job) -> Any:
+        if self._pool is not None:
+            return loop.run_in_executor(self._pool, _run_in_process, self.handler, job.info())
+        return self.handler(job)
 
     @staticmethod
     def _time_out(job: Job, fut: asyncio.Future[Any]) -> None:
@@ -476,7 +523,10 @@ class Worker:
             else:
                 self._acks.append([job.partition, job.id, job.token, packed])
         if exc is not None and not job.lock_lost:
-            self._fails.append([job.partition, job.id, job.token, failure_reason(exc)])
+            reason = failure_reason(exc)
+            self._fails.append([job.partition, job.id, job.token, reason])
+            log.info("job %s in %s failed (attempt %d): %s", job.id, job.partition,
+                     job.attempts_started, reason)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             # Scheduled before the slot event wakes a pull loop, so the ack

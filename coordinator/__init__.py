@@ -1,4 +1,4 @@
-"""shardq.coordinator: membership, topology and stats for a shardq cluster (DESIGN §6).
+"""shardq.coordinator: membership, topology and stats for a shardq cluster (docs/design.md §6).
 
 One small process with an HTTP API and its own SQLite file. It is not on
 the data path: brokers and clients keep working on their last topology

@@ -58,7 +58,7 @@ class CoordinatorApi:
         return self._call("GET", "/topology")
 
     def stats(self) -> dict[str, Any]:
-        """`GET /stats`: the cluster stats of DESIGN §10."""
+        """`GET /stats`: the cluster stats of docs/design.md §10."""
         return self._call("GET", "/stats")
 
     def healthz(self) -> dict[str, Any]:

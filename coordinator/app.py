@@ -1,9 +1,9 @@
-"""The coordinator's HTTP API (DESIGN §6, §8): thin starlette routes over `Membership`.
+"""The coordinator's HTTP API (docs/design.md §6, §8): thin starlette routes over `Membership`.
 
     GET  /healthz                    {ok, term, epoch, bootstrapped, pid}
-    GET  /topology                   the §5 topology JSON
-    GET  /status                     the §10 `shardq status --json` shape
-    GET  /stats                      the §10 cluster stats JSON (stats.py), from heartbeats
+    GET  /topology                   topology JSON, docs/design.md §5
+    GET  /status                     `shardq status --json`, docs/design.md §10
+    GET  /stats                      cluster stats JSON (stats.py, docs/design.md §10)
     GET  /metrics                    the same as Prometheus text (metrics.py)
     POST /brokers/register           {id, addr, weight?, storage?} -> {term, epoch, state}
     POST /brokers/heartbeat          {id, stats?, storage?} -> {term, epoch, state}
@@ -25,6 +25,9 @@
     POST /tenants/{name}/rate_limit  {queues, max|null, per_ms} -> the tenant's limit
                                      (null max removes it); brokers get their shares
                                      as `leases` in heartbeat answers (tenants.py)
+    GET  /ui, /ui/api/...            the web dashboard (ui/dashboard.py); the page shell
+                                     and its static files are the only routes served
+                                     without the token (they hold no data)
 
 Errors answer `{"error": message}` with 400 (malformed), 401 (token),
 403 (barred id), 404 (unknown broker), 409 (conflicting state, or a data
@@ -66,6 +69,7 @@ from .moves import MoveExecutor, MovePolicy
 from .rebalance import Rebalancer
 from .stats import StatsBook
 from .tenants import TenantBook
+from .ui import Dashboard, is_public
 
 log = logging.getLogger("shardq.coordinator")
 
@@ -87,7 +91,7 @@ def default_rebalancer(membership: Membership, token: str | None = None, *,
 def create_app(membership: Membership, *, token: str | None = None,
                check_interval_ms: int = 1000, rebalancer: Rebalancer | None = None,
                stats: StatsBook | None = None, tenants: TenantBook | None = None,
-               control_token: str | None = None) -> Starlette:
+               control_token: str | None = None, ui_actions: bool = False) -> Starlette:
     """The ASGI app; its lifespan runs the liveness check every `check_interval_ms`,
     recovers unfinished moves at start and stops the rebalancer at the end.
 
@@ -104,18 +108,22 @@ def create_app(membership: Membership, *, token: str | None = None,
             default: a fresh `StatsBook()`.
         tenants: cluster-wide tenant limits and their leases; default: kept
             in memory only (the server passes one persisted in its store).
+        ui_actions: let the dashboard at /ui act (retry, pause, drain...);
+            without it the dashboard is read-only.
     """
     m = membership
     rb = rebalancer or default_rebalancer(membership, control_token or token)
     book = stats or StatsBook()
     tb = _tenant_book(tenants, m)
+    ui = Dashboard(m, rb, book, token=token, actions=ui_actions)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         task = asyncio.create_task(_liveness_loop(m, check_interval_ms / 1000.0))
         try:
             await rb.recover()
-            yield
+            async with ui.running():
+                yield
         finally:
             task.cancel()
             await asyncio.wait([task])
@@ -189,8 +197,10 @@ def create_app(membership: Membership, *, token: str | None = None,
         *_rebalance_routes(m, rb),
         *_tenant_routes(tb),
         *_stats_routes(m, book),
+        *ui.routes(),
     ]
-    middleware = ([Middleware(BearerAuth, token=token, control_token=control_token)]
+    middleware = ([Middleware(BearerAuth, token=token, control_token=control_token,
+                              public=is_public)]
                   if token or control_token else [])
     return Starlette(
         routes=routes,
@@ -239,7 +249,7 @@ def _tenant_book(tenants: TenantBook | None, m: Membership) -> TenantBook:
 
 
 def _tenant_routes(tb: TenantBook) -> list[Route]:
-    """Cluster-wide tenant rate limits (DESIGN §11, tenants.py)."""
+    """Cluster-wide tenant rate limits (docs/design.md §11, tenants.py)."""
 
     async def tenants(request: Request) -> Response:
         return JSONResponse(tb.view())
@@ -329,7 +339,8 @@ def _field(body: dict[str, Any], name: str, kind: type[T], default: T = _MISSING
 
 
 class BearerAuth:
-    """Refuses an HTTP request without the bearer token its method needs.
+    """Refuses an HTTP request without the bearer token its method needs,
+    except to the paths `public` accepts (the dashboard's shell and static files).
 
     With a control token, it alone may change state (any method but GET and
     HEAD, 403 for the client token); the client token, or no token when
@@ -338,10 +349,12 @@ class BearerAuth:
 
     _READS = frozenset({"GET", "HEAD"})
 
-    def __init__(self, app: ASGIApp, token: str | None, control_token: str | None = None) -> None:
+    def __init__(self, app: ASGIApp, token: str | None, control_token: str | None = None,
+                 public: Callable[[str], bool] = lambda path: False) -> None:
         self.app = app
         self._client = b"Bearer " + token.encode() if token else None
         self._control = b"Bearer " + control_token.encode() if control_token else None
+        self._public = public
 
     def _allowed(self, got: bytes, method: str) -> int:
         """0 when allowed, else the HTTP status to answer."""
@@ -355,7 +368,7 @@ class BearerAuth:
         return 403 if client_ok and got else 401
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not self._public(scope["path"]):
             got = dict(scope["headers"]).get(b"authorization", b"")
             status = self._allowed(got, scope.get("method", "GET"))
             if status:

@@ -1,4 +1,4 @@
-"""How `shardq scale out|in` reaches a local `shardq cluster up` (DESIGN §8, §10).
+"""How `shardq scale out|in` reaches a local `shardq cluster up` (docs/design.md §8, §10).
 
 `cluster up` records itself in `DATA_DIR/cluster.json`::
 
@@ -21,16 +21,24 @@ JSON reply per line (the cluster's `--token`, if any, goes in `token`)::
 
 The server half lives in supervisor.py; this module has the file and the
 client half (synchronous, for the CLI).
+
+So that `shardq scale out|in --coordinator URL` finds the cluster without
+`--data-dir`, whatever the current directory, `cluster up` also leaves a
+pointer in a per-user registry (`~/.local/state/shardq/clusters/`, or
+`$SHARDQ_STATE_DIR/clusters/`): one file per coordinator URL naming the
+data dir. A pointer whose supervisor is gone is ignored.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from shardq.secrets import TokenError, read_token_file
 
@@ -77,6 +85,39 @@ class ClusterFile:
 # `cluster up --token` keeps its tokens here, under DATA_DIR/secrets (0600).
 CLIENT_TOKEN_FILE = "client.token"
 CONTROL_TOKEN_FILE = "control.token"
+
+
+def url_key(url: str) -> str:
+    """A coordinator URL as the registry matches it (localhost is 127.0.0.1)."""
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    host = parts.hostname or ""
+    host = "127.0.0.1" if host in ("localhost", "::1", "0.0.0.0") else host
+    return f"{host}:{parts.port or 80}"
+
+
+def register(registry: Path, coordinator: str, data_dir: Path) -> None:
+    """Point the registry at `data_dir` for `coordinator` (atomically)."""
+    registry.mkdir(parents=True, exist_ok=True)
+    key = url_key(coordinator)
+    name = hashlib.sha1(key.encode()).hexdigest()[:16] + ".json"
+    tmp = registry / (name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"coordinator": key, "data_dir": str(data_dir.resolve())}))
+    os.replace(tmp, registry / name)
+
+
+def find_registered(registry: Path, coordinator: str) -> Path | None:
+    """The data dir of a running `cluster up` whose coordinator is `coordinator`."""
+    key = url_key(coordinator)
+    path = registry / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    data_dir = Path(str(entry.get("data_dir", ""))) if isinstance(entry, dict) else None
+    info = ClusterFile.read(data_dir) if data_dir is not None else None
+    if info is None or url_key(info.coordinator) != key or not _alive(info.pid):
+        return None
+    return data_dir
 
 
 class LocalCluster:

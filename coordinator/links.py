@@ -1,4 +1,4 @@
-"""The coordinator's wire connections to brokers, for handoff commands (DESIGN §4, §6).
+"""The coordinator's wire connections to brokers, for handoff commands (docs/design.md §4, §6).
 
 One cached link per broker id, from the client's connection pool
 (client/pool.py: dialed with HELLO and the coordinator's token), re-dialed

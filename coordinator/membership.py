@@ -1,4 +1,4 @@
-"""Membership and ownership decisions (DESIGN §5, §6): plain Python, injected clock.
+"""Membership and ownership decisions (docs/design.md §5, §6): plain Python, injected clock.
 
 `Membership` holds the cluster's topology and every broker's liveness, and
 is the only code that changes them. Each change is persisted by the store
@@ -15,7 +15,7 @@ Epoch rules:
   list, or of ownership bumps the epoch by one; slots that change owner
   take the new epoch as their own.
 
-Broker states never move slots by themselves (DESIGN §5): a broker that
+Broker states never move slots by themselves (docs/design.md §5): a broker that
 misses heartbeats is marked `dead` and keeps its slots; a heartbeat or
 re-registration brings it back to the state it had (`revive_state`).
 Bootstrap, `forget` and `commit_move` are the only ownership changes.
@@ -30,7 +30,7 @@ recorded disk returns or `forget --accept-data-loss` gives them away empty.
 Moves (handoffs, executed by moves.py) are recorded here too: `begin_move`,
 `set_move_phase`, `mark_move_aborting` and `finish_move` persist the move
 and republish the topology's `moving` list *at the same epoch* (a phase is
-not an ownership change); `commit_move` is the commit point of DESIGN §6
+not an ownership change); `commit_move` is the commit point of docs/design.md §6
 step 5: the slots' new owner at epoch e+1 and the move's `commit` phase in
 one SQLite transaction. A `draining`/`leaving` broker whose last slot moves
 away becomes `drained` in that same transaction.
@@ -71,6 +71,32 @@ _OUT_OF_RING = frozenset({BrokerState.DRAINING, BrokerState.LEAVING, BrokerState
 _ABSENT = frozenset({BrokerState.DEAD, BrokerState.LOST_STORAGE})  # not serving its slots
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _STORAGE_RE = re.compile(r"^[0-9a-f]{32}$")
+
+J, A, DG, LV, DD, X, L = (BrokerState.JOINING, BrokerState.ACTIVE, BrokerState.DRAINING,
+                          BrokerState.LEAVING, BrokerState.DRAINED, BrokerState.DEAD,
+                          BrokerState.LOST_STORAGE)
+# The legal changes of a broker's state; `Membership._set_state` checks every
+# one. Dead and lost-storage are absences: entering one keeps the state to
+# come back to (`revive_state`), and leaving one goes back to it. Every other
+# state is operational: entering it makes it the one to come back to.
+#
+#   from \ to     joining active draining leaving drained dead lost-storage
+#   joining                  x       x        x       x      x
+#   active                           x        x       x      x       x
+#   draining                 x                x       x      x       x
+#   leaving                  x                        x      x       x
+#   drained                  x       x        x              x       x
+#   dead            (back to revive_state)                            x
+#   lost-storage    (back to revive_state)
+BROKER_TRANSITIONS: dict[BrokerState, frozenset[BrokerState]] = {
+    J: frozenset({A, DG, LV, DD, X}),
+    A: frozenset({DG, LV, DD, X, L}),
+    DG: frozenset({A, LV, DD, X, L}),
+    LV: frozenset({A, DD, X, L}),
+    DD: frozenset({A, DG, LV, X, L}),
+    X: frozenset({J, A, DG, LV, DD, L}),
+    L: frozenset({J, A, DG, LV, DD}),
+}
 _DIGITS = re.compile(r"(\d+)")
 
 
@@ -156,7 +182,7 @@ class Membership:
 
     @property
     def bootstrapped(self) -> bool:
-        """True once any slot is owned (DESIGN §5: bootstrap runs while none is)."""
+        """True once any slot is owned (docs/design.md §5: bootstrap runs while none is)."""
         return _owns_any(self._topo)
 
     def topology_json(self) -> bytes:
@@ -166,7 +192,7 @@ class Membership:
         return self._json
 
     def status(self) -> dict[str, Any]:
-        """`GET /status` / `shardq status --json` (DESIGN §10)."""
+        """`GET /status` / `shardq status --json` (docs/design.md §10)."""
         counts = self._topo.slot_counts()
         rows = []
         for bid in sorted(self._topo.brokers, key=natural_key):
@@ -324,10 +350,7 @@ class Membership:
         b = topo.brokers[bid]
         b.addr, b.weight = addr, weight
         if presented and b.storage is not None and storage != b.storage and _owns(topo, bid):
-            if b.state is not BrokerState.LOST_STORAGE:
-                if b.state is not BrokerState.DEAD:
-                    rec.revive_state = b.state
-                b.state = BrokerState.LOST_STORAGE
+            self._set_state(topo, bid, BrokerState.LOST_STORAGE)
             if rec.presented_storage != storage or info.state is not BrokerState.LOST_STORAGE:
                 rec.presented_storage = storage
                 log.warning("broker %s is held (lost-storage): %s", bid,
@@ -338,7 +361,7 @@ class Membership:
             if b.state in _ABSENT:
                 if b.state is BrokerState.LOST_STORAGE:
                     log.warning("broker %s is back with its recorded storage %s", bid, storage)
-                b.state = rec.revive_state
+                self._set_state(topo, bid, rec.revive_state)
             rec.presented_storage = None
             if presented and storage is not None and storage != b.storage:
                 # A first identity for a broker recorded before identities
@@ -370,7 +393,7 @@ class Membership:
 
         One that owns nothing is removed from the topology. One that owns
         slots is marked `dead` at once: its slots wait for it to come back
-        (a rolling restart moves no slot, DESIGN §6). Unknown ids are a no-op.
+        (a rolling restart moves no slot, docs/design.md §6). Unknown ids are a no-op.
         """
         info = self._topo.brokers.get(broker_id)
         if info is None:
@@ -379,8 +402,7 @@ class Membership:
         if _owns(topo, broker_id):
             if info.state in _ABSENT:
                 return self._answer(broker_id)
-            self._records[broker_id].revive_state = info.state
-            topo.brokers[broker_id].state = BrokerState.DEAD
+            self._set_state(topo, broker_id, BrokerState.DEAD)
             self._commit(topo)
             return self._answer(broker_id)
         del topo.brokers[broker_id]
@@ -406,8 +428,7 @@ class Membership:
         if ids:
             topo = self._topo.copy()
             for bid in ids:
-                topo.brokers[bid].state = BrokerState.ACTIVE
-                self._records[bid].revive_state = BrokerState.ACTIVE
+                self._set_state(topo, bid, BrokerState.ACTIVE)
             self._commit(topo)
         return ids
 
@@ -443,8 +464,7 @@ class Membership:
         if info.state is not want and not (
                 info.state is BrokerState.LEAVING and want is BrokerState.DRAINING):
             topo = self._topo.copy()
-            topo.brokers[broker_id].state = want
-            self._records[broker_id].revive_state = want
+            self._set_state(topo, broker_id, want)
             self._commit(topo)
         return {**self._answer(broker_id), "slots": owned}
 
@@ -467,13 +487,12 @@ class Membership:
         elif info.state is not BrokerState.ACTIVE and (
                 info.state in _OUT_OF_RING or self.bootstrapped):
             topo = self._topo.copy()
-            topo.brokers[broker_id].state = BrokerState.ACTIVE
-            rec.revive_state = BrokerState.ACTIVE
+            self._set_state(topo, broker_id, BrokerState.ACTIVE)
             self._commit(topo)
         return self._answer(broker_id)
 
     def declare_queue(self, name: str, partitions: int) -> dict[str, Any]:
-        """Record a partitioned queue: stored as `name~0 .. name~P-1` (DESIGN §7).
+        """Record a partitioned queue: stored as `name~0 .. name~P-1` (docs/design.md §7).
 
         Declaring again with the same P changes nothing; another P is refused,
         since jobs already routed by the old P would be stranded.
@@ -495,7 +514,7 @@ class Membership:
         return {"queue": name, "partitions": partitions, "epoch": self.epoch}
 
     def forget(self, broker_id: str, accept_data_loss: bool) -> dict[str, Any]:
-        """Give a lost broker's slots away, empty, and bar its id (DESIGN §6 runbook).
+        """Give a lost broker's slots away, empty, and bar its id (docs/design.md §6 runbook).
 
         Its slots go to their ring targets among the other *active* brokers
         at a new epoch; overrides pinned to it are dropped (their queues
@@ -549,7 +568,8 @@ class Membership:
         epoch = self._next_epoch()
         if alive and rec.presented_storage is not None:
             b = topo.brokers[bid]
-            b.state, b.storage, b.since = rec.revive_state, rec.presented_storage, epoch
+            self._set_state(topo, bid, rec.revive_state)
+            b.storage, b.since = rec.presented_storage, epoch
             rec.presented_storage = None
             for s in slots:
                 topo.slot_epochs[s] = epoch
@@ -586,7 +606,7 @@ class Membership:
             counts[target] = counts.get(target, 0) + 1
         return counts
 
-    # -- moves (DESIGN §6 handoffs) -------------------------------------------
+    # -- moves (docs/design.md §6 handoffs) -------------------------------------------
 
     def begin_move(self, move: Move, move_id: str | None = None) -> MoveRecord:
         """Record a new move in phase `prepare` (persisted before PREPARE is sent).
@@ -690,8 +710,7 @@ class Membership:
         if (state is MoveState.DONE and src is not None and src.state in _OUT_OF_RING
                 and src.state is not BrokerState.DRAINED and not _owns(self._topo, src.id)):
             topo = self._topo.copy()
-            topo.brokers[src.id].state = BrokerState.DRAINED
-            self._records[src.id].revive_state = BrokerState.DRAINED
+            self._set_state(topo, src.id, BrokerState.DRAINED)
             self._commit(topo, moves=[new])
         else:
             self._save_moves([new])
@@ -725,12 +744,31 @@ class Membership:
             return []
         topo = self._topo.copy()
         for bid in expired:
-            self._records[bid].revive_state = topo.brokers[bid].state
-            topo.brokers[bid].state = BrokerState.DEAD
+            self._set_state(topo, bid, BrokerState.DEAD)
         self._commit(topo)
         return expired
 
     # -- internals -----------------------------------------------------------
+
+    def _set_state(self, topo: Topology, bid: str, to: BrokerState) -> None:
+        """Move broker `bid` of `topo` (a copy about to be committed) to state `to`.
+
+        Raises:
+            Conflict: `BROKER_TRANSITIONS` does not allow it.
+        """
+        b, rec = topo.brokers[bid], self._records[bid]
+        now = b.state
+        if to is now:
+            return
+        if to not in BROKER_TRANSITIONS[now] or (now in _ABSENT and to not in _ABSENT
+                                                 and to is not rec.revive_state):
+            raise Conflict(f"broker {bid} is {now.value}: it cannot become {to.value}")
+        if to in _ABSENT:
+            if now not in _ABSENT:
+                rec.revive_state = now
+        else:
+            rec.revive_state = to
+        b.state = to
 
     def _maybe_bootstrap(self) -> None:
         if self.bootstrapped:
@@ -741,8 +779,7 @@ class Membership:
             return
         topo = self._topo.copy()
         for bid in weights:
-            topo.brokers[bid].state = BrokerState.ACTIVE
-            self._records[bid].revive_state = BrokerState.ACTIVE
+            self._set_state(topo, bid, BrokerState.ACTIVE)
         topo = topo.with_assignment(Ring(weights, self._vnodes).targets(), self._topo.epoch + 1)
         self._commit(topo)
 

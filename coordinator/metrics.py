@@ -1,7 +1,7 @@
-"""`GET /metrics` on the coordinator: the cluster view as Prometheus text (DESIGN §6, §10).
+"""`GET /metrics` on the coordinator: the cluster as Prometheus text (docs/design.md §6, §10).
 
 A custom collector over one `ClusterView`, registered in a registry made
-for the request (no global registry, STYLE 6). Series:
+for the request (no global registry). Series:
 
     shardq_jobs_{added,completed,failed,retried,stalled}_total{broker,queue}
     shardq_queue_jobs{broker,queue,state}         retained jobs per state

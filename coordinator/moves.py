@@ -1,4 +1,4 @@
-"""The move executor: one handoff of slots from broker A to broker B (DESIGN §6).
+"""The move executor: one handoff of slots from broker A to broker B (docs/design.md §6).
 
 The steps, as data (who gets which op, in which phase)::
 
@@ -23,7 +23,7 @@ Invariants:
   writes the new owner and the `commit` phase together: a move is committed
   iff its persisted phase is `commit` or later. A is durably frozen before
   it (FREEZE answered) and B serves only after it (ACTIVATE is sent only
-  then), so at most one broker accepts writes for a slot (DESIGN §9.4).
+  then), so at most one broker accepts writes for a slot (docs/design.md §9.4).
 * Before the commit point, a definitive error, a broker unreachable past
   `retry_budget_s`, or `request_abort` aborts: the decision is persisted
   (`aborting`), then HANDOFF_ABORT goes to B (so it can never activate and

@@ -1,4 +1,4 @@
-"""The rebalancer: plans moves and runs them with bounded concurrency (DESIGN §6).
+"""The rebalancer: plans moves and runs them with bounded concurrency (docs/design.md §6).
 
 A *run* executes the current plan (`Membership.plan_moves`: every slot
 whose owner differs from its ring target, in moves of at most 64 slots),

@@ -1,4 +1,4 @@
-"""Starting the coordinator: lock the data dir, bind, serve, print READY (DESIGN §8).
+"""Starting the coordinator: lock the data dir, bind, serve, print READY (docs/design.md §8).
 
 The listening socket is bound here and handed to uvicorn, so `--port 0`
 reports the port actually bound. `READY host:port` is the first line on
@@ -53,6 +53,7 @@ class CoordinatorConfig:
     handoff_step_timeout_s: float = 10.0
     handoff_retry_budget_s: float = 30.0
     handoff_copy_rate: int = 0
+    ui_actions: bool = False
 
 
 def serve(config: CoordinatorConfig) -> None:
@@ -71,7 +72,8 @@ async def serve_async(config: CoordinatorConfig) -> None:
         app = create_app(membership, token=config.token, control_token=config.control_token,
                          check_interval_ms=interval,
                          rebalancer=_rebalancer(membership, config),
-                         tenants=TenantBook(store, membership.term))
+                         tenants=TenantBook(store, membership.term),
+                         ui_actions=config.ui_actions)
         server = _Server(uvicorn.Config(app, log_config=None, access_log=False,
                                         lifespan="on", timeout_graceful_shutdown=5))
         loop = asyncio.get_running_loop()
@@ -157,7 +159,7 @@ def _shown_host(host: str) -> str:
 
 @contextlib.contextmanager
 def _locked(data_dir: Path) -> Iterator[IO[str]]:
-    """One coordinator per data dir (DESIGN §6: run as a single instance)."""
+    """One coordinator per data dir (docs/design.md §6: run as a single instance)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / "LOCK", "a+") as f:
         try:

@@ -1,4 +1,4 @@
-"""The coordinator's durable state: one SQLite file under its data dir (DESIGN §6).
+"""The coordinator's durable state: one SQLite file under its data dir (docs/design.md §6).
 
 Tables:
 
@@ -72,7 +72,7 @@ class MoveState(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class MoveRecord:
-    """One handoff of `slots` from `source` to `target` (DESIGN §6), as persisted.
+    """One handoff of `slots` from `source` to `target` (docs/design.md §6), as persisted.
 
     `phase` is the step being carried out (one of `shardq.protocol.PHASES`):
     it is persisted before that step's op is sent. `epoch` is the epoch at
@@ -100,7 +100,7 @@ class MoveRecord:
         return self.state in (MoveState.ABORTED, MoveState.DONE)
 
     def moving_entry(self) -> dict[str, Any]:
-        """The topology's `moving` entry (DESIGN §5)."""
+        """The topology's `moving` entry (docs/design.md §5)."""
         return {"move_id": self.move_id, "slots": list(self.slots), "from": self.source,
                 "to": self.target, "phase": self.phase}
 

@@ -1,4 +1,4 @@
-"""Cluster stats from broker heartbeats (DESIGN §6, §10): what `GET /stats` serves.
+"""Cluster stats from broker heartbeats (docs/design.md §6, §10): what `GET /stats` serves.
 
 Every broker sends `Broker.stats()` with its heartbeat (about once a
 second): per queue the retained counts (waiting, delayed, active,
@@ -87,7 +87,7 @@ class QueueView:
     p99_ms: float | None
 
     def to_json(self) -> dict[str, Any]:
-        """The §10 queue entry."""
+        """The docs/design.md §10 queue entry."""
         return {**self.counts,
                 "added_total": self.totals["added"],
                 "completed_total": self.totals["completed"],
@@ -123,7 +123,7 @@ class ClusterView:
         return sum_queues(q for b in self.brokers.values() for q in b.queues.values())
 
     def to_json(self) -> dict[str, Any]:
-        """`GET /stats` (DESIGN §10)."""
+        """`GET /stats` (docs/design.md §10)."""
         return {
             "epoch": self.epoch,
             "brokers": {b.id: {"state": b.state,

@@ -39,7 +39,13 @@ from rich.text import Text
 from shardq import coordinator_http
 from shardq.secrets import new_token, read_token_file, write_token_file
 
-from .cluster_control import CLIENT_TOKEN_FILE, CONTROL_TOKEN_FILE, MAX_LINE, ClusterFile
+from .cluster_control import (
+    CLIENT_TOKEN_FILE,
+    CONTROL_TOKEN_FILE,
+    MAX_LINE,
+    ClusterFile,
+    register,
+)
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
@@ -59,6 +65,8 @@ class ClusterConfig:
     coordinator_port: int = 7070
     fast: bool = False
     token: str | None = None
+    ui_actions: bool = False  # the coordinator's dashboard may act (--ui-actions)
+    registry: Path | None = None  # where `scale` finds this cluster by URL (cluster_control.py)
 
 
 class ChildFailed(Exception):
@@ -238,7 +246,8 @@ class Cluster:
         self.coordinator = Child(
             "coordinator",
             lambda port: ["coordinator", "--port", str(port), "--data-dir", str(d / "coordinator"),
-                          "--expect", str(config.brokers), *self._token_args()],
+                          "--expect", str(config.brokers), *self._token_args(),
+                          *(["--ui-actions"] if config.ui_actions else [])],
             config.coordinator_port, d / "logs" / "coordinator.log", self.notify)
         self.removed: list[str] = list(saved.removed) if saved else []
         names = {f"b{i}" for i in range(1, config.brokers + 1)}
@@ -267,6 +276,12 @@ class Cluster:
         """Record the cluster in DATA_DIR/cluster.json (cluster_control.py)."""
         ClusterFile(os.getpid(), self.url, control, [b.name for b in self.brokers],
                     self.removed).write(self.config.data_dir)
+        if self.config.registry is not None:
+            try:
+                register(self.config.registry, self.url, self.config.data_dir)
+            except OSError as exc:  # `scale` then needs --data-dir; the cluster still runs
+                self.console.print(f"[yellow]cannot register the cluster in "
+                                   f"{self.config.registry}: {exc}[/yellow]")
 
     @property
     def url(self) -> str:

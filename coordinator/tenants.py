@@ -1,4 +1,4 @@
-"""Cluster-wide tenant rate limits (DESIGN §11): budget shares leased to brokers.
+"""Cluster-wide tenant rate limits (docs/design.md §11): budget shares leased to brokers.
 
 A tenant limit `max` starts per `per_ms` covers queues that may live on
 several brokers. The coordinator never sees a job: it leases each broker
@@ -21,7 +21,7 @@ broker's share goes UP only with budget nobody may still be using, i.e.
 
 A broker enforces its share over a sliding window that still holds the
 starts made under its old share, so in any window of `per_ms` the starts of
-all brokers add up to at most `max` (DESIGN §11 bound; see
+all brokers add up to at most `max` (docs/design.md §11 bound; see
 docs/features-sched.md for the exceptions).
 
 Leases last `LEASE_MS` on the broker's own clock and are renewed by every

@@ -1,7 +1,7 @@
 """shardq.router: slots, the consistent-hash ring, the topology and rebalance plans.
 
 Pure code: no I/O, no clock, no globals beyond a bounded slot cache. See
-DESIGN §5 for the contracts; the golden hash vectors live in
+docs/design.md §5 for the contracts; the golden hash vectors live in
 tests/unit/test_router.py.
 """
 

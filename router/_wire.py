@@ -1,4 +1,4 @@
-"""Parsing the §5 topology shape, as decoded from JSON or msgpack.
+"""Parsing the topology shape (docs/design.md §5), as decoded from JSON or msgpack.
 
 Kept apart from topology.py so that the checks live in one place and the
 Topology class stays about lookups. Every malformed input raises

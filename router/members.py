@@ -1,4 +1,4 @@
-"""Brokers as the topology sees them: id, address, state, weight (DESIGN §5)."""
+"""Brokers as the topology sees them: id, address, state, weight (docs/design.md §5)."""
 
 from __future__ import annotations
 

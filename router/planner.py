@@ -1,4 +1,4 @@
-"""Rebalance planning: which slots to move, from whom, to whom (DESIGN §5, §6).
+"""Rebalance planning: which slots to move, from whom, to whom (docs/design.md §5, §6).
 
 A plan is the list of owned slots whose owner differs from their ring
 target, grouped by (source, target) and cut into bounded moves. Planning
@@ -18,7 +18,7 @@ from .topology import Topology
 
 DEFAULT_MAX_SLOTS_PER_MOVE = 64
 
-# Brokers whose points are on the ring. `dead` keeps its points (DESIGN §5)
+# Brokers whose points are on the ring. `dead` keeps its points (docs/design.md §5)
 # so that a broker that comes back finds its arcs where it left them and a
 # death does not retarget anyone else's slots; the plan skips it instead.
 # A broker held for lost storage is treated the same way: its slots stay

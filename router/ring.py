@@ -1,4 +1,4 @@
-"""The consistent-hash ring: where slots *should* live (DESIGN §5).
+"""The consistent-hash ring: where slots *should* live (docs/design.md §5).
 
 Each broker puts ``vnodes * weight`` points ``h(f"{broker_id}#{i}")`` on a
 64-bit circle; slot s belongs to the first point at or after

@@ -1,4 +1,4 @@
-"""Slot math: which of the 4096 slots a queue lives in (DESIGN §5, §7).
+"""Slot math: which of the 4096 slots a queue lives in (docs/design.md §5, §7).
 
 Every hash in shardq is MurmurHash3 x64-128, seed 0, first 64-bit half,
 read as *unsigned*::

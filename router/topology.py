@@ -1,4 +1,4 @@
-"""The topology: who owns each slot, at which epoch (DESIGN §5).
+"""The topology: who owns each slot, at which epoch (docs/design.md §5).
 
 Ownership is explicit per slot, as in Redis Cluster; the ring (ring.py)
 only says where slots *should* be. Every broker and client holds a copy.
@@ -86,7 +86,7 @@ class Topology:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Topology:
-        """Parse the §5 shape (as decoded from JSON or msgpack).
+        """Parse the docs/design.md §5 shape (as decoded from JSON or msgpack).
 
         Raises:
             ValueError: the mapping is not a well-formed topology.
@@ -94,7 +94,7 @@ class Topology:
         return cls(*parse_topology(d))
 
     def to_dict(self) -> dict[str, Any]:
-        """The §5 shape: only str keys, lists, ints and str; safe for JSON and msgpack."""
+        """The docs/design.md §5 shape: str keys, lists, ints, str; safe for JSON and msgpack."""
         return {
             "term": self.term,
             "epoch": self.epoch,

@@ -1,4 +1,4 @@
-"""Sans-IO wire codec: bytes in, frames out (DESIGN §4).
+"""Sans-IO wire codec: bytes in, frames out (docs/design.md §4).
 
 A frame is a 4-byte big-endian length followed by one msgpack value. This
 module never touches sockets or asyncio, so it is tested by feeding bytes.

@@ -1,4 +1,4 @@
-"""Running brokers under an orchestrator: Kubernetes, docker compose (deploy/, DESIGN §6).
+"""Running brokers under an orchestrator: Kubernetes, docker compose (deploy/, docs/design.md §6).
 
 What `shardq deploy ...` (shardq/cli/deploy_cmd.py) does, as functions that
 take their inputs (no environment reads here):
@@ -7,7 +7,7 @@ take their inputs (no environment reads here):
   StatefulSet scaled in removes the pods whose ordinal is at or above the
   new `spec.replicas`; those must drain their slots first. Any other stop
   (rolling restart, eviction, node drain) keeps the slots: they wait for the
-  pod to come back on its volume, so a restart moves nothing (DESIGN §6).
+  pod to come back on its volume, so a restart moves nothing (docs/design.md §6).
 * `desired_replicas`: `spec.replicas` of a StatefulSet, read from the
   Kubernetes API with the pod's service-account token.
 * `drain_and_wait`: ask the coordinator to move every slot of a broker away
@@ -78,7 +78,7 @@ class PodIdentity:
 
 
 def stop_action(ordinal: int, replicas: int | None) -> StopAction:
-    """The preStop decision (DESIGN §6: drain only when the ordinal is at or
+    """The preStop decision (docs/design.md §6: drain only when the ordinal is at or
     above the StatefulSet's desired replicas).
 
     Args:

@@ -1,4 +1,4 @@
-"""Every error shardq raises, one class per wire code (DESIGN §4).
+"""Every error shardq raises, one class per wire code (docs/design.md §4).
 
     ShardqError
      ├── ServerError                  an error code answered by a broker
@@ -13,6 +13,7 @@
      │    ├── NotFoundError           NOT_FOUND: no such job, queue or scheduler
      │    ├── OwnerUnavailableError   UNAVAILABLE: the map's owner cannot serve the slot
      │    │                           (its storage was lost); retried like a dead link
+     │    ├── JobStateError           JOB_STATE: the job's state does not allow the action
      │    └── UnknownServerError      any code this client does not know
      ├── UnavailableError             (client side) owner unreachable past the budget
      └── ConnectionClosedError        (client side) the connection closed under a request
@@ -127,6 +128,20 @@ class OwnerUnavailableError(ServerError):
     code = "UNAVAILABLE"
 
 
+class JobStateError(ServerError):
+    """A job action refused for the job's state (removing an active job,
+    promoting one that is not delayed, ...); `job_id` and `state` say which."""
+
+    code = "JOB_STATE"
+
+    def __init__(self, job_id: str, state: str, why: str, message: str | None = None) -> None:
+        super().__init__(message or f"job {job_id!r} is {state}: {why}")
+        self.job_id, self.state = job_id, state
+
+    def to_body(self) -> Any:
+        return {"id": self.job_id, "state": self.state, "message": str(self)}
+
+
 class UnknownServerError(ServerError):
     """A code this client version does not know."""
 
@@ -169,6 +184,7 @@ _BY_CODE: dict[str, type[ServerError]] = {
     for cls in (
         MovedError, TryAgainError, StaleTermError, BusyError, LockLostError,
         AuthError, BadRequestError, TooLargeError, NotFoundError, OwnerUnavailableError,
+        JobStateError,
     )
 }
 
@@ -182,6 +198,10 @@ def error_from_wire(code: str, body: Any) -> ServerError:
         b = body if isinstance(body, dict) else {}
         return MovedError(int(b.get("slot", -1)), str(b.get("owner", "")), str(b.get("addr", "")),
                           int(b.get("epoch", 0)), b.get("queue"))
+    if cls is JobStateError:
+        b = body if isinstance(body, dict) else {}
+        return JobStateError(str(b.get("id", "")), str(b.get("state", "")), "",
+                             str(b.get("message", code)))
     if cls is TryAgainError or cls is BusyError:
         b = body if isinstance(body, dict) else {}
         return cls(str(b.get("message", code)), int(b.get("retry_after_ms", 10)))

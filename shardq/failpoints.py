@@ -1,4 +1,4 @@
-"""Failpoints: deterministic crash/sleep/error injection (DESIGN §9).
+"""Failpoints: deterministic crash/sleep/error injection (docs/design.md §9).
 
 Configured once from `SHARDQ_FAILPOINTS="name=action,name=action"` by the
 CLI layer. Call sites guard with `if failpoints.ACTIVE:` so an unset

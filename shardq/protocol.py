@@ -1,4 +1,4 @@
-"""Wire protocol constants and the shape of every op (DESIGN §4).
+"""Wire protocol constants and the shape of every op (docs/design.md §4).
 
 A request frame is `[req_id, op, args]` and a reply `[req_id, status, body,
 epoch]`; `status` is "ok" or an error code from `shardq.errors`. Replies can
@@ -27,11 +27,15 @@ ADD        {queue, jobs: [[id, name, data, opts|nil], ...]}
                  timeout_ms:int>=1 (the worker cancels an attempt running longer and
                    fails it "timed out"), ttl_ms:int>=1 (from the add, paused time
                    included: a job not started by then goes to the DLQ, never out)
-                 group:str (1-256 chars; groups are served round-robin, DESIGN §11)
+                 group:str (1-256 chars; groups are served round-robin, docs/design.md §11)
+                 trace:{str: str} (a trace context carrier, <= 1024 chars: stored
+                   and delivered to the worker; client/tracing.py)
 PULL       {queues: [str], count: int, wait_ms: int, lock_ms: int}
            -> [job, ...] where job = [queue, id, name, data, token, attempts_made,
-                                      attempts_started, timestamp, lock_ms, timeout_ms?]
-           (timeout_ms only for jobs added with one)
+                                      attempts_started, timestamp, lock_ms, timeout_ms?,
+                                      trace?]
+           (timeout_ms only for jobs added with one or with a trace (then 0 if
+           none); trace only for jobs added with one)
            Long-poll: waits up to wait_ms for at least one job (never longer than
            60 s); an empty list when none came.
 ACK        {items: [[queue, id, token, result|nil], ...], pull?: {queues, count, lock_ms}}
@@ -49,10 +53,10 @@ DRAIN      {queue, delayed?: bool} -> removed count (waiting, and delayed when a
 OBLITERATE {queue} -> nil (removes the queue and every job in it)
 QUEUES     {} -> {queue: {waiting, delayed, active, completed, failed, paused}}
 STATS      {} -> broker-wide figures (jobs, queues, commits, rss, ...)
-TOPOLOGY   {} -> the topology map this broker holds (DESIGN §5) | nil
+TOPOLOGY   {} -> the topology map this broker holds (docs/design.md §5) | nil
 SCHED_UPSERT {queue, id, every_ms | cron, tz?, name?, data?: bytes, opts?}
            -> {id, every_ms, cron, tz, name, data, opts, next_tick_ms}
-           Each tick makes job `f"{id}:{tick_ms}"` (DESIGN §6, §10).
+           Each tick makes job `f"{id}:{tick_ms}"` (docs/design.md §6, §10).
 SCHED_REMOVE {queue, id} -> bool
 SCHED_LIST   {queue} -> [scheduler, ...]
 RATE_LIMIT {queue, max: int|nil, per_ms: int} -> limits (see LIMITS)
@@ -65,7 +69,7 @@ GROUP_SET  {queue, group, concurrency?: int>=1|nil, paused?: bool, rate?: [max, 
 LIMITS     {queue} -> {rate: [max, per_ms]|nil, tenant: str|nil,
                        groups: {group: {concurrency?, paused?, rate?, active, waiting}}}
 
-Job logs, dead letters and events (DESIGN §11, docs/features-jobs.md):
+Job logs, dead letters and events (docs/design.md §11, docs/features-jobs.md):
 
 LOG        {queue, id, token, line: str} -> nil        (the active delivery's token)
            Keeps the last 1000 lines of a job, each cut to 2000 characters.
@@ -87,7 +91,7 @@ SUBSCRIBE  {queue, after_seq?: int} -> {seq, events: [event, ...], gap: bool}
            be missing (ring overflow, broker restart). A subscription ends with
            its connection.
 
-Handoff of a set of slots from source A to target B (DESIGN §6). The
+Handoff of a set of slots from source A to target B (docs/design.md §6). The
 coordinator sends these with its `term`; a broker answers STALE_TERM to a
 term lower than the highest it has seen. Every step is idempotent for the
 same move_id (a retried step answers as the first did).
@@ -122,7 +126,7 @@ HANDOFF_STATUS   (to B; asked by a frozen A cut off from the coordinator)
 IMPORT_CHUNKS    (A to B) {move_id, chunks: [export chunk, ...]} -> nil
 IMPORT_OPS       (A to B) {move_id, ops: [redo op, ...]} -> nil
 
-Flows (DESIGN §11; broker/flowqueue.py, broker/flows.py). A flow is a parent
+Flows (docs/design.md §11; broker/flowqueue.py, broker/flows.py). A flow is a parent
 and its children under one flow id; `deadline` is the creation deadline (ms
 since the epoch): past it, adds are refused and unfinished flows are removed.
 
@@ -140,6 +144,36 @@ FLOW_CHILD_DONE   (broker to the parent's owner; an outbox delivery)
                             ignore_failure: bool], ...]}
                   -> ["recorded" | "duplicate" | "gone" | [code, body], ...]
 FLOW_CHILDREN     {queue, id} -> {child key: result|nil}   (NOT_FOUND: no such job)
+
+Job management (docs/features-jobs.md "Job management"; broker/jobadmin.py).
+States: waiting (priority 0), prioritized (waiting, priority > 0), delayed,
+active, completed, failed, waiting-children. Writes answer once durable;
+queue-wide ones touch at most 10,000 jobs per request (ask again for more).
+
+GET_JOBS     {queue, states: [state], start?: 0, end?: -1, asc?: false}
+             -> {jobs: [job dict], keys: [[rank, time, id]], total: n}
+             Jobs start..end (inclusive, end -1: the last; at most 1000 per
+             reply) ordered by the state's rank in `states`, then its time (due
+             for delayed, started for active, finished for completed/failed,
+             added otherwise), then id; asc false: times and ids descending.
+             `keys` lets a client merge partitions; `total`: jobs in the states.
+JOB_COUNTS   {queue, states?: [state]} -> {state: n, ..., completed_total: n,
+             failed_total: n}  (totals: ever completed / failed for good)
+JOB_ACTIONS  {items: [[queue, id, action, arg|nil], ...]} -> [nil | [code, body], ...]
+             action: "retry" (completed/failed -> waiting, attempts reset),
+             "remove" (not active), "promote" (delayed -> waiting),
+             "update_data" (arg: msgpack bytes), "priority" (arg: int >= 0),
+             "delay" (arg: ms >= 0, for waiting/delayed), "discard" (no more
+             retries). A wrong state answers JOB_STATE, an unknown id NOT_FOUND.
+RETRY_JOBS   {queue, state?: "failed"|"completed", count?: n} -> n retried
+PROMOTE_JOBS {queue, count?: n} -> n promoted (soonest due first)
+CLEAN        {queue, grace_ms: n, limit?: n, state: str} -> n removed
+             (state: completed, failed, waiting, prioritized or delayed; jobs
+             finished - or added - at least grace_ms ago, oldest first)
+SET_RETENTION {queue, keep_completed: n|nil, keep_failed: n|nil}
+             -> {keep_completed: n, keep_failed: n, removed: n}
+             The queue's retained history (nil: unchanged, -1: the broker
+             default); history over a lower bound is removed at once.
 """
 
 from __future__ import annotations
@@ -195,6 +229,13 @@ FLOW_COMMIT = "FLOW_COMMIT"
 FLOW_RESOLVE = "FLOW_RESOLVE"
 FLOW_CHILD_DONE = "FLOW_CHILD_DONE"
 FLOW_CHILDREN = "FLOW_CHILDREN"
+GET_JOBS = "GET_JOBS"
+JOB_COUNTS = "JOB_COUNTS"
+JOB_ACTIONS = "JOB_ACTIONS"
+RETRY_JOBS = "RETRY_JOBS"
+PROMOTE_JOBS = "PROMOTE_JOBS"
+CLEAN = "CLEAN"
+SET_RETENTION = "SET_RETENTION"
 
 # Ops only a control connection may send (HELLO with the control token):
 # handoff steps carry the coordinator's term, and the rest move data between
@@ -205,12 +246,12 @@ CONTROL_OPS = frozenset({
     FLOW_RESOLVE, FLOW_CHILD_DONE,
 })
 
-# Handoff phases as the topology's `moving` entries name them (DESIGN §5).
+# Handoff phases as the topology's `moving` entries name them (docs/design.md §5).
 PHASES = ("prepare", "copy", "freeze", "catch-up", "commit", "activate", "cleanup")
 
 # index of fields in a delivered job (PULL / ACK-with-pull)
 (J_QUEUE, J_ID, J_NAME, J_DATA, J_TOKEN, J_ATTEMPTS_MADE, J_ATTEMPTS_STARTED, J_TIMESTAMP,
- J_LOCK_MS, J_TIMEOUT_MS) = range(10)
+ J_LOCK_MS, J_TIMEOUT_MS, J_TRACE) = range(11)
 
 JOB_FIELDS = (
     "id", "name", "data", "state", "priority", "attempts", "attempts_made",

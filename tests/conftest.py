@@ -1,12 +1,14 @@
 """Shared fixtures: real broker / coordinator processes on `--port 0`.
 
 Processes are started with their own temp data dir, their bound address is
-read from the `READY host:port` line (DESIGN §8), and they are always killed
+read from the `READY host:port` line (docs/design.md §8), and they are always killed
 by pid at the end of the test.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
 import signal
 import subprocess
@@ -14,12 +16,70 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from shardq.router import Topology
+from tests.props import QUICK
 
 READY_TIMEOUT_S = 20.0
+
+if QUICK:  # `make check`: properties without an explicit count try fewer examples too
+    settings.register_profile("quick", max_examples=20)
+    settings.load_profile("quick")
+
+
+class _FailingLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    """Every event loop a test makes (asyncio.run, Runner, new_event_loop)
+    reports what reaches its exception handler (a task that died with nobody
+    awaiting it, a failing callback) to the test that made it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[dict[str, Any]] = []
+        self.loops = 0
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        loop = super().new_event_loop()
+        loop.set_exception_handler(self._handle)
+        self.loops += 1
+        return loop
+
+    def _handle(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        self.errors.append(context)
+        loop.default_exception_handler(context)  # and log it as asyncio would
+
+
+@pytest.fixture(autouse=True)
+def close_raw_conns() -> Iterator[None]:
+    """Close the test's RawConns (tests/integration/rawwire.py) it left open."""
+    yield
+    rawwire = sys.modules.get("tests.integration.rawwire")
+    if rawwire is not None:
+        while rawwire.OPEN:
+            rawwire.OPEN.pop().close()
+
+
+@pytest.fixture(autouse=True)
+def fail_on_loop_errors() -> Iterator[None]:
+    """Fail the test if an asyncio loop it ran saw an unhandled exception."""
+    policy = _FailingLoopPolicy()
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(policy)
+    try:
+        yield
+        if policy.loops:
+            gc.collect()  # a task that died unobserved reports it when collected
+    finally:
+        asyncio.set_event_loop_policy(previous)
+    if policy.errors:
+        lines = []
+        for ctx in policy.errors:
+            exc = ctx.get("exception")
+            lines.append(f"{ctx.get('message')}: {exc!r}" if exc else str(ctx.get("message")))
+        pytest.fail("unhandled error(s) in the event loop:\n  " + "\n  ".join(lines))
 
 
 class Proc:
@@ -41,7 +101,10 @@ class Proc:
         self.addr = self._read_ready()
         host, _, port = self.addr.rpartition(":")
         self.host, self.port = host, int(port)
-        # Keep draining stdout so the child never blocks on a full pipe.
+        # Keep draining stdout so the child never blocks on a full pipe; the
+        # lines after READY (e.g. a broker's `METRICS host:port`) are kept.
+        self.lines: list[str] = []
+        self._line_seen = threading.Condition()
         threading.Thread(target=self._drain_stdout, daemon=True).start()
 
     def _read_ready(self) -> str:
@@ -67,8 +130,23 @@ class Proc:
     def _drain_stdout(self) -> None:
         assert self.popen.stdout is not None
         with self.popen.stdout:
-            for _ in self.popen.stdout:
-                pass
+            for raw in self.popen.stdout:
+                with self._line_seen:
+                    self.lines.append(raw.decode(errors="replace").strip())
+                    self._line_seen.notify_all()
+
+    def line_after_ready(self, prefix: str, timeout: float = READY_TIMEOUT_S) -> str:
+        """The rest of the first stdout line after READY that starts with `prefix`."""
+        def found() -> str | None:
+            return next((ln[len(prefix):].strip() for ln in self.lines
+                         if ln.startswith(prefix)), None)
+
+        with self._line_seen:
+            if not self._line_seen.wait_for(lambda: found() is not None, timeout):
+                raise AssertionError(f"no {prefix!r} line from {self.args} in {timeout} s")
+        value = found()
+        assert value is not None
+        return value
 
     @property
     def pid(self) -> int:
@@ -99,6 +177,19 @@ class Proc:
         self.kill()
         if self._log is not subprocess.DEVNULL:
             self._log.close()  # type: ignore[union-attr]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """`cluster up` registers itself for `scale` in $SHARDQ_STATE_DIR
+    (coordinator/cluster_control.py): the tests' clusters stay out of ~."""
+    old = os.environ.get("SHARDQ_STATE_DIR")
+    os.environ["SHARDQ_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if old is None:
+        os.environ.pop("SHARDQ_STATE_DIR", None)
+    else:
+        os.environ["SHARDQ_STATE_DIR"] = old
 
 
 @pytest.fixture

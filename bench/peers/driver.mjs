@@ -2,6 +2,7 @@
 //
 //   node driver.mjs '{"peer":"bullmq","workload":"add_bulk",...}'     (BullMQ on Node, Redis)
 //   bun  driver.mjs '{"peer":"bunqueue","workload":"e2e",...}'        (bunqueue client on Bun)
+//   node driver.mjs '{"peer":"shardq","target":"http://...",...}'     (shardq's Node client, clients/node)
 //
 // Prints one JSON line: {"ops", "seconds", "rate", "p50_ms", "p99_ms"}. Every workload stops at
 // `jobs` or after `seconds`, whichever comes first. BullMQ is configured as its "going to
@@ -12,17 +13,21 @@
 
 const cfg = JSON.parse(process.argv[2]);
 const isBull = cfg.peer === 'bullmq';
-const mod = isBull ? await import('bullmq') : await import('bunqueue/client');
+const isShardq = cfg.peer === 'shardq';
+const mod = isShardq ? await import(new URL('../../clients/node/dist/index.js', import.meta.url))
+  : isBull ? await import('bullmq') : await import('bunqueue/client');
 const { Queue, Worker } = mod;
 
-const connection = { host: cfg.host, port: cfg.port };
+// shardq: one client (its connections, add batcher) shared by the queues and workers, as a
+// service would; BullMQ and bunqueue open their own per Queue/Worker.
+const connection = isShardq ? new mod.ShardqClient(cfg.target) : { host: cfg.host, port: cfg.port };
 const payload = { body: 'x'.repeat(cfg.payload) };
 const queueNames = Array.from({ length: cfg.queues }, (_, i) => `${cfg.prefix}-${i}`);
 // Worker tuning from each project's docs: BullMQ's production guide (retention by count);
 // bunqueue's "Worker concurrency and batch pulling" guide (batchSize 100, long-poll 5 s).
 const workerOpts = isBull
   ? { removeOnComplete: { count: 1000 }, removeOnFail: { count: 5000 } }
-  : { batchSize: 100, pollTimeout: 5000 };
+  : isShardq ? {} : { batchSize: 100, pollTimeout: 5000 };
 const queues = queueNames.map((n) => new Queue(n, { connection }));
 
 const now = () => performance.now();
@@ -100,5 +105,6 @@ else throw new Error(`unknown workload ${cfg.workload}`);
 seconds ??= (now() - t0) / 1000;
 const out = { ops, seconds, rate: ops / seconds, p50_ms: pct(lat, 0.5), p99_ms: pct(lat, 0.99) };
 await Promise.all(queues.map((q) => q.close()));
+if (isShardq) await connection.close();
 process.stdout.write(JSON.stringify(out) + '\n');
 process.exit(0);

@@ -53,12 +53,24 @@ def _register() -> None:
         coordinator_cmd,  # noqa: F401
         demo_cmd,  # noqa: F401
         deploy_cmd,  # noqa: F401
+        jobs_cmd,  # noqa: F401
         scale_cmd,  # noqa: F401
         stats_cmd,  # noqa: F401
+        worker_cmd,  # noqa: F401
     )
 
 
 _register()
+
+
+def cluster_registry() -> Path:
+    """Where `cluster up` leaves a pointer per coordinator URL, for `scale`
+    (coordinator/cluster_control.py): $SHARDQ_STATE_DIR/clusters, default
+    ~/.local/state/shardq/clusters."""
+    import os
+
+    base = os.environ.get("SHARDQ_STATE_DIR") or str(Path.home() / ".local" / "state" / "shardq")
+    return Path(base) / "clusters"
 
 
 def main() -> None:

@@ -37,16 +37,29 @@ def _with_api(coordinator: str, token: str | None, call: Callable[[CoordinatorAp
 @app.command("status")
 def status(coordinator: str = COORDINATOR_OPT, token: str | None = TOKEN_OPT,
            json_out: bool = JSON_OPT) -> None:
-    """Brokers, states, slots, queues and jobs per broker, and the epoch."""
+    """Brokers, states, slots, queues and jobs per broker, and the epoch.
+
+    Job counts are read from each broker at once (STATS); a broker that does
+    not answer within a second keeps the figures of its last heartbeat, and
+    the title says how many rows are such (at most about a second old)."""
     data = _with_api(coordinator, token, lambda api: api.status())
+    stale = live_counts(data["brokers"], token)
+    data["live"] = not stale
     if json_out:
         typer.echo(json.dumps(data))
         return
-    table = Table(title=f"epoch {data['epoch']}", box=box.SIMPLE_HEAD)
+    age = "live" if not stale else (f"live, but {', '.join(stale)} from the last "
+                                    "heartbeat (<= ~1 s old)")
+    table = Table(title=f"epoch {data['epoch']} ({age})", box=box.SIMPLE_HEAD,
+                  padding=(0, 0, 0, 0), pad_edge=False, show_edge=False)
     for col in ("id", "addr", "state", "weight", "slots", "queues", "waiting", "active",
                 "delayed"):
         text = col in ("id", "addr", "state")
-        table.add_column(col, justify="left" if text else "right", no_wrap=text)
+        # A header never shrinks below its own width (80 columns cut them to
+        # "weig…"), and an address stays whole (it is copied into other
+        # commands): with collapsed padding a host:port of 21 characters fits.
+        table.add_column(col, justify="left" if text else "right", min_width=len(col),
+                         no_wrap=True, overflow="fold")
     for b in data["brokers"]:
         table.add_row(b["id"], b["addr"], _state_markup(b["state"]),
                       *(str(b[k]) for k in ("weight", "slots", "queues", "waiting", "active",
@@ -56,6 +69,40 @@ def status(coordinator: str = COORDINATOR_OPT, token: str | None = TOKEN_OPT,
     for b in data["brokers"]:
         if b.get("problem"):
             console.print(f"[red]{b['id']} {b['state']}:[/red] {b['problem']}", highlight=False)
+
+
+def live_counts(rows: list[dict[str, Any]], token: str | None,
+                timeout: float = 1.0) -> list[str]:
+    """Replace each row's queues/waiting/active/delayed with what its broker
+    says now; returns the ids of the brokers that did not answer."""
+    import asyncio
+
+    from shardq.client.connection import open_connection
+
+    async def ask(addr: str) -> dict[str, Any]:
+        conn = await open_connection(addr, token=token, connect_timeout=timeout,
+                                     request_timeout=timeout)
+        try:
+            stats: dict[str, Any] = await conn.request("STATS", {})
+            return stats
+        finally:
+            await conn.aclose()
+
+    async def main() -> list[Any]:
+        got: list[Any] = await asyncio.gather(*(ask(r["addr"]) for r in rows),
+                                              return_exceptions=True)
+        return got
+
+    stale = []
+    for row, got in zip(rows, asyncio.run(main()), strict=True):
+        if isinstance(got, BaseException):
+            stale.append(row["id"])
+            continue
+        queues = got.get("queues") or {}
+        row["queues"] = len(queues)
+        for key in ("waiting", "active", "delayed"):
+            row[key] = sum(int(q.get(key, 0)) for q in queues.values())
+    return stale
 
 
 @app.command("owner")
@@ -76,7 +123,7 @@ def owner(queue: str = typer.Argument(..., help="Queue name."),
 
 
 def owner_of(queue: str, topology: dict[str, Any]) -> dict[str, Any]:
-    """`shardq owner --json` (DESIGN §10); `epoch` is when the slot (or override) last changed."""
+    """`shardq owner --json` (docs/design.md §10); `epoch`: when its slot (or override) changed."""
     from shardq.router import Topology, slot_of
 
     topo = Topology.from_dict(topology)
@@ -95,7 +142,7 @@ def forget(broker_id: str = typer.Argument(..., help="The lost broker's id, e.g.
                help="Required: the broker's jobs are gone for good."),
            coordinator: str = COORDINATOR_OPT, token: str | None = TOKEN_OPT,
            json_out: bool = JSON_OPT) -> None:
-    """Give a lost broker's slots away, EMPTY (disk lost, DESIGN §6).
+    """Give a lost broker's slots away, EMPTY (disk lost, docs/design.md §6).
 
     A dead broker's id is barred. A broker held as lost-storage that is up on
     its new disk keeps its slots, empty, and serves them again at once."""

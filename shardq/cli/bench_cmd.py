@@ -24,7 +24,8 @@ bench_app = typer.Typer(help="Benchmarks (run from a checkout): push, e2e, peers
 app.add_typer(bench_app, name="bench")
 err = Console(stderr=True)
 
-ALL_SYSTEMS = ("shardq-durable,shardq-fast,bunqueue-memory,bunqueue-sqlite,bullmq-node-redis,"
+ALL_SYSTEMS = ("shardq-durable,shardq-fast,shardq-node,bunqueue-memory,bunqueue-sqlite,"
+               "bullmq-node-redis,"
                "bullmq-node-redis-aof,bullmq-py-redis,bullmq-py-redis-aof")
 RESULT_FILES = ("peers.jsonl", "cpu.jsonl", "scenario.jsonl")
 

@@ -13,10 +13,11 @@ from shardq.cli import app
 
 @app.command("broker")
 def broker(
-    broker_id: str = typer.Option(..., "--id", help="Stable broker id, e.g. b1."),
+    broker_id: str = typer.Option("b1", "--id", help="Stable broker id, e.g. b1."),
     port: int = typer.Option(
         7101, help="TCP port; 0 binds a free port and prints READY host:port."),
-    data_dir: str = typer.Option(..., help="Directory for this broker's SQLite file."),
+    data_dir: str = typer.Option("./shardq-data",
+                                 help="Directory for this broker's SQLite file."),
     coordinator: str | None = typer.Option(
         None, help="Coordinator URL; without it the broker owns all slots (standalone)."),
     bind: str = typer.Option("127.0.0.1", help="Address to listen on."),
@@ -54,7 +55,8 @@ def broker(
     drain_on_term: bool = typer.Option(False, help="On SIGTERM, move all slots away first."),
     log_level: str = typer.Option("WARNING", envvar="SHARDQ_LOG_LEVEL"),
 ) -> None:
-    """Run one broker."""
+    """Run one broker. With no options: b1 on 127.0.0.1:7101, data in ./shardq-data,
+    standalone (it owns every slot), as `redis-server` does."""
     import uvloop
 
     from shardq import failpoints

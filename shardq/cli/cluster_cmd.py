@@ -29,6 +29,9 @@ def up(
         help="Start brokers with --fast (answer before commit; see `shardq broker --help`)."),
     token: str | None = typer.Option(
         None, envvar="SHARDQ_TOKEN", help="Token for the coordinator and brokers."),
+    ui_actions: bool = typer.Option(
+        False, "--ui-actions", help="Let the coordinator's dashboard (/ui) act on queues, "
+                                    "jobs and brokers (see `shardq coordinator --help`)."),
 ) -> None:
     """Start the coordinator and N brokers; restart any that dies; Ctrl-C stops all.
 
@@ -36,10 +39,12 @@ def up(
     """
     import uvloop
 
+    from shardq.cli import cluster_registry
     from shardq.coordinator.supervisor import ChildFailed, ClusterConfig, run_cluster
 
     config = ClusterConfig(brokers=n, data_dir=data_dir, base_port=base_port,
-                           coordinator_port=coordinator_port, fast=fast, token=token)
+                           coordinator_port=coordinator_port, fast=fast, token=token,
+                           ui_actions=ui_actions, registry=cluster_registry())
     console = Console(stderr=True)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

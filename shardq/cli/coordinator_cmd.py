@@ -1,4 +1,4 @@
-"""`shardq coordinator`: run the coordinator process (DESIGN §6)."""
+"""`shardq coordinator`: run the coordinator process (docs/design.md §6)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,10 @@ def coordinator(
     handoff_copy_rate: int = typer.Option(
         0, min=0, help="Jobs/s one handoff's copy may stream (0: unpaced); pacing trades "
                        "a longer move for less CPU taken from serving."),
+    ui_actions: bool = typer.Option(
+        False, "--ui-actions",
+        help="Let the dashboard at /ui retry, remove and promote jobs, pause queues, drain "
+             "brokers... (each asks for confirmation); without it the dashboard is read-only."),
     log_level: str = typer.Option("INFO", envvar="SHARDQ_LOG_LEVEL"),
 ) -> None:
     """Run the coordinator: membership, topology, handoffs and status over HTTP."""
@@ -66,4 +70,5 @@ def coordinator(
         token=token, control_token=control_token, heartbeat_timeout_ms=heartbeat_timeout_ms,
         rebalance_concurrency=rebalance_concurrency, rebalance_throttle_ms=rebalance_throttle_ms,
         auto_rebalance=auto_rebalance, handoff_copy_timeout_s=handoff_copy_timeout_s,
-        handoff_retry_budget_s=handoff_retry_budget_s, handoff_copy_rate=handoff_copy_rate))
+        handoff_retry_budget_s=handoff_retry_budget_s, handoff_copy_rate=handoff_copy_rate,
+        ui_actions=ui_actions))

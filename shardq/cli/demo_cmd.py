@@ -37,16 +37,18 @@ def demo(
     console = Console()
     cmd = [sys.executable, "-m", "shardq", "cluster", "up", "-n", str(n),
            "--data-dir", str(data_dir), "--coordinator-port", str(coordinator_port),
-           "--base-port", str(base_port)]
+           "--base-port", str(base_port), "--ui-actions"]
     console.print(f"[bold]starting[/bold] {' '.join(cmd[2:])}")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, start_new_session=True)
     try:
         url = _wait_ready(proc)
         console.print(f"cluster ready: coordinator at [cyan]{url}[/cyan]")
+        console.print(f"dashboard: [bold cyan]{url}/ui[/bold cyan] (actions on; local demo)")
         asyncio.run(_workload(url, jobs, queues, console))
         if keep_running:
             console.print(f"\nThe cluster keeps running. Try: [bold]shardq status[/bold], "
-                          f"[bold]shardq owner demo-7[/bold] (coordinator {url}). Ctrl-C stops it.")
+                          f"[bold]shardq owner demo-7[/bold] (coordinator {url}), or open the "
+                          f"dashboard at [bold cyan]{url}/ui[/bold cyan]. Ctrl-C stops it.")
             proc.wait()
     except KeyboardInterrupt:
         pass

@@ -1,4 +1,4 @@
-"""`shardq drain|undrain|rebalance|scale out|scale in`: moving slots between brokers (DESIGN §6).
+"""`shardq drain|undrain|rebalance|scale out|scale in`: moving slots (docs/design.md §6).
 
 All of them talk to the coordinator's HTTP API (`--coordinator`, `--token`);
 `scale out|in` also talk to a local `shardq cluster up` through its control
@@ -34,8 +34,11 @@ POLL_S = 0.25
 JOIN_TIMEOUT_S = 60.0
 MOVE_WAIT_S = 120.0
 NO_WAIT_OPT = typer.Option(False, "--no-wait", help="Return at once; do not wait for the moves.")
-DATA_DIR_OPT = typer.Option(Path("shardq-data"), "--data-dir", envvar="SHARDQ_DATA_DIR",
-                            help="The local cluster's data dir (as given to `cluster up`).")
+DATA_DIR_OPT = typer.Option(None, "--data-dir", envvar="SHARDQ_DATA_DIR",
+                            help="The local cluster's data dir (as given to `cluster up`; "
+                                 "default: the one registered for --coordinator, else "
+                                 "./shardq-data).")
+DEFAULT_DATA_DIR = Path("shardq-data")
 
 err = Console(stderr=True)
 
@@ -262,10 +265,47 @@ def _wait_rebalance(api: CoordinatorApi, quiet: bool) -> dict[str, Any]:
 # -- scale out / in -----------------------------------------------------------
 
 
+def find_local(data_dir: Path | None, coordinator: str | None,
+               token: str | None) -> LocalCluster:
+    """The local `cluster up` to start or stop brokers with: the one in
+    `data_dir`, else the one registered for `coordinator` (from any current
+    directory), else the one in ./shardq-data.
+
+    Raises:
+        ControlError: none of them is running.
+    """
+    from shardq.cli import cluster_registry
+    from shardq.coordinator.cluster_control import find_registered
+
+    if data_dir is not None:
+        return LocalCluster(data_dir, token)
+    if coordinator is not None:
+        found = find_registered(cluster_registry(), coordinator)
+        if found is not None:
+            return LocalCluster(found, token)
+        try:
+            local = LocalCluster(DEFAULT_DATA_DIR, token)
+        except ControlError:
+            local = None
+        if local is None or not _same_url(local.coordinator, coordinator):
+            raise ControlError(
+                f"no local cluster (`shardq cluster up`) runs with the coordinator "
+                f"{coordinator} on this machine; pass --data-dir, or, where brokers are "
+                "not supervised (Kubernetes), scale the StatefulSet instead")
+        return local
+    return LocalCluster(DEFAULT_DATA_DIR, token)
+
+
+def _same_url(a: str, b: str) -> bool:
+    from shardq.coordinator.cluster_control import url_key
+
+    return url_key(a) == url_key(b)
+
+
 @scale_app.command("out")
 def scale_out(n: int = typer.Option(1, "-n", "--brokers", min=1, max=64,
                                     help="Brokers to add."),
-              no_wait: bool = NO_WAIT_OPT, data_dir: Path = DATA_DIR_OPT,
+              no_wait: bool = NO_WAIT_OPT, data_dir: Path | None = DATA_DIR_OPT,
               coordinator: str | None = typer.Option(
                   None, "--coordinator", envvar="SHARDQ_COORDINATOR",
                   help="Coordinator URL (default: the local cluster's)."),
@@ -276,7 +316,7 @@ def scale_out(n: int = typer.Option(1, "-n", "--brokers", min=1, max=64,
     On Kubernetes, scale the StatefulSet instead: new brokers join by themselves.
     """
     try:
-        local = LocalCluster(data_dir, token)
+        local = find_local(data_dir, coordinator, token)
     except ControlError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(1) from None
@@ -326,7 +366,10 @@ def _wait_active(api: CoordinatorApi, ids: list[str]) -> None:
 
 @scale_app.command("in")
 def scale_in(broker_id: str = typer.Option(..., "--broker", help="The broker to remove."),
-             data_dir: Path = DATA_DIR_OPT,
+             data_dir: Path | None = DATA_DIR_OPT,
+             wait: bool = typer.Option(
+                 False, "--wait", help="Without a local supervisor: wait for the broker's "
+                                       "process to stop, then remove it from the topology."),
              coordinator: str | None = typer.Option(
                  None, "--coordinator", envvar="SHARDQ_COORDINATOR",
                  help="Coordinator URL (default: the local cluster's, else "
@@ -334,11 +377,13 @@ def scale_in(broker_id: str = typer.Option(..., "--broker", help="The broker to 
              token: str | None = TOKEN_OPT, json_out: bool = JSON_OPT) -> None:
     """Drain a broker, stop it, and remove it from the topology.
 
-    In a local cluster the supervisor stops it (SIGTERM). Elsewhere, stop the
-    process yourself once it is drained; the command waits for it to go.
+    In a local cluster (found by --data-dir or --coordinator) the supervisor
+    stops it (SIGTERM). Elsewhere (Kubernetes) the command drains it, says
+    what to stop, and returns; run it again with --wait once the process is
+    going away (or at once, to wait for that) and it removes the broker.
     """
     try:
-        local: LocalCluster | None = LocalCluster(data_dir, token)
+        local: LocalCluster | None = find_local(data_dir, coordinator, token)
     except ControlError:
         local = None
 
@@ -348,10 +393,21 @@ def scale_in(broker_id: str = typer.Option(..., "--broker", help="The broker to 
         code = None
         if local is not None and broker_id in local.info.brokers:
             code = local.stop(broker_id)
+        elif not wait:
+            if json_out:
+                _echo_json({"id": broker_id, "slots_moved": answer["slots"], "drained": True,
+                            "removed": False})
+            else:
+                err.print(f"{broker_id} is drained ({answer['slots']} slots moved). No local "
+                          f"supervisor runs it: stop its process (SIGTERM; on Kubernetes, "
+                          f"scale the StatefulSet down), then run `shardq scale in --broker "
+                          f"{broker_id} --wait` to remove it from the topology.",
+                          highlight=False)
+            return
         else:
             if not json_out:
-                err.print(f"{broker_id} is drained: stop its process now (SIGTERM); waiting "
-                          "for it to stop heartbeating", highlight=False)
+                err.print(f"{broker_id} is drained: waiting for its process to stop "
+                          "heartbeating", highlight=False)
             _wait_state(api, broker_id, "dead")
         api.leave(broker_id)
         _wait_gone(api, broker_id)

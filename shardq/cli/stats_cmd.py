@@ -1,6 +1,6 @@
-"""`shardq stats [--watch]`: cluster throughput, per-broker load, busiest queues (DESIGN §8).
+"""`shardq stats [--watch]`: throughput, per-broker load, busiest queues (docs/design.md §8).
 
-Reads the coordinator's `GET /stats` (DESIGN §10), which it aggregates
+Reads the coordinator's `GET /stats` (docs/design.md §10), which it aggregates
 from the brokers' heartbeats: numbers are at most about a heartbeat (1 s)
 old, and rates are per second over the last heartbeat interval.
 """

@@ -1,6 +1,6 @@
 """Cluster fixtures: `cluster up` (one supervisor), or a coordinator and brokers apart.
 
-Both read every address from a `READY` line (DESIGN §8) and are killed by pid
+Both read every address from a `READY` line (docs/design.md §8) and are killed by pid
 at teardown through the `procs` fixture (tests/conftest.py).
 
 - `cluster`: `shardq cluster up -n 3` on free ports; `.addr` is the coordinator URL.

@@ -1,6 +1,6 @@
 """Chaos: scale out, drain and scale in while producers and workers run flat out.
 
-DESIGN §9.2-9.4: every pushed job is completed exactly once across the
+docs/design.md §9.2-9.4: every pushed job is completed exactly once across the
 moves (checked with each broker's ack journal), none is lost, and clients
 only ever see transient TRYAGAIN/MOVED, which they handle themselves.
 """

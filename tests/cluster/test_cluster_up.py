@@ -1,4 +1,4 @@
-"""`shardq cluster up`: a real supervisor, coordinator and three brokers (DESIGN §8, §10)."""
+"""`shardq cluster up`: a real supervisor, coordinator, three brokers (docs/design.md §8, §10)."""
 
 from __future__ import annotations
 
@@ -166,3 +166,31 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_status_table_keeps_whole_headers_in_80_columns(cluster: Proc) -> None:
+    r = subprocess.run([sys.executable, "-m", "shardq", "status", "--coordinator", cluster.addr],
+                       capture_output=True, text=True, timeout=WAIT_S, check=False,
+                       env={**os.environ, "COLUMNS": "80"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, r.stdout
+    header = next(line for line in lines if "state" in line)
+    for col in ("id", "addr", "state", "weight", "slots", "queues", "waiting", "active",
+                "delayed"):
+        assert col in header.split(), (col, header)
+
+
+def test_status_counts_are_live_right_after_a_burst_of_adds(cluster: Proc) -> None:
+    import asyncio
+
+    import shardq
+
+    async def burst() -> None:
+        async with await shardq.connect(cluster.addr) as client:
+            await client.queue("status-burst").add_bulk([("n", {})] * 500)
+
+    asyncio.run(burst())
+    status = cli("status", "--json", "--coordinator", cluster.addr)  # no heartbeat wait
+    assert status["live"] is True
+    assert sum(b["waiting"] for b in status["brokers"]) == 500

@@ -1,4 +1,4 @@
-"""A three-broker cluster under load (issue 4; DESIGN §5, §6, §9).
+"""A three-broker cluster under load (docs/design.md §5, §6, §9).
 
 Real processes throughout: `cluster up -n 3` for routing, and a coordinator
 plus three brokers started apart (`split_cluster`) where one of them is

@@ -1,4 +1,4 @@
-"""Flows across brokers (DESIGN §11), against a real coordinator and b1..b3.
+"""Flows across brokers (docs/design.md §11), against a real coordinator and b1..b3.
 
 The parent and its children sit in queues owned by different brokers (names
 picked from the coordinator's topology). Each test checks the flow ends

@@ -1,4 +1,4 @@
-"""kill -9 at each step of a handoff, reached through failpoints (issue 5, DESIGN §6, §9).
+"""kill -9 at each step of a handoff, reached through failpoints (docs/design.md §6, §9).
 
 One case per (process, failpoint): a coordinator (`--expect 2`) and brokers
 b1, b2, each broker with an ack journal (`SHARDQ_ACK_JOURNAL`). Thirty
@@ -65,7 +65,7 @@ KILL_TIMEOUT_S = 30.0
 RETRY_BUDGET_S = 8
 DRAIN_TIMEOUT_S = 60.0
 SETTLE_TIMEOUT_S = 40.0
-# What a client may raise once its own retry budgets are spent (DESIGN §4);
+# What a client may raise once its own retry budgets are spent (docs/design.md §4);
 # any other error fails the test.
 BUDGET_ERRORS = (TryAgainError, BusyError, UnavailableError, MovedError)
 
@@ -526,7 +526,7 @@ def test_target_restarted_on_a_new_port_while_the_source_is_frozen_unfreezes_pro
     coordinator's loop right after the source answered the freeze); the target comes
     back at once with a new port, as `--port 0` (or a new `--advertise`) gives it.
     Writes to the moving queue must resume within the client's TRYAGAIN budget,
-    whether the move then commits or aborts (DESIGN §9.3: a pause of milliseconds)."""
+    whether the move then commits or aborts (docs/design.md §9.3: a pause of milliseconds)."""
     coord = Proc(["coordinator", "--port", "0", "--data-dir", str(tmp_path / "coord"),
                   "--expect", "2"],
                  env={"SHARDQ_FAILPOINTS": "coordinator.after_freeze=sleep(3000)"},

@@ -1,7 +1,7 @@
 """Live rebalancing with real processes: a coordinator and two brokers; drain moves everything.
 
 `shardq drain b2` (the real CLI) moves all of b2's slots to b1 through the
-coordinator's handoffs (DESIGN §6); every job is then on b1, counts intact,
+coordinator's handoffs (docs/design.md §6); every job is then on b1, counts intact,
 also when the coordinator is killed just before or just after a commit
 point and restarted (its recovery aborts or rolls forward, then the drain
 resumes).

@@ -1,4 +1,4 @@
-"""Job features across brokers and handoffs (DESIGN §11, docs/features-jobs.md):
+"""Job features across brokers and handoffs (docs/design.md §11, docs/features-jobs.md):
 an events subscription follows its queue through moves without missing a
 completion, and logs, DLQ entries and TTL deadlines arrive at the new owner
 (there and back again: a round trip)."""

@@ -1,4 +1,4 @@
-"""Partitioned hot queues (DESIGN §7): one logical queue served by several
+"""Partitioned hot queues (docs/design.md §7): one logical queue served by several
 brokers at once, per-key order kept, and partitions moving in a scale out."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Rate limits, groups and tenant limits across brokers (DESIGN §11): the
+"""Rate limits, groups and tenant limits across brokers (docs/design.md §11): the
 queue's limits, group settings and rate windows move with it in a handoff."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A scheduler ticks exactly once per tick across handoffs and a kill -9 (DESIGN §9.5)."""
+"""A scheduler ticks exactly once per tick across handoffs and a kill -9 (docs/design.md §9.5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Cluster stats end to end (issue 6; DESIGN §6, §8, §10): `cluster up -n 3`, real jobs,
+"""Cluster stats end to end (docs/design.md §6, §8, §10): `cluster up -n 3`, real jobs,
 the coordinator's GET /metrics and GET /stats, and `shardq stats` through CliRunner.
 
 The coordinator aggregates the brokers' heartbeat stats (about one a

@@ -1,4 +1,4 @@
-"""Jobs pushed before a scale out / in, then worked after it: each exactly once (DESIGN §9.2)."""
+"""Jobs pushed before a scale out / in, then worked: each exactly once (docs/design.md §9.2)."""
 
 from __future__ import annotations
 

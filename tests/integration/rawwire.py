@@ -11,11 +11,16 @@ import msgpack
 
 from shardq.codec import FrameDecoder, encode_frame
 
+# Every RawConn a test opened; tests/conftest.py closes what is left after each
+# test, so a test that drops one never leaks an unclosed socket into the next.
+OPEN: list[RawConn] = []
+
 
 class RawConn:
     def __init__(self, addr: str, hello: bool = True, timeout: float = 10.0) -> None:
         host, port = addr.rsplit(":", 1)
         self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+        OPEN.append(self)
         self.dec = FrameDecoder(64 * 1024 * 1024)
         self.rid = 0
         self.pending: dict[int, Any] = {}

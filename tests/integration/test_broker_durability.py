@@ -1,4 +1,4 @@
-"""Durable mode: what was answered survives kill -9 (DESIGN §9.1, §9.2)."""
+"""Durable mode: what was answered survives kill -9 (docs/design.md §9.1, §9.2)."""
 
 from __future__ import annotations
 

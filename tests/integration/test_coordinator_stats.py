@@ -1,4 +1,4 @@
-"""Cluster stats on the coordinator (DESIGN §6, §10; issue 6): GET /stats and GET /metrics.
+"""Cluster stats on the coordinator (docs/design.md §6, §10): GET /stats and GET /metrics.
 
 Most tests feed `StatsBook` fake heartbeat stats (the shape of
 `Broker.stats()`) under an injected clock, with no sockets; the last ones

@@ -1,5 +1,5 @@
 """The broker half of a handoff, driven step by step over the wire as the
-coordinator would (DESIGN §6): copy while serving, durable freeze, catch-up,
+coordinator would (docs/design.md §6): copy while serving, durable freeze, catch-up,
 activate, release; and abort."""
 
 from __future__ import annotations
@@ -95,6 +95,8 @@ def test_a_slot_moves_with_its_jobs_locks_and_writes_made_during_the_copy(pair) 
     # A worker's lock on a moved active job stays valid at B.
     assert b.ok("ACK", {"items": [[q, active[1][1], active[1][4], None]]}) == [None]
     assert b.ok("HANDOFF_STATUS", {"move_id": mid}) == "committed"
+    assert b.ok("HANDOFF_STATUS", {"move_id": mid, "detail": True}) == {
+        "state": "committed", "epoch": epoch}  # the commit's epoch, not a guess
     for c in (a, b):
         c.close()
 
@@ -116,6 +118,11 @@ def test_an_aborted_move_leaves_the_source_owner_and_the_target_clean(pair) -> N
     assert b.ok("HANDOFF_STATUS", {"move_id": move["move_id"]}) == "aborted"
     assert b.ok("HANDOFF_STATUS", {"move_id": "never-heard-of"}) == "aborted"
     assert a.call("HANDOFF_FREEZE", {**move, "term": term - 1})[1] == "STALE_TERM"
+    # Final states have no way out: a late copy or freeze of the aborted move is refused.
+    late = a.call("HANDOFF_COPY", {**move, "target": "b2", "target_addr": b2.addr})
+    assert late[1] == "BAD_REQUEST" and "aborted here" in late[2]
+    assert a.call("HANDOFF_FREEZE", move)[1] == "BAD_REQUEST"
+    assert a.ok("ADD", add_args(q, "still-served")) == ["still-served"]
     for c in (a, b):
         c.close()
 

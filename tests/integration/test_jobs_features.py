@@ -1,4 +1,4 @@
-"""Job features against real broker processes (DESIGN §11, docs/features-jobs.md):
+"""Job features against real broker processes (docs/design.md §11, docs/features-jobs.md):
 dead-letter queue, job logs, attempt timeouts, TTL, events, process-pool workers;
 logs, DLQ entries and TTL deadlines survive kill -9 and a restart."""
 

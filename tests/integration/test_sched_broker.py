@@ -1,4 +1,4 @@
-"""Rate limits and groups against a real broker (DESIGN §11): limits hold by
+"""Rate limits and groups against a real broker (docs/design.md §11): limits hold by
 the broker's own clock, held-back workers wait parked (no polling), groups
 share fairly, and all of it survives kill -9."""
 

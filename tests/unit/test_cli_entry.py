@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from shardq.cli import _server_command_module
@@ -21,18 +18,3 @@ from shardq.cli import _server_command_module
 def test_only_a_server_started_as_shardq_imports_just_its_command(
         argv: list[str], expected: str | None) -> None:
     assert _server_command_module(argv) == expected
-
-
-def test_a_broker_process_skips_the_rest_of_the_cli_and_other_commands_still_work() -> None:
-    code = ("import sys, pathlib; sys.argv = [str(pathlib.Path('shardq') / '__main__.py'), "
-            "'broker', '--help']\n"
-            "import shardq.cli as c\n"
-            "print(sorted(m for m in sys.modules if m.startswith('shardq.cli.')))\n"
-            "print(sorted(cmd.name for cmd in c.app.registered_commands))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True).stdout.splitlines()
-    assert out == ["['shardq.cli.broker_cmd']", "['broker']"]
-    full = subprocess.run([sys.executable, "-m", "shardq", "--help"], capture_output=True,
-                          text=True, timeout=60, check=True).stdout
-    for command in ("broker", "coordinator", "status", "drain", "stats", "bench", "deploy"):
-        assert command in full

@@ -25,6 +25,9 @@ class FakeBroker:
         self.frames: list[tuple[str, int]] = []  # (op, items or count)
         self.parked: list[tuple[asyncio.Future[Any], int]] = []
         self.next_token = 1
+        self.all_acked = asyncio.Event()  # every job acked
+        self.all_failed = asyncio.Event()  # every job failed
+        self._n_jobs = n_jobs
 
     def _take(self, count: int) -> list[Any]:
         out = []
@@ -58,6 +61,10 @@ class FakeBroker:
             elif op == "FAIL":
                 self.failed.append((jid, val))
             out.append(None)
+        if len(self.acked) >= self._n_jobs:
+            self.all_acked.set()
+        if len(self.failed) >= self._n_jobs:
+            self.all_failed.set()
         if op == "ACK" and "pull" in args:
             return {"acks": out, "jobs": self._take(args["pull"]["count"])}
         return out
@@ -105,9 +112,33 @@ async def make_client(broker: FakeBroker) -> Client:
 
 
 
-async def until(cond: Any) -> None:
-    while not cond():
-        await asyncio.sleep(0.005)
+async def reached(event: asyncio.Event, what: str, timeout: float = 10.0) -> None:
+    """Wait for `event`; fail naming `what` after `timeout` s."""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+class Starts:
+    """Counts handler starts; `reached(starts.n(k))` waits for the k-th."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._events: dict[int, asyncio.Event] = {}
+
+    def n(self, k: int) -> asyncio.Event:
+        ev = self._events.setdefault(k, asyncio.Event())
+        if self.count >= k:
+            ev.set()
+        return ev
+
+    def started(self) -> None:
+        self.count += 1
+        for k, ev in self._events.items():
+            if self.count >= k:
+                ev.set()
 
 
 def test_slots_bound_concurrency_and_acks_refill_by_ack_and_fetch() -> None:
@@ -120,13 +151,13 @@ def test_slots_bound_concurrency_and_acks_refill_by_ack_and_fetch() -> None:
         async def handle(job: Any) -> Any:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.001)  # the work, so handlers overlap
             running[0] -= 1
             return job.data["id"]
 
         worker = client.worker("q", handle, concurrency=10, wait_ms=50)
         task = asyncio.create_task(worker.run())
-        await until(lambda: worker.completed >= 500)
+        await reached(broker.all_acked, "500 acks")
         await worker.close()
         await task
         assert peak[0] == 10
@@ -151,7 +182,7 @@ def test_handler_errors_become_fail_items_with_the_reason() -> None:
 
         worker = client.worker("q", handle, concurrency=3, wait_ms=50)
         task = asyncio.create_task(worker.run())
-        await until(lambda: worker.failed >= 3)
+        await reached(broker.all_failed, "3 fails")
         await worker.close()
         await task
         assert sorted(broker.failed) == [("j0", "no j0"), ("j1", "no j1"), ("j2", "no j2")]
@@ -164,19 +195,19 @@ def test_a_lost_lock_drops_the_result_and_does_not_count_it() -> None:
     async def main() -> None:
         broker = FakeBroker(1)
         client = await make_client(broker)
-        gate = asyncio.Event()
+        gate, starts = asyncio.Event(), Starts()
 
         async def handle(job: Any) -> str:
+            starts.started()
             await gate.wait()
             return "late"
 
         worker = client.worker("q", handle, wait_ms=50)
         task = asyncio.create_task(worker.run())
-        await until(lambda: worker.running == 1)
+        await reached(starts.n(1), "the handler to start")
         broker.tokens["j0"] = -1  # the broker revoked the token (lock expired)
         gate.set()
-        await until(lambda: worker.running == 0)
-        await worker.close()
+        await worker.close()  # finishes the handler and flushes its (refused) ack
         await task
         assert broker.acked == [] and worker.completed == 0
         await client.aclose()
@@ -188,17 +219,18 @@ def test_close_waits_for_running_handlers_and_flushes_their_acks() -> None:
     async def main() -> None:
         broker = FakeBroker(4)
         client = await make_client(broker)
-        gate = asyncio.Event()
+        gate, starts = asyncio.Event(), Starts()
 
         async def handle(job: Any) -> None:
+            starts.started()
             await gate.wait()
 
         worker = client.worker("q", handle, concurrency=4, wait_ms=5000)
         task = asyncio.create_task(worker.run())
-        await until(lambda: worker.running == 4)
+        await reached(starts.n(4), "4 handlers running")
         closing = asyncio.create_task(worker.close())
-        await asyncio.sleep(0.05)
-        assert not closing.done()  # handlers still running
+        done, _ = await asyncio.wait({closing}, timeout=0.05)
+        assert not done  # handlers still running: close() waits for them
         gate.set()
         await closing
         await task
@@ -213,21 +245,25 @@ def test_cancelling_run_cancels_handlers_without_acking() -> None:
         broker = FakeBroker(2)
         client = await make_client(broker)
         cancelled: list[str] = []
+        starts, both_cancelled = Starts(), asyncio.Event()
 
         async def handle(job: Any) -> None:
+            starts.started()
             try:
-                await asyncio.sleep(30)
+                await asyncio.Event().wait()  # a handler that never returns by itself
             except asyncio.CancelledError:
                 cancelled.append(job.id)
+                if len(cancelled) == 2:
+                    both_cancelled.set()
                 raise
 
         worker = client.worker("q", handle, concurrency=2, wait_ms=50)
         task = asyncio.create_task(worker.run())
-        await until(lambda: worker.running == 2)
+        await reached(starts.n(2), "2 handlers running")
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await asyncio.sleep(0)
+        await reached(both_cancelled, "both handlers cancelled")
         assert sorted(cancelled) == ["j0", "j1"]
         assert broker.acked == [] and broker.failed == []
         await worker.close()  # returns at once after run() ended

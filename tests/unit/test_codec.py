@@ -1,4 +1,4 @@
-"""shardq.codec: the sans-IO frame codec (DESIGN §4, STYLE 1).
+"""shardq.codec: the sans-IO frame codec (docs/design.md §1, §4).
 
 Bytes in, frames out: no sockets. Covers round trips, every way a stream can
 be cut into reads, the frame-size limit, undecodable frames, and hypothesis
@@ -24,8 +24,9 @@ from shardq.codec import (
     is_bad_frame,
 )
 from shardq.errors import BadRequestError, TooLargeError
+from tests.props import examples
 
-FUZZ = settings(max_examples=150, deadline=None,
+FUZZ = settings(max_examples=examples(150), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
 

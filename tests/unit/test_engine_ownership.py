@@ -21,7 +21,7 @@ BROKERS = {b: {"addr": f"127.0.0.1:{9000 + i}", "state": "active", "weight": 1}
 
 
 def topology(epoch: int, owners: list[str], epochs: list[int] | None = None) -> dict[str, Any]:
-    """A §5 map with one run per slot (as a ring's scattered slots give)."""
+    """A docs/design.md §5 map with one run per slot (as a ring's scattered slots give)."""
     epochs = epochs or [1] * NUM_SLOTS
     return {"term": 1, "epoch": epoch, "brokers": BROKERS,
             "slots": [[s, s, owners[s], epochs[s]] for s in range(NUM_SLOTS)]}

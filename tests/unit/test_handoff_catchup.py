@@ -1,5 +1,5 @@
 """A handoff's target indexes the imported jobs as the copy's chunks arrive
-and then re-indexes only the jobs each catch-up op touches (DESIGN §6 step 4,
+and then re-indexes only the jobs each catch-up op touches (docs/design.md §6 step 4,
 broker/handoff.py `apply_ops_live`), so activation does not grow with queue size.
 
 The property: whatever the source did while its snapshot was being read, the
@@ -20,10 +20,12 @@ from shardq.broker.handoff import apply_chunks_live, apply_ops_live, build_queue
 from shardq.broker.queue import QueueDefaults, QueueState
 from shardq.broker.replay import Images, QueueImage, apply_chunk, apply_op
 from shardq.router import slot_of
+from tests.props import examples
 
 from .test_replay import export, wire
 
-PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPS = settings(
+    max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DEFAULTS = QueueDefaults(keep_completed=3, keep_failed=2, max_stalled_count=1, dedup_ttl_ms=60)
 
 ACTIONS = st.lists(st.one_of(
@@ -163,7 +165,7 @@ class Source:
             q.dlq_purge(self.now)
 
     def run_sched(self, action: tuple[Any, ...]) -> None:
-        """Grouped jobs, rate limits and group settings (DESIGN §11)."""
+        """Grouped jobs, rate limits and group settings (docs/design.md §11)."""
         kind, q = action[0], self.q
         if kind == "gadd":
             self.n += 1
@@ -183,7 +185,7 @@ def observe(q: QueueState, now: int) -> tuple[Any, ...]:
     flows = sorted((fid, sorted(e[3])) for fid, e in q.flows_pending.items())
     later = now + 10**7
     q.set_paused(False)
-    q.reset_rotation()  # the round-robin position is not part of the state (DESIGN §11)
+    q.reset_rotation()  # the round-robin position is not part of the state (docs/design.md §11)
     q.promote(later)
     q.expire_locks(later)
     out: list[list[Any]] = []

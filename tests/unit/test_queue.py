@@ -1,4 +1,4 @@
-"""shardq.broker.queue: one queue's state machine (DESIGN §2).
+"""shardq.broker.queue: one queue's state machine (docs/design.md §2).
 
 Pure Python with the clock passed in as `now` (ms): no sockets, no sleeps.
 Every test builds a `QueueState` with a plain list as its redo log.
@@ -22,9 +22,10 @@ from shardq.broker.queue import (
     QueueState,
     import_chunks,
 )
+from tests.props import examples
 
 LOCK = 30_000
-PROPS = settings(max_examples=150, deadline=None,
+PROPS = settings(max_examples=examples(150), deadline=None,
                  suppress_health_check=[HealthCheck.too_slow])
 
 

@@ -1,4 +1,4 @@
-"""shardq.broker.replay: recovery applies redo-log ops to queue images (DESIGN §3).
+"""shardq.broker.replay: recovery applies redo-log ops to queue images (docs/design.md §3).
 
 The key property: replaying every op a live `QueueState` emitted rebuilds the
 same queue. And because ops carry absolute values, replaying from a
@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from shardq.broker.job import ACTIVE, COMPLETED, FAILED, WAITING, Job
 from shardq.broker.queue import QueueDefaults, QueueState
 from shardq.broker.replay import QUEUE_OPS, Images, QueueImage, apply_op
+from tests.props import examples
 
-PROPS = settings(max_examples=150, deadline=None,
+PROPS = settings(max_examples=examples(150), deadline=None,
                  suppress_health_check=[HealthCheck.too_slow])
 SLOTS = {"qa": 11, "qb": 22}
 
@@ -84,7 +85,7 @@ def test_apply_op_creates_an_image_for_a_new_queue_and_counts_seq() -> None:
 def test_every_queue_op_code_has_a_handler() -> None:
     assert frozenset("ALECFWSDPRTMX") | {"SU", "SR", "SN", "aL", "aQ", "aR",
                                          "cO", "cX", "cD", "cR",
-                                         "bR", "bG", "bS", "bT"} == QUEUE_OPS
+                                         "bR", "bG", "bS", "bT", "jU", "jK"} == QUEUE_OPS
 
 
 def test_unknown_op_code_is_refused() -> None:
@@ -350,7 +351,7 @@ def _on_active(q: QueueState, kind: str, pick: str, p2: int, now: int) -> None:
 
 
 def run_settings(q: QueueState, op: tuple[Any, ...]) -> None:
-    """Queue-level settings: pause, rate limits and group settings (DESIGN §11)."""
+    """Queue-level settings: pause, rate limits and group settings (docs/design.md §11)."""
     kind, _, p1, p2, p3, p4, p5, p6, _ = op
     if kind == "pause":  # one in three pauses, the rest resume
         q.set_paused(p1 % 3 == 2)

@@ -1,4 +1,4 @@
-"""shardq.router.planner: ring_for and plan_rebalance (DESIGN §5, §6)."""
+"""shardq.router.planner: ring_for and plan_rebalance (docs/design.md §5, §6)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def _planned(moves: list[Move]) -> dict[int, tuple[str, str]]:
         (BrokerState.DRAINING, False),
         (BrokerState.LEAVING, False),
         (BrokerState.DRAINED, False),
-        (BrokerState.DEAD, True),  # keeps its points (DESIGN §5)
+        (BrokerState.DEAD, True),  # keeps its points (docs/design.md §5)
     ],
 )
 def test_ring_for_puts_active_and_dead_brokers_on_the_ring(

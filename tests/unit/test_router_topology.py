@@ -1,4 +1,4 @@
-"""shardq.router.Topology: the §5 shape, lookups, MOVED patches (DESIGN §5)."""
+"""shardq.router.Topology: the topology shape, lookups, MOVED patches (docs/design.md §5)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from shardq.router import NUM_SLOTS, BrokerInfo, BrokerState, Topology, hash64, slot_of
 from shardq.router import slots as slots_module
+from tests.props import examples
 
 EMAILS_SLOT = 4029  # slot_of("emails"), a golden vector in test_router.py
 
@@ -124,7 +125,7 @@ def topologies(draw: st.DrawFn) -> Topology:
     )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(topologies())
 def test_json_round_trip_is_lossless(topo: Topology) -> None:
     d = topo.to_dict()
@@ -133,7 +134,7 @@ def test_json_round_trip_is_lossless(topo: Topology) -> None:
     assert again.to_dict() == d
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(topologies())
 def test_msgpack_round_trip_is_lossless(topo: Topology) -> None:
     d = topo.to_dict()
@@ -142,7 +143,7 @@ def test_msgpack_round_trip_is_lossless(topo: Topology) -> None:
     assert again.to_dict() == d
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(topologies())
 def test_copy_is_equal_and_independent(topo: Topology) -> None:
     before = topo.to_dict()
@@ -330,7 +331,7 @@ def test_with_assignment_refuses_bad_input(assignment: list[str], match: str) ->
         _two_brokers().with_assignment(assignment, epoch=9)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.text(max_size=20), st.booleans())
 def test_route_agrees_with_the_slot_hash_cached_or_not(queue: str, clear_cache: bool) -> None:
     topo = _two_brokers()

@@ -1,4 +1,4 @@
-"""Rate limits and groups in QueueState (DESIGN §11), on an injected clock.
+"""Rate limits and groups in QueueState (docs/design.md §11), on an injected clock.
 
 The rate-limit contract: at most `max` starts in ANY window of `per_ms` ms,
 and never fewer than that allows (each pull takes everything the window
@@ -15,10 +15,12 @@ from hypothesis import strategies as st
 
 from shardq.broker.limits import TenantShare, Window, note_runs
 from shardq.broker.queue import QueueDefaults, QueueState
+from tests.props import examples
 
 from .test_replay import assert_replay_matches
 
-PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPS = settings(
+    max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def fresh(**defaults: Any) -> tuple[QueueState, list[Any]]:

@@ -1,4 +1,4 @@
-"""shardq.broker.store: the SQLite redo log and its checkpointer (DESIGN §3, §9.1).
+"""shardq.broker.store: the SQLite redo log and its checkpointer (docs/design.md §3, §9.1).
 
 A small harness plays the engine's part: queues share one op log, each
 `commit()` writes the pending ops as one log row, and checkpoints read rows

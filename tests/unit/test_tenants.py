@@ -1,4 +1,4 @@
-"""coordinator/tenants.py: tenant limit shares leased to brokers (DESIGN §11).
+"""coordinator/tenants.py: tenant limit shares leased to brokers (docs/design.md §11).
 
 The bound: whatever the demand does, the shares brokers may be enforcing
 within any window of `per_ms` add up to at most `max`.
@@ -14,8 +14,10 @@ from hypothesis import strategies as st
 
 from shardq.coordinator.errors import BadRequest
 from shardq.coordinator.tenants import LEASE_MS, TenantBook, _targets
+from tests.props import examples
 
-PROPS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPS = settings(
+    max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 class Topo:

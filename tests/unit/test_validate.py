@@ -1,5 +1,5 @@
 """shardq.broker.validate: bad request arguments become a BadRequestError
-that names what is wrong, before any state changes (DESIGN §9.7)."""
+that names what is wrong, before any state changes (docs/design.md §9.7)."""
 
 from __future__ import annotations
 
@@ -237,3 +237,11 @@ def test_non_neg_int_enforces_type_and_minimum(value: Any, minimum: int, ok: boo
     else:
         with pytest.raises(BadRequestError, match=f"field must be an integer >= {minimum}"):
             validate.non_neg_int(value, "field", minimum)
+
+
+def test_a_trace_carrier_is_a_small_map_of_strings() -> None:
+    tp = {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
+    assert validate.job_opts({"trace": tp}) == {"trace": tp}
+    for bad in ({}, {"traceparent": 1}, ["x"], {"k": "v" * 2000}):
+        with pytest.raises(BadRequestError):
+            validate.job_opts({"trace": bad})

@@ -1,8 +1,4 @@
-"""Coordinator membership logic with an injected clock: no sockets, no sleeps.
-
-(Unit tests by nature; they live here because this tier's test_coordinator*
-files are the coordinator's.)
-"""
+"""Coordinator membership logic with an injected clock: no sockets, no sleeps."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The move executor's state machine (DESIGN §6) with fake brokers and an injected clock.
+"""The move executor's state machine (docs/design.md §6) with fake brokers and an injected clock.
 
 No sockets and no sleeps: brokers are a scripted `SendOp`, retries wait on a
 clock that only moves when the executor sleeps, and a "crash" is an
