@@ -31,7 +31,7 @@ from shardq.errors import (
 
 from .pool import Channel, ConnectionPool, Connector
 from .retry import Budget, Decision, RetryPolicy
-from .retrying import LINK_ERRORS, RetryLoop, retry_kind
+from .retrying import LINK_ERRORS, RETRYABLE, RetryLoop, retry_kind
 from .topology import TopologyManager
 
 __all__ = ["LINK_ERRORS", "ArgsBuilder", "Channel", "Cluster", "Connector", "ReplyParser"]
@@ -107,12 +107,22 @@ class Cluster:
             TryAgainError / BusyError / UnavailableError: past their budgets.
             ServerError: any other error answer (AUTH, BAD_REQUEST, ...), at once.
         """
+        route = self.topology.route(queue)
+        failed: tuple[BaseException, str] | None = None
+        if route is not None:  # the first attempt inline: most calls need no other
+            try:
+                conn = await self.pool.get(*route)
+                return await conn.request(op, args, timeout)
+            except RETRYABLE as exc:
+                failed = (exc, route[0])
+
         async def send(bid: str, addr: str) -> Any:
             conn = await self.pool.get(bid, addr)
             return await conn.request(op, args, timeout)
 
         return await self.retries.run(lambda: self.topology.route(queue), send,
-                                      what=f"queue {queue!r}", closed=lambda: self._closed)
+                                      what=f"queue {queue!r}", closed=lambda: self._closed,
+                                      failed=failed)
 
     async def call_broker(self, broker_id: str, op: str, args: Any,
                           timeout: float | None = None, lane: str = "") -> Any:

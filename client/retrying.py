@@ -122,19 +122,26 @@ class RetryLoop:
     async def run(self, route: Callable[[], Route | None],
                   send: Callable[[str, str], Awaitable[T]], *, what: str,
                   closed: Callable[[], bool] = lambda: False,
-                  retry: tuple[type[BaseException], ...] = RETRYABLE) -> T:
+                  retry: tuple[type[BaseException], ...] = RETRYABLE,
+                  failed: tuple[BaseException, str] | None = None) -> T:
         """`send(broker_id, addr)` to wherever `route()` says now, until an
         answer, resending after the failures in `retry`.
 
         `route()` is asked again before every resend (a MOVED patched the
         map; a refresh replaced it); None means no owner is known (not
         bootstrapped yet, a forgotten broker): handled as an unreachable
-        owner. Once `closed()`, a link failure is raised as is.
+        owner. Once `closed()`, a link failure is raised as is. `failed`:
+        the caller's own first attempt failed so, at that broker (a call
+        sends once inline, sparing the hot path the loop's closures).
 
         Raises:
             as `decide`, and any error `send` raises that is not in `retry`.
         """
         budget = self.budget()
+        if failed is not None:
+            if closed() and isinstance(failed[0], LINK_ERRORS):
+                raise failed[0]
+            await self.apply(self.decide(budget, *failed))
         while True:
             target = route()
             if target is None:
