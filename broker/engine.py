@@ -29,6 +29,7 @@ from shardq.broker.flows import FlowAgent
 from shardq.broker.handoff import Handoffs
 from shardq.broker.limits import TenantShare
 from shardq.broker.ownership import SlotTable
+from shardq.broker.peers import Peers
 from shardq.broker.queue import QueueDefaults, QueueState
 from shardq.broker.replay import Images
 from shardq.broker.store import RowSource, Store
@@ -152,6 +153,7 @@ class Broker:
         self.handoff = Handoffs(self)
         self.events = EventHub(self)
         self.flows = FlowAgent(self)  # run by serve(); see broker/flows.py
+        self.peers = Peers(config.broker_id, config.link_token)  # links to other brokers
         self._asking = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started = time.monotonic()

@@ -52,6 +52,7 @@ log = logging.getLogger("shardq.broker.flows")
 ROUND_S = 1.0  # the agent's period when nothing asks for sooner
 RETRY_SOON_S = 0.2  # after a TRYAGAIN or MOVED
 REQUEST_TIMEOUT_S = 10.0
+FLOWS_LANE = "flows"  # the flow agent's links, apart from handoff streams
 DELIVER_FRAME_ITEMS = 1000
 FLOW_ID_MAX = 128
 
@@ -207,7 +208,6 @@ class FlowAgent:
     def __init__(self, broker: Broker) -> None:
         self.b = broker
         self._wake = asyncio.Event()
-        self._conns: dict[str, Any] = {}
         # queue -> (owner, addr, epoch) from MOVED answers newer than our map
         self._redirects: dict[str, tuple[str, str, int]] = {}
         self._soon = False
@@ -235,10 +235,8 @@ class FlowAgent:
                         await self._wake.wait()
                 except TimeoutError:
                     pass
-        finally:
-            for conn in self._conns.values():
-                await conn.aclose()
-            self._conns.clear()
+        finally:  # the broker is stopping: no link of it outlives the agent
+            await self.b.peers.aclose()
 
     async def _round(self) -> None:
         b = self.b
@@ -286,19 +284,12 @@ class FlowAgent:
 
     async def _request(self, route: tuple[str, str], op: str, args: Any) -> Any:
         addr = route[1]
-        conn = self._conns.get(addr)
-        if conn is None or conn.closed:
-            from shardq.client.connection import open_connection
-
-            conn = await open_connection(addr, token=self.b.config.link_token,
-                                         client_name=f"broker-{self.b.config.broker_id}-flows",
-                                         request_timeout=REQUEST_TIMEOUT_S)
-            self._conns[addr] = conn
+        pool = self.b.peers.pool
+        conn = await pool.get(addr, addr, FLOWS_LANE)  # keyed by address: routed by it
         try:
             return await conn.request(op, args, timeout=REQUEST_TIMEOUT_S)
         except (OSError, TimeoutError):
-            self._conns.pop(addr, None)
-            await conn.aclose()
+            await pool.drop(addr, FLOWS_LANE)  # a timed-out link is in doubt: dial anew
             raise
 
     async def _deliver(self, route: tuple[str, str], ents: list[Entry]) -> None:

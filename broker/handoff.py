@@ -528,11 +528,9 @@ class Handoffs:
                 self.give_up(slots, info["target"], addr, epoch)
 
     async def _connect(self, addr: str) -> Any:
-        from shardq.client.connection import open_connection
-
-        return await open_connection(addr, token=self.b.config.link_token,
-                                     client_name=f"broker-{self.b.config.broker_id}",
-                                     request_timeout=60)
+        # A link of the step's own (the caller closes it): a COPY's stream
+        # must not queue behind, nor hold up, other traffic to the target.
+        return await self.b.peers.pool.dial(addr)
 
 
 async def _jobs_by_order(q: QueueState) -> Iterator[Job]:

@@ -19,6 +19,8 @@ from typing import Any
 
 import httpx
 
+from shardq import coordinator_http
+
 log = logging.getLogger("shardq.broker.membership")
 
 REQUEST_TIMEOUT_S = 3.0
@@ -67,8 +69,8 @@ class MembershipAgent:
         self._storage = storage
         self._advertise = advertise
         self._weight = weight
-        self._base_url = coordinator_url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._base_url = coordinator_http.base_url(coordinator_url)
+        self._token = token
         self._get_stats = get_stats
         self._on_topology = on_topology
         self._on_leases = on_leases
@@ -95,8 +97,8 @@ class MembershipAgent:
 
         Never raises on coordinator trouble; returns after `leave()`; cancel-safe.
         """
-        async with httpx.AsyncClient(base_url=self._base_url, headers=self._headers,
-                                     timeout=REQUEST_TIMEOUT_S) as http:
+        async with coordinator_http.async_client(self._base_url, self._token,
+                                                 timeout_s=REQUEST_TIMEOUT_S) as http:
             while not self._left:
                 await self._register(http)
                 await self._heartbeat_until_unknown(http)
@@ -109,8 +111,8 @@ class MembershipAgent:
         """
         self._left = True
         self._wake.set()
-        async with self._in_flight, httpx.AsyncClient(
-            base_url=self._base_url, headers=self._headers, timeout=REQUEST_TIMEOUT_S,
+        async with self._in_flight, coordinator_http.async_client(
+            self._base_url, self._token, timeout_s=REQUEST_TIMEOUT_S,
         ) as http:
             try:
                 await _post(http, "/brokers/leave", {"id": self._id})

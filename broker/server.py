@@ -409,12 +409,16 @@ async def _drain_self(broker: Broker, stop: asyncio.Event) -> None:
     left (bounded; a second SIGTERM stops waiting)."""
     import httpx
 
+    from shardq import coordinator_http
+
     cfg = broker.config
-    headers = {"Authorization": f"Bearer {cfg.link_token}"} if cfg.link_token else {}
+    if cfg.coordinator is None:
+        return  # nothing to ask: only a broker with a coordinator drains
     log.warning("draining %s before exit", cfg.broker_id)
     try:
-        async with httpx.AsyncClient(timeout=10, headers=headers) as http:
-            r = await http.post(f"{cfg.coordinator}/brokers/{cfg.broker_id}/drain", json={})
+        async with coordinator_http.async_client(cfg.coordinator, cfg.link_token,
+                                                 timeout_s=10) as http:
+            r = await http.post(f"/brokers/{cfg.broker_id}/drain", json={})
             if r.status_code >= 400:
                 log.error("coordinator refused to drain %s: %s", cfg.broker_id, r.text)
                 return

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import msgpack
 
-from shardq import protocol
+from shardq import coordinator_http, protocol
 from shardq.errors import AuthError, BadRequestError, BusyError, ShardqError, UnavailableError
 from shardq.router import Topology
 
@@ -33,10 +33,10 @@ from .connection import (
     DEFAULT_PING_TIMEOUT_S,
     DEFAULT_REQUEST_TIMEOUT_S,
     Connection,
-    open_connection,
 )
 from .events import Subscription
 from .flow import add_flow
+from .pool import dialer
 from .queue import Queue
 from .retry import RetryPolicy
 from .topology import TopologyManager, TopologySource
@@ -64,11 +64,13 @@ class Client:
         self._client_name = client_name or f"shardq-py/{os.getpid()}"
         self._request_timeout = request_timeout
         self._connect_timeout = connect_timeout
-        self._ping = (ping_interval, ping_timeout)
         self._http: httpx.AsyncClient | None = None
         if self.coordinator:
-            headers = {"Authorization": f"Bearer {token}"} if token else {}
-            self._http = httpx.AsyncClient(timeout=connect_timeout, headers=headers)
+            self._http = coordinator_http.async_client(self.coordinator, token,
+                                                       timeout_s=connect_timeout)
+        self._open = dialer(token=token, client_name=self._client_name, on_epoch=self._on_epoch,
+                            connect_timeout=connect_timeout, request_timeout=request_timeout,
+                            ping_interval=ping_interval, ping_timeout=ping_timeout)
         sources: list[TopologySource] = [self._from_brokers]
         if self.coordinator:
             sources.insert(0, self._from_coordinator)
@@ -140,15 +142,8 @@ class Client:
         Raises:
             ShardqError: no coordinator (connect by URL), or it refused.
         """
-        if not self.coordinator or self._http is None:
-            raise ShardqError("declare_queue needs the coordinator: connect with its URL")
-        try:
-            resp = await self._http.post(f"{self.coordinator}/queues/{name}/declare",
-                                         json={"partitions": partitions})
-        except httpx.HTTPError as exc:
-            raise UnavailableError("coordinator", str(exc)) from exc
-        if resp.status_code >= 400:
-            raise BadRequestError(f"declare_queue({name!r}): {resp.text}")
+        await self._coordinator_post(f"/queues/{name}/declare", {"partitions": partitions},
+                                     f"declare_queue({name!r})")
         await self.refresh_topology()
 
     async def add_flow(self, flow: dict[str, Any], *, timeout_ms: int = 30_000) -> str:
@@ -198,7 +193,7 @@ class Client:
         if not self.coordinator or self._http is None:
             raise ShardqError(f"{what} needs the coordinator: connect with its URL")
         try:
-            resp = await self._http.post(f"{self.coordinator}{path}", json=body)
+            resp = await self._http.post(path, json=body)
         except httpx.HTTPError as exc:
             raise UnavailableError("coordinator", str(exc)) from exc
         if resp.status_code >= 400:
@@ -243,22 +238,16 @@ class Client:
 
         return self._cluster.bulk(protocol.ADD, items, lambda _item: queue, make_args)
 
-    async def _open(self, addr: str) -> Channel:
-        return await open_connection(
-            addr, token=self.token, client_name=self._client_name, on_epoch=self._on_epoch,
-            connect_timeout=self._connect_timeout, request_timeout=self._request_timeout,
-            ping_interval=self._ping[0], ping_timeout=self._ping[1])
-
     def _on_epoch(self, _conn: Connection, epoch: int) -> None:
         if not self._loading:  # the first load is fetching the map anyway
-            self._topology.note_epoch(epoch)
+            self._cluster.retries.saw_epoch(epoch)
 
     # -- topology sources -------------------------------------------------------------
 
     async def _from_coordinator(self) -> Topology:
         assert self._http is not None
         try:
-            resp = await self._http.get(f"{self.coordinator}/topology")
+            resp = await self._http.get("/topology")
             resp.raise_for_status()
             body = resp.json()
         except httpx.HTTPError as exc:

@@ -1,66 +1,40 @@
 """Routing layer: one lazy connection per broker, retries, bulk fan-out.
 
 Above the connection layer (which only knows one broker) and below the
-Queue/Worker API (which only knows queue names). `call()` sends one
-request for one queue and follows the docs/design.md §4 retry rules; `bulk()` sends
+Queue/Worker API (which only knows queue names). Links come from the
+connection pool (pool.py); every resend follows the one retry loop
+(retrying.py, docs/design.md §4). `call()` sends one request for one queue; `bulk()` sends
 a bulk op whose items may belong to many queues and brokers, splits it by
 owner, sends the frames in parallel and retries failed items alone (a
 `MOVED` item is re-routed by itself, the rest of its frame stays done).
 
 The connection factory is injected (`Connector`), so this layer and the
 batching above it are unit-tested with in-memory fake channels.
+
+LINK_ERRORS, Channel and Connector are re-exported from retrying.py and
+pool.py, where they are defined.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from shardq.errors import (
-    BusyError,
     ConnectionClosedError,
     MovedError,
-    OwnerUnavailableError,
     ServerError,
     ShardqError,
-    TryAgainError,
     error_from_wire,
 )
 
+from .pool import Channel, ConnectionPool, Connector
 from .retry import Budget, Decision, RetryPolicy
+from .retrying import LINK_ERRORS, RETRYABLE, RetryLoop, retry_kind
 from .topology import TopologyManager
 
-log = logging.getLogger("shardq.client")
-
-# Errors that mean "the link, not the broker's answer": reconnect and resend.
-# OwnerUnavailableError: the owner is up but cannot serve (lost storage): wait
-# for the map to change as for a dead owner, then UnavailableError.
-LINK_ERRORS = (OSError, TimeoutError, ConnectionClosedError, OwnerUnavailableError)
-
-
-class Channel(Protocol):
-    """What the routing layer needs from a connection (see connection.py)."""
-
-    addr: str
-    broker_id: str
-    max_epoch: int
-
-    @property
-    def closed(self) -> bool: ...
-
-    def request(self, op: str, args: Any, timeout: float | None = None) -> asyncio.Future[Any]: ...
-
-    async def wait_writable(self) -> None: ...
-
-    async def drain_close(self) -> None: ...
-
-    async def aclose(self) -> None: ...
-
-
-Connector = Callable[[str], Awaitable[Channel]]
-"""Open a channel to `addr` (HELLO done); raises OSError/TimeoutError/AuthError."""
+__all__ = ["LINK_ERRORS", "ArgsBuilder", "Channel", "Cluster", "Connector", "ReplyParser"]
 
 ArgsBuilder = Callable[[str, list[Any], int], Any]
 """(broker_id, items, round) -> request args for one frame."""
@@ -75,17 +49,18 @@ class Cluster:
     def __init__(self, topology: TopologyManager, connector: Connector,
                  policy: RetryPolicy | None = None) -> None:
         self.topology = topology
-        self.policy = policy or RetryPolicy()
-        self._connector = connector
+        self.retries = RetryLoop(topology, policy)
+        self.policy = self.retries.policy
         # Keyed by (broker id, lane). Lane "" is the shared pipelined
         # connection; a worker parks its long-poll PULLs on a lane of its own
         # so that closing the worker can drop them at once (see worker.py).
-        self._conns: dict[tuple[str, str], Channel] = {}
-        self._opening: dict[tuple[str, str], asyncio.Task[Channel]] = {}
-        self._closed_lanes: set[str] = set()
-        self._closed = False
+        self.pool = ConnectionPool(connector)
 
     # -- connections -----------------------------------------------------------
+
+    @property
+    def _closed(self) -> bool:
+        return self.pool.closed
 
     def adopt(self, broker_id: str, conn: Channel) -> bool:
         """Register an already open channel (a seed asked for TOPOLOGY).
@@ -93,114 +68,61 @@ class Cluster:
         Returns False when an open channel to that broker exists already;
         the caller then closes `conn`.
         """
-        old = self._conns.get((broker_id, ""))
-        if self._closed or (old is not None and not old.closed):
-            return False
-        self._conns[(broker_id, "")] = conn
-        return True
+        return self.pool.adopt(broker_id, conn)
 
     def open_channels(self) -> list[Channel]:
-        return [c for (_, lane), c in self._conns.items() if not lane and not c.closed]
+        return self.pool.open_channels()
 
     async def connection(self, broker_id: str, addr: str, lane: str = "") -> Channel:
         """The open channel to `broker_id` at `addr`, opening it if needed.
 
         Concurrent callers share one connect attempt.
         """
-        key = (broker_id, lane)
-        conn = self._conns.get(key)
-        if conn is not None and not conn.closed and conn.addr == addr:
-            return conn
-        if self._closed or lane in self._closed_lanes:
-            raise ConnectionClosedError("client is closed" if self._closed else "lane is closed")
-        task = self._opening.get(key)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._open(key, addr, conn))
-            self._opening[key] = task
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if task.cancelled() and not (current is not None and current.cancelling()):
-                # The connect was abandoned by close(), not this caller.
-                raise ConnectionClosedError("closed while connecting") from None
-            raise
-
-    async def _open(self, key: tuple[str, str], addr: str, old: Channel | None) -> Channel:
-        try:
-            if old is not None and not old.closed:
-                await old.aclose()  # the broker now lives at another address
-            conn = await self._connector(addr)
-            if self._closed or key[1] in self._closed_lanes:
-                await conn.aclose()
-                raise ConnectionClosedError("closed while connecting")
-            self._conns[key] = conn
-            return conn
-        finally:
-            self._opening.pop(key, None)
+        return await self.pool.get(broker_id, addr, lane)
 
     def lane_closed(self, lane: str) -> bool:
-        return self._closed or lane in self._closed_lanes
+        return self.pool.lane_closed(lane)
 
     async def close_lane(self, lane: str) -> None:
         """Close a lane's connections for good (half-close: requests already
         sent still get their answers, new ones fail at once)."""
-        self._closed_lanes.add(lane)
-        for key in [k for k in self._opening if k[1] == lane]:
-            self._opening[key].cancel()
-        conns = [self._conns.pop(k) for k in [k for k in self._conns if k[1] == lane]]
-        await asyncio.gather(*(c.drain_close() for c in conns))
+        await self.pool.close_lane(lane)
 
     async def aclose(self) -> None:
-        self._closed = True
-        for task in list(self._opening.values()):
-            task.cancel()
-        conns, self._conns = list(self._conns.values()), {}
-        for conn in conns:
-            await conn.aclose()
+        await self.pool.aclose()
 
-    # -- retries ---------------------------------------------------------------
+    def broker_route(self, broker_id: str) -> tuple[str, str] | None:
+        """(broker_id, its address), or None once the topology forgot it."""
+        addr = self.topology.topo.addr_of(broker_id)
+        return None if addr is None else (broker_id, addr)
 
-    async def _apply(self, decision: Decision) -> None:
-        if decision.refresh:
-            await self.topology.refresh()
-        if decision.delay:
-            await asyncio.sleep(decision.delay)
+    # -- single requests ---------------------------------------------------------
 
     async def call(self, queue: str, op: str, args: Any, timeout: float | None = None) -> Any:
-        """Send one request for `queue` to its owner, with docs/design.md §4 retries.
+        """Send one request for `queue` to its owner, with docs/design.md §4
+        retries (client/retrying.py).
 
         Raises:
             MovedError: past the redirect budget.
             TryAgainError / BusyError / UnavailableError: past their budgets.
             ServerError: any other error answer (AUTH, BAD_REQUEST, ...), at once.
         """
-        budget = Budget(self.policy)
-        while True:
-            route = self.topology.route(queue)
-            if route is None:
-                # No owner known (not bootstrapped yet, or a forgotten
-                # broker): like an unreachable owner, refresh and wait.
-                no_owner = ConnectionClosedError(f"no broker owns queue {queue!r}")
-                await self._apply(budget.unreachable("?", no_owner))
-                continue
-            bid, addr = route
+        route = self.topology.route(queue)
+        failed: tuple[BaseException, str] | None = None
+        if route is not None:  # the first attempt inline: most calls need no other
             try:
-                conn = await self.connection(bid, addr)
+                conn = await self.pool.get(*route)
                 return await conn.request(op, args, timeout)
-            except MovedError as exc:
-                stale = self.topology.is_stale(exc)
-                self.topology.patch(exc)
-                decision = budget.moved(exc, bid, stale)
-            except TryAgainError as exc:
-                decision = budget.tryagain(exc)
-            except BusyError as exc:
-                decision = budget.busy(exc)
-            except LINK_ERRORS as exc:
-                if self._closed:
-                    raise
-                decision = budget.unreachable(bid, exc)
-            await self._apply(decision)
+            except RETRYABLE as exc:
+                failed = (exc, route[0])
+
+        async def send(bid: str, addr: str) -> Any:
+            conn = await self.pool.get(bid, addr)
+            return await conn.request(op, args, timeout)
+
+        return await self.retries.run(lambda: self.topology.route(queue), send,
+                                      what=f"queue {queue!r}", closed=lambda: self._closed,
+                                      failed=failed)
 
     async def call_broker(self, broker_id: str, op: str, args: Any,
                           timeout: float | None = None, lane: str = "") -> Any:
@@ -211,18 +133,13 @@ class Cluster:
                 or the topology no longer knows it.
             ServerError: any error answer, as is (the caller handles MOVED).
         """
-        budget = Budget(self.policy)
-        while True:
-            addr = self.topology.topo.addr_of(broker_id)
-            try:
-                if addr is None:
-                    raise ConnectionClosedError(f"broker {broker_id} is not in the topology")
-                conn = await self.connection(broker_id, addr, lane)
-                return await conn.request(op, args, timeout)
-            except LINK_ERRORS as exc:
-                if self.lane_closed(lane):
-                    raise
-                await self._apply(budget.unreachable(broker_id, exc))
+        async def send(bid: str, addr: str) -> Any:
+            conn = await self.pool.get(bid, addr, lane)
+            return await conn.request(op, args, timeout)
+
+        return await self.retries.run(lambda: self.broker_route(broker_id), send,
+                                      what=f"broker {broker_id}", retry=LINK_ERRORS,
+                                      closed=lambda: self.lane_closed(lane))
 
     # -- bulk --------------------------------------------------------------------
 
@@ -238,7 +155,7 @@ class Cluster:
         """
         out: list[Any] = [None] * len(items)
         todo = list(range(len(items)))
-        budget = Budget(self.policy)
+        budget = self.retries.budget()
         rnd = 0
         while todo:
             if self._closed:
@@ -291,7 +208,7 @@ class Cluster:
 
     async def _send_frame(self, op: str, bid: str, addr: str, items: list[Any],
                           make_args: ArgsBuilder, parse: ReplyParser | None, rnd: int) -> list[Any]:
-        conn = await self.connection(bid, addr)
+        conn = await self.pool.get(bid, addr)
         await conn.wait_writable()
         reply = await conn.request(op, make_args(bid, items, rnd))
         result = parse(bid, reply) if parse is not None else reply
@@ -300,35 +217,26 @@ class Cluster:
         return result
 
     async def _settle(self, rnd: _Round, budget: Budget, out: list[Any]) -> list[int]:
-        """Charge this round's failures to the budget; return the items to resend."""
+        """Charge this round's failures to the budget, one charge per kind
+        (client/retrying.py decides); return the items to resend."""
         todo: list[int] = []
         decisions: list[Decision] = []
         for kind, entries in rnd.retry.items():
-            exc, bid = entries[0][1], entries[0][2]
+            _, exc, bid = entries[0]
             try:
-                if kind is MovedError:
-                    assert isinstance(exc, MovedError)
-                    stale = self.topology.is_stale(exc)
-                    for _, err, _ in entries:
-                        assert isinstance(err, MovedError)
-                        self.topology.patch(err)
-                    decisions.append(budget.moved(exc, bid, stale))
-                elif kind is TryAgainError:
-                    assert isinstance(exc, TryAgainError)
-                    decisions.append(budget.tryagain(exc))
-                elif kind is BusyError:
-                    assert isinstance(exc, BusyError)
-                    decisions.append(budget.busy(exc))
-                else:
-                    decisions.append(budget.unreachable(bid, exc))
+                decisions.append(self.retries.decide(budget, exc, bid))
             except ShardqError as final:
                 for i, err, _ in entries:
                     out[i] = err if kind is not ConnectionClosedError else final
                 continue
+            finally:
+                for _, err, _ in entries[1:]:
+                    if isinstance(err, MovedError):
+                        self.retries.follow(err)  # every moved slot, not only the first
             todo.extend(i for i, _, _ in entries)
         if todo:
-            await self._apply(Decision(delay=max(d.delay for d in decisions),
-                                       refresh=any(d.refresh for d in decisions)))
+            await self.retries.apply(Decision(delay=max(d.delay for d in decisions),
+                                              refresh=any(d.refresh for d in decisions)))
         todo.sort()
         return todo
 
@@ -344,11 +252,8 @@ class _Round:
         self.retry: dict[type, list[tuple[int, BaseException, str]]] = {}
 
     def _classify(self, i: int, exc: BaseException, bid: str, out: list[Any]) -> None:
-        if isinstance(exc, MovedError | TryAgainError | BusyError):
-            kind: type = type(exc)
-        elif isinstance(exc, LINK_ERRORS):
-            kind = ConnectionClosedError
-        else:
+        kind = retry_kind(exc)
+        if kind is None:
             out[i] = exc
             return
         self.retry.setdefault(kind, []).append((i, exc, bid))

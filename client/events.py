@@ -21,6 +21,7 @@ owner said events may be missing (its ring overflowed, or it restarted);
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -28,11 +29,10 @@ from typing import TYPE_CHECKING, Any, cast
 import msgpack
 
 from shardq import protocol
-from shardq.errors import MovedError, ShardqError, TryAgainError
+from shardq.errors import MovedError, ShardqError
 
-from .cluster import LINK_ERRORS
 from .connection import Connection
-from .retry import Budget
+from .retrying import LINK_ERRORS
 
 if TYPE_CHECKING:
     from .client import Client
@@ -139,26 +139,25 @@ class Subscription:
 
     async def _follow_loop(self, stored: str, ready: asyncio.Future[None]) -> None:
         last: int | None = None
-        budget = Budget(self._cluster.policy)
         while not self._closed:
-            pushes: asyncio.Queue[Any] = asyncio.Queue()
             try:
-                try:
-                    reply = await self._subscribe(stored, last, pushes)
-                except _Retry as r:
-                    await self._retry(budget, r.exc, r.bid)
-                    continue
+                reply, pushes = await self._cluster.retries.run(
+                    lambda: self._topology.route(stored),
+                    functools.partial(self._subscribe, stored, last),
+                    what=f"queue {stored!r}", closed=lambda: self._closed)
+            except LINK_ERRORS:
+                if self._closed:
+                    return
+                raise
             except ShardqError as exc:  # a budget ran out
                 if not ready.done():
                     ready.set_exception(exc)
                     return
                 # Live already: a subscription outlives outages; keep trying.
                 log.warning("events of %s: %s; still trying", stored, exc)
-                budget = Budget(self._cluster.policy)
                 await self._topology.refresh()
                 await asyncio.sleep(0.5)
                 continue
-            budget = Budget(self._cluster.policy)
             if ready.done():
                 self.resumes += 1
             if reply.get("gap") and last is not None:
@@ -174,43 +173,21 @@ class Subscription:
                     break  # the link went: resume at the owner
                 moved = body.get("moved")
                 if moved is not None:
-                    self._topology.patch(MovedError(moved["slot"], moved["owner"], moved["addr"],
-                                                    moved["epoch"]))
+                    self._cluster.retries.follow(MovedError(
+                        moved["slot"], moved["owner"], moved["addr"], moved["epoch"]))
                     break
                 last = self._deliver(stored, body.get("events") or (), last)
 
-    async def _subscribe(self, stored: str, last: int | None,
-                         pushes: asyncio.Queue[Any]) -> dict[str, Any]:
-        route = self._topology.route(stored)
-        if route is None:
-            raise _Retry(TryAgainError(f"no broker owns {stored!r} yet", 200), "?")
-        bid, addr = route
-        try:
-            conn = cast(Connection, await self._cluster.connection(bid, addr, self._lane))
-            reply: dict[str, Any] = await conn.subscribe(
-                protocol.SUBSCRIBE, {"queue": stored, "after_seq": last}, pushes.put_nowait)
-            return reply
-        except (MovedError, TryAgainError) as exc:
-            raise _Retry(exc, bid) from None
-        except LINK_ERRORS as exc:
-            if self._closed:
-                raise asyncio.CancelledError from None
-            raise _Retry(exc, bid) from None
-
-    async def _retry(self, budget: Budget, exc: BaseException, bid: str) -> None:
-        """Follow the docs/design.md §4 rules; raises ShardqError past a budget."""
-        if isinstance(exc, MovedError):
-            stale = self._topology.is_stale(exc)
-            self._topology.patch(exc)
-            decision = budget.moved(exc, bid, stale)
-        elif isinstance(exc, TryAgainError):
-            decision = budget.tryagain(exc)
-        else:
-            decision = budget.unreachable(bid, exc)
-        if decision.refresh:
-            await self._topology.refresh()
-        if decision.delay:
-            await asyncio.sleep(decision.delay)
+    async def _subscribe(self, stored: str, last: int | None, bid: str, addr: str,
+                         ) -> tuple[dict[str, Any], asyncio.Queue[Any]]:
+        """One SUBSCRIBE on the subscription's lane; the pushes go to a queue
+        of this attempt's own (a failed attempt's link-lost marker must not
+        end the next one)."""
+        pushes: asyncio.Queue[Any] = asyncio.Queue()
+        conn = cast(Connection, await self._cluster.connection(bid, addr, self._lane))
+        reply: dict[str, Any] = await conn.subscribe(
+            protocol.SUBSCRIBE, {"queue": stored, "after_seq": last}, pushes.put_nowait)
+        return reply, pushes
 
     def _deliver(self, stored: str, events: Any, last: int | None) -> int | None:
         for seq, kind, job_id, data in events:
@@ -221,12 +198,3 @@ class Subscription:
                 data = msgpack.unpackb(data, raw=False)
             self._events.put_nowait(Event(kind, self.queue, job_id, data, seq, stored))
         return last
-
-
-class _Retry(Exception):
-    """A subscribe answer to retry after (MOVED, TRYAGAIN, link failure)."""
-
-    def __init__(self, exc: BaseException, bid: str) -> None:
-        super().__init__(str(exc))
-        self.exc = exc
-        self.bid = bid

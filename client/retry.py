@@ -3,7 +3,9 @@
 Pure decisions, no sleeping and no I/O: `Budget` is told what went wrong and
 answers how long to wait before the resend, whether the topology should be
 refreshed first, or raises the error the user sees. The clock is injected
-so the budgets are unit-tested without sleeps.
+so the budgets are unit-tested without sleeps. The loop that acts on the
+decisions (patches, refreshes, sleeps, resends) is retrying.py, the one
+every resending caller goes through.
 
     MOVED        patch, resend; at most `max_redirects` per request; a
                  redirect back to a node already tried refreshes the map

@@ -49,12 +49,10 @@ from shardq import protocol
 from shardq.errors import (
     AuthError,
     BadRequestError,
-    BusyError,
     ConnectionClosedError,
     LockLostError,
     MovedError,
     ShardqError,
-    TryAgainError,
 )
 from shardq.router import partition_name
 
@@ -68,6 +66,7 @@ log = logging.getLogger("shardq.worker")
 Handler = Callable[["Job"], Awaitable[Any] | Any]
 _queue_of = itemgetter(0)
 _FATAL = (AuthError, BadRequestError)
+PULL_PAUSE_S = 0.5  # after a pull gave up, before the next one (a fresh budget)
 
 
 class Job:
@@ -414,7 +413,7 @@ class Worker:
                     return
                 n = self._reserve(math.ceil(self._free / loops))
                 try:
-                    jobs = await self._pull(bid, queues, n)
+                    jobs = await self._pull(bid, n)
                 except BaseException:
                     self._release(n)
                     raise
@@ -422,27 +421,39 @@ class Worker:
         finally:
             self._pull_loops -= 1
 
-    async def _pull(self, bid: str, queues: list[str], n: int) -> list[Any]:
-        args = {"queues": queues, "count": n, "wait_ms": self.wait_ms, "lock_ms": self.lock_ms}
+    async def _pull(self, bid: str, n: int) -> list[Any]:
+        """One PULL from `bid` for our queues it owns, resent by the client's
+        retry loop (client/retrying.py) with the budgets of any call: a
+        MOVED patches the map and the resend leaves that queue out (the
+        supervisor starts a pull loop at its new owner). Past a budget, or on
+        an odd answer, the pull is logged and given up (the loop pulls
+        again): a worker outlives outages, it never crashes on one."""
         timeout = self.wait_ms / 1000 + self._client._request_timeout
-        try:
-            jobs: list[Any] = await self._cluster.call_broker(bid, protocol.PULL, args, timeout,
-                                                              lane=self._lane)
+
+        async def send(bid: str, addr: str) -> list[Any]:
+            queues = self._queues_on(bid)
+            if not queues:
+                return []  # all moved away: the pull loop ends
+            args = {"queues": queues, "count": n, "wait_ms": self.wait_ms,
+                    "lock_ms": self.lock_ms}
+            conn = await self._cluster.connection(bid, addr, self._lane)
+            jobs: list[Any] = await conn.request(protocol.PULL, args, timeout)
             return jobs
+
+        try:
+            return await self._cluster.retries.run(
+                lambda: self._cluster.broker_route(bid), send, what=f"broker {bid}",
+                closed=lambda: self._cluster.lane_closed(self._lane))
         except ConnectionClosedError:
             if not self._closing:
                 raise
-        except MovedError as exc:
-            self._topology.patch(exc)
-            await self._topology.refresh()
-        except (TryAgainError, BusyError) as exc:
-            await asyncio.sleep(exc.retry_after_ms / 1000)
         except _FATAL:
             raise
-        except ShardqError as exc:  # unavailable past the budget, or an odd answer
+        except ShardqError as exc:  # a budget ran out, or an odd answer
             log.warning("pull from %s failed: %s; retrying", bid, exc)
             await self._topology.refresh()
-            await asyncio.sleep(0.5)
+            if not isinstance(exc, MovedError):  # a refreshed map settles a MOVED
+                await asyncio.sleep(PULL_PAUSE_S)
         return []
 
     def _dispatch(self, bid: str, jobs: list[Any]) -> int:

@@ -6,6 +6,8 @@ from typing import Any
 
 import httpx
 
+from shardq import coordinator_http
+
 DEFAULT_URL = "http://127.0.0.1:7070"
 
 
@@ -37,9 +39,8 @@ class CoordinatorApi:
 
     def __init__(self, url: str = DEFAULT_URL, token: str | None = None,
                  timeout_s: float = 10.0) -> None:
-        self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+        self.url = coordinator_http.base_url(url)
+        self._http = coordinator_http.sync_client(self.url, token, timeout_s=timeout_s)
 
     def __enter__(self) -> CoordinatorApi:
         return self

@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from shardq import coordinator_http
 from shardq.secrets import new_token, read_token_file, write_token_file
 
 from .cluster_control import (
@@ -312,9 +313,7 @@ class Cluster:
         return [*self.brokers, self.coordinator]
 
     def http(self) -> httpx.AsyncClient:
-        token = self.control_token
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=5.0)
+        return coordinator_http.async_client(self.url, self.control_token, timeout_s=5.0)
 
 
 def _token_files(data_dir: Path, token: str | None) -> tuple[Path, Path] | None:

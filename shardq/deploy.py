@@ -39,7 +39,7 @@ from typing import Any
 
 import httpx
 
-from shardq import protocol
+from shardq import coordinator_http, protocol
 from shardq.codec import FrameDecoder, encode_frame
 from shardq.coordinator.api_client import (
     CoordinatorApi,
@@ -306,7 +306,8 @@ def probe(target: str, timeout_s: float = 3.0) -> str | None:
     """
     if target.startswith(("http://", "https://")):
         try:
-            r = httpx.get(target.rstrip("/") + "/healthz", timeout=timeout_s)
+            with coordinator_http.sync_client(target, timeout_s=timeout_s) as http:
+                r = http.get("/healthz")
         except httpx.HTTPError as e:
             return f"coordinator unreachable: {e}"
         return None if r.status_code == 200 else f"coordinator /healthz: {r.status_code}"
