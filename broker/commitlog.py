@@ -16,6 +16,13 @@ so that commits come first and the checkpoint never starves.
 The broker plugs in through `CommitHost`: what to do with a batch before it
 commits (handoff taps, event marks) and once it is durable (publish events),
 and what a checkpoint needs (queue metas, the ownership record, live rows).
+
+Replication (docs/design.md §12) plugs in through `repl` (broker/replica.py):
+while it is set, each batch is shipped to the follower before the local
+fsync starts (the two disks work in parallel), and while `repl.gating` a
+reply, a journal line or a `durable()` waiter for batch N is released only
+once the follower acknowledged N too. With `repl` None (replicas 0, or no
+follower yet) the path is exactly the unreplicated one.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TextIO
@@ -54,6 +62,16 @@ class Sink(Protocol):
     def write(self, data: bytes) -> None: ...
 
     def is_closing(self) -> bool: ...
+
+
+class Shipper(Protocol):
+    """The follower link, as the commit log sees it (broker/replica.py)."""
+
+    gating: bool  # replies wait for the follower's ack
+    acked: int  # the last batch seq the follower has on its disk
+
+    def ship(self, seq: int, ops: list[Any]) -> None:
+        """Send batch `seq` to the follower (called before the local commit)."""
 
 
 class CommitHost(Protocol):
@@ -115,6 +133,10 @@ class CommitLog:
         # line reaches the file only once its own commit did (no false doubles).
         self.journal_lines: list[str] = []
         self._journal_batches: dict[int, list[str]] = {}
+        # Replication (broker/replica.py): the follower link, and what waits for
+        # its ack: (seq, replies, journal lines) in seq order.
+        self.repl: Shipper | None = None
+        self._held: deque[tuple[int, list[tuple[Sink, bytes]], list[str] | None]] = deque()
 
     @property
     def journaling(self) -> bool:
@@ -155,7 +177,7 @@ class CommitLog:
         `flush_all`, this does not wait for the log to run dry, so it ends
         under any load."""
         target = self.seq + (1 if self.ops else 0)
-        if self.committed_seq >= target:
+        if self.released_seq >= target:
             return
         assert self._loop is not None
         fut: asyncio.Future[None] = self._loop.create_future()
@@ -206,6 +228,8 @@ class CommitLog:
             self._journal_batches[seq] = self.journal_lines
             self.journal_lines = []
         self._commits_since_ckpt += 1
+        if self.repl is not None:
+            self.repl.ship(seq, ops)  # before our fsync: both disks work at once
         start_ckpt = not self._ckpt_active and self._ckpt_due()
         if len(ops) <= INLINE_COMMIT_MAX_OPS and not self._ckpt_active and not start_ckpt:
             # A small batch and an idle writer: commit on the loop thread. This
@@ -230,15 +254,21 @@ class CommitLog:
         self._writer_busy = False
         self.committed_seq = seq
         lines = self._journal_batches.pop(seq, None)
-        if lines and self._journal is not None and exc is None:
-            self._journal.write("".join(lines))
-            self._journal.flush()  # before the acks are answered
         if exc is not None:
             # A failed commit means answered writes could be lost: stop now and
             # let the supervisor restart us on the data that did commit.
             log.critical("commit failed: %r; exiting", exc)
             os._exit(3)
-        _send(replies)
+        repl = self.repl
+        if repl is not None and repl.gating and (repl.acked < seq or self._held):
+            self._held.append((seq, replies, lines))  # the follower's disk first
+            if repl.acked >= seq:
+                self.release()
+        else:
+            if lines and self._journal is not None:
+                self._journal.write("".join(lines))
+                self._journal.flush()  # before the acks are answered
+            _send(replies)
         if token is not None:
             self._host.batch_durable(token)
         if self._seq_waiters:
@@ -254,7 +284,12 @@ class CommitLog:
     def _writer_idle(self) -> None:
         """Nothing is being written: replies parked meanwhile are durable."""
         if self._pending_replies:
-            _send(self._pending_replies)
+            repl = self.repl
+            if repl is not None and repl.gating and (
+                    repl.acked < self.committed_seq or self._held):
+                self._held.append((self.committed_seq, self._pending_replies, None))
+            else:
+                _send(self._pending_replies)
             self._pending_replies = []
         if self._ckpt_active:
             now = time.monotonic()
@@ -278,10 +313,40 @@ class CommitLog:
             else:
                 self._checkpoint_step()
 
+    # ------------------------------------------------------------ replication
+    @property
+    def released_seq(self) -> int:
+        """The last batch on every disk that must have it (ours, and the
+        follower's while the link gates replies)."""
+        repl = self.repl
+        if repl is None or not repl.gating:
+            return self.committed_seq
+        return min(self.committed_seq, repl.acked)
+
+    def release(self) -> None:
+        """The follower acknowledged more, or replies stopped waiting for it
+        (the coordinator marked it out of sync): send what is now safe."""
+        limit = self.released_seq
+        held = self._held
+        while held and held[0][0] <= limit:
+            _seq, replies, lines = held.popleft()
+            if lines and self._journal is not None:
+                self._journal.write("".join(lines))
+                self._journal.flush()
+            _send(replies)
+        if self._seq_waiters:
+            self._wake_seq_waiters()
+
+    @property
+    def held_replies(self) -> int:
+        """Batches whose replies wait for the follower."""
+        return len(self._held)
+
     def _wake_seq_waiters(self) -> None:
         keep = []
+        released = self.released_seq
         for target, fut in self._seq_waiters:
-            if target <= self.committed_seq:
+            if target <= released:
                 if not fut.done():
                     fut.set_result(None)
             else:

@@ -29,6 +29,7 @@ from shardq.broker.limits import TenantShare
 from shardq.broker.ownership import SlotTable
 from shardq.broker.queue import QueueDefaults, QueueState
 from shardq.broker.replay import Images
+from shardq.broker.replica import Replication
 from shardq.broker.store import RowSource, Store
 from shardq.errors import BusyError, MovedError, OwnerUnavailableError, TryAgainError
 from shardq.router import BrokerInfo, BrokerState, Topology, slot_of
@@ -119,6 +120,8 @@ class Broker:
         self.handoff = Handoffs(self)
         self.events = EventHub(self)
         self.flows = FlowAgent(self)  # run by serve(); see broker/flows.py
+        # Its follower link and the replicas it keeps (docs/design.md §12).
+        self.replication = Replication(self)
         self._asking = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started = time.time()
@@ -133,6 +136,7 @@ class Broker:
         self.handoff.restore(state.get("handoff", {}), staging)
         self._build_queues(images)
         self.total_jobs = sum(len(q.jobs) for q in self.queues.values())
+        self.replication.followers.recover()
 
     def _build_queues(self, images: Images) -> None:
         for name, img in images.items():
@@ -167,6 +171,7 @@ class Broker:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.commits.attach(loop)
+        self.replication.followers.start(loop)
         for q in self.queues.values():
             self._arm(q)
 
@@ -189,6 +194,9 @@ class Broker:
         # and from the epoch it was recorded at: older ones were owned by a
         # data directory we are not (docs/design.md §5, storage identity).
         since = -1 if self.held else _since(topo.brokers.get(me))
+        if "replication" in d:  # a failover may hand us slots from a replica
+            self.replication.followers.before_topology(topo.slot_owners, topo.slot_epochs,
+                                                       d["replication"] or {})
         # Only slots whose ownership differs from the map's can change (a
         # comparison per slot in C; the map is applied at every epoch change).
         named = bytes([owner == me for owner in topo.slot_owners])
@@ -213,6 +221,8 @@ class Broker:
         self.commits.schedule_flush()
         if changed:
             log.info("owning %d slots at epoch %d", sum(self.owned), self.epoch)
+        if "replication" in d:
+            self.replication.on_topology(d)
 
     def _set_held(self, reason: str | None) -> None:
         if reason != self.held:
@@ -337,6 +347,7 @@ class Broker:
     def close(self) -> None:
         self.commits.close()
         self.store.close()
+        self.replication.followers.close()
 
     # ------------------------------------------------------------ timers
     def arm(self, q: QueueState) -> None:
@@ -542,6 +553,7 @@ class Broker:
             "durable": self.config.durable,
             "uptime_s": time.time() - self.started,
             "tenants": tenants.demand(self),
+            **({"replication": self.replication.stats()} if self.replication.active else {}),
         }
 
 

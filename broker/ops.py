@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shardq import protocol as p
-from shardq.broker import flows, jobops
+from shardq.broker import flows, jobops, replops
 from shardq.broker import validate as v
 from shardq.broker.commitlog import Sink
 from shardq.broker.engine import Broker, Waiter
@@ -439,6 +439,7 @@ HANDLERS: dict[str, Handler] = {
     **flows.HANDLERS,
     **jobops.HANDLERS,
 }
+HANDLERS.update(replops.HANDLERS)  # replication (docs/design.md §12)
 
 # Replies to these wait for the group commit holding their ops (durable mode).
 WRITE_OPS = (frozenset({p.ADD, p.ACK, p.FAIL, p.PROGRESS, p.PAUSE, p.RESUME, p.DRAIN,

@@ -25,6 +25,11 @@
     POST /tenants/{name}/rate_limit  {queues, max|null, per_ms} -> the tenant's limit
                                      (null max removes it); brokers get their shares
                                      as `leases` in heartbeat answers (tenants.py)
+    GET  /replication                {primary: {follower, in_sync, repl_epoch, lag_ops,
+                                     failover?}} (--replicas 1; replication.py)
+    POST /replication/out-of-sync    {primary, follower, repl_epoch} -> {primary, follower,
+                                     in_sync, repl_epoch, fenced, epoch}: compare-and-set
+    POST /replication/in-sync        the same body and answer
 
 Errors answer `{"error": message}` with 400 (malformed), 401 (token),
 403 (barred id), 404 (unknown broker), 409 (conflicting state, or a data
@@ -59,11 +64,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import BadRequest, CoordinatorError
+from .failover import Failover
 from .links import BrokerLinks
 from .membership import Membership
 from .metrics import render as render_metrics
 from .moves import MoveExecutor, MovePolicy
 from .rebalance import Rebalancer
+from .replication import ReplicationBook
 from .stats import StatsBook
 from .tenants import TenantBook
 
@@ -86,7 +93,8 @@ def default_rebalancer(membership: Membership, token: str | None = None, *,
 
 def create_app(membership: Membership, *, token: str | None = None,
                check_interval_ms: int = 1000, rebalancer: Rebalancer | None = None,
-               stats: StatsBook | None = None, tenants: TenantBook | None = None) -> Starlette:
+               stats: StatsBook | None = None, tenants: TenantBook | None = None,
+               replication: ReplicationBook | None = None) -> Starlette:
     """The ASGI app; its lifespan runs the liveness check every `check_interval_ms`,
     recovers unfinished moves at start and stops the rebalancer at the end.
 
@@ -100,15 +108,19 @@ def create_app(membership: Membership, *, token: str | None = None,
             default: a fresh `StatsBook()`.
         tenants: cluster-wide tenant limits and their leases; default: kept
             in memory only (the server passes one persisted in its store).
+        replication: the replication records (`--replicas 1`); None: none.
     """
     m = membership
     rb = rebalancer or default_rebalancer(membership, token)
     book = stats or StatsBook()
     tb = _tenant_book(tenants, m)
+    fo_links = BrokerLinks(lambda b: m.topology.addr_of(b), token)
+    failover = (Failover(m, replication, fo_links.send)
+                if replication is not None and replication.enabled else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        task = asyncio.create_task(_liveness_loop(m, check_interval_ms / 1000.0))
+        task = asyncio.create_task(_liveness_loop(m, check_interval_ms / 1000.0, failover))
         try:
             await rb.recover()
             yield
@@ -116,6 +128,7 @@ def create_app(membership: Membership, *, token: str | None = None,
             task.cancel()
             await asyncio.wait([task])
             await rb.aclose()
+            await fo_links.aclose()
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True, "term": m.term, "epoch": m.epoch,
@@ -125,7 +138,7 @@ def create_app(membership: Membership, *, token: str | None = None,
         return Response(m.topology_json(), media_type="application/json")
 
     async def status(request: Request) -> Response:
-        return JSONResponse(m.status())
+        return JSONResponse(_status(m, replication))
 
     async def register(request: Request) -> Response:
         body = await _json_body(request)
@@ -184,7 +197,8 @@ def create_app(membership: Membership, *, token: str | None = None,
         Route("/brokers/{broker_id}/forget", forget, methods=["POST"]),
         *_rebalance_routes(m, rb),
         *_tenant_routes(tb),
-        *_stats_routes(m, book),
+        *_stats_routes(m, book, replication),
+        *_replication_routes(m, replication),
     ]
     middleware = [Middleware(BearerAuth, token=token)] if token else []
     return Starlette(
@@ -252,14 +266,53 @@ def _tenant_routes(tb: TenantBook) -> list[Route]:
     ]
 
 
-def _stats_routes(m: Membership, book: StatsBook) -> list[Route]:
+def _status(m: Membership, replication: ReplicationBook | None) -> dict[str, Any]:
+    body = m.status()
+    if replication is not None and replication.enabled:
+        replication.status_rows(body["brokers"])
+        body["failovers"] = dict(replication.failovers)
+    return body
+
+
+def _replication_routes(m: Membership, rep: ReplicationBook | None) -> list[Route]:
+    """The replication records and their compare-and-set (replication.py)."""
+
+    def book() -> ReplicationBook:
+        if rep is None or not rep.enabled:
+            raise BadRequest("this coordinator runs with --replicas 0")
+        return rep
+
+    async def view(request: Request) -> Response:
+        return JSONResponse(book().view() if rep is not None and rep.enabled else {})
+
+    async def cas(request: Request) -> Response:
+        body = await _json_body(request)
+        primary, follower = _field(body, "primary", str), _field(body, "follower", str)
+        epoch = _field(body, "repl_epoch", int)
+        b = book()
+        if request.url.path.endswith("/in-sync"):
+            return JSONResponse(b.in_sync(primary, follower, epoch))
+        return JSONResponse(b.out_of_sync(primary, follower, epoch))
+
+    return [
+        Route("/replication", view, methods=["GET"]),
+        Route("/replication/out-of-sync", cas, methods=["POST"]),
+        Route("/replication/in-sync", cas, methods=["POST"]),
+    ]
+
+
+def _stats_routes(m: Membership, book: StatsBook,
+                  rep: ReplicationBook | None = None) -> list[Route]:
     """GET /stats and GET /metrics: the heartbeat stats over the current topology."""
 
     async def cluster_stats(request: Request) -> Response:
         return JSONResponse(book.view(m.topology).to_json())
 
     async def metrics(request: Request) -> Response:
-        return Response(render_metrics(book.view(m.topology)), media_type=CONTENT_TYPE_LATEST)
+        text = render_metrics(book.view(m.topology))
+        if rep is not None and rep.enabled:
+            text += _replication_metrics(rep)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     return [
         Route("/stats", cluster_stats, methods=["GET"]),
@@ -279,7 +332,27 @@ def _logged(m: Membership, what: str, call: Callable[[], dict[str, Any]],
     return JSONResponse(answer)
 
 
-async def _liveness_loop(m: Membership, interval_s: float) -> None:
+def _replication_metrics(rep: ReplicationBook) -> bytes:
+    """`shardq_replication_*` and `shardq_failovers_total` (docs/design.md §12)."""
+    lines = ["# HELP shardq_replication_in_sync 1 when the broker's follower is in sync.",
+             "# TYPE shardq_replication_in_sync gauge"]
+    lag = ["# HELP shardq_replication_lag_ops Batches shipped to the follower and not yet "
+           "acknowledged.", "# TYPE shardq_replication_lag_ops gauge"]
+    for primary, rec in sorted(rep.state.items()):
+        lines.append(f'shardq_replication_in_sync{{broker="{primary}"}} '
+                     f'{1 if rec.get("in_sync") else 0}')
+        value = rep.lag_ops(primary)
+        if value is not None:
+            lag.append(f'shardq_replication_lag_ops{{broker="{primary}"}} {value}')
+    fo = ["# HELP shardq_failovers_total Failovers by result.",
+          "# TYPE shardq_failovers_total counter"]
+    for result in ("ok", "refused"):
+        fo.append(f'shardq_failovers_total{{result="{result}"}} {rep.failovers.get(result, 0)}')
+    return ("\n".join([*lines, *lag, *fo]) + "\n").encode()
+
+
+async def _liveness_loop(m: Membership, interval_s: float,
+                         failover: Failover | None = None) -> None:
     while True:
         await asyncio.sleep(interval_s)
         try:
@@ -289,6 +362,11 @@ async def _liveness_loop(m: Membership, interval_s: float) -> None:
             continue
         if dead:
             log.warning("missed heartbeats, marked dead: %s (epoch %d)", ", ".join(dead), m.epoch)
+        if failover is not None:
+            try:
+                await failover.tick()
+            except Exception:
+                log.exception("replication check failed")
 
 
 async def _error_response(request: Request, exc: Exception) -> Response:

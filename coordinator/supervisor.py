@@ -57,6 +57,7 @@ class ClusterConfig:
     fast: bool = False
     token: str | None = None
     registry: Path | None = None  # where `scale` finds this cluster by URL (cluster_control.py)
+    replicas: int = 0  # docs/design.md §12
 
 
 class ChildFailed(Exception):
@@ -235,7 +236,8 @@ class Cluster:
         self.coordinator = Child(
             "coordinator",
             lambda port: ["coordinator", "--port", str(port), "--data-dir", str(d / "coordinator"),
-                          "--expect", str(config.brokers), *self._token_args()],
+                          "--expect", str(config.brokers), *self._token_args(),
+                          *(["--replicas", "1"] if config.replicas else [])],
             config.coordinator_port, d / "logs" / "coordinator.log", self.notify)
         self.removed: list[str] = list(saved.removed) if saved else []
         names = {f"b{i}" for i in range(1, config.brokers + 1)}

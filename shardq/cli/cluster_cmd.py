@@ -29,6 +29,9 @@ def up(
         help="Start brokers with --fast (answer before commit; see `shardq broker --help`)."),
     token: str | None = typer.Option(
         None, envvar="SHARDQ_TOKEN", help="Token for the coordinator and brokers."),
+    replicas: int = typer.Option(
+        0, min=0, max=1, help="1: each broker follows another and failovers are automatic "
+                              "(`shardq coordinator --replicas`)."),
 ) -> None:
     """Start the coordinator and N brokers; restart any that dies; Ctrl-C stops all.
 
@@ -41,7 +44,7 @@ def up(
 
     config = ClusterConfig(brokers=n, data_dir=data_dir, base_port=base_port,
                            coordinator_port=coordinator_port, fast=fast, token=token,
-                           registry=cluster_registry())
+                           registry=cluster_registry(), replicas=replicas)
     console = Console(stderr=True)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -40,6 +40,11 @@ def coordinator(
     handoff_copy_rate: int = typer.Option(
         0, min=0, help="Jobs/s one handoff's copy may stream (0: unpaced); pacing trades "
                        "a longer move for less CPU taken from serving."),
+    replicas: int = typer.Option(
+        0, min=0, max=1,
+        help="1: every broker gets a follower on another broker; a write is answered once "
+             "both disks have it, and a dead broker's slots fail over to its follower "
+             "(docs/design.md §12). 0: no replication."),
     log_level: str = typer.Option("INFO", envvar="SHARDQ_LOG_LEVEL"),
 ) -> None:
     """Run the coordinator: membership, topology, handoffs and status over HTTP."""
@@ -54,4 +59,5 @@ def coordinator(
         token=token, heartbeat_timeout_ms=heartbeat_timeout_ms,
         rebalance_concurrency=rebalance_concurrency, rebalance_throttle_ms=rebalance_throttle_ms,
         auto_rebalance=auto_rebalance, handoff_copy_timeout_s=handoff_copy_timeout_s,
-        handoff_retry_budget_s=handoff_retry_budget_s, handoff_copy_rate=handoff_copy_rate))
+        handoff_retry_budget_s=handoff_retry_budget_s, handoff_copy_rate=handoff_copy_rate,
+        replicas=replicas))

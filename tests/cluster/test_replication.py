@@ -1,0 +1,165 @@
+"""Replication and failover with real processes (docs/design.md §12).
+
+A coordinator with `--replicas 1` and brokers b1..b3: every broker follows
+another; a write is answered once both disks have it; a broker killed with
+`kill -9` whose data directory is deleted fails over to its follower, which
+serves its queues with their jobs and their lock tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import shardq
+from shardq import protocol
+from shardq.router import Topology
+from tests.cluster.conftest import http_get, poll
+from tests.conftest import Proc, queue_on
+from tests.integration.rawwire import RawConn
+
+DETECT_MS = 1500  # --heartbeat-timeout-ms: a silent broker is dead after this
+FAILOVER_BOUND_S = 15.0  # kill -9 to the first answered write on its queues (loaded box)
+
+
+class Replicated:
+    """A `--replicas 1` coordinator and brokers, each its own process, with ack journals."""
+
+    def __init__(self, procs: list[Proc], start_broker: Any, tmp_path: Path,
+                 brokers: tuple[str, ...] = ("b1", "b2", "b3")) -> None:
+        self.tmp_path = tmp_path
+        self._start_broker = start_broker
+        self.coordinator = Proc(
+            ["coordinator", "--port", "0", "--data-dir", str(tmp_path / "coord"),
+             "--expect", str(len(brokers)), "--replicas", "1",
+             "--heartbeat-timeout-ms", str(DETECT_MS)],
+            log_path=tmp_path / "coord.log")
+        procs.append(self.coordinator)
+        self.url = f"http://{self.coordinator.addr}"
+        self.journals: dict[str, Path] = {}
+        self.brokers: dict[str, Proc] = {}
+        for bid in brokers:
+            self.start(bid)
+        self.wait_in_sync(brokers)
+
+    def data_dir(self, bid: str) -> Path:
+        return self.tmp_path / f"{bid}-data"
+
+    def start(self, bid: str) -> Proc:
+        self.journals[bid] = self.tmp_path / f"acks-{bid}.tsv"
+        self.brokers[bid] = self._start_broker(
+            bid, "--coordinator", self.url, data_dir=self.data_dir(bid),
+            env={"SHARDQ_ACK_JOURNAL": str(self.journals[bid]), "SHARDQ_LOG_LEVEL": "INFO"})
+        return self.brokers[bid]
+
+    def replication(self) -> dict[str, Any]:
+        return http_get(self.url, "/replication") or {}
+
+    def wait_in_sync(self, brokers: tuple[str, ...], timeout: float = 60.0) -> dict[str, Any]:
+        def ok() -> dict[str, Any] | None:
+            rep = self.replication()
+            if all(rep.get(b, {}).get("in_sync") for b in brokers):
+                return rep
+            return None
+
+        rep: dict[str, Any] = poll(ok, f"{brokers} in sync", timeout)
+        return rep
+
+    def topology(self) -> Topology:
+        return Topology.from_dict(http_get(self.url, "/topology"))
+
+    def acks(self) -> collections.Counter[tuple[str, str]]:
+        acks: collections.Counter[tuple[str, str]] = collections.Counter()
+        for path in self.journals.values():
+            if path.exists():
+                for line in path.read_text().splitlines():
+                    q, jid, _ = line.split("\t")
+                    acks[(q, jid)] += 1
+        return acks
+
+    def log_tail(self) -> str:
+        parts = []
+        for p in sorted(self.tmp_path.glob("*.log")):
+            parts.append(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}")
+        return "\n".join(parts)
+
+
+@pytest.mark.timeout(240)
+def test_placement_spreads_followers_and_the_topology_shows_them(
+        procs: list[Proc], start_broker: Any, tmp_path: Path) -> None:
+    c = Replicated(procs, start_broker, tmp_path)
+    rep = c.replication()
+    followers = {p: r["follower"] for p, r in rep.items()}
+    assert set(followers) == {"b1", "b2", "b3"}
+    assert all(f != p for p, f in followers.items())
+    assert sorted(followers.values()) == ["b1", "b2", "b3"], "each broker follows one other"
+    topo = http_get(c.url, "/topology")
+    assert topo["replication"]["b1"]["in_sync"] is True
+    status = http_get(c.url, "/status")
+    assert {b["id"]: b["follower"] for b in status["brokers"]} == followers
+    metrics = __import__("httpx").get(c.url + "/metrics", timeout=5).text
+    assert 'shardq_replication_in_sync{broker="b1"} 1' in metrics
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_and_deleted_disk_fail_over_with_jobs_and_lock_tokens(
+        procs: list[Proc], start_broker: Any, tmp_path: Path) -> None:
+    c = Replicated(procs, start_broker, tmp_path)
+    topo = c.topology()
+    victim = "b2"
+    follower = c.replication()[victim]["follower"]
+    queue = queue_on(topo, victim, "fo")
+
+    async def before() -> list[str]:
+        async with await shardq.connect(c.url) as client:
+            q = client.queue(queue)
+            return [await q.add("job", {"i": i}, job_id=f"j{i}") for i in range(50)]
+
+    ids = asyncio.run(before())
+    conn = RawConn(topo.brokers[victim].addr)
+    held = conn.ok("PULL", {"queues": [queue], "count": 1, "lock_ms": 60_000})[0]
+    conn.close()
+    killed_at = time.monotonic()
+    c.brokers[victim].kill()
+    shutil.rmtree(c.data_dir(victim))
+
+    async def after() -> tuple[float, int, str | None]:
+        async with await shardq.connect(c.url) as client:
+            q = client.queue(queue)
+            deadline = time.monotonic() + FAILOVER_BOUND_S * 2
+            while True:
+                try:
+                    await q.add("job", {"after": True}, job_id="after-failover")
+                    break
+                except shardq.ShardqError:
+                    assert time.monotonic() < deadline, c.log_tail()
+            served = time.monotonic() - killed_at
+            counts_before = await q.counts()
+            assert counts_before["active"] == 1, counts_before
+            got = await q.get_job(ids[-1])
+            return served, counts_before["waiting"], got["state"] if got else None
+
+    served, waiting, state = asyncio.run(after())
+    # The worker's lock survived: its ack with the old token succeeds at the new owner.
+    new_owner = c.topology().brokers[follower].addr
+    conn = RawConn(new_owner)
+    acked = conn.ok("ACK", {"items": [[queue, held[protocol.J_ID], held[protocol.J_TOKEN],
+                                       None]]})
+    conn.close()
+    assert acked == [None], acked
+    assert waiting == 50, waiting  # 49 left of the first 50, and the one added after
+    assert served < FAILOVER_BOUND_S, f"failover took {served:.1f} s\n{c.log_tail()}"
+    assert state == "waiting"
+    topo = c.topology()
+    assert topo.slot_counts().get(victim, 0) == 0
+    assert topo.owner_of(queue) == follower
+    rep = c.replication()
+    assert rep[victim]["failover"]["to"] == follower
+    assert rep[victim]["failover"]["phase"] == "done"
+    assert sum(c.acks().values()) == 1
