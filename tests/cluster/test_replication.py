@@ -32,21 +32,33 @@ class Replicated:
     """A `--replicas 1` coordinator and brokers, each its own process, with ack journals."""
 
     def __init__(self, procs: list[Proc], start_broker: Any, tmp_path: Path,
-                 brokers: tuple[str, ...] = ("b1", "b2", "b3")) -> None:
+                 brokers: tuple[str, ...] = ("b1", "b2", "b3"),
+                 coordinator_env: dict[str, str] | None = None) -> None:
         self.tmp_path = tmp_path
+        self._procs = procs
         self._start_broker = start_broker
-        self.coordinator = Proc(
-            ["coordinator", "--port", "0", "--data-dir", str(tmp_path / "coord"),
-             "--expect", str(len(brokers)), "--replicas", "1",
-             "--heartbeat-timeout-ms", str(DETECT_MS)],
-            log_path=tmp_path / "coord.log")
-        procs.append(self.coordinator)
+        self.n = len(brokers)
+        self.coordinator = self._coordinator(0, coordinator_env)
         self.url = f"http://{self.coordinator.addr}"
         self.journals: dict[str, Path] = {}
         self.brokers: dict[str, Proc] = {}
         for bid in brokers:
             self.start(bid)
         self.wait_in_sync(brokers)
+
+    def _coordinator(self, port: int, env: dict[str, str] | None = None) -> Proc:
+        p = Proc(["coordinator", "--port", str(port), "--data-dir", str(self.tmp_path / "coord"),
+                  "--expect", str(self.n), "--replicas", "1",
+                  "--heartbeat-timeout-ms", str(DETECT_MS)],
+                 env=env, log_path=self.tmp_path / "coord.log")
+        self._procs.append(p)
+        return p
+
+    def restart_coordinator(self, env: dict[str, str] | None = None) -> Proc:
+        """Start the coordinator again on its data dir and port."""
+        assert not self.coordinator.alive(), "kill it first"
+        self.coordinator = self._coordinator(self.coordinator.port, env)
+        return self.coordinator
 
     def data_dir(self, bid: str) -> Path:
         return self.tmp_path / f"{bid}-data"
@@ -218,3 +230,92 @@ def test_kill_9_and_deleted_disk_under_load_lose_nothing_and_ack_nothing_twice(
     assert c.topology().slot_counts().get(victim, 0) == 0
     print(f"failover served after {served:.2f} s; {len(load.answered)} answered adds, "
           f"{sum(n > 1 for n in load.handled.values())} re-runs (at-least-once)")
+
+
+async def add_until_served(c: Replicated, queue: str, job_id: str, started: float,
+                           bound_s: float) -> float:
+    """Add to `queue` until one is answered; the seconds since `started`."""
+    async with await shardq.connect(c.url) as client:
+        while True:
+            try:
+                await client.queue(queue).add("job", None, job_id=job_id)
+                return time.monotonic() - started
+            except shardq.ShardqError:
+                assert time.monotonic() - started < bound_s, c.log_tail()
+
+
+async def add_jobs(c: Replicated, queue: str, n: int) -> list[str]:
+    async with await shardq.connect(c.url) as client:
+        q = client.queue(queue)
+        return [await q.add("job", {"i": i}, job_id=f"j{i}") for i in range(n)]
+
+
+async def job_ids(c: Replicated, queue: str) -> set[str]:
+    async with await shardq.connect(c.url) as client:
+        jobs = await client.queue(queue).get_jobs("waiting", 0, 10_000)
+        return {j["id"] for j in jobs}
+
+
+@pytest.mark.timeout(300)
+def test_empty_disk_return_at_once_fails_over_instead_of_lost_storage(
+        procs: list[Proc], start_broker: Any, tmp_path: Path) -> None:
+    c = Replicated(procs, start_broker, tmp_path)
+    victim = "b1"
+    follower = c.replication()[victim]["follower"]
+    queue = queue_on(c.topology(), victim, "disk")
+    ids = asyncio.run(add_jobs(c, queue, 40))
+    c.brokers[victim].kill()
+    shutil.rmtree(c.data_dir(victim))
+    started = time.monotonic()
+    c.start(victim)  # at once, under its id, on an empty disk
+    asyncio.run(add_until_served(c, queue, "after", started, FAILOVER_BOUND_S * 2))
+    topo = c.topology()
+    assert topo.owner_of(queue) == follower
+    assert topo.slot_counts().get(victim, 0) == 0, "it must not take its old slots"
+    assert set(ids) | {"after"} <= asyncio.run(job_ids(c, queue))
+    # It rejoins as a new, empty broker, and becomes a follower or primary again.
+    poll(lambda: (http_get(c.url, "/topology") or {}).get("brokers", {}).get(victim, {})
+         .get("state") == "active", f"{victim} active again")
+    assert c.wait_in_sync(("b1", "b2", "b3"))
+
+
+@pytest.mark.timeout(300)
+def test_follower_loss_primary_goes_on_degraded_then_in_sync_again(
+        procs: list[Proc], start_broker: Any, tmp_path: Path) -> None:
+    c = Replicated(procs, start_broker, tmp_path)
+    primary = "b1"
+    follower = c.replication()[primary]["follower"]
+    queue = queue_on(c.topology(), primary, "deg")
+    asyncio.run(add_jobs(c, queue, 20))
+    c.brokers[follower].kill()
+    started = time.monotonic()
+    # The primary answers alone only once the coordinator recorded the follower
+    # out of sync (or replaced it).
+    asyncio.run(add_until_served(c, queue, "alone", started, 30))
+    rep = c.replication()
+    assert rep[primary]["follower"] != follower or not rep[primary]["in_sync"], rep
+    c.start(follower)  # back with its disk
+    rep = c.wait_in_sync((primary,))
+    assert rep[primary]["in_sync"]
+    assert {"alone", *(f"j{i}" for i in range(20))} <= asyncio.run(job_ids(c, queue))
+
+
+@pytest.mark.timeout(300)
+def test_no_coordinator_and_no_follower_means_no_answer_alone(
+        procs: list[Proc], start_broker: Any, tmp_path: Path) -> None:
+    c = Replicated(procs, start_broker, tmp_path)
+    primary = "b1"
+    follower = c.replication()[primary]["follower"]
+    queue = queue_on(c.topology(), primary, "alone")
+    addr = c.topology().brokers[primary].addr
+    c.coordinator.kill()
+    c.brokers[follower].kill()
+    conn = RawConn(addr, timeout=8.0)
+    try:
+        with pytest.raises((TimeoutError, OSError)):
+            conn.ok("ADD", {"queue": queue, "jobs": [["held", "job", b"\xc0", None]]})
+    finally:
+        conn.close()
+    c.restart_coordinator()
+    asyncio.run(add_until_served(c, queue, "later", time.monotonic(), 30))
+    assert {"held", "later"} <= asyncio.run(job_ids(c, queue))
