@@ -152,7 +152,8 @@ class Replica:
             self.synced = False
         if reset or chunks:
             apply_chunks_live(self.images, self.live, chunks, self._build)
-            out.append(("RC", None, reset, chunks))
+            op = ("RC", None, reset, chunks)
+            out.append(op)
         ops = args.get("ops") or []
         if not isinstance(ops, list):
             raise BadRequestError("ops must be a list")

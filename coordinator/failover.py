@@ -70,6 +70,12 @@ class Failover:
         b = self.m.topology.brokers.get(primary)
         if b is None or b.state not in _ABSENT or not self.m.topology.slots_of(primary):
             return False
+        for other in self.book.state.values():
+            fo = other.get("failover")
+            if isinstance(fo, dict) and fo.get("to") == primary and fo.get("phase") != "done":
+                # It died while taking over another primary: its follower may
+                # not have that data yet. Two brokers lost: unavailable, not empty.
+                return False
         follower = rec.get("follower")
         f = self.m.topology.brokers.get(follower) if follower else None
         if not rec.get("in_sync") or f is None or f.state is not BrokerState.ACTIVE:

@@ -33,7 +33,8 @@ class Replicated:
 
     def __init__(self, procs: list[Proc], start_broker: Any, tmp_path: Path,
                  brokers: tuple[str, ...] = ("b1", "b2", "b3"),
-                 coordinator_env: dict[str, str] | None = None) -> None:
+                 coordinator_env: dict[str, str] | None = None,
+                 broker_env: dict[str, dict[str, str]] | None = None) -> None:
         self.tmp_path = tmp_path
         self._procs = procs
         self._start_broker = start_broker
@@ -43,7 +44,7 @@ class Replicated:
         self.journals: dict[str, Path] = {}
         self.brokers: dict[str, Proc] = {}
         for bid in brokers:
-            self.start(bid)
+            self.start(bid, (broker_env or {}).get(bid))
         self.wait_in_sync(brokers)
 
     def _coordinator(self, port: int, env: dict[str, str] | None = None) -> Proc:
@@ -63,11 +64,12 @@ class Replicated:
     def data_dir(self, bid: str) -> Path:
         return self.tmp_path / f"{bid}-data"
 
-    def start(self, bid: str) -> Proc:
+    def start(self, bid: str, env: dict[str, str] | None = None) -> Proc:
         self.journals[bid] = self.tmp_path / f"acks-{bid}.tsv"
         self.brokers[bid] = self._start_broker(
             bid, "--coordinator", self.url, data_dir=self.data_dir(bid),
-            env={"SHARDQ_ACK_JOURNAL": str(self.journals[bid]), "SHARDQ_LOG_LEVEL": "INFO"})
+            env={"SHARDQ_ACK_JOURNAL": str(self.journals[bid]), "SHARDQ_LOG_LEVEL": "INFO",
+                 **(env or {})})
         return self.brokers[bid]
 
     def replication(self) -> dict[str, Any]:
@@ -136,6 +138,8 @@ def test_kill_9_and_deleted_disk_fail_over_with_jobs_and_lock_tokens(
     ids = asyncio.run(before())
     conn = RawConn(topo.brokers[victim].addr)
     held = conn.ok("PULL", {"queues": [queue], "count": 1, "lock_ms": 60_000})[0]
+    # A durable write answered after the pull: the lock is on both disks too.
+    conn.ok("ADD", {"queue": queue, "jobs": [["marker", "job", b"\xc0", None]]})
     conn.close()
     killed_at = time.monotonic()
     c.brokers[victim].kill()
@@ -165,7 +169,7 @@ def test_kill_9_and_deleted_disk_fail_over_with_jobs_and_lock_tokens(
                                        None]]})
     conn.close()
     assert acked == [None], acked
-    assert waiting == 50, waiting  # 49 left of the first 50, and the one added after
+    assert waiting == 51, waiting  # 49 left of the first 50, the marker, the one after
     assert served < FAILOVER_BOUND_S, f"failover took {served:.1f} s\n{c.log_tail()}"
     assert state == "waiting"
     topo = c.topology()
@@ -319,3 +323,54 @@ def test_no_coordinator_and_no_follower_means_no_answer_alone(
     c.restart_coordinator()
     asyncio.run(add_until_served(c, queue, "later", time.monotonic(), 30))
     assert {"held", "later"} <= asyncio.run(job_ids(c, queue))
+
+
+FAILPOINTS = [
+    ("coordinator", "before_failover_fence"), ("coordinator", "after_failover_fence"),
+    ("coordinator", "before_failover_commit"), ("coordinator", "after_failover_commit"),
+    ("coordinator", "before_failover_activate"), ("coordinator", "after_failover_activate"),
+    ("broker", "after_failover_fence"), ("broker", "before_failover_promote"),
+    ("broker", "before_failover_activate"), ("broker", "after_failover_activate"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("side", "point"), FAILPOINTS)
+def test_kill_at_each_failover_step_rolls_forward_to_one_owner(
+        procs: list[Proc], start_broker: Any, tmp_path: Path, side: str, point: str) -> None:
+    """kill -9 (a failpoint) of the coordinator or of the follower at each step
+    of a failover; restarted, it rolls forward: one owner, no answered write
+    lost, no ack accepted twice."""
+    victim, follower = "b3", "b1"  # placement: each broker follows the next one's primary
+    env = {"SHARDQ_FAILPOINTS": f"{side}.{point}=kill"}
+    c = Replicated(procs, start_broker, tmp_path,
+                   coordinator_env=env if side == "coordinator" else None,
+                   broker_env={follower: env} if side == "broker" else None)
+    assert c.replication()[victim]["follower"] == follower
+    queue = queue_on(c.topology(), victim, "fp")
+    ids = asyncio.run(add_jobs(c, queue, 30))
+    conn = RawConn(c.topology().brokers[victim].addr)
+    held = conn.ok("PULL", {"queues": [queue], "count": 1, "lock_ms": 120_000})[0]
+    conn.ok("ADD", {"queue": queue, "jobs": [["marker", "job", b"\xc0", None]]})
+    conn.close()
+    c.brokers[victim].kill()
+    shutil.rmtree(c.data_dir(victim))
+    dying = c.coordinator if side == "coordinator" else c.brokers[follower]
+    poll(lambda: not dying.alive(), f"the {side} to die at {point}", 60)
+    if side == "coordinator":
+        c.restart_coordinator()
+    else:
+        c.start(follower)
+    asyncio.run(add_until_served(c, queue, "after", time.monotonic(), 60))
+    topo = c.topology()
+    assert topo.owner_of(queue) == follower
+    assert topo.slot_counts().get(victim, 0) == 0
+    assert set(topo.slot_owners) <= {"b1", "b2"}
+    got = asyncio.run(job_ids(c, queue))
+    assert set(ids[1:]) | {"after"} <= got, sorted(set(ids) - got)
+    conn = RawConn(topo.brokers[follower].addr)
+    assert conn.ok("ACK", {"items": [[queue, held[protocol.J_ID], held[protocol.J_TOKEN],
+                                      None]]}) == [None]
+    conn.close()
+    assert {k for k, n in c.acks().items() if n > 1} == set()
