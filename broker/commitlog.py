@@ -337,6 +337,16 @@ class CommitLog:
         if self._seq_waiters:
             self._wake_seq_waiters()
 
+    def drop_held(self) -> None:
+        """Fenced (broker/replica.py): these replies are never sent; close their
+        connections so that the clients resend elsewhere at once."""
+        held, self._held = self._held, deque()
+        for _seq, replies, _lines in held:
+            for sink, _data in replies:
+                abort = getattr(sink, "abort", None)
+                if abort is not None:
+                    abort()
+
     @property
     def held_replies(self) -> int:
         """Batches whose replies wait for the follower."""

@@ -172,6 +172,7 @@ class Broker:
         self._loop = loop
         self.commits.attach(loop)
         self.replication.followers.start(loop)
+        self.replication.resume()
         for q in self.queues.values():
             self._arm(q)
 

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shardq.broker.replica")
 
+FENCED = "fenced"  # the freeze a fenced primary puts on its slots
+FOLLOW_MAP_S = 30.0
 ACK_TIMEOUT_S = 5.0  # a follower that has not acked a batch this long is lost
 SNAPSHOT_CHUNK_JOBS = 1000
 SNAPSHOT_WINDOW = 8  # snapshot frames in flight
@@ -51,12 +53,17 @@ COORDINATOR_TIMEOUT_S = 2.0
 class Link:
     """Ships this broker's log to its follower, and gates replies on its acks."""
 
-    def __init__(self, broker: Broker, follower: str, repl_epoch: int) -> None:
+    def __init__(self, broker: Broker, follower: str, repl_epoch: int,
+                 in_sync: bool = False) -> None:
         self.b = broker
         self.follower = follower
         self.repl_epoch = repl_epoch
-        self.gating = False
-        self.acked = 0
+        # Recorded in sync (a restart): not one reply alone until the follower
+        # is complete again or the coordinator records it out of sync.
+        self.gating = in_sync
+        self.acked = 0  # the last seq on the follower's disk, once its copy is complete
+        self._complete = False
+        self._follower_seq = 0
         self.shipped = 0  # the last batch seq shipped
         self.in_sync = False
         self.state = "connecting"  # connecting, syncing, streaming, lost, fenced, closed
@@ -66,28 +73,65 @@ class Link:
         self._task: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
         self.lost_count = 0
+        if in_sync:
+            broker.commits.repl = self
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def fence(self) -> None:
-        """A failover promoted our follower: never answer a held write."""
-        if self.state != "fenced":
-            log.critical("replication of %s was fenced (its follower %s was promoted): "
-                         "answering no more writes", self.b.config.broker_id, self.follower)
+        """A failover promoted our follower: never answer a held write.
+
+        Its slots are frozen here (TRYAGAIN, so clients resend instead of
+        waiting), connections with held replies are closed (their clients
+        resend to the new owner: adds are idempotent by job id, and a write
+        the follower had stays there), and the new map is fetched at once."""
+        if self.state == "fenced":
+            return
+        log.critical("replication of %s was fenced (its follower %s was promoted): "
+                     "answering no more writes", self.b.config.broker_id, self.follower)
         self.state = "fenced"
         self._streaming = False
         self.gating = True
         self.acked = -1  # nothing is released any more
         self._lost.set()
+        b = self.b
+        mine = [s for s in range(len(b.owned)) if b.owned[s] and s not in b.slots.frozen]
+        if mine:
+            b.slots.freeze(mine, FENCED)
+        b.commits.drop_held()
+        b.spawn(self._follow_map())
+
+    async def _follow_map(self) -> None:
+        """Poll the coordinator's map until it gives our slots away (a failover
+        commits within ms of the fence), so clients are redirected at once."""
+        cfg = self.b.config
+        if not cfg.coordinator:
+            return
+        headers = {"Authorization": f"Bearer {cfg.token}"} if cfg.token else {}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FOLLOW_MAP_S
+        async with httpx.AsyncClient(timeout=COORDINATOR_TIMEOUT_S, headers=headers) as http:
+            while loop.time() < deadline and self.b.slots.frozen_by(FENCED):
+                try:
+                    r = await http.get(cfg.coordinator.rstrip("/") + "/topology")
+                    d = r.json()
+                    if isinstance(d, dict) and int(d.get("epoch", 0)) > self.b.epoch:
+                        self.b.apply_topology(d)
+                except (httpx.HTTPError, ValueError) as exc:
+                    log.debug("map after the fence: %r", exc)
+                await asyncio.sleep(0.05)
 
     async def close(self, release: bool = False) -> None:
         """Stop shipping (the map names another follower, or none); with
         `release`, the coordinator recorded the follower out of sync, so
         held replies go out."""
         if self.state == "fenced":
-            return
+            if any(self.b.owned):
+                return  # still holding slots: stays fenced until they are given away
+            self.b.commits.drop_held()
+            release = True
         self.state = "closed"
         self._streaming = False
         if release:
@@ -126,10 +170,12 @@ class Link:
             return
         body = fut.result()
         seq = body.get("seq") if isinstance(body, dict) else None
-        if isinstance(seq, int) and seq > self.acked:
-            self.acked = seq
-            if self.gating:
-                self.b.commits.release()
+        if isinstance(seq, int) and seq > self._follower_seq:
+            self._follower_seq = seq
+            if self._complete and seq > self.acked:
+                self.acked = seq
+                if self.gating:
+                    self.b.commits.release()
 
     def _fail(self, exc: BaseException) -> None:
         if self._streaming:
@@ -184,7 +230,8 @@ class Link:
                                                    "reset": True, "chunks": metas,
                                                    "seq": b.commits.seq})
         self._skip = len(b.log)
-        self.acked = self.shipped = b.commits.seq
+        self._complete = False
+        self.shipped = self._follower_seq = b.commits.seq
         b.commits.repl = self
         self._streaming = True
         await first
@@ -206,8 +253,12 @@ class Link:
             raise OSError("the follower went away during the snapshot")
         # From this instant a reply waits for the follower's disk too.
         self.gating = True
+        marker = b.commits.seq
         await self._conn.request(p.REPL_APPEND, {"primary": me, "repl_epoch": self.repl_epoch,
-                                                 "synced": True, "seq": b.commits.seq})
+                                                 "synced": True, "seq": marker})
+        self._complete = True
+        self.acked = max(self.acked, marker, self._follower_seq)
+        b.commits.release()
         self.state = "streaming"
         await self._mark_in_sync()
 
@@ -289,20 +340,38 @@ class Replication:
         fenced = isinstance(rec.get("failover"), dict)
         link = self.link
         if link is not None:
-            if fenced:
+            if fenced or link.repl_epoch < int(rec.get("fenced_below") or 0):
                 link.fence()  # held replies are never sent
-                return
-            if link.follower == follower and epoch <= link.repl_epoch:
+                if any(self.b.owned):
+                    return  # until the map gives our slots away
+                self.b.spawn(link.close())
+                self.link = link = None
+            elif link.follower == follower and epoch <= link.repl_epoch:
                 return  # nothing new (or our own compare-and-set, already adopted)
-            if link.follower == follower and in_sync:
+            elif link.follower == follower and in_sync:
                 link.repl_epoch = epoch
                 return
-            # The coordinator durably recorded the follower out of sync (or
-            # replaced it): replies need not wait for the old one any more.
-            self.b.spawn(link.close(release=not in_sync))
-            self.link = link = None
+            else:
+                # The coordinator durably recorded the follower out of sync (or
+                # replaced it): replies need not wait for the old one any more.
+                self.b.spawn(link.close(release=not in_sync))
+                self.link = link = None
         if isinstance(follower, str) and follower != me and not fenced:
             self.link = Link(self.b, follower, epoch)
+            self.link.start()
+
+    def resume(self) -> None:
+        """At start, from the map persisted with the data: a follower recorded in
+        sync keeps replies waiting from the first write on (not one answered
+        alone while the coordinator counts on that follower)."""
+        d = self.b.ownership_state().get("topology") or {}
+        rec = (d.get("replication") or {}).get(self.b.config.broker_id)
+        if not isinstance(rec, dict) or isinstance(rec.get("failover"), dict):
+            return
+        follower = rec.get("follower")
+        if isinstance(follower, str) and follower != self.b.config.broker_id:
+            self.link = Link(self.b, follower, int(rec.get("repl_epoch") or 0),
+                             in_sync=bool(rec.get("in_sync")))
             self.link.start()
 
     @property

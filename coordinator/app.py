@@ -30,6 +30,7 @@
     POST /replication/out-of-sync    {primary, follower, repl_epoch} -> {primary, follower,
                                      in_sync, repl_epoch, fenced, epoch}: compare-and-set
     POST /replication/in-sync        the same body and answer
+    POST /brokers/{id}/failover      {} -> {primary, to, epoch, took_ms}: planned switchover
 
 Errors answer `{"error": message}` with 400 (malformed), 401 (token),
 403 (barred id), 404 (unknown broker), 409 (conflicting state, or a data
@@ -198,7 +199,7 @@ def create_app(membership: Membership, *, token: str | None = None,
         *_rebalance_routes(m, rb),
         *_tenant_routes(tb),
         *_stats_routes(m, book, replication),
-        *_replication_routes(m, replication),
+        *_replication_routes(m, replication, failover),
     ]
     middleware = [Middleware(BearerAuth, token=token)] if token else []
     return Starlette(
@@ -274,7 +275,8 @@ def _status(m: Membership, replication: ReplicationBook | None) -> dict[str, Any
     return body
 
 
-def _replication_routes(m: Membership, rep: ReplicationBook | None) -> list[Route]:
+def _replication_routes(m: Membership, rep: ReplicationBook | None,
+                        failover: Failover | None) -> list[Route]:
     """The replication records and their compare-and-set (replication.py)."""
 
     def book() -> ReplicationBook:
@@ -284,6 +286,14 @@ def _replication_routes(m: Membership, rep: ReplicationBook | None) -> list[Rout
 
     async def view(request: Request) -> Response:
         return JSONResponse(book().view() if rep is not None and rep.enabled else {})
+
+    async def switchover(request: Request) -> Response:
+        if failover is None:
+            raise BadRequest("this coordinator runs with --replicas 0")
+        bid = request.path_params["broker_id"]
+        answer = await failover.planned(bid)
+        log.warning("planned failover of %s: %s", bid, answer)
+        return JSONResponse(answer)
 
     async def cas(request: Request) -> Response:
         body = await _json_body(request)
@@ -296,6 +306,7 @@ def _replication_routes(m: Membership, rep: ReplicationBook | None) -> list[Rout
 
     return [
         Route("/replication", view, methods=["GET"]),
+        Route("/brokers/{broker_id}/failover", switchover, methods=["POST"]),
         Route("/replication/out-of-sync", cas, methods=["POST"]),
         Route("/replication/in-sync", cas, methods=["POST"]),
     ]

@@ -22,6 +22,7 @@ Failpoints `coordinator.{before,after}_failover_{fence,commit,activate}`.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import time
@@ -32,7 +33,7 @@ from shardq import failpoints
 from shardq import protocol as p
 from shardq.router import BrokerState
 
-from .errors import Conflict
+from .errors import Conflict, NotFound
 from .membership import Membership
 from .replication import ReplicationBook
 
@@ -51,10 +52,44 @@ class Failover:
         self.book = book
         self._send = send
         self.last: dict[str, Any] = {}  # the last failover, for status
+        self._lock = asyncio.Lock()  # one failover step sequence at a time
 
     async def tick(self) -> None:
         if not self.book.enabled or not self.m.bootstrapped:
             return
+        async with self._lock:
+            await self._tick()
+
+    async def planned(self, primary: str) -> dict[str, Any]:
+        """`shardq failover BROKER`: switch a live primary to its in-sync follower.
+
+        Its writes pause from the fence until clients follow the new map (the
+        old primary fetches it at once); nothing answered is lost: a write
+        not yet on the follower was never answered.
+
+        Raises:
+            NotFound: no such primary. Conflict: its follower is not in sync
+                and active, or a failover of it already ran.
+        """
+        async with self._lock:
+            rec = self.book.state.get(primary)
+            if rec is None:
+                raise NotFound(f"no replication record for {primary!r}")
+            f = self.m.topology.brokers.get(rec.get("follower") or "")
+            if rec.get("failover") or not rec.get("in_sync") or f is None \
+                    or f.state is not BrokerState.ACTIVE or not self.m.topology.slots_of(primary):
+                raise Conflict(f"{primary} cannot switch over: it needs slots and an active "
+                               f"follower in sync ({rec})")
+            t0 = time.perf_counter()
+            await self.start(primary)
+            fo = self.book.state[primary].get("failover") or {}
+            if fo.get("phase") != "done":
+                raise Conflict(f"switchover of {primary} stopped at phase {fo.get('phase')}; "
+                               "it rolls forward on its own")
+            return {"primary": primary, "to": fo["to"], "epoch": fo["epoch"],
+                    "took_ms": round((time.perf_counter() - t0) * 1000, 1)}
+
+    async def _tick(self) -> None:
         self.book.reconcile()
         for primary in list(self.book.state):
             rec = self.book.state.get(primary)

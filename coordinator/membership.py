@@ -738,6 +738,9 @@ class Membership:
             topo.slot_epochs[s] = epoch
         topo.overrides = {q: ((follower, epoch) if o == primary else (o, e))
                           for q, (o, e) in topo.overrides.items()}
+        # It owns nothing now: off the ring while away, and back as a joining
+        # broker that the rebalancer gives slots again (docs/design.md §12).
+        self._records[primary].revive_state = BrokerState.JOINING
         self._commit(topo, meta=meta_for(epoch))
         return epoch, slots
 

@@ -17,7 +17,9 @@ republished at a new epoch) before it is answered:
 * `out_of_sync` (asked by a primary that lost its follower) and `in_sync`
   (asked by a primary whose follower caught up), both for the `repl_epoch`
   the primary holds: a stale epoch changes nothing and gets the current
-  record, with `fenced` true once a failover of that primary began;
+  record, with `fenced` true once a failover of that primary began (a
+  failed-over primary that returns keeps `fenced_below`: the epoch below
+  which what it held is never answered);
 * failover (failover.py) sets `failover: {to, phase, epoch}`.
 
 With `--replicas 0` none of this exists: no section, no state, no calls.
@@ -134,8 +136,12 @@ class ReplicationBook:
                counts: dict[str, int]) -> dict[str, Any] | None:
         """A new record for primary `bid`, or None when `old` stays."""
         rec = old
+        fenced_below = int(old.get("fenced_below", 0)) if old is not None else 0
         if rec is not None and rec.get("failover") and not self.m.topology.slots_of(bid):
-            rec = None  # a failed-over primary is back: it starts over as a new primary
+            # A failed-over primary is back: it starts over as a new primary, and
+            # what it holds from before the fence stays fenced.
+            rec = None
+            fenced_below = int(old["repl_epoch"]) if old is not None else 0
         f = rec.get("follower") if rec is not None else None
         if rec is not None and f in ok and f != bid:
             return None
@@ -147,7 +153,10 @@ class ReplicationBook:
         if choice:
             counts[choice] = counts.get(choice, 0) + 1
         epoch = int(old.get("repl_epoch", 0)) + 1 if old is not None else 1
-        return {"follower": choice, "in_sync": False, "repl_epoch": epoch}
+        new = {"follower": choice, "in_sync": False, "repl_epoch": epoch}
+        if fenced_below:
+            new["fenced_below"] = fenced_below
+        return new
 
     def _choose(self, primary: str, candidates: list[str], counts: dict[str, int]) -> str | None:
         if not candidates:
@@ -170,11 +179,14 @@ class ReplicationBook:
             raise NotFound(f"no replication record for {primary!r}")
         return rec
 
-    def _answer(self, primary: str) -> dict[str, Any]:
+    def _answer(self, primary: str, asked_epoch: int) -> dict[str, Any]:
+        """`fenced`: writes the primary holds at `asked_epoch` must never be
+        answered (a failover fenced that epoch)."""
         rec = self.state.get(primary, {})
+        fenced = bool(rec.get("failover")) or asked_epoch < int(rec.get("fenced_below", 0))
         return {"primary": primary, "follower": rec.get("follower"),
                 "in_sync": bool(rec.get("in_sync")), "repl_epoch": int(rec.get("repl_epoch", 0)),
-                "fenced": bool(rec.get("failover")), "epoch": self.m.epoch}
+                "fenced": fenced, "epoch": self.m.epoch}
 
     def out_of_sync(self, primary: str, follower: str, repl_epoch: int) -> dict[str, Any]:
         """A primary lost its follower: record it out of sync at a new epoch,
@@ -187,7 +199,7 @@ class ReplicationBook:
             self.save(new)
             log.warning("%s: follower %s out of sync (epoch %d); %s answers alone, degraded",
                         primary, follower, repl_epoch + 1, primary)
-        return self._answer(primary)
+        return self._answer(primary, repl_epoch)
 
     def in_sync(self, primary: str, follower: str, repl_epoch: int) -> dict[str, Any]:
         """A primary's follower caught up at `repl_epoch`: record it in sync."""
@@ -198,4 +210,4 @@ class ReplicationBook:
             new[primary] = {**rec, "in_sync": True}
             self.save(new)
             log.info("%s: follower %s in sync (epoch %d)", primary, follower, repl_epoch)
-        return self._answer(primary)
+        return self._answer(primary, repl_epoch)

@@ -374,3 +374,98 @@ def test_kill_at_each_failover_step_rolls_forward_to_one_owner(
                                       None]]}) == [None]
     conn.close()
     assert {k for k, n in c.acks().items() if n > 1} == set()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_chaos_scale_out_failover_drain_and_scale_in_with_replicas_1(
+        procs: list[Proc], start_broker: Any, tmp_path: Path) -> None:
+    """The chaos test of test_chaos_rebalance.py with `--replicas 1`, and a
+    kill -9 with a deleted data directory in the middle of it."""
+    from tests.cluster.test_chaos_rebalance import Load, broker_states, post, rebalance_idle, until
+
+    c = Replicated(procs, start_broker, tmp_path)
+
+    async def scenario() -> Load:
+        load = Load(c.url)
+        await load.start()
+        await until(lambda: len(load.answered) > 1500, "load to get going")
+        c.start("b4")
+        c.start("b5")
+        await until(lambda: all(broker_states(c.url).get(b, ("", 0))[1] > 0
+                                for b in ("b4", "b5")) and rebalance_idle(c.url),
+                    "scale out to finish")
+        await until(lambda: c.replication().get("b4", {}).get("in_sync"), "b4 in sync")
+        c.brokers["b4"].kill()
+        shutil.rmtree(c.data_dir("b4"))
+        await until(lambda: (c.replication().get("b4", {}).get("failover") or {})
+                    .get("phase") == "done", "b4 to fail over")
+        post(c.url, "/brokers/b1/drain")
+        post(c.url, "/brokers/b2/drain")
+        await until(lambda: all(broker_states(c.url).get(b) == ("drained", 0)
+                                for b in ("b1", "b2")), "b1 and b2 to drain")
+        for bid in ("b1", "b2"):
+            assert c.brokers[bid].terminate() == 0
+        await until(lambda: len(load.answered) > 6000 or load.stop.is_set(), "more load")
+        await load.finish()
+        return load
+
+    async def bounded() -> Load:
+        async with asyncio.timeout(840):
+            return await scenario()
+
+    load = asyncio.run(bounded())
+    assert not load.errors, f"clients saw errors: {load.errors[:5]}"
+    acks = c.acks()
+    assert {k for k, n in acks.items() if n > 1} == set(), "an ack was accepted twice"
+    lost = load.answered - set(acks)
+    assert not lost, f"{len(lost)} answered adds never completed: {sorted(lost)[:5]}"
+    final = broker_states(c.url)
+    assert sum(s for _, s in final.values()) == 4096
+    assert {b for b, (_, s) in final.items() if s} <= {"b3", "b5"}, final
+
+
+@pytest.mark.timeout(300)
+def test_planned_switchover_loses_nothing_and_pauses_writes_briefly(
+        procs: list[Proc], start_broker: Any, tmp_path: Path) -> None:
+    import httpx
+
+    c = Replicated(procs, start_broker, tmp_path)
+    primary = "b2"
+    follower = c.replication()[primary]["follower"]
+    queue = queue_on(c.topology(), primary, "sw")
+
+    async def scenario() -> tuple[set[str], float, dict[str, Any]]:
+        answered: set[str] = set()
+        worst = 0.0
+        stop = asyncio.Event()
+
+        async def produce() -> None:
+            nonlocal worst
+            async with await shardq.connect(c.url) as client:
+                q = client.queue(queue)
+                i = 0
+                while not stop.is_set():
+                    t0 = time.monotonic()
+                    await q.add("job", None, job_id=f"w{i}")
+                    worst = max(worst, time.monotonic() - t0)
+                    answered.add(f"w{i}")
+                    i += 1
+
+        task = asyncio.create_task(produce())
+        await asyncio.sleep(1.0)
+        async with httpx.AsyncClient(timeout=60) as http:
+            r = await http.post(f"{c.url}/brokers/{primary}/failover", json={})
+        assert r.status_code == 200, r.text
+        await asyncio.sleep(1.5)
+        stop.set()
+        await task
+        return answered, worst, r.json()
+
+    answered, worst, answer = asyncio.run(scenario())
+    assert answer["to"] == follower
+    topo = c.topology()
+    assert topo.owner_of(queue) == follower and topo.slot_counts().get(primary, 0) == 0
+    assert answered <= asyncio.run(job_ids(c, queue)), "an answered write was lost"
+    print(f"switchover: coordinator {answer['took_ms']} ms, worst add {worst * 1000:.0f} ms")
+    assert worst < 5.0, f"writes paused {worst:.1f} s"
