@@ -205,8 +205,15 @@ class Replica:
         self.promoting = True
         mid = f"failover-{self.primary}-{epoch}"
         wanted = set(slots)
+        # A handoff into the primary committed (its slots are among ours) but
+        # not activated before it died: its staging is the data of those slots.
+        for mid, stage in list(self.staging.items()):
+            if stage and all(slot_of(n) in wanted for n in stage):
+                for name, img in stage.items():
+                    self.images[name] = img
+                    self.live[name] = self._build(name, img)
+                del self.staging[mid]
         names = [n for n in self.live if slot_of(n) in wanted]
-        # The primary's imports that never activated are not its data: dropped.
         written = 0
         for name in names:
             q, img = self.live[name], self.images[name]

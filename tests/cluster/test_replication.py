@@ -119,6 +119,14 @@ def test_placement_spreads_followers_and_the_topology_shows_them(
     assert {b["id"]: b["follower"] for b in status["brokers"]} == followers
     metrics = __import__("httpx").get(c.url + "/metrics", timeout=5).text
     assert 'shardq_replication_in_sync{broker="b1"} 1' in metrics
+    assert 'shardq_failovers_total{result="ok"} 0' in metrics
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "shardq", "status", "--coordinator", c.url],
+                         capture_output=True, text=True, timeout=60, env={
+                             **__import__("os").environ, "COLUMNS": "120"}).stdout
+    assert f"b1 -> follower {followers['b1']}: in sync" in out, out
 
 
 @pytest.mark.timeout(300)
