@@ -19,9 +19,12 @@ disk as its second one.
 Promotion (`promote`) adopts the standby queues into the broker: they are
 written into the broker's own log (as a handoff's staging is, then
 activated with one record) and served at once; a reply to a write on them
-waits for that commit like every other. The replica file is deleted once
-the broker's own log holds the queues; until then a restart promotes again
-from it (the coordinator's map says which epoch's slots came from it).
+waits for that commit like every other. Once the broker's own log holds
+them the replica file is emptied but kept, with its fence and a
+`promoted` mark, so the old primary's stream stays refused; until then a
+restart promotes again from it (the coordinator's map says which epoch's
+slots came from it). It is deleted when the map no longer names this
+broker for that primary (the old primary came back and starts over).
 
 Not built yet: checkpoints of replica files (their log grows until the
 replica is promoted or dropped; recovery replays it whole).
@@ -74,7 +77,8 @@ class Replica:
         self.seq = 0  # the primary's last batch seq applied here
         self.synced = False  # a whole snapshot arrived since the last reset
         self._standby_log: list[Any] = []  # standby queues never emit; a sink just in case
-        self.promoting = False
+        self.promoting = False  # refuses the stream from now on
+        self.promoted = False  # the broker's own log holds the copy now
 
     @property
     def epoch(self) -> int:
@@ -86,6 +90,7 @@ class Replica:
         self.images, self.state, self.staging = images, state, staging
         self.synced = bool(state.get("repl_synced"))
         self.seq = int(state.get("repl_seq", 0))
+        self.promoting = bool(state.get("repl_promoted"))
         self.live = {name: self._build(name, img) for name, img in images.items()}
 
     def _build(self, name: str, img: QueueImage) -> QueueState:
@@ -118,7 +123,8 @@ class Replica:
         return ("O", None, self._record())
 
     def _record(self) -> dict[str, Any]:
-        return {"repl_epoch": self.epoch, "repl_seq": self.seq, "repl_synced": self.synced}
+        return {"repl_epoch": self.epoch, "repl_seq": self.seq, "repl_synced": self.synced,
+                "repl_promoted": self.promoted}
 
     # ------------------------------------------------------------ the stream
     def fence(self, epoch: int) -> None:
@@ -245,6 +251,15 @@ class Replica:
                     len(slots), self.primary, epoch, len(names),
                     sum(len(b.queues[n].jobs) for n in names))
         await b.commits.durable()
+        # The copy is the broker's own now. The file stays, emptied, with its
+        # fence: a stream from the old primary's epoch is refused for good.
+        self.promoted = True
+        self.images.clear()
+        self.live.clear()
+        self.staging.clear()
+        self.commits.ops.append(("RC", None, True, []))
+        self.commits.ops.append(self.ownership_op())
+        await self.commits.durable()
         if failpoints.ACTIVE:
             failpoints.hit("broker.after_failover_activate")
         return len(names)
@@ -337,7 +352,7 @@ class Followers:
             return running
         r = self.replicas.get(primary)
         slots = [s for s in slots if not self.b.owned[s]]
-        if r is None or not slots:
+        if r is None or r.promoted or not slots:
             return None
         self.b.slots.begin_import(slots, f"failover-{primary}-{epoch}")
         assert self._loop is not None
@@ -347,7 +362,6 @@ class Followers:
 
     async def _promote(self, r: Replica, slots: list[int], epoch: int) -> dict[str, Any]:
         queues = await r.promote(slots, epoch)
-        self.drop(r.primary)
         return {"active": True, "queues": queues}
 
     async def promote(self, args: Any) -> dict[str, Any]:
@@ -393,7 +407,8 @@ class Followers:
             fo = rec.get("failover")
             if isinstance(fo, dict) and fo.get("to") == me:
                 continue  # being promoted here
-            if rec.get("follower") != me and not self.replicas[primary].promoting:
+            r = self.replicas[primary]
+            if rec.get("follower") != me and (r.promoted or not r.promoting):
                 self.drop(primary)
 
     def stats(self) -> dict[str, Any]:

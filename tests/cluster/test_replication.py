@@ -477,3 +477,36 @@ def test_planned_switchover_loses_nothing_and_pauses_writes_briefly(
     assert answered <= asyncio.run(job_ids(c, queue)), "an answered write was lost"
     print(f"switchover: coordinator {answer['took_ms']} ms, worst add {worst * 1000:.0f} ms")
     assert worst < 5.0, f"writes paused {worst:.1f} s"
+
+
+@pytest.mark.timeout(300)
+def test_sigstopped_primary_answers_no_write_after_the_fence(
+        procs: list[Proc], start_broker: Any, tmp_path: Path) -> None:
+    """SIGSTOP the primary for longer than the detection time, then SIGCONT
+    it: its follower was fenced and promoted meanwhile, so the old primary
+    answers no write, and nothing answered is lost."""
+    import os
+    import signal
+
+    c = Replicated(procs, start_broker, tmp_path)
+    primary = "b2"
+    follower = c.replication()[primary]["follower"]
+    queue = queue_on(c.topology(), primary, "stop")
+    ids = asyncio.run(add_jobs(c, queue, 20))
+    conn = RawConn(c.topology().brokers[primary].addr, timeout=20.0)
+    os.kill(c.brokers[primary].pid, signal.SIGSTOP)
+    try:
+        poll(lambda: (c.replication().get(primary, {}).get("failover") or {})
+             .get("phase") == "done", "the failover of the stopped primary", 60)
+    finally:
+        os.kill(c.brokers[primary].pid, signal.SIGCONT)
+    try:
+        reply = conn.call("ADD", {"queue": queue, "jobs": [["late", "job", b"\xc0", None]]})
+    except (OSError, ConnectionError):
+        reply = None  # it closed the connection of a write it will never answer
+    finally:
+        conn.close()
+    assert reply is None or reply[1] != "ok", reply
+    asyncio.run(add_until_served(c, queue, "after", time.monotonic(), 30))
+    assert c.topology().owner_of(queue) == follower
+    assert set(ids) | {"after"} <= asyncio.run(job_ids(c, queue))
