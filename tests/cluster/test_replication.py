@@ -198,7 +198,7 @@ def test_kill_9_and_deleted_disk_under_load_lose_nothing_and_ack_nothing_twice(
     directory deleted; every answered add is acked exactly once (ack
     journals), the producers see no error, and its queues serve again
     within FAILOVER_BOUND_S."""
-    from tests.cluster.test_chaos_rebalance import Load, until
+    from tests.cluster.test_chaos_rebalance import PRODUCERS, Load, until
 
     c = Replicated(procs, start_broker, tmp_path)
     victim = "b3"
@@ -222,6 +222,17 @@ def test_kill_9_and_deleted_disk_under_load_lose_nothing_and_ack_nothing_twice(
         answered = len(load.answered)
         await until(lambda: len(load.answered) > answered + 1500 or load.stop.is_set(),
                     "more load after the failover")
+        load.stop.set()
+        await asyncio.gather(*load.tasks[:PRODUCERS])
+        # A job whose ack died with the broker before the follower had it
+        # (never answered) runs again, at the latest when its lock (30 s) runs
+        # out there: at least once, and acked once. One whose ack reached the
+        # follower's disk but whose answer died with the broker is completed
+        # with no journal line: the ack was never answered.
+        deadline = time.monotonic() + 120
+        while missing := await unfinished(c, load.answered):
+            assert time.monotonic() < deadline, f"never completed: {sorted(missing)[:5]}"
+            await asyncio.sleep(0.5)
         await load.finish()
         return load, served
 
@@ -235,13 +246,28 @@ def test_kill_9_and_deleted_disk_under_load_lose_nothing_and_ack_nothing_twice(
     assert load.answered, "nothing was pushed"
     acks = c.acks()
     assert {k for k, n in acks.items() if n > 1} == set(), "an ack was accepted twice"
-    lost = load.answered - set(acks)
-    assert not lost, f"{len(lost)} answered adds never completed: {sorted(lost)[:5]}"
+    unjournaled = load.answered - set(acks)
+    assert len(unjournaled) < 50, f"{len(unjournaled)} completed without an answered ack"
     rep = c.replication()
     assert rep[victim]["failover"]["phase"] == "done", rep
     assert c.topology().slot_counts().get(victim, 0) == 0
     print(f"failover served after {served:.2f} s; {len(load.answered)} answered adds, "
-          f"{sum(n > 1 for n in load.handled.values())} re-runs (at-least-once)")
+          f"{sum(n > 1 for n in load.handled.values())} re-runs (at-least-once), "
+          f"{len(unjournaled)} completed with their ack unanswered")
+
+
+async def unfinished(c: Replicated, answered: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Answered adds neither acked in a journal nor completed at their owner."""
+    missing = answered - set(c.acks())
+    if not missing:
+        return set()
+    left = set()
+    async with await shardq.connect(c.url) as client:
+        for q, jid in missing:
+            job = await client.queue(q).get_job(jid)
+            if job is None or job["state"] != "completed":
+                left.add((q, jid))
+    return left
 
 
 async def add_until_served(c: Replicated, queue: str, job_id: str, started: float,
