@@ -24,6 +24,13 @@ second copy of the jobs before they are saved).
 The broker plugs in through `CommitHost`: what to do with a batch before it
 commits (handoff taps, event marks) and once it is durable (publish events),
 and what a checkpoint needs (queue metas, the ownership record, live rows).
+
+Replication (docs/design.md §12) plugs in through `repl` (broker/replica.py):
+while it is set, each batch is shipped to the follower before the local
+fsync starts (the two disks work in parallel), and while `repl.gating` a
+reply, a journal line or a `durable()` waiter for batch N is released only
+once the follower acknowledged N too. With `repl` None (replicas 0, or no
+follower yet) the path is exactly the unreplicated one.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TextIO
@@ -63,6 +71,16 @@ class Sink(Protocol):
     def write(self, data: bytes) -> None: ...
 
     def is_closing(self) -> bool: ...
+
+
+class Shipper(Protocol):
+    """The follower link, as the commit log sees it (broker/replica.py)."""
+
+    gating: bool  # replies wait for the follower's ack
+    acked: int  # the last batch seq the follower has on its disk
+
+    def ship(self, seq: int, ops: list[Any]) -> None:
+        """Send batch `seq` to the follower (called before the local commit)."""
 
 
 class CommitHost(Protocol):
@@ -129,6 +147,10 @@ class CommitLog:
         self.disk_full = False  # no commit until the retry timer
         self.disk_full_since = 0.0  # monotonic start of the episode, 0 when none
         self.disk_full_total = 0  # episodes (and disk alarms, counted by the broker)
+        # Replication (broker/replica.py): the follower link, and what waits for
+        # its ack: (seq, replies, journal lines) in seq order.
+        self.repl: Shipper | None = None
+        self._held: deque[tuple[int, list[tuple[Sink, bytes]], list[str] | None]] = deque()
 
     @property
     def journaling(self) -> bool:
@@ -154,7 +176,7 @@ class CommitLog:
     # ------------------------------------------------------------ replies
     def defer_reply(self, sink: Sink, data: bytes) -> None:
         """Send `data` once everything logged so far is durable."""
-        if self.durable_mode and (self.ops or self._writer_busy or self._unsaved):
+        if self.durable_mode and (self.ops or self._writer_busy or self._unsaved or self._held):
             self._pending_replies.append((sink, data))
             self.schedule_flush()
         else:
@@ -169,7 +191,7 @@ class CommitLog:
         `flush_all`, this does not wait for the log to run dry, so it ends
         under any load."""
         target = self.seq + (1 if self.ops else 0)
-        if self.committed_seq >= target:
+        if self.released_seq >= target:
             return
         assert self._loop is not None
         fut: asyncio.Future[None] = self._loop.create_future()
@@ -226,6 +248,8 @@ class CommitLog:
             self._journal_batches[seq] = self.journal_lines
             self.journal_lines = []
         self._commits_since_ckpt += 1
+        if self.repl is not None:
+            self.repl.ship(seq, ops)  # before our fsync: both disks work at once
         start_ckpt = not self._ckpt_active and self._ckpt_due()
         if len(ops) <= INLINE_COMMIT_MAX_OPS and not self._ckpt_active and not start_ckpt:
             # A small batch and an idle writer: commit on the loop thread. This
@@ -251,6 +275,9 @@ class CommitLog:
         self._writer_busy = False
         lines = self._journal_batches.pop(seq, None)
         if isinstance(exc, StorageFullError):
+            # (Replicated, the follower got this batch before our fsync failed;
+            # the retry ships its ops again under the next seq: ops are absolute,
+            # so the follower's jobs converge, but its op counters count twice.)
             self._storage_full(exc, ops or [], replies, lines)
             return
         self.committed_seq = seq
@@ -258,15 +285,21 @@ class CommitLog:
             log.warning("disk has space again after %.1f s; accepting adds",
                         time.monotonic() - self.disk_full_since)
             self.disk_full_since = 0.0
-        if lines and self._journal is not None and exc is None:
-            self._journal.write("".join(lines))
-            self._journal.flush()  # before the acks are answered
         if exc is not None:
             # A failed commit means answered writes could be lost: stop now and
             # let the supervisor restart us on the data that did commit.
             log.critical("commit failed: %r; exiting", exc)
             os._exit(3)
-        _send(replies)
+        repl = self.repl
+        if repl is not None and repl.gating and (repl.acked < seq or self._held):
+            self._held.append((seq, replies, lines))  # the follower's disk first
+            if repl.acked >= seq:
+                self.release()
+        else:
+            if lines and self._journal is not None:
+                self._journal.write("".join(lines))
+                self._journal.flush()  # before the acks are answered
+            _send(replies)
         if token is not None:
             self._host.batch_durable(token)
         if self._seq_waiters:
@@ -282,7 +315,12 @@ class CommitLog:
     def _writer_idle(self) -> None:
         """Nothing is being written: replies parked meanwhile are durable."""
         if self._pending_replies:
-            _send(self._pending_replies)
+            repl = self.repl
+            if repl is not None and repl.gating and (
+                    repl.acked < self.committed_seq or self._held):
+                self._held.append((self.committed_seq, self._pending_replies, None))
+            else:
+                _send(self._pending_replies)
             self._pending_replies = []
         if self._ckpt_active:
             now = time.monotonic()
@@ -356,10 +394,50 @@ class CommitLog:
         if not self._writer_busy and not self._ckpt_active and not self.ops:
             self._writer.submit(self.store.reclaim_wal)
 
+    # ------------------------------------------------------------ replication
+    @property
+    def released_seq(self) -> int:
+        """The last batch on every disk that must have it (ours, and the
+        follower's while the link gates replies)."""
+        repl = self.repl
+        if repl is None or not repl.gating:
+            return self.committed_seq
+        return min(self.committed_seq, repl.acked)
+
+    def release(self) -> None:
+        """The follower acknowledged more, or replies stopped waiting for it
+        (the coordinator marked it out of sync): send what is now safe."""
+        limit = self.released_seq
+        held = self._held
+        while held and held[0][0] <= limit:
+            _seq, replies, lines = held.popleft()
+            if lines and self._journal is not None:
+                self._journal.write("".join(lines))
+                self._journal.flush()
+            _send(replies)
+        if self._seq_waiters:
+            self._wake_seq_waiters()
+
+    def drop_held(self) -> None:
+        """Fenced (broker/replica.py): these replies are never sent; close their
+        connections so that the clients resend elsewhere at once."""
+        held, self._held = self._held, deque()
+        for _seq, replies, _lines in held:
+            for sink, _data in replies:
+                abort = getattr(sink, "abort", None)
+                if abort is not None:
+                    abort()
+
+    @property
+    def held_replies(self) -> int:
+        """Batches whose replies wait for the follower."""
+        return len(self._held)
+
     def _wake_seq_waiters(self) -> None:
         keep = []
+        released = self.released_seq
         for target, fut in self._seq_waiters:
-            if target <= self.committed_seq:
+            if target <= released:
                 if not fut.done():
                     fut.set_result(None)
             else:

@@ -32,6 +32,7 @@ from shardq.broker.ownership import SlotTable
 from shardq.broker.peers import Peers
 from shardq.broker.queue import QueueDefaults, QueueState
 from shardq.broker.replay import Images
+from shardq.broker.replica import Replication
 from shardq.broker.store import RowSource, Store
 from shardq.errors import BusyError, MovedError, OwnerUnavailableError, TryAgainError
 from shardq.router import BrokerInfo, BrokerState, Topology, slot_of
@@ -154,6 +155,8 @@ class Broker:
         self.events = EventHub(self)
         self.flows = FlowAgent(self)  # run by serve(); see broker/flows.py
         self.peers = Peers(config.broker_id, config.link_token)  # links to other brokers
+        # Its follower link and the replicas it keeps (docs/design.md §12).
+        self.replication = Replication(self)
         self._asking = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started = time.monotonic()
@@ -168,6 +171,7 @@ class Broker:
         self.handoff.restore(state.get("handoff", {}), staging)
         self._build_queues(images)
         self.total_jobs = sum(len(q.jobs) for q in self.queues.values())
+        self.replication.followers.recover()
 
     def _build_queues(self, images: Images) -> None:
         for name, img in images.items():
@@ -202,6 +206,8 @@ class Broker:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.commits.attach(loop)
+        self.replication.followers.start(loop)
+        self.replication.resume()
         for q in self.queues.values():
             self._arm(q)
 
@@ -224,6 +230,9 @@ class Broker:
         # and from the epoch it was recorded at: older ones were owned by a
         # data directory we are not (docs/design.md §5, storage identity).
         since = -1 if self.held else _since(topo.brokers.get(me))
+        if "replication" in d:  # a failover may hand us slots from a replica
+            self.replication.followers.before_topology(topo.slot_owners, topo.slot_epochs,
+                                                       d["replication"] or {})
         # Only slots whose ownership differs from the map's can change (a
         # comparison per slot in C; the map is applied at every epoch change).
         named = bytes([owner == me for owner in topo.slot_owners])
@@ -248,6 +257,8 @@ class Broker:
         self.commits.schedule_flush()
         if changed:
             log.info("owning %d slots at epoch %d", sum(self.owned), self.epoch)
+        if "replication" in d:
+            self.replication.on_topology(d)
 
     def _set_held(self, reason: str | None) -> None:
         if reason != self.held:
@@ -442,6 +453,7 @@ class Broker:
     def close(self) -> None:
         self.commits.close()
         self.store.close()
+        self.replication.followers.close()
 
     # ------------------------------------------------------------ timers
     def arm(self, q: QueueState) -> None:
@@ -668,6 +680,7 @@ class Broker:
             "disk_full_total": self.commits.disk_full_total,
             "clock_drift_ms": self.clock.drift_ms() if isinstance(self.clock, BrokerClock) else 0,
             "tenants": tenants.demand(self),
+            **({"replication": self.replication.stats()} if self.replication.active else {}),
         }
 
 

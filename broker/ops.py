@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shardq import protocol as p
-from shardq.broker import flows, jobops, replies
+from shardq.broker import flows, jobops, replies, replops
 from shardq.broker import validate as v
 from shardq.broker.commitlog import Sink
 from shardq.broker.engine import Broker, Waiter
@@ -456,4 +456,5 @@ OPS: dict[str, OpSpec] = {
     }),
     **flows.OPS,
     **jobops.OPS,
+    **replops.OPS,  # replication (docs/design.md §12)
 }

@@ -116,6 +116,10 @@ OPS: dict[str, OpSpec] = {s.code: s for s in (
     _op("AB", "move_id", B, Touch.META, "an aborted import: staging dropped"),
     _op("G", "queues", B, Touch.QUEUES_GONE, "queues handed off: dropped"),
     _op("bL", "leases", B, Touch.META, "tenant leases from the coordinator"),
+    # -- a follower's copy of a primary (broker/follower.py, docs/design.md §12)
+    _op("RC", "reset chunks", B, Touch.META,
+        "a primary's snapshot chunks, applied straight to the replica's queues; "
+        "reset: the replica starts over first"),
 )}
 
 QUEUE_CODES = frozenset(c for c, s in OPS.items() if s.level is not Level.BROKER)

@@ -296,8 +296,19 @@ def apply_broker_op(images: Images, broker_state: dict[str, Any],
             images.pop(name, None)
     elif code == "bL":
         broker_state["tenants"] = op[2]
+    elif code == "RC":
+        _replica_chunks(images, staging, op)
     else:
         raise ValueError(f"unknown broker op {code!r}")
+
+
+def _replica_chunks(images: Images, staging: dict[str, Images], op: list[Any]) -> None:
+    """A follower's copy of a primary (broker/follower.py): snapshot chunks."""
+    if op[2]:  # the copy starts over
+        images.clear()
+        staging.clear()
+    for chunk in op[3]:
+        apply_chunk(images, chunk)
 
 
 op_job_id = redo.job_id

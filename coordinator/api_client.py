@@ -88,6 +88,9 @@ class CoordinatorApi:
     def rebalance_cancel(self) -> dict[str, Any]:
         return self._call("POST", "/rebalance/cancel", {})
 
+    def failover(self, broker_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/brokers/{broker_id}/failover", {})
+
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None
               ) -> dict[str, Any]:
         try:

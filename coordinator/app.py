@@ -28,6 +28,12 @@
     GET  /ui, /ui/api/...            the web dashboard (ui/dashboard.py); the page shell
                                      and its static files are the only routes served
                                      without the token (they hold no data)
+    GET  /replication                {primary: {follower, in_sync, repl_epoch, lag_ops,
+                                     failover?}} (--replicas 1; replication.py)
+    POST /replication/out-of-sync    {primary, follower, repl_epoch} -> {primary, follower,
+                                     in_sync, repl_epoch, fenced, epoch}: compare-and-set
+    POST /replication/in-sync        the same body and answer
+    POST /brokers/{id}/failover      {} -> {primary, to, epoch, took_ms}: planned switchover
 
 Errors answer `{"error": message}` with 400 (malformed), 401 (token),
 403 (barred id), 404 (unknown broker), 409 (conflicting state, or a data
@@ -63,11 +69,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .bodies import json_object
 from .errors import BadRequest, CoordinatorError
+from .failover import Failover
 from .links import BrokerLinks
 from .membership import Membership
 from .metrics import render as render_metrics
 from .moves import MoveExecutor, MovePolicy
 from .rebalance import Rebalancer
+from .replication import ReplicationBook
 from .stats import StatsBook
 from .tenants import TenantBook
 from .ui import Dashboard, is_public
@@ -92,7 +100,8 @@ def default_rebalancer(membership: Membership, token: str | None = None, *,
 def create_app(membership: Membership, *, token: str | None = None,
                check_interval_ms: int = 1000, rebalancer: Rebalancer | None = None,
                stats: StatsBook | None = None, tenants: TenantBook | None = None,
-               control_token: str | None = None, ui_actions: bool = False) -> Starlette:
+               control_token: str | None = None, ui_actions: bool = False,
+               replication: ReplicationBook | None = None) -> Starlette:
     """The ASGI app; its lifespan runs the liveness check every `check_interval_ms`,
     recovers unfinished moves at start and stops the rebalancer at the end.
 
@@ -111,16 +120,20 @@ def create_app(membership: Membership, *, token: str | None = None,
             in memory only (the server passes one persisted in its store).
         ui_actions: let the dashboard at /ui act (retry, pause, drain...);
             without it the dashboard is read-only.
+        replication: the replication records (`--replicas 1`); None: none.
     """
     m = membership
     rb = rebalancer or default_rebalancer(membership, control_token or token)
     book = stats or StatsBook()
     tb = _tenant_book(tenants, m)
     ui = Dashboard(m, rb, book, token=token, actions=ui_actions)
+    fo_links = BrokerLinks(lambda b: m.topology.addr_of(b), control_token or token)
+    failover = (Failover(m, replication, fo_links.send)
+                if replication is not None and replication.enabled else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        task = asyncio.create_task(_liveness_loop(m, check_interval_ms / 1000.0))
+        task = asyncio.create_task(_liveness_loop(m, check_interval_ms / 1000.0, failover))
         try:
             await rb.recover()
             async with ui.running():
@@ -129,6 +142,7 @@ def create_app(membership: Membership, *, token: str | None = None,
             task.cancel()
             await asyncio.wait([task])
             await rb.aclose()
+            await fo_links.aclose()
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True, "term": m.term, "epoch": m.epoch,
@@ -138,7 +152,7 @@ def create_app(membership: Membership, *, token: str | None = None,
         return Response(m.topology_json(), media_type="application/json")
 
     async def status(request: Request) -> Response:
-        return JSONResponse(m.status())
+        return JSONResponse(_status(m, replication))
 
     async def register(request: Request) -> Response:
         body = await _json_body(request)
@@ -197,7 +211,8 @@ def create_app(membership: Membership, *, token: str | None = None,
         Route("/brokers/{broker_id}/forget", forget, methods=["POST"]),
         *_rebalance_routes(m, rb),
         *_tenant_routes(tb),
-        *_stats_routes(m, book),
+        *_stats_routes(m, book, replication),
+        *_replication_routes(m, replication, failover),
         *ui.routes(),
     ]
     middleware = ([Middleware(BearerAuth, token=token, control_token=control_token,
@@ -268,14 +283,63 @@ def _tenant_routes(tb: TenantBook) -> list[Route]:
     ]
 
 
-def _stats_routes(m: Membership, book: StatsBook) -> list[Route]:
+def _status(m: Membership, replication: ReplicationBook | None) -> dict[str, Any]:
+    body = m.status()
+    if replication is not None and replication.enabled:
+        replication.status_rows(body["brokers"])
+        body["failovers"] = dict(replication.failovers)
+    return body
+
+
+def _replication_routes(m: Membership, rep: ReplicationBook | None,
+                        failover: Failover | None) -> list[Route]:
+    """The replication records and their compare-and-set (replication.py)."""
+
+    def book() -> ReplicationBook:
+        if rep is None or not rep.enabled:
+            raise BadRequest("this coordinator runs with --replicas 0")
+        return rep
+
+    async def view(request: Request) -> Response:
+        return JSONResponse(book().view() if rep is not None and rep.enabled else {})
+
+    async def switchover(request: Request) -> Response:
+        if failover is None:
+            raise BadRequest("this coordinator runs with --replicas 0")
+        bid = request.path_params["broker_id"]
+        answer = await failover.planned(bid)
+        log.warning("planned failover of %s: %s", bid, answer)
+        return JSONResponse(answer)
+
+    async def cas(request: Request) -> Response:
+        body = await _json_body(request)
+        primary, follower = _field(body, "primary", str), _field(body, "follower", str)
+        epoch = _field(body, "repl_epoch", int)
+        b = book()
+        if request.url.path.endswith("/in-sync"):
+            return JSONResponse(b.in_sync(primary, follower, epoch))
+        return JSONResponse(b.out_of_sync(primary, follower, epoch))
+
+    return [
+        Route("/replication", view, methods=["GET"]),
+        Route("/brokers/{broker_id}/failover", switchover, methods=["POST"]),
+        Route("/replication/out-of-sync", cas, methods=["POST"]),
+        Route("/replication/in-sync", cas, methods=["POST"]),
+    ]
+
+
+def _stats_routes(m: Membership, book: StatsBook,
+                  rep: ReplicationBook | None = None) -> list[Route]:
     """GET /stats and GET /metrics: the heartbeat stats over the current topology."""
 
     async def cluster_stats(request: Request) -> Response:
         return JSONResponse(book.view(m.topology).to_json())
 
     async def metrics(request: Request) -> Response:
-        return Response(render_metrics(book.view(m.topology)), media_type=CONTENT_TYPE_LATEST)
+        text = render_metrics(book.view(m.topology))
+        if rep is not None and rep.enabled:
+            text += _replication_metrics(rep)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     return [
         Route("/stats", cluster_stats, methods=["GET"]),
@@ -295,7 +359,27 @@ def _logged(m: Membership, what: str, call: Callable[[], dict[str, Any]],
     return JSONResponse(answer)
 
 
-async def _liveness_loop(m: Membership, interval_s: float) -> None:
+def _replication_metrics(rep: ReplicationBook) -> bytes:
+    """`shardq_replication_*` and `shardq_failovers_total` (docs/design.md §12)."""
+    lines = ["# HELP shardq_replication_in_sync 1 when the broker's follower is in sync.",
+             "# TYPE shardq_replication_in_sync gauge"]
+    lag = ["# HELP shardq_replication_lag_ops Batches shipped to the follower and not yet "
+           "acknowledged.", "# TYPE shardq_replication_lag_ops gauge"]
+    for primary, rec in sorted(rep.state.items()):
+        lines.append(f'shardq_replication_in_sync{{broker="{primary}"}} '
+                     f'{1 if rec.get("in_sync") else 0}')
+        value = rep.lag_ops(primary)
+        if value is not None:
+            lag.append(f'shardq_replication_lag_ops{{broker="{primary}"}} {value}')
+    fo = ["# HELP shardq_failovers_total Failovers by result.",
+          "# TYPE shardq_failovers_total counter"]
+    for result in ("ok", "refused"):
+        fo.append(f'shardq_failovers_total{{result="{result}"}} {rep.failovers.get(result, 0)}')
+    return ("\n".join([*lines, *lag, *fo]) + "\n").encode()
+
+
+async def _liveness_loop(m: Membership, interval_s: float,
+                         failover: Failover | None = None) -> None:
     while True:
         await asyncio.sleep(interval_s)
         try:
@@ -305,6 +389,11 @@ async def _liveness_loop(m: Membership, interval_s: float) -> None:
             continue
         if dead:
             log.warning("missed heartbeats, marked dead: %s (epoch %d)", ", ".join(dead), m.epoch)
+        if failover is not None:
+            try:
+                await failover.tick()
+            except Exception:
+                log.exception("replication check failed")
 
 
 async def _error_response(request: Request, exc: Exception) -> Response:

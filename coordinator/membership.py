@@ -148,6 +148,8 @@ class Membership:
         self._vnodes = vnodes
         self.term = store.start_term()
         self._stats: dict[str, dict[str, Any]] = {}
+        # The topology's `replication` section (replication.py), when replicating.
+        self.replication_view: Callable[[], dict[str, Any]] | None = None
         self._load()
         self._maybe_bootstrap()
 
@@ -188,7 +190,10 @@ class Membership:
     def topology_json(self) -> bytes:
         """`GET /topology`'s body, cached until the next change."""
         if self._json is None:
-            self._json = json.dumps(self._topo.to_dict(), separators=(",", ":")).encode()
+            d = self._topo.to_dict()
+            if self.replication_view is not None:
+                d["replication"] = self.replication_view()
+            self._json = json.dumps(d, separators=(",", ":")).encode()
         return self._json
 
     def status(self) -> dict[str, Any]:
@@ -726,6 +731,42 @@ class Membership:
         """Persist move records and the `moving` list at the current epoch."""
         self._commit(self._topo.copy(), moves=moves, bump=False)
 
+    # -- replication (replication.py, docs/design.md §12) -----------------------
+
+    def save_meta(self, meta: Mapping[str, Any]) -> None:
+        """Persist `meta` values and republish the topology at a new epoch."""
+        self._commit(self._topo.copy(), meta=meta)
+
+    def fail_over(self, primary: str, follower: str,
+                  meta_for: Callable[[int], Mapping[str, Any]]) -> tuple[int, list[int]]:
+        """The failover's commit point: every slot (and override) of `primary`
+        belongs to `follower` at epoch e+1, persisted with `meta_for(e+1)` in
+        one transaction. Returns (that epoch, the slots).
+
+        Raises:
+            Conflict: the follower is not active.
+        """
+        target = self._topo.brokers.get(follower)
+        if target is None or target.state is not BrokerState.ACTIVE:
+            raise Conflict(f"follower {follower} is not active: not failing over {primary}")
+        slots = self._topo.slots_of(primary)
+        topo = self._topo.copy()
+        epoch = self._topo.epoch + 1
+        for s in slots:
+            topo.slot_owners[s] = follower
+            topo.slot_epochs[s] = epoch
+        topo.overrides = {q: ((follower, epoch) if o == primary else (o, e))
+                          for q, (o, e) in topo.overrides.items()}
+        # It owns nothing now: off the ring while away, and back as a joining
+        # broker that the rebalancer gives slots again (docs/design.md §12).
+        self._records[primary].revive_state = BrokerState.JOINING
+        self._commit(topo, meta=meta_for(epoch))
+        return epoch, slots
+
+    def is_alive(self, broker_id: str) -> bool:
+        """Heard from within the heartbeat timeout."""
+        return self._clock() - self._last_seen.get(broker_id, float("-inf")) <= self._timeout_ms
+
     # -- timers --------------------------------------------------------------
 
     def check_liveness(self) -> list[str]:
@@ -785,7 +826,7 @@ class Membership:
 
     def _commit(self, topo: Topology, drop: Iterable[str] = (),
                 bar: Iterable[tuple[str, int]] = (), moves: Iterable[MoveRecord] = (),
-                bump: bool = True) -> None:
+                bump: bool = True, meta: Mapping[str, Any] | None = None) -> None:
         """Persist `topo` (and `moves`) as the next state, then publish it.
 
         `bump=False` keeps the epoch: only `moving` and move records change.
@@ -806,7 +847,7 @@ class Membership:
         topo.epoch = (self._topo.epoch + 1 if bump and _owns_any(topo)
                       else self._topo.epoch)
         try:
-            self._store.save(topo, self._records, bar, moves)
+            self._store.save(topo, self._records, bar, moves, meta)
         except Exception:
             # Memory must never run ahead of the disk: reload what is there.
             self._load()

@@ -28,6 +28,7 @@ from .app import create_app, default_rebalancer
 from .membership import Membership
 from .moves import MovePolicy
 from .rebalance import Rebalancer
+from .replication import ReplicationBook
 from .state import Store
 from .tenants import TenantBook
 
@@ -54,6 +55,7 @@ class CoordinatorConfig:
     handoff_retry_budget_s: float = 30.0
     handoff_copy_rate: int = 0
     ui_actions: bool = False
+    replicas: int = 0  # docs/design.md §12: 0 or 1
 
 
 def serve(config: CoordinatorConfig) -> None:
@@ -73,7 +75,8 @@ async def serve_async(config: CoordinatorConfig) -> None:
                          check_interval_ms=interval,
                          rebalancer=_rebalancer(membership, config),
                          tenants=TenantBook(store, membership.term),
-                         ui_actions=config.ui_actions)
+                         ui_actions=config.ui_actions,
+                         replication=ReplicationBook(membership, store, config.replicas))
         server = _Server(uvicorn.Config(app, log_config=None, access_log=False,
                                         lifespan="on", timeout_graceful_shutdown=5))
         loop = asyncio.get_running_loop()

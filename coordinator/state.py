@@ -3,7 +3,9 @@
 Tables:
 
     meta(key, value)                 `term`, incremented at every start; `pins`;
-                                     `tenants` (cluster-wide tenant limits)
+                                     `tenants` (cluster-wide tenant limits);
+                                     `replication` (replication.py: per primary
+                                     {follower, in_sync, repl_epoch, failover?})
     brokers(id, addr, state, weight, revive_state, last_heartbeat_ms, storage, since)
                                      membership; `revive_state` is the state a
                                      `dead` broker returns to when it heartbeats;
@@ -194,6 +196,11 @@ class Store:
             self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('tenants', ?)",
                              (json.dumps(tenants, sort_keys=True),))
 
+    def load_meta(self, key: str) -> Any:
+        """A JSON value kept in `meta` (None when absent)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
     def load(self) -> Snapshot:
         """Read the last saved state (an empty topology on a fresh file)."""
         row = self._db.execute("SELECT value FROM meta WHERE key = 'term'").fetchone()
@@ -234,6 +241,7 @@ class Store:
         records: Mapping[str, BrokerRecord],
         bar: Iterable[tuple[str, int]] = (),
         moves: Iterable[MoveRecord] = (),
+        meta: Mapping[str, Any] | None = None,
     ) -> None:
         """Persist membership, ownership and move records in one durable transaction.
 
@@ -243,6 +251,8 @@ class Store:
             records: per-broker extras, keyed like `topology.brokers`.
             bar: (broker id, wall ms) pairs to add to the barred list.
             moves: move records to insert or replace.
+            meta: JSON values to keep in `meta` in the same transaction
+                (the replication state, replication.py).
         """
         move_rows = [
             (r.move_id, r.source, r.target, msgpack.packb(list(r.slots)), r.phase, r.epoch,
@@ -268,6 +278,10 @@ class Store:
             )
             self._db.execute("DELETE FROM topology WHERE epoch <= ?", (topology.epoch - HISTORY,))
             self._db.executemany("INSERT OR REPLACE INTO barred VALUES (?, ?)", list(bar))
+            if meta:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                    [(k, json.dumps(v, sort_keys=True)) for k, v in meta.items()])
             if move_rows:
                 self._db.executemany(
                     "INSERT OR REPLACE INTO moves VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

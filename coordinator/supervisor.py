@@ -67,6 +67,7 @@ class ClusterConfig:
     token: str | None = None
     ui_actions: bool = False  # the coordinator's dashboard may act (--ui-actions)
     registry: Path | None = None  # where `scale` finds this cluster by URL (cluster_control.py)
+    replicas: int = 0  # docs/design.md §12
 
 
 class ChildFailed(Exception):
@@ -247,7 +248,8 @@ class Cluster:
             "coordinator",
             lambda port: ["coordinator", "--port", str(port), "--data-dir", str(d / "coordinator"),
                           "--expect", str(config.brokers), *self._token_args(),
-                          *(["--ui-actions"] if config.ui_actions else [])],
+                          *(["--ui-actions"] if config.ui_actions else []),
+                          *(["--replicas", "1"] if config.replicas else [])],
             config.coordinator_port, d / "logs" / "coordinator.log", self.notify)
         self.removed: list[str] = list(saved.removed) if saved else []
         names = {f"b{i}" for i in range(1, config.brokers + 1)}

@@ -126,6 +126,18 @@ HANDOFF_STATUS   (to B; asked by a frozen A cut off from the coordinator)
 IMPORT_CHUNKS    (A to B) {move_id, chunks: [export chunk, ...]} -> nil
 IMPORT_OPS       (A to B) {move_id, ops: [redo op, ...]} -> nil
 
+Replication (docs/design.md §12; broker/replica.py, broker/follower.py).
+REPL_APPEND  (primary P to its follower F) {primary, repl_epoch, seq?, ops?, chunks?,
+             reset?, synced?} -> {seq}
+             answered once F fsynced it; `ops`: P's batch `seq` (its redo ops in
+             commit order); `chunks`: snapshot export chunks; `reset`: F's copy of P
+             starts over; `synced`: the snapshot is complete. STALE_TERM when
+             `repl_epoch` is older than the newest F has seen (fenced).
+REPL_FENCE   (coordinator to F) {primary, repl_epoch, term} -> {repl_epoch, seq, synced, jobs}
+             F durably refuses every stream of P older than repl_epoch from now on.
+REPL_PROMOTE (coordinator to F, after the commit point) {primary, slots, epoch, term}
+             -> {active, queues}   F serves its copy of P's slots at `epoch`.
+
 Flows (docs/design.md §11; broker/flowqueue.py, broker/flows.py). A flow is a parent
 and its children under one flow id; `deadline` is the creation deadline (ms
 since the epoch): past it, adds are refused and unfinished flows are removed.
@@ -216,6 +228,9 @@ HANDOFF_ABORT = "HANDOFF_ABORT"
 HANDOFF_STATUS = "HANDOFF_STATUS"
 IMPORT_CHUNKS = "IMPORT_CHUNKS"
 IMPORT_OPS = "IMPORT_OPS"
+REPL_APPEND = "REPL_APPEND"
+REPL_FENCE = "REPL_FENCE"
+REPL_PROMOTE = "REPL_PROMOTE"
 LOG = "LOG"
 GET_LOGS = "GET_LOGS"
 DLQ_LIST = "DLQ_LIST"
@@ -243,7 +258,7 @@ SET_RETENTION = "SET_RETENTION"
 CONTROL_OPS = frozenset({
     HANDOFF_PREPARE, HANDOFF_COPY, HANDOFF_FREEZE, HANDOFF_CATCHUP, HANDOFF_ACTIVATE,
     HANDOFF_RELEASE, HANDOFF_ABORT, HANDOFF_STATUS, IMPORT_CHUNKS, IMPORT_OPS,
-    FLOW_RESOLVE, FLOW_CHILD_DONE,
+    FLOW_RESOLVE, FLOW_CHILD_DONE, REPL_APPEND, REPL_FENCE, REPL_PROMOTE,
 })
 
 # Handoff phases as the topology's `moving` entries name them (docs/design.md §5).

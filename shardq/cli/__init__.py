@@ -54,6 +54,7 @@ def _register() -> None:
         demo_cmd,  # noqa: F401
         deploy_cmd,  # noqa: F401
         jobs_cmd,  # noqa: F401
+        replication_cmd,  # noqa: F401
         scale_cmd,  # noqa: F401
         stats_cmd,  # noqa: F401
         worker_cmd,  # noqa: F401

@@ -66,6 +66,12 @@ def status(coordinator: str = COORDINATOR_OPT, token: str | None = TOKEN_OPT,
                                             "delayed")))
     console = Console()
     console.print(table)
+    for b in data["brokers"]:  # with --replicas 1 (docs/design.md §12)
+        if "follower" in b:
+            sync = "in sync" if b["in_sync"] else "[yellow]not in sync[/yellow]"
+            lag = "" if b.get("lag_ops") is None else f", lag {b['lag_ops']} batches"
+            console.print(f"{b['id']} -> follower {b['follower'] or '[red]none[/red]'}: "
+                          f"{sync}{lag}", highlight=False)
     for b in data["brokers"]:
         if b.get("problem"):
             console.print(f"[red]{b['id']} {b['state']}:[/red] {b['problem']}", highlight=False)

@@ -32,6 +32,9 @@ def up(
     ui_actions: bool = typer.Option(
         False, "--ui-actions", help="Let the coordinator's dashboard (/ui) act on queues, "
                                     "jobs and brokers (see `shardq coordinator --help`)."),
+    replicas: int = typer.Option(
+        0, min=0, max=1, help="1: each broker follows another and failovers are automatic "
+                              "(`shardq coordinator --replicas`)."),
 ) -> None:
     """Start the coordinator and N brokers; restart any that dies; Ctrl-C stops all.
 
@@ -44,7 +47,8 @@ def up(
 
     config = ClusterConfig(brokers=n, data_dir=data_dir, base_port=base_port,
                            coordinator_port=coordinator_port, fast=fast, token=token,
-                           ui_actions=ui_actions, registry=cluster_registry())
+                           ui_actions=ui_actions, registry=cluster_registry(),
+                           replicas=replicas)
     console = Console(stderr=True)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -51,6 +51,11 @@ def coordinator(
         False, "--ui-actions",
         help="Let the dashboard at /ui retry, remove and promote jobs, pause queues, drain "
              "brokers... (each asks for confirmation); without it the dashboard is read-only."),
+    replicas: int = typer.Option(
+        0, min=0, max=1,
+        help="1: every broker gets a follower on another broker; a write is answered once "
+             "both disks have it, and a dead broker's slots fail over to its follower "
+             "(docs/design.md §12). 0: no replication."),
     log_level: str = typer.Option("INFO", envvar="SHARDQ_LOG_LEVEL"),
 ) -> None:
     """Run the coordinator: membership, topology, handoffs and status over HTTP."""
@@ -71,4 +76,5 @@ def coordinator(
         rebalance_concurrency=rebalance_concurrency, rebalance_throttle_ms=rebalance_throttle_ms,
         auto_rebalance=auto_rebalance, handoff_copy_timeout_s=handoff_copy_timeout_s,
         handoff_retry_budget_s=handoff_retry_budget_s, handoff_copy_rate=handoff_copy_rate,
-        ui_actions=ui_actions))
+        ui_actions=ui_actions,
+        replicas=replicas))
