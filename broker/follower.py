@@ -145,9 +145,16 @@ class Replica:
             raise BadRequestError("repl_epoch must be an integer")
         if self.promoting:
             raise StaleTermError(f"replica of {self.primary} is being promoted")
+        reset = bool(args.get("reset"))
+        if reset and self.synced and epoch <= self.epoch:
+            # A complete copy the coordinator may count on (in sync at this
+            # epoch) is never wiped at it: a primary back on an empty disk, or
+            # restarted, re-syncs only after the coordinator recorded this
+            # copy out of sync (a newer epoch).
+            raise StaleTermError(f"the copy of {self.primary} is complete at replication "
+                                 f"epoch {self.epoch}: a reset needs a newer one")
         self.fence(epoch)
         out = self.commits.ops
-        reset = bool(args.get("reset"))
         chunks = args.get("chunks") or []
         if not isinstance(chunks, list):
             raise BadRequestError("chunks must be a list")

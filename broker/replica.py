@@ -34,7 +34,7 @@ import httpx
 
 from shardq import protocol as p
 from shardq.broker.handoff import _jobs_by_order
-from shardq.errors import ShardqError
+from shardq.errors import ShardqError, StaleTermError
 
 if TYPE_CHECKING:
     from shardq.broker.engine import Broker
@@ -73,6 +73,7 @@ class Link:
         self._task: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
         self.lost_count = 0
+        self._last_error: BaseException | None = None
         if in_sync:
             broker.commits.repl = self
 
@@ -178,6 +179,7 @@ class Link:
                     self.b.commits.release()
 
     def _fail(self, exc: BaseException) -> None:
+        self._last_error = exc
         if self._streaming:
             self._streaming = False
             log.warning("follower %s lost (%r); %s", self.follower, exc,
@@ -204,7 +206,9 @@ class Link:
             if self._conn is not None:
                 await self._conn.aclose()
                 self._conn = None
-            if self.gating or self.in_sync:
+            if self.gating or self.in_sync or isinstance(self._last_error, StaleTermError):
+                # (Refused at this epoch: the follower's copy must be recorded
+                # out of sync, at a newer epoch, before it may start over.)
                 await self._mark_out_of_sync()
             await asyncio.sleep(RETRY_S)
 
@@ -356,7 +360,8 @@ class Replication:
                 # replaced it): replies need not wait for the old one any more.
                 self.b.spawn(link.close(release=not in_sync))
                 self.link = link = None
-        if isinstance(follower, str) and follower != me and not fenced:
+        if isinstance(follower, str) and follower != me and not fenced and not self.b.held:
+            # (A held broker, back on another disk, has nothing to replicate.)
             self.link = Link(self.b, follower, epoch)
             self.link.start()
 

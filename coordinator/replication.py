@@ -137,7 +137,8 @@ class ReplicationBook:
         """A new record for primary `bid`, or None when `old` stays."""
         rec = old
         fenced_below = int(old.get("fenced_below", 0)) if old is not None else 0
-        if rec is not None and rec.get("failover") and not self.m.topology.slots_of(bid):
+        fo = rec.get("failover") if rec is not None else None
+        if isinstance(fo, dict) and fo.get("phase") == "done":
             # A failed-over primary is back: it starts over as a new primary, and
             # what it holds from before the fence stays fenced.
             rec = None

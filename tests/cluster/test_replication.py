@@ -307,9 +307,10 @@ def test_empty_disk_return_at_once_fails_over_instead_of_lost_storage(
     started = time.monotonic()
     c.start(victim)  # at once, under its id, on an empty disk
     asyncio.run(add_until_served(c, queue, "after", started, FAILOVER_BOUND_S * 2))
-    topo = c.topology()
-    assert topo.owner_of(queue) == follower
-    assert topo.slot_counts().get(victim, 0) == 0, "it must not take its old slots"
+    fo = c.replication()[victim].get("failover") or {}
+    assert fo.get("to") == follower, c.replication()
+    # It did not take its old slots empty: every job is there, wherever the
+    # rebalancer (which gives the returning broker slots again) put them.
     assert set(ids) | {"after"} <= asyncio.run(job_ids(c, queue))
     # It rejoins as a new, empty broker, and becomes a follower or primary again.
     poll(lambda: (http_get(c.url, "/topology") or {}).get("brokers", {}).get(victim, {})
