@@ -62,6 +62,7 @@ def test_silent_sockets_are_closed_at_the_handshake_deadline(start_broker) -> No
     extra = _raw(b.addr)
     extra.sendall(encode_frame([7, "HELLO", {"version": 1, "token": TOKEN}]))
     reply = _frames_until_eof(extra)
+    extra.close()
     assert len(reply) == 1 and reply[0][0] == 7 and reply[0][1] == "BUSY"  # type: ignore[index]
     assert "connections" in reply[0][2]["message"]  # type: ignore[index]
     # Each silent socket is told why and closed once its deadline passed...
@@ -137,6 +138,7 @@ def test_too_many_refused_requests_before_hello_close_the_connection(start_broke
     s = _raw(b.addr)
     s.sendall(b"".join(encode_frame([i, "PING", {}]) for i in range(1, 1000)))
     frames = _frames_until_eof(s)
+    s.close()
     assert 10 <= len(frames) <= 20  # replies stop at the refusal limit, then EOF
     assert all(f[1] == "AUTH" for f in frames)  # type: ignore[index]
 
