@@ -136,6 +136,8 @@ class BrokerConnection(asyncio.Protocol):
             self._run(frames)
             if self.is_closing():
                 return
+            if self.greeted:
+                break  # the rest is delimited under the full frame limit, below
             if self.refusals >= PREAUTH_MAX_REFUSALS:
                 self.close_with(AuthError.code, "too many requests before a successful HELLO")
                 return

@@ -177,8 +177,6 @@ class Store:
         damage = Damage(self.path)
         self._check_structure(db, damage)
         state = self._load_state(db, damage)
-        self._identity = state.get("identity") or self._new_identity()
-        self.storage_id = str(self._identity["storage"])
         ckpt_seq = int(state.get("checkpoint_seq", 0))
         broker_state: dict[str, Any] = dict(state.get("broker", {}))
         images: Images = {}
@@ -189,6 +187,10 @@ class Store:
         staging: dict[str, Images] = {}
         last_seq = self._replay_log(db, damage, ckpt_seq, images, broker_state, staging)
         self._settle_damage(db, damage)
+        # Written only once the file is known sound: a damaged one is refused
+        # as it is (above), never given a new identity.
+        self._identity = state.get("identity") or self._new_identity()
+        self.storage_id = str(self._identity["storage"])
         self.log_rows = db.execute("SELECT count(*) FROM log").fetchone()[0]
         self._start_wal_checkpointer()
         return images, broker_state, staging, last_seq

@@ -75,4 +75,4 @@ def test_broker_with_no_options_is_b1_on_7101_in_shardq_data(tmp_path) -> None: 
         assert (tmp_path / "shardq-data" / "broker.db").exists()
     finally:
         os.killpg(p.pid, signal.SIGKILL)
-        p.wait(timeout=10)
+        p.communicate(timeout=10)  # reaps it and closes both pipes

@@ -204,3 +204,16 @@ def test_a_blackholed_link_is_found_dead_by_ping_and_redialed(start_broker) -> N
             await relay.aclose()
 
     run(main())
+
+
+def test_a_request_pipelined_behind_hello_in_one_write_is_answered(start_broker) -> None:  # type: ignore[no-untyped-def]
+    b = start_broker("b1", "--token", TOKEN)
+    s = _raw(b.addr)
+    big = {"pad": "x" * 8000}  # over the pre-HELLO frame limit: delimited after HELLO
+    s.sendall(encode_frame([1, "HELLO", {"version": 1, "token": TOKEN}])
+              + encode_frame([2, "PING", big]) + encode_frame([3, "PING", {}]))
+    s.shutdown(socket.SHUT_WR)
+    frames = _frames_until_eof(s)
+    s.close()
+    assert [f[0] for f in frames[:3]] == [1, 2, 3]  # type: ignore[index]
+    assert all(f[1] == "ok" for f in frames[:3])  # type: ignore[index]

@@ -100,6 +100,9 @@ def test_worker_runs_jobs_logs_failures_and_drains_on_sigterm(broker, tmp_path: 
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=10)
+        for pipe in (p.stdout, p.stderr):  # the READY reader thread ends at EOF
+            if pipe is not None:
+                pipe.close()
 
 
 @pytest.mark.parametrize(("handler", "message"), [
