@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from shardq import coordinator_http
 from shardq import protocol as p
 from shardq.broker.handoff import _jobs_by_order
 from shardq.errors import ShardqError, StaleTermError
@@ -110,13 +111,13 @@ class Link:
         cfg = self.b.config
         if not cfg.coordinator:
             return
-        headers = {"Authorization": f"Bearer {cfg.link_token}"} if cfg.link_token else {}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + FOLLOW_MAP_S
-        async with httpx.AsyncClient(timeout=COORDINATOR_TIMEOUT_S, headers=headers) as http:
+        async with coordinator_http.async_client(cfg.coordinator, cfg.link_token,
+                                                 timeout_s=COORDINATOR_TIMEOUT_S) as http:
             while loop.time() < deadline and self.b.slots.frozen_by(FENCED):
                 try:
-                    r = await http.get(cfg.coordinator.rstrip("/") + "/topology")
+                    r = await http.get("/topology")
                     d = r.json()
                     if isinstance(d, dict) and int(d.get("epoch", 0)) > self.b.epoch:
                         self.b.apply_topology(d)
@@ -272,10 +273,10 @@ class Link:
         cfg = self.b.config
         if not cfg.coordinator:
             return None
-        headers = {"Authorization": f"Bearer {cfg.link_token}"} if cfg.link_token else {}
         try:
-            async with httpx.AsyncClient(timeout=COORDINATOR_TIMEOUT_S, headers=headers) as http:
-                r = await http.post(cfg.coordinator.rstrip("/") + path, json=body)
+            async with coordinator_http.async_client(cfg.coordinator, cfg.link_token,
+                                                     timeout_s=COORDINATOR_TIMEOUT_S) as http:
+                r = await http.post(path, json=body)
         except httpx.HTTPError as exc:
             log.warning("coordinator unreachable for %s: %r", path, exc)
             return None
