@@ -92,6 +92,7 @@ class Proc:
         full_env.update(env or {})
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         self.log_path = log_path
+        self._stopped = False  # set once the test kills or terminates it
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "shardq", *args],
@@ -161,8 +162,19 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def died_by_itself(self) -> str | None:
+        """A line about this process if it exited without the test stopping
+        it (a crash, a fatal commit error), with its log's tail: printed at
+        teardown so a failing test's report says which process went away."""
+        if self._stopped or self.popen.poll() is None or self.popen.returncode == 0:
+            return None
+        tail = self.log_path.read_text(errors="replace")[-3000:] if self.log_path else ""
+        what = " ".join(self.args[:3])
+        return f"{what} exited by itself with code {self.popen.returncode}:\n{tail}"
+
     def kill(self) -> None:
         """kill -9 the process group, by pid."""
+        self._stopped = True
         if self.popen.poll() is None:
             try:
                 os.killpg(self.popen.pid, signal.SIGKILL)
@@ -171,6 +183,7 @@ class Proc:
         self.popen.wait(timeout=10)
 
     def terminate(self, timeout: float = 15.0) -> int:
+        self._stopped = True
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             try:
@@ -204,6 +217,8 @@ def procs(tmp_path: Path) -> Iterator[list[Proc]]:
     started: list[Proc] = []
     yield started
     for p in started:
+        if (line := p.died_by_itself()) is not None:
+            print(line)
         p.close()
 
 

@@ -86,6 +86,16 @@ class Load:
         for c in self.clients:
             await c.aclose()
 
+    async def abort(self) -> None:
+        """After a failed step: stop everything and close every connection,
+        so the test reports its own failure, not leaked transports."""
+        self.stop.set()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for c in self.clients:
+            await c.aclose()
+
 
 async def until(cond: Any, what: str, timeout: float = STEP_TIMEOUT_S) -> Any:
     deadline = time.monotonic() + timeout
@@ -139,27 +149,31 @@ def test_scale_out_drain_and_scale_in_under_load_lose_and_double_nothing(
     async def scenario() -> Load:
         load = Load(url)
         await load.start()
-        await until(lambda: len(load.answered) > 1500, "load to get going")
-        # Scale out 3 -> 5: joining brokers get about 2/5 of the slots.
-        start("b4")
-        start("b5")
-        await until(lambda: all(broker_states(url).get(b, ("", 0))[1] > 0 for b in ("b4", "b5"))
-                    and rebalance_idle(url), "scale out to finish")
-        # Drain two of the original brokers.
-        post(url, "/brokers/b1/drain")
-        post(url, "/brokers/b2/drain")
-        await until(lambda: all(broker_states(url).get(b) == ("drained", 0) for b in ("b1", "b2")),
-                    "b1 and b2 to drain")
-        # Scale in to 2: b3 leaves too; the drained ones stop.
-        post(url, "/brokers/b3/drain")
-        await until(lambda: broker_states(url).get("b3") == ("drained", 0), "b3 to drain")
-        for bid in ("b1", "b2", "b3"):
-            assert brokers[bid].terminate() == 0
-            r = httpx.post(f"{url}/brokers/leave", json={"id": bid}, timeout=30)
-            assert r.status_code < 300, r.text
-        await until(lambda: len(load.answered) > 6000 or load.stop.is_set(), "more load")
-        await load.finish()
-        return load
+        try:
+            await until(lambda: len(load.answered) > 1500, "load to get going")
+            # Scale out 3 -> 5: joining brokers get about 2/5 of the slots.
+            start("b4")
+            start("b5")
+            await until(lambda: all(broker_states(url).get(b, ("", 0))[1] > 0 for b in ("b4", "b5"))
+                        and rebalance_idle(url), "scale out to finish")
+            # Drain two of the original brokers.
+            post(url, "/brokers/b1/drain")
+            post(url, "/brokers/b2/drain")
+            await until(lambda: all(broker_states(url).get(b) == ("drained", 0)
+                                    for b in ("b1", "b2")), "b1 and b2 to drain")
+            # Scale in to 2: b3 leaves too; the drained ones stop.
+            post(url, "/brokers/b3/drain")
+            await until(lambda: broker_states(url).get("b3") == ("drained", 0), "b3 to drain")
+            for bid in ("b1", "b2", "b3"):
+                assert brokers[bid].terminate() == 0
+                r = httpx.post(f"{url}/brokers/leave", json={"id": bid}, timeout=30)
+                assert r.status_code < 300, r.text
+            await until(lambda: len(load.answered) > 6000 or load.stop.is_set(), "more load")
+            await load.finish()
+            return load
+        except BaseException:
+            await load.abort()  # close its connections before the loop goes
+            raise
 
     async def bounded() -> Load:
         async with asyncio.timeout(600):

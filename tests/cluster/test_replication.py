@@ -207,34 +207,38 @@ def test_kill_9_and_deleted_disk_under_load_lose_nothing_and_ack_nothing_twice(
     async def scenario() -> tuple[Load, float]:
         load = Load(c.url)
         await load.start()
-        await until(lambda: len(load.answered) > 1500, "load to get going")
-        killed_at = time.monotonic()
-        c.brokers[victim].kill()
-        shutil.rmtree(c.data_dir(victim))
-        async with await shardq.connect(c.url) as client:
-            while True:
-                try:
-                    await client.queue(probe).add("probe", None, job_id="probe")
-                    break
-                except shardq.ShardqError:
-                    assert time.monotonic() - killed_at < FAILOVER_BOUND_S * 3, c.log_tail()
-        served = time.monotonic() - killed_at
-        answered = len(load.answered)
-        await until(lambda: len(load.answered) > answered + 1500 or load.stop.is_set(),
-                    "more load after the failover")
-        load.stop.set()
-        await asyncio.gather(*load.tasks[:PRODUCERS])
-        # A job whose ack died with the broker before the follower had it
-        # (never answered) runs again, at the latest when its lock (30 s) runs
-        # out there: at least once, and acked once. One whose ack reached the
-        # follower's disk but whose answer died with the broker is completed
-        # with no journal line: the ack was never answered.
-        deadline = time.monotonic() + 120
-        while missing := await unfinished(c, load.answered):
-            assert time.monotonic() < deadline, f"never completed: {sorted(missing)[:5]}"
-            await asyncio.sleep(0.5)
-        await load.finish()
-        return load, served
+        try:
+            await until(lambda: len(load.answered) > 1500, "load to get going")
+            killed_at = time.monotonic()
+            c.brokers[victim].kill()
+            shutil.rmtree(c.data_dir(victim))
+            async with await shardq.connect(c.url) as client:
+                while True:
+                    try:
+                        await client.queue(probe).add("probe", None, job_id="probe")
+                        break
+                    except shardq.ShardqError:
+                        assert time.monotonic() - killed_at < FAILOVER_BOUND_S * 3, c.log_tail()
+            served = time.monotonic() - killed_at
+            answered = len(load.answered)
+            await until(lambda: len(load.answered) > answered + 1500 or load.stop.is_set(),
+                        "more load after the failover")
+            load.stop.set()
+            await asyncio.gather(*load.tasks[:PRODUCERS])
+            # A job whose ack died with the broker before the follower had it
+            # (never answered) runs again, at the latest when its lock (30 s) runs
+            # out there: at least once, and acked once. One whose ack reached the
+            # follower's disk but whose answer died with the broker is completed
+            # with no journal line: the ack was never answered.
+            deadline = time.monotonic() + 120
+            while missing := await unfinished(c, load.answered):
+                assert time.monotonic() < deadline, f"never completed: {sorted(missing)[:5]}"
+                await asyncio.sleep(0.5)
+            await load.finish()
+            return load, served
+        except BaseException:
+            await load.abort()  # close its connections before the loop goes
+            raise
 
     async def bounded() -> tuple[Load, float]:
         async with asyncio.timeout(540):
@@ -424,26 +428,30 @@ def test_chaos_scale_out_failover_drain_and_scale_in_with_replicas_1(
     async def scenario() -> Load:
         load = Load(c.url)
         await load.start()
-        await until(lambda: len(load.answered) > 1500, "load to get going")
-        c.start("b4")
-        c.start("b5")
-        await until(lambda: all(broker_states(c.url).get(b, ("", 0))[1] > 0
-                                for b in ("b4", "b5")) and rebalance_idle(c.url),
-                    "scale out to finish")
-        await until(lambda: c.replication().get("b4", {}).get("in_sync"), "b4 in sync")
-        c.brokers["b4"].kill()
-        shutil.rmtree(c.data_dir("b4"))
-        await until(lambda: (c.replication().get("b4", {}).get("failover") or {})
-                    .get("phase") == "done", "b4 to fail over")
-        post(c.url, "/brokers/b1/drain")
-        post(c.url, "/brokers/b2/drain")
-        await until(lambda: all(broker_states(c.url).get(b) == ("drained", 0)
-                                for b in ("b1", "b2")), "b1 and b2 to drain")
-        for bid in ("b1", "b2"):
-            assert c.brokers[bid].terminate() == 0
-        await until(lambda: len(load.answered) > 6000 or load.stop.is_set(), "more load")
-        await load.finish()
-        return load
+        try:
+            await until(lambda: len(load.answered) > 1500, "load to get going")
+            c.start("b4")
+            c.start("b5")
+            await until(lambda: all(broker_states(c.url).get(b, ("", 0))[1] > 0
+                                    for b in ("b4", "b5")) and rebalance_idle(c.url),
+                        "scale out to finish")
+            await until(lambda: c.replication().get("b4", {}).get("in_sync"), "b4 in sync")
+            c.brokers["b4"].kill()
+            shutil.rmtree(c.data_dir("b4"))
+            await until(lambda: (c.replication().get("b4", {}).get("failover") or {})
+                        .get("phase") == "done", "b4 to fail over")
+            post(c.url, "/brokers/b1/drain")
+            post(c.url, "/brokers/b2/drain")
+            await until(lambda: all(broker_states(c.url).get(b) == ("drained", 0)
+                                    for b in ("b1", "b2")), "b1 and b2 to drain")
+            for bid in ("b1", "b2"):
+                assert c.brokers[bid].terminate() == 0
+            await until(lambda: len(load.answered) > 6000 or load.stop.is_set(), "more load")
+            await load.finish()
+            return load
+        except BaseException:
+            await load.abort()  # close its connections before the loop goes
+            raise
 
     async def bounded() -> Load:
         async with asyncio.timeout(840):
