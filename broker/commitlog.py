@@ -122,6 +122,7 @@ class CommitLog:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
         self._writer_busy = False
         self._flush_scheduled = False
+        self._closed = False  # a closed log commits nothing more (a dropped replica)
         self.seq = 0  # of the last batch handed to the store
         self.committed_seq = 0  # of the last batch the store returned
         self._seq_waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -165,6 +166,7 @@ class CommitLog:
         self._loop = loop
 
     def close(self) -> None:
+        self._closed = True
         if self._journal is not None:
             self._journal.close()
         self._writer.shutdown(wait=True)
@@ -223,14 +225,14 @@ class CommitLog:
 
     # ------------------------------------------------------------ group commit
     def schedule_flush(self) -> None:
-        if not self._flush_scheduled and not self._writer_busy:
+        if not self._flush_scheduled and not self._writer_busy and not self._closed:
             self._flush_scheduled = True
             assert self._loop is not None
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._writer_busy or self.disk_full:
+        if self._writer_busy or self.disk_full or self._closed:
             return  # disk full: the retry timer flushes (see _storage_full)
         if not self.ops and not self._unsaved:
             self._writer_idle()

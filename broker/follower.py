@@ -55,6 +55,7 @@ log = logging.getLogger("shardq.broker.follower")
 
 PROMOTE_CHUNK_JOBS = 1000  # jobs per staging op written at promotion
 PROMOTE_STEP_CHUNKS = 50  # chunks written per loop step at promotion
+DROP_FLUSH_TIMEOUT_S = 30.0  # a dropped replica's log gets this long to go idle
 
 
 def replica_path(data_dir: str, primary: str) -> str:
@@ -79,6 +80,7 @@ class Replica:
         self._standby_log: list[Any] = []  # standby queues never emit; a sink just in case
         self.promoting = False  # refuses the stream from now on
         self.promoted = False  # the broker's own log holds the copy now
+        self.dropping = False  # no longer followed: refuses the stream, then goes
 
     @property
     def epoch(self) -> int:
@@ -138,13 +140,19 @@ class Replica:
             self.commits.ops.append(self.ownership_op())
             self.commits.schedule_flush()
 
+    def _check_open(self) -> None:
+        """Refuse the stream of a replica being promoted or dropped."""
+        if self.promoting:
+            raise StaleTermError(f"replica of {self.primary} is being promoted")
+        if self.dropping:
+            raise StaleTermError(f"{self.b.config.broker_id} no longer follows {self.primary}")
+
     def append(self, args: dict[str, Any]) -> int:
         """Apply one REPL_APPEND in memory and log it; returns the primary's seq."""
         epoch = args.get("repl_epoch")
         if not isinstance(epoch, int) or isinstance(epoch, bool):
             raise BadRequestError("repl_epoch must be an integer")
-        if self.promoting:
-            raise StaleTermError(f"replica of {self.primary} is being promoted")
+        self._check_open()
         reset = bool(args.get("reset"))
         if reset and self.synced and epoch <= self.epoch:
             # A complete copy the coordinator may count on (in sync at this
@@ -281,6 +289,7 @@ class Followers:
         self._loop: asyncio.AbstractEventLoop | None = None
         # "primary@epoch" -> its promotion (done or running)
         self._promotions: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._dropping: set[asyncio.Task[None]] = set()  # replicas closing once idle
 
     def recover(self) -> None:
         """Open every replica file of the data directory (before `start`)."""
@@ -310,17 +319,42 @@ class Followers:
         return r
 
     def drop(self, primary: str) -> None:
-        """Forget a replica for good (this broker no longer follows that primary)."""
-        r = self.replicas.pop(primary, None)
-        if r is None:
+        """Forget a replica for good (this broker no longer follows that primary).
+
+        From now on it refuses the stream; it is closed and its file deleted
+        once its log is idle. Closing it at once raced the primary's stream:
+        a batch logged just before would commit on the closed file, and a
+        failed commit stops the whole broker (commitlog.py).
+        """
+        r = self.replicas.get(primary)
+        if r is None or r.dropping:
             return
+        r.dropping = True
+        if self._loop is None:  # recovery, before the loop runs: nothing in flight
+            self._remove(r)
+            return
+        task = self._loop.create_task(self._drop_when_idle(r), name=f"drop-replica-{primary}")
+        self._dropping.add(task)
+        task.add_done_callback(self._dropping.discard)
+
+    async def _drop_when_idle(self, r: Replica) -> None:
+        try:
+            await asyncio.wait_for(r.commits.flush_all(), DROP_FLUSH_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("replica of %s still busy after %.0f s; dropping it anyway",
+                        r.primary, DROP_FLUSH_TIMEOUT_S)
+        self._remove(r)
+
+    def _remove(self, r: Replica) -> None:
+        if self.replicas.get(r.primary) is r:
+            del self.replicas[r.primary]
         r.close()
         for suffix in ("", "-wal", "-shm"):
             try:
                 os.remove(r.path + suffix)
             except FileNotFoundError:
                 pass
-        log.info("dropped the replica of %s", primary)
+        log.info("dropped the replica of %s", r.primary)
 
     def close(self) -> None:
         for r in self.replicas.values():
