@@ -530,9 +530,13 @@ def test_sigstopped_primary_answers_no_write_after_the_fence(
     ids = asyncio.run(add_jobs(c, queue, 20))
     conn = RawConn(c.topology().brokers[primary].addr, timeout=20.0)
     os.kill(c.brokers[primary].pid, signal.SIGSTOP)
+
+    def failed_over() -> dict[str, Any] | None:
+        fo = c.replication().get(primary, {}).get("failover") or {}
+        return fo if fo.get("phase") == "done" else None
+
     try:
-        poll(lambda: (c.replication().get(primary, {}).get("failover") or {})
-             .get("phase") == "done", "the failover of the stopped primary", 60)
+        failover = poll(failed_over, "the failover of the stopped primary", 60)
     finally:
         os.kill(c.brokers[primary].pid, signal.SIGCONT)
     try:
@@ -543,5 +547,7 @@ def test_sigstopped_primary_answers_no_write_after_the_fence(
         conn.close()
     assert reply is None or reply[1] != "ok", reply
     asyncio.run(add_until_served(c, queue, "after", time.monotonic(), 30))
-    assert c.topology().owner_of(queue) == follower
+    # The follower took the slots over; the old primary, back and empty, may
+    # already be getting slots again by ordinary rebalancing (docs/design.md §12).
+    assert failover["to"] == follower
     assert set(ids) | {"after"} <= asyncio.run(job_ids(c, queue))
