@@ -57,6 +57,7 @@ def _register() -> None:
         replication_cmd,  # noqa: F401
         scale_cmd,  # noqa: F401
         stats_cmd,  # noqa: F401
+        tls_cmd,  # noqa: F401
         worker_cmd,  # noqa: F401
     )
 
