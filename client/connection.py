@@ -397,6 +397,14 @@ async def open_connection(addr: str, *, token: str | None = None, client_name: s
         conn._abort(ConnectionClosedError("HELLO failed"))
         # Only HELLO was sent: no request of the caller's can have been applied.
         raise TimeoutError(str(exc)) from None
+    except ConnectionClosedError as exc:
+        conn._abort(ConnectionClosedError("HELLO failed"))
+        if ctx is None:
+            # What a TLS listener does with a cleartext HELLO: it drops it.
+            raise ConnectionClosedError(
+                f"{addr} closed the connection before answering HELLO ({exc}); if it "
+                "speaks TLS, connect with ssl_ca=") from None
+        raise
     except BaseException:
         conn._abort(ConnectionClosedError("HELLO failed"))
         raise

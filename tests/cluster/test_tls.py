@@ -1,0 +1,211 @@
+"""TLS on every listener and link (README "Security and limits"): a
+coordinator and two brokers with `shardq dev-certs` certificates, mutual TLS
+for control connections, the coordinator told apart by its certificate."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+import shardq
+from shardq import protocol
+from shardq.client.connection import open_connection
+from shardq.client.retry import RetryPolicy
+from shardq.devcerts import make_dev_certs
+from shardq.router import Topology
+from shardq.tls import client_context
+from tests.aio import run, running
+
+from ..conftest import Proc
+
+pytestmark = pytest.mark.slow
+
+CLIENT, CONTROL = "tls-client-token", "tls-control-token"
+BROKERS = ("b1", "b2")
+
+
+@dataclass
+class TlsCluster:
+    url: str
+    certs: Path
+    brokers: dict[str, Proc]
+
+    @property
+    def ca(self) -> str:
+        return str(self.certs / "ca.pem")
+
+    def ctx(self, cert: str | None = None) -> ssl.SSLContext:
+        """A client context trusting the dev CA, presenting `cert` (a stem)."""
+        if cert is None:
+            return client_context(self.ca)
+        return client_context(self.ca, self.certs / f"{cert}.pem", self.certs / f"{cert}.key")
+
+    def http(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, verify=self.ctx(), timeout=10,
+                                 headers={"Authorization": f"Bearer {CONTROL}"})
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("certs")
+    make_dev_certs(out)
+    return out
+
+
+@pytest.fixture
+def tls_cluster(procs: list[Proc], tmp_path: Path, certs: Path) -> Iterator[TlsCluster]:
+    control = tmp_path / "control.token"
+    control.write_text(CONTROL + "\n")
+    tokens = ["--token", CLIENT, "--control-token-file", str(control)]
+    ca = str(certs / "ca.pem")
+    coord = Proc(["coordinator", "--port", "0", "--data-dir", str(tmp_path / "coord"),
+                  "--expect", str(len(BROKERS)), *tokens, "--ssl-ca", ca,
+                  "--ssl-cert", str(certs / "coordinator.pem"),
+                  "--ssl-key", str(certs / "coordinator.key")],
+                 log_path=tmp_path / "coordinator.log")
+    procs.append(coord)
+    url = f"https://{coord.addr}"
+    brokers = {}
+    for b in BROKERS:
+        brokers[b] = Proc(["broker", "--id", b, "--port", "0", "--data-dir", str(tmp_path / b),
+                           "--coordinator", url, *tokens, "--ssl-ca", ca,
+                           "--ssl-cert", str(certs / "broker.pem"),
+                           "--ssl-key", str(certs / "broker.key"), "--ssl-client-ca", ca],
+                          log_path=tmp_path / f"{b}.log")
+        procs.append(brokers[b])
+    c = TlsCluster(url, certs, brokers)
+    run(_serving(c))
+    yield c
+
+
+async def _topology(c: TlsCluster) -> Topology:
+    async with c.http() as http:
+        return Topology.from_dict((await http.get("/topology")).json())
+
+
+async def _serving(c: TlsCluster) -> None:
+    """Until every broker owns slots and serves the coordinator's epoch."""
+    async with asyncio.timeout(30):
+        while True:
+            topo = await _topology(c)
+            counts = topo.slot_counts()
+            if all(counts.get(b, 0) > 0 for b in BROKERS):
+                epochs = []
+                for b in BROKERS:
+                    conn = await open_connection(topo.brokers[b].addr, token=CLIENT,
+                                                 ssl_context=c.ctx())
+                    epochs.append(conn.max_epoch)
+                    await conn.aclose()
+                if all(e == topo.epoch for e in epochs):
+                    return
+            await asyncio.sleep(0.05)
+
+
+def test_a_client_with_the_ca_adds_and_works_jobs_and_a_queue_moves_over_tls(
+        tls_cluster: TlsCluster) -> None:
+    c = tls_cluster
+
+    async def main() -> None:
+        async with await shardq.connect(c.url, CLIENT, ssl_ca=c.ca) as client:
+            q = client.queue("tls-q")
+            done: set[str] = set()
+            all_done = asyncio.Event()
+
+            async def handle(job: shardq.Job) -> None:
+                done.add(job.id)
+                if len(done) == 40:
+                    all_done.set()
+
+            for i in range(20):
+                await q.add("n", {"i": i}, job_id=f"a{i}")
+            # A move is the coordinator's handoff ops (mutual TLS, its CN) and
+            # the snapshot copy from broker to broker (TLS both ways).
+            owner = (await _topology(c)).owner_of("tls-q")
+            to = "b2" if owner == "b1" else "b1"
+            async with c.http() as http:
+                r = await http.post("/queues/tls-q/move", json={"to": to})
+                assert r.status_code == 200, r.text
+                async with asyncio.timeout(30):
+                    while True:
+                        topo = await _topology(c)
+                        if topo.owner_of("tls-q") == to and not topo.moving:
+                            break
+                        await asyncio.sleep(0.05)
+            for i in range(20):
+                await q.add("n", {"i": i}, job_id=f"b{i}")
+            async with running(client.worker("tls-q", handle, concurrency=4)):
+                await asyncio.wait_for(all_done.wait(), 30)
+            assert done == {f"a{i}" for i in range(20)} | {f"b{i}" for i in range(20)}
+
+    run(main())
+
+
+def test_a_client_without_the_ca_or_without_tls_fails_with_a_clear_error(
+        tls_cluster: TlsCluster, tmp_path: Path) -> None:
+    c = tls_cluster
+    other = tmp_path / "other-ca"
+    make_dev_certs(other)  # a CA that signed nothing the cluster presents
+    addr = next(iter(c.brokers.values())).addr
+    quick = RetryPolicy(unavailable_budget=1.0)
+
+    async def main() -> None:
+        started = time.monotonic()
+        with pytest.raises(shardq.TlsError, match="CERTIFICATE_VERIFY_FAILED"):
+            await shardq.connect(c.url, CLIENT, ssl_ca=str(other / "ca.pem"))
+        with pytest.raises(shardq.TlsError, match="CERTIFICATE_VERIFY_FAILED"):
+            await shardq.connect(addr, CLIENT, ssl_ca=str(other / "ca.pem"))
+        # Not retried: a failed handshake cannot get better.
+        assert time.monotonic() - started < 5
+        # Cleartext to a TLS broker: the broker drops the connection at once;
+        # the client says so within its retry budget, naming TLS.
+        with pytest.raises(shardq.UnavailableError, match="TLS"):
+            await shardq.connect(addr, CLIENT, policy=quick)
+        # TLS to a cleartext listener: the coordinator's URL as http.
+        with pytest.raises(shardq.UnavailableError):
+            await shardq.connect(c.url.replace("https://", "http://"), CLIENT, policy=quick)
+
+    run(main())
+
+
+def test_a_control_connection_needs_a_client_cert_and_term_ops_the_coordinators(
+        tls_cluster: TlsCluster) -> None:
+    c = tls_cluster
+    addr = next(iter(c.brokers.values())).addr
+
+    async def main() -> None:
+        async with c.http() as http:
+            term = (await http.get("/healthz")).json()["term"]
+        # The control token without a client certificate: refused at HELLO.
+        with pytest.raises(shardq.AuthError, match="client certificate"):
+            await open_connection(addr, token=CONTROL, ssl_context=c.ctx())
+        # A client token needs no certificate.
+        conn = await open_connection(addr, token=CLIENT, ssl_context=c.ctx())
+        await conn.aclose()
+        # A broker's certificate and the control token: control, not the
+        # coordinator; a higher term is refused and changes nothing.
+        conn = await open_connection(addr, token=CONTROL, ssl_context=c.ctx("broker"))
+        try:
+            for op in (protocol.HANDOFF_ABORT, protocol.HANDOFF_PREPARE, protocol.REPL_PROMOTE):
+                with pytest.raises(shardq.AuthError, match="coordinator"):
+                    await conn.request(op, {"move_id": "evil", "term": 10**12})
+            assert await conn.request(protocol.PING, {}) == "pong"
+        finally:
+            await conn.aclose()
+        # The coordinator's certificate may, at the coordinator's term: a
+        # broker that had taken 10**12 would answer STALE_TERM.
+        conn = await open_connection(addr, token=CONTROL, ssl_context=c.ctx("coordinator"))
+        try:
+            reply = await conn.request(protocol.HANDOFF_ABORT,
+                                       {"move_id": "nothing", "term": term})
+            assert reply == {"aborted": True}
+        finally:
+            await conn.aclose()
+
+    run(main())
