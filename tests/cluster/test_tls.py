@@ -209,3 +209,28 @@ def test_a_control_connection_needs_a_client_cert_and_term_ops_the_coordinators(
             await conn.aclose()
 
     run(main())
+
+
+def test_cluster_up_passes_tls_options_to_every_child(
+        procs: list[Proc], tmp_path: Path, certs: Path) -> None:
+    ca = str(certs / "ca.pem")
+    sup = Proc(["cluster", "up", "-n", "2", "--data-dir", str(tmp_path / "data"),
+                "--coordinator-port", "0", "--base-port", "0", "--ssl-ca", ca,
+                "--ssl-cert", str(certs / "broker.pem"), "--ssl-key", str(certs / "broker.key"),
+                "--ssl-client-ca", ca, "--ssl-coordinator-cert", str(certs / "coordinator.pem"),
+                "--ssl-coordinator-key", str(certs / "coordinator.key")],
+               env={"SHARDQ_TOKEN": CLIENT}, log_path=tmp_path / "supervisor.log")
+    procs.append(sup)
+    assert sup.addr.startswith("https://")
+    assert (tmp_path / "data" / "secrets" / "coordinator.token").exists()
+
+    async def main() -> None:
+        async with await shardq.connect(sup.addr, CLIENT, ssl_ca=ca) as client:
+            q = client.queue("up-tls")
+            await q.add("n", {}, job_id="j1")
+            job = await q.get_job("j1")
+            assert job is not None and job["id"] == "j1"
+        with pytest.raises(shardq.TlsError):
+            await shardq.connect(sup.addr, CLIENT)  # the system CAs do not know the dev CA
+
+    run(main())
