@@ -5,7 +5,10 @@ for control connections, the coordinator told apart by its certificate."""
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -230,6 +233,18 @@ def test_cluster_up_passes_tls_options_to_every_child(
             await q.add("n", {}, job_id="j1")
             job = await q.get_job("j1")
             assert job is not None and job["id"] == "j1"
+            # An admin command over HTTPS (SHARDQ_SSL_CA): a move, i.e. the
+            # coordinator's handoff ops and a broker-to-broker copy under mTLS.
+            owner = client._cluster.topology.route("up-tls")
+            assert owner is not None
+            to = "b2" if owner[0] == "b1" else "b1"
+            control = (tmp_path / "data" / "secrets" / "control.token").read_text().strip()
+            env = {**os.environ, "SHARDQ_SSL_CA": ca, "SHARDQ_CONTROL_TOKEN": control}
+            moved = subprocess.run([sys.executable, "-m", "shardq", "move", "up-tls", "--to", to,
+                                    "--coordinator", sup.addr, "--json"],
+                                   env=env, capture_output=True, text=True, timeout=60)
+            assert moved.returncode == 0, moved.stdout + moved.stderr
+            assert await q.get_job("j1") is not None
         with pytest.raises(shardq.TlsError):
             await shardq.connect(sup.addr, CLIENT)  # the system CAs do not know the dev CA
 
