@@ -380,13 +380,9 @@ async def open_connection(addr: str, *, token: str | None = None, client_name: s
                 host, port, ssl=ctx, server_hostname=host if ctx is not None else None,
                 ssl_handshake_timeout=connect_timeout if ctx is not None else None)
     except ssl.SSLError as exc:
+        # Not an OSError to the retry loop: an untrusted certificate, or a
+        # cleartext listener's answer to the ClientHello, does not get better.
         raise TlsError(addr, exc.reason or str(exc)) from None
-    except ConnectionError as exc:
-        if ctx is not None:
-            # A cleartext listener closes on a ClientHello it cannot parse.
-            raise TlsError(addr, f"closed during the TLS handshake ({exc!r}): is the "
-                                 "broker started without --ssl-cert?") from None
-        raise
     hello: dict[str, Any] = {"version": protocol.PROTOCOL_VERSION,
                              "client": client_name or f"shardq-py/{os.getpid()}"}
     if token is not None:

@@ -62,30 +62,36 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture
-def tls_cluster(procs: list[Proc], tmp_path: Path, certs: Path) -> Iterator[TlsCluster]:
+def start_tls_cluster(procs: list[Proc], tmp_path: Path, certs: Path,
+                      brokers: tuple[str, ...] = BROKERS, *coordinator_extra: str) -> TlsCluster:
+    """A TLS coordinator and brokers (mutual TLS on control), serving."""
     control = tmp_path / "control.token"
     control.write_text(CONTROL + "\n")
     tokens = ["--token", CLIENT, "--control-token-file", str(control)]
     ca = str(certs / "ca.pem")
     coord = Proc(["coordinator", "--port", "0", "--data-dir", str(tmp_path / "coord"),
-                  "--expect", str(len(BROKERS)), *tokens, "--ssl-ca", ca,
+                  "--expect", str(len(brokers)), *tokens, "--ssl-ca", ca,
                   "--ssl-cert", str(certs / "coordinator.pem"),
-                  "--ssl-key", str(certs / "coordinator.key")],
+                  "--ssl-key", str(certs / "coordinator.key"), *coordinator_extra],
                  log_path=tmp_path / "coordinator.log")
     procs.append(coord)
     url = f"https://{coord.addr}"
-    brokers = {}
-    for b in BROKERS:
-        brokers[b] = Proc(["broker", "--id", b, "--port", "0", "--data-dir", str(tmp_path / b),
+    started = {}
+    for b in brokers:
+        started[b] = Proc(["broker", "--id", b, "--port", "0", "--data-dir", str(tmp_path / b),
                            "--coordinator", url, *tokens, "--ssl-ca", ca,
                            "--ssl-cert", str(certs / "broker.pem"),
                            "--ssl-key", str(certs / "broker.key"), "--ssl-client-ca", ca],
                           log_path=tmp_path / f"{b}.log")
-        procs.append(brokers[b])
-    c = TlsCluster(url, certs, brokers)
-    run(_serving(c))
-    yield c
+        procs.append(started[b])
+    c = TlsCluster(url, certs, started)
+    run(_serving(c, brokers))
+    return c
+
+
+@pytest.fixture
+def tls_cluster(procs: list[Proc], tmp_path: Path, certs: Path) -> Iterator[TlsCluster]:
+    yield start_tls_cluster(procs, tmp_path, certs)
 
 
 async def _topology(c: TlsCluster) -> Topology:
@@ -93,15 +99,15 @@ async def _topology(c: TlsCluster) -> Topology:
         return Topology.from_dict((await http.get("/topology")).json())
 
 
-async def _serving(c: TlsCluster) -> None:
+async def _serving(c: TlsCluster, brokers: tuple[str, ...] = BROKERS) -> None:
     """Until every broker owns slots and serves the coordinator's epoch."""
     async with asyncio.timeout(30):
         while True:
             topo = await _topology(c)
             counts = topo.slot_counts()
-            if all(counts.get(b, 0) > 0 for b in BROKERS):
+            if all(counts.get(b, 0) > 0 for b in brokers):
                 epochs = []
-                for b in BROKERS:
+                for b in brokers:
                     conn = await open_connection(topo.brokers[b].addr, token=CLIENT,
                                                  ssl_context=c.ctx())
                     epochs.append(conn.max_epoch)
@@ -151,12 +157,15 @@ def test_a_client_with_the_ca_adds_and_works_jobs_and_a_queue_moves_over_tls(
 
 
 def test_a_client_without_the_ca_or_without_tls_fails_with_a_clear_error(
-        tls_cluster: TlsCluster, tmp_path: Path) -> None:
+        tls_cluster: TlsCluster, procs: list[Proc], tmp_path: Path) -> None:
     c = tls_cluster
     other = tmp_path / "other-ca"
     make_dev_certs(other)  # a CA that signed nothing the cluster presents
     addr = next(iter(c.brokers.values())).addr
     quick = RetryPolicy(unavailable_budget=1.0)
+    plain = Proc(["broker", "--id", "plain", "--port", "0", "--data-dir", str(tmp_path / "plain")],
+                 log_path=tmp_path / "plain.log")
+    procs.append(plain)
 
     async def main() -> None:
         started = time.monotonic()
@@ -170,9 +179,12 @@ def test_a_client_without_the_ca_or_without_tls_fails_with_a_clear_error(
         # the client says so within its retry budget, naming TLS.
         with pytest.raises(shardq.UnavailableError, match="TLS"):
             await shardq.connect(addr, CLIENT, policy=quick)
-        # TLS to a cleartext listener: the coordinator's URL as http.
+        # The coordinator's URL as http: a cleartext request to a TLS listener.
         with pytest.raises(shardq.UnavailableError):
             await shardq.connect(c.url.replace("https://", "http://"), CLIENT, policy=quick)
+        # TLS to a cleartext broker: its answer is no TLS record.
+        with pytest.raises(shardq.TlsError):
+            await shardq.connect(plain.addr, ssl_ca=c.ca, policy=quick)
 
     run(main())
 
@@ -247,5 +259,40 @@ def test_cluster_up_passes_tls_options_to_every_child(
             assert await q.get_job("j1") is not None
         with pytest.raises(shardq.TlsError):
             await shardq.connect(sup.addr, CLIENT)  # the system CAs do not know the dev CA
+
+    run(main())
+
+
+def test_replication_and_a_failover_run_over_tls_with_the_coordinators_certificate(
+        procs: list[Proc], tmp_path: Path, certs: Path) -> None:
+    three = ("b1", "b2", "b3")
+    c = start_tls_cluster(procs, tmp_path, certs, three, "--replicas", "1",
+                          "--heartbeat-timeout-ms", "1000")
+
+    async def main() -> None:
+        async with c.http() as http:
+            async with asyncio.timeout(60):  # every primary's follower has its copy
+                while True:
+                    rep = (await http.get("/replication")).json()
+                    if all(rep.get(b, {}).get("in_sync") for b in three):
+                        break
+                    await asyncio.sleep(0.1)
+        topo = await _topology(c)
+        victim = "b2"
+        follower = rep[victim]["follower"]
+        queue = next(f"fo-{i}" for i in range(10_000) if topo.owner_of(f"fo-{i}") == victim)
+        async with await shardq.connect(c.url, CLIENT, ssl_ca=c.ca) as client:
+            q = client.queue(queue)
+            for i in range(20):
+                await q.add("n", {"i": i}, job_id=f"j{i}")
+            c.brokers[victim].kill()
+            # The coordinator fences and promotes the follower (REPL_FENCE and
+            # REPL_PROMOTE: its certificate's ops) and the client follows.
+            async with asyncio.timeout(60):
+                while (await _topology(c)).owner_of(queue) != follower:
+                    await asyncio.sleep(0.1)
+            await q.add("n", {}, job_id="after")
+            counts = await q.counts()
+            assert counts["waiting"] == 21, counts
 
     run(main())

@@ -126,8 +126,7 @@ export class Connection {
       s.once("error", (err: NodeJS.ErrnoException) => {
         clearTimeout(timer);
         // A certificate error, or a handshake a cleartext listener cut short: retrying cannot help.
-        const tlsFailure = secure && (/CERT|SSL|TLS|self.signed|certificate/i.test(`${err.code ?? ""} ${err.message}`)
-          || err.code === "ECONNRESET");
+        const tlsFailure = secure && /CERT|SSL|TLS|self.signed|certificate/i.test(`${err.code ?? ""} ${err.message}`);
         reject(tlsFailure ? new TlsError(addr, err.code ?? err.message)
           : new ConnectionClosedError(`connect to ${addr} failed: ${err.message}`));
       });
