@@ -101,7 +101,7 @@ async def _topology(c: TlsCluster) -> Topology:
 
 async def _serving(c: TlsCluster, brokers: tuple[str, ...] = BROKERS) -> None:
     """Until every broker owns slots and serves the coordinator's epoch."""
-    async with asyncio.timeout(30):
+    async with asyncio.timeout(60):
         while True:
             topo = await _topology(c)
             counts = topo.slot_counts()
@@ -141,7 +141,7 @@ def test_a_client_with_the_ca_adds_and_works_jobs_and_a_queue_moves_over_tls(
             async with c.http() as http:
                 r = await http.post("/queues/tls-q/move", json={"to": to})
                 assert r.status_code == 200, r.text
-                async with asyncio.timeout(30):
+                async with asyncio.timeout(60):
                     while True:
                         topo = await _topology(c)
                         if topo.owner_of("tls-q") == to and not topo.moving:
@@ -150,7 +150,7 @@ def test_a_client_with_the_ca_adds_and_works_jobs_and_a_queue_moves_over_tls(
             for i in range(20):
                 await q.add("n", {"i": i}, job_id=f"b{i}")
             async with running(client.worker("tls-q", handle, concurrency=4)):
-                await asyncio.wait_for(all_done.wait(), 30)
+                await asyncio.wait_for(all_done.wait(), 60)
             assert done == {f"a{i}" for i in range(20)} | {f"b{i}" for i in range(20)}
 
     run(main())
