@@ -69,10 +69,29 @@ class BrokerCollector(Collector):
                 ("shardq_broker_rss_bytes", b.rss, "Resident memory"),
                 ("shardq_topology_epoch", b.epoch, "Topology epoch"),
                 ("shardq_broker_storage_held", 1 if b.held else 0,
-                 "1 while the map's slots for this broker are owned under another storage")):
+                 "1 while the map's slots for this broker are owned under another storage"),
+                # README "Security and limits": disk full, corruption, time.
+                ("shardq_broker_disk_full", 1 if b.refusing_adds else 0,
+                 "1 while adds are refused for a full disk (alarm or failed commits)"),
+                ("shardq_broker_quarantined_jobs",
+                 len(b.store.damage.quarantined) if b.store.damage else 0,
+                 "Damaged records left out at start (--salvage)"),
+                ("shardq_broker_clock_drift_seconds", _drift_s(b),
+                 "How far the wall clock stepped from the broker's monotonic clock")):
             g = GaugeMetricFamily(name, doc, labels=["broker"])
             g.add_metric([bid], value)
             yield g
+        episodes = CounterMetricFamily("shardq_broker_disk_full_episodes",
+                                       "Disk alarms and failed-commit episodes",
+                                       labels=["broker"])
+        episodes.add_metric([bid], b.commits.disk_full_total)
+        yield episodes
+
+
+def _drift_s(b: Broker) -> float:
+    from shardq.broker.clock import BrokerClock
+
+    return b.clock.drift_ms() / 1000 if isinstance(b.clock, BrokerClock) else 0.0
 
 
 def _histogram(name: str, doc: str, bid: str, hist: Buckets,

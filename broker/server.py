@@ -14,9 +14,11 @@ import hmac
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from shardq import protocol as p
@@ -27,6 +29,7 @@ from shardq.broker.replies import Durability
 from shardq.codec import FrameDecoder, is_bad_frame
 from shardq.errors import AuthError, BadRequestError, BusyError, ServerError, TooLargeError
 from shardq.netopts import tune_socket
+from shardq.tls import COORDINATOR_CN, peer_common_name
 
 log = logging.getLogger("shardq.broker.server")
 
@@ -46,6 +49,24 @@ GROWTH_OPS = frozenset({p.ADD, p.FLOW_ADD_CHILDREN, p.FLOW_ADD_PARENT, p.SCHED_U
 REJECT_LINGER_S = 1.0
 
 
+@dataclass(frozen=True, slots=True)
+class ListenerOptions:
+    """How the listener secures connections (README "Security and limits")."""
+
+    ssl: ssl.SSLContext | None = None  # TLS on the listener (--ssl-cert/--ssl-key)
+    # --ssl-client-ca: a control connection must present a client certificate
+    # signed by it, and only the coordinator's (CN shardq-coordinator) may
+    # send COORDINATOR_OPS.
+    control_needs_cert: bool = False
+    # --coordinator-token: only a HELLO with it may send COORDINATOR_OPS.
+    coordinator_token: str | None = None
+
+    @property
+    def tells_coordinator(self) -> bool:
+        """Whether the coordinator can be told from the other control peers."""
+        return self.control_needs_cert or self.coordinator_token is not None
+
+
 class BrokerConnection(asyncio.Protocol):
     def __init__(self, broker: Broker, server: BrokerServer) -> None:
         self.broker = broker
@@ -57,6 +78,9 @@ class BrokerConnection(asyncio.Protocol):
         # May send CONTROL_OPS: the control token's HELLO, or a broker with
         # no tokens at all (open, for development).
         self.control = cfg.token is None and cfg.control_token is None
+        # May also send COORDINATOR_OPS (term and ownership changes).
+        self.coordinator = self.control and not server.listener.tells_coordinator
+        self.peer_cn: str | None = None  # a verified client certificate's CN
         # HELLO succeeded (or, with no token, a first request was served):
         # from then on the full frame limit applies and no deadline runs.
         self.greeted = False
@@ -70,6 +94,9 @@ class BrokerConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.peer = str(transport.get_extra_info("peername"))
         tune_socket(transport.get_extra_info("socket"))
+        if self.server.listener.control_needs_cert:
+            self.peer_cn = peer_common_name(transport.get_extra_info("peercert"))
+            self._grant_open_roles()
         if len(self.server.connections) >= self.broker.config.max_connections:
             self.rejected = True
             asyncio.get_running_loop().call_later(REJECT_LINGER_S, self._refuse_busy, 0)
@@ -196,9 +223,8 @@ class BrokerConnection(asyncio.Protocol):
             if b.refusing_adds and op in GROWTH_OPS:
                 raise BusyError(f"broker {b.config.broker_id} cannot write: its disk is full "
                                 "(adds resume by themselves when space returns)", 1000)
-            if op in p.CONTROL_OPS and not self.control:
-                raise AuthError(f"{op} needs a control connection (HELLO with the control "
-                                "token); a client token cannot send it")
+            if op in p.CONTROL_OPS:
+                self._check_control(op)
             body = spec.handler(b, args, self, req_id)
             if body is PARKED:
                 return
@@ -208,6 +234,16 @@ class BrokerConnection(asyncio.Protocol):
         except Exception as exc:  # a bug must cost one request, not the broker
             log.exception("op failed")
             immediate.append(self._reply(req_id, BadRequestError.code, f"internal error: {exc!r}"))
+
+    def _check_control(self, op: str) -> None:
+        """A control op needs the control role; a term or ownership op the
+        coordinator's (README "Security and limits")."""
+        if not self.control:
+            raise AuthError(f"{op} needs a control connection (HELLO with the control "
+                            "token); a client token cannot send it")
+        if op in p.COORDINATOR_OPS and not self.coordinator:
+            raise AuthError(f"{op} is the coordinator's: this control connection is not "
+                            "the coordinator's (its token or certificate); nothing changed")
 
     def _route(self, out: bytes, durability: Durability, immediate: list[bytes],
                deferred: list[bytes]) -> None:
@@ -233,21 +269,52 @@ class BrokerConnection(asyncio.Protocol):
         return {"broker_id": cfg.broker_id, "epoch": self.broker.epoch,
                 "version": p.PROTOCOL_VERSION, "max_frame": cfg.max_frame,
                 "max_job_data": cfg.max_job_data,
-                "role": "control" if self.control else "client"}
+                "role": "coordinator" if self.coordinator and self.server.listener
+                .tells_coordinator else "control" if self.control else "client"}
 
     def _authenticate(self, got: Any) -> None:
         """Set the connection's role from HELLO's token (README "Security")."""
         cfg = self.broker.config
-        if cfg.control_token is not None and _same(got, cfg.control_token):
+        lo = self.server.listener
+        if lo.coordinator_token is not None and _same(got, lo.coordinator_token):
+            self.authed = self.control = self.coordinator = True
+        elif cfg.control_token is not None and _same(got, cfg.control_token):
             self.authed = self.control = True
-            return
-        if cfg.token is not None and not _same(got, cfg.token):
-            self.authed = self.control = False
+            self.coordinator = not lo.tells_coordinator
+        elif cfg.token is not None and not _same(got, cfg.token):
+            self.authed = self.control = self.coordinator = False
             self.refusals += 1
             raise AuthError("wrong or missing token")
-        self.authed = True
-        # Without a control token the client token keeps both roles.
-        self.control = cfg.control_token is None
+        else:
+            self.authed = True
+            # Without a control token the client token keeps both roles.
+            self.control = cfg.control_token is None
+            self.coordinator = self.control and not lo.tells_coordinator
+        if lo.control_needs_cert:
+            # Refuse the HELLO only when it claimed control with a token; a
+            # client token (or none, when open) just gets the client role.
+            claimed = self.coordinator or (cfg.control_token is not None and self.control)
+            self._check_control_cert(control_token=claimed)
+
+    def _check_control_cert(self, *, control_token: bool) -> None:
+        """With --ssl-client-ca, control needs a verified client certificate
+        and the coordinator's role its CN (README "Security and limits")."""
+        if self.peer_cn is None:
+            self.control = self.coordinator = False
+            if control_token:
+                self.authed = False
+                self.refusals += 1
+                raise AuthError("a control connection needs a client certificate signed by "
+                                "the broker's --ssl-client-ca")
+            return
+        if self.server.listener.coordinator_token is None:  # else the token decides
+            self.coordinator = self.control and self.peer_cn == COORDINATOR_CN
+
+    def _grant_open_roles(self) -> None:
+        """Before HELLO, with no tokens (open): the certificate decides."""
+        if self.control:
+            self.coordinator = True
+            self._check_control_cert(control_token=False)
 
 
 def _same(got: Any, want: str) -> bool:
@@ -264,8 +331,9 @@ def _req_id_of(frame: Any) -> int:
 class BrokerServer:
     """Owns the listening socket, the connections and the broker's tasks."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, listener: ListenerOptions | None = None) -> None:
         self.broker = broker
+        self.listener = listener or ListenerOptions()
         self.connections: set[BrokerConnection] = set()
         self.server: asyncio.Server | None = None
         self.port = 0
@@ -276,7 +344,9 @@ class BrokerServer:
         self.broker.start(loop)
         self.server = await loop.create_server(
             lambda: BrokerConnection(self.broker, self), host, port,
-            reuse_address=True, backlog=2048)
+            reuse_address=True, backlog=2048, ssl=self.listener.ssl,
+            ssl_handshake_timeout=self.broker.config.handshake_timeout_s
+            if self.listener.ssl is not None else None)
         self.port = self.server.sockets[0].getsockname()[1]
         self._schedule_sweep()
 
@@ -318,7 +388,8 @@ class BrokerServer:
 
 
 async def serve(config: BrokerConfig, host: str, port: int, metrics_port: int | None = None,
-                ready: bool = True, clock: Callable[[], int] | None = None) -> None:
+                ready: bool = True, clock: Callable[[], int] | None = None,
+                listener: ListenerOptions | None = None) -> None:
     """Run a broker until SIGTERM/SIGINT; prints `READY host:port` once bound."""
     broker = Broker(config, clock=clock)
     broker.recover()
@@ -331,7 +402,7 @@ async def serve(config: BrokerConfig, host: str, port: int, metrics_port: int | 
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 10, 1000)
-    server = BrokerServer(broker)
+    server = BrokerServer(broker, listener)
     await server.start(host, port)
     watchdog_ms = int(os.environ.get("SHARDQ_WATCHDOG_MS") or 0)
     if watchdog_ms > 0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -22,8 +23,16 @@ import httpx
 import msgpack
 
 from shardq import coordinator_http, protocol
-from shardq.errors import AuthError, BadRequestError, BusyError, ShardqError, UnavailableError
+from shardq.errors import (
+    AuthError,
+    BadRequestError,
+    BusyError,
+    ShardqError,
+    TlsError,
+    UnavailableError,
+)
 from shardq.router import Topology
+from shardq.tls import client_context
 
 from .batcher import DEFAULT_MAX_ITEMS, AddBatcher
 from .cluster import LINK_ERRORS, Channel, Cluster, Connector
@@ -56,7 +65,8 @@ class Client:
                  max_batch: int = DEFAULT_MAX_ITEMS,
                  connector: Connector | None = None,
                  ping_interval: float = DEFAULT_PING_INTERVAL_S,
-                 ping_timeout: float = DEFAULT_PING_TIMEOUT_S) -> None:
+                 ping_timeout: float = DEFAULT_PING_TIMEOUT_S,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         """Prefer `connect()`, which also loads the topology before returning."""
         self.coordinator = coordinator.rstrip("/") if coordinator else None
         self.seeds = list(seeds)
@@ -67,10 +77,12 @@ class Client:
         self._http: httpx.AsyncClient | None = None
         if self.coordinator:
             self._http = coordinator_http.async_client(self.coordinator, token,
-                                                       timeout_s=connect_timeout)
+                                                       timeout_s=connect_timeout,
+                                                       ssl_context=ssl_context)
         self._open = dialer(token=token, client_name=self._client_name, on_epoch=self._on_epoch,
                             connect_timeout=connect_timeout, request_timeout=request_timeout,
-                            ping_interval=ping_interval, ping_timeout=ping_timeout)
+                            ping_interval=ping_interval, ping_timeout=ping_timeout,
+                            ssl_context=ssl_context)
         sources: list[TopologySource] = [self._from_brokers]
         if self.coordinator:
             sources.insert(0, self._from_coordinator)
@@ -251,6 +263,9 @@ class Client:
             resp.raise_for_status()
             body = resp.json()
         except httpx.HTTPError as exc:
+            tls_reason = _tls_failure(exc)
+            if tls_reason is not None:
+                raise TlsError(self.coordinator or "coordinator", tls_reason) from None
             raise UnavailableError("coordinator", str(exc) or type(exc).__name__) from exc
         topo: Topology = Topology.from_dict(body)
         return topo
@@ -268,7 +283,7 @@ class Client:
         for addr in dict.fromkeys([*known, *self.seeds]):
             try:
                 conn = await self._open(addr)
-            except AuthError:
+            except (AuthError, TlsError):
                 raise
             except (BusyError, *LINK_ERRORS) as exc:  # BUSY: its connection limit is full
                 last = exc
@@ -316,6 +331,16 @@ class Client:
             delay = min(delay * 2, 0.5)
 
 
+def _tls_failure(exc: BaseException) -> str | None:
+    """The reason when an HTTP error is a failed TLS handshake (not retried)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return str(seen.reason or seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _parse_target(target: str | Sequence[str]) -> tuple[str | None, list[str]]:
     if isinstance(target, str):
         if target.startswith(("http://", "https://")):
@@ -334,7 +359,10 @@ async def connect(target: str | Sequence[str], token: str | None = None, *,
                   connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
                   policy: RetryPolicy | None = None,
                   ping_interval: float = DEFAULT_PING_INTERVAL_S,
-                  ping_timeout: float = DEFAULT_PING_TIMEOUT_S) -> Client:
+                  ping_timeout: float = DEFAULT_PING_TIMEOUT_S,
+                  ssl_ca: str | None = None, ssl_cert: str | None = None,
+                  ssl_key: str | None = None,
+                  ssl_context: ssl.SSLContext | None = None) -> Client:
     """Connect to a cluster and load its topology.
 
     Args:
@@ -348,6 +376,10 @@ async def connect(target: str | Sequence[str], token: str | None = None, *,
         ping_interval: seconds of silence on a connection before it sends a
             PING (0: never); a pong later than `ping_timeout` seconds marks
             the link dead: it is closed, its requests are resent on a new one.
+        ssl_ca: PEM CA file: talk TLS to brokers (and an `https://`
+            coordinator) and verify their certificates against it.
+        ssl_cert, ssl_key: a client certificate to present (mutual TLS).
+        ssl_context: a ready `ssl.SSLContext` instead of the three above.
 
     Returns:
         A `Client`; use it as `async with await shardq.connect(...) as client:`.
@@ -355,12 +387,17 @@ async def connect(target: str | Sequence[str], token: str | None = None, *,
     Raises:
         UnavailableError: no topology source answered within 5 s.
         AuthError: a broker refused the token.
+        TlsError: the TLS handshake failed (certificate not trusted, or a
+            cleartext broker).
+        TlsConfigError: an ssl_* file cannot be used.
     """
+    if ssl_context is None and (ssl_ca or ssl_cert):
+        ssl_context = client_context(ssl_ca, ssl_cert, ssl_key)
     coordinator, seeds = _parse_target(target)
     client = Client(coordinator=coordinator, seeds=seeds, token=token, client_name=client_name,
                     policy=policy, request_timeout=request_timeout,
                     connect_timeout=connect_timeout, ping_interval=ping_interval,
-                    ping_timeout=ping_timeout)
+                    ping_timeout=ping_timeout, ssl_context=ssl_context)
     try:
         await client._load()
     except BaseException:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -36,9 +37,11 @@ from shardq.errors import (
     ConnectionClosedError,
     RequestTimeoutError,
     ShardqError,
+    TlsError,
     error_from_wire,
 )
 from shardq.netopts import tune_socket
+from shardq.tls import link_context
 
 log = logging.getLogger("shardq.client")
 
@@ -351,24 +354,35 @@ async def open_connection(addr: str, *, token: str | None = None, client_name: s
                           connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
                           request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
                           ping_interval: float = DEFAULT_PING_INTERVAL_S,
-                          ping_timeout: float = DEFAULT_PING_TIMEOUT_S) -> Connection:
+                          ping_timeout: float = DEFAULT_PING_TIMEOUT_S,
+                          ssl_context: ssl.SSLContext | None = None) -> Connection:
     """Connect to `addr` and complete HELLO.
 
     The connection then pings when idle (`ping_interval`, 0: never) and
-    aborts itself when a pong is `ping_timeout` late.
+    aborts itself when a pong is `ping_timeout` late. With `ssl_context`
+    (else the process's link context, shardq/tls.py) the link is TLS and the
+    broker's certificate is verified, host name included.
 
     Raises:
         OSError / TimeoutError: the broker cannot be reached.
+        TlsError: the TLS handshake failed (do not retry).
         AuthError: the broker refused the token (do not retry).
         ServerError: any other HELLO refusal.
     """
     loop = asyncio.get_running_loop()
     host, port = split_addr(addr)
-    async with asyncio.timeout(connect_timeout):
-        _, conn = await loop.create_connection(
-            lambda: Connection(addr, on_epoch, request_timeout=request_timeout,
-                               ping_interval=ping_interval, ping_timeout=ping_timeout),
-            host, port)
+    ctx = ssl_context if ssl_context is not None else link_context()
+    try:
+        async with asyncio.timeout(connect_timeout):
+            _, conn = await loop.create_connection(
+                lambda: Connection(addr, on_epoch, request_timeout=request_timeout,
+                                   ping_interval=ping_interval, ping_timeout=ping_timeout),
+                host, port, ssl=ctx, server_hostname=host if ctx is not None else None,
+                ssl_handshake_timeout=connect_timeout if ctx is not None else None)
+    except ssl.SSLError as exc:
+        # Not an OSError to the retry loop: an untrusted certificate, or a
+        # cleartext listener's answer to the ClientHello, does not get better.
+        raise TlsError(addr, exc.reason or str(exc)) from None
     hello: dict[str, Any] = {"version": protocol.PROTOCOL_VERSION,
                              "client": client_name or f"shardq-py/{os.getpid()}"}
     if token is not None:
@@ -379,6 +393,14 @@ async def open_connection(addr: str, *, token: str | None = None, client_name: s
         conn._abort(ConnectionClosedError("HELLO failed"))
         # Only HELLO was sent: no request of the caller's can have been applied.
         raise TimeoutError(str(exc)) from None
+    except ConnectionClosedError as exc:
+        conn._abort(ConnectionClosedError("HELLO failed"))
+        if ctx is None:
+            # What a TLS listener does with a cleartext HELLO: it drops it.
+            raise ConnectionClosedError(
+                f"{addr} closed the connection before answering HELLO ({exc}); if it "
+                "speaks TLS, connect with ssl_ca=") from None
+        raise
     except BaseException:
         conn._abort(ConnectionClosedError("HELLO failed"))
         raise

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -61,12 +62,14 @@ def dialer(*, token: str | None, client_name: str, on_epoch: EpochCallback | Non
            connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
            request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
            ping_interval: float = DEFAULT_PING_INTERVAL_S,
-           ping_timeout: float = DEFAULT_PING_TIMEOUT_S) -> Connector:
-    """The `Connector` for real links: `open_connection` with these settings."""
+           ping_timeout: float = DEFAULT_PING_TIMEOUT_S,
+           ssl_context: ssl.SSLContext | None = None) -> Connector:
+    """The `Connector` for real links: `open_connection` with these settings
+    (TLS with `ssl_context`, else the process's link context, shardq/tls.py)."""
     return functools.partial(open_connection, token=token, client_name=client_name,
                              on_epoch=on_epoch, connect_timeout=connect_timeout,
                              request_timeout=request_timeout, ping_interval=ping_interval,
-                             ping_timeout=ping_timeout)
+                             ping_timeout=ping_timeout, ssl_context=ssl_context)
 
 
 class ConnectionPool:

@@ -101,7 +101,8 @@ def create_app(membership: Membership, *, token: str | None = None,
                check_interval_ms: int = 1000, rebalancer: Rebalancer | None = None,
                stats: StatsBook | None = None, tenants: TenantBook | None = None,
                control_token: str | None = None, ui_actions: bool = False,
-               replication: ReplicationBook | None = None) -> Starlette:
+               replication: ReplicationBook | None = None,
+               link_token: str | None = None) -> Starlette:
     """The ASGI app; its lifespan runs the liveness check every `check_interval_ms`,
     recovers unfinished moves at start and stops the rebalancer at the end.
 
@@ -121,13 +122,16 @@ def create_app(membership: Membership, *, token: str | None = None,
         ui_actions: let the dashboard at /ui act (retry, pause, drain...);
             without it the dashboard is read-only.
         replication: the replication records (`--replicas 1`); None: none.
+        link_token: what the failover's broker links send in HELLO (the
+            coordinator token, README "Security and limits"); default: the
+            control token, else `token`.
     """
     m = membership
     rb = rebalancer or default_rebalancer(membership, control_token or token)
     book = stats or StatsBook()
     tb = _tenant_book(tenants, m)
     ui = Dashboard(m, rb, book, token=token, actions=ui_actions)
-    fo_links = BrokerLinks(lambda b: m.topology.addr_of(b), control_token or token)
+    fo_links = BrokerLinks(lambda b: m.topology.addr_of(b), link_token or control_token or token)
     failover = (Failover(m, replication, fo_links.send)
                 if replication is not None and replication.enabled else None)
 

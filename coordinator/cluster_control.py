@@ -85,6 +85,7 @@ class ClusterFile:
 # `cluster up --token` keeps its tokens here, under DATA_DIR/secrets (0600).
 CLIENT_TOKEN_FILE = "client.token"
 CONTROL_TOKEN_FILE = "control.token"
+COORDINATOR_TOKEN_FILE = "coordinator.token"
 
 
 def url_key(url: str) -> str:

@@ -56,6 +56,16 @@ class CoordinatorConfig:
     handoff_copy_rate: int = 0
     ui_actions: bool = False
     replicas: int = 0  # docs/design.md §12: 0 or 1
+    # Sent to brokers in HELLO instead of the control token: only it may send
+    # term and ownership ops (README "Security and limits").
+    coordinator_token: str | None = None
+    ssl_cert: str | None = None  # HTTPS on the listener (uvicorn's ssl options)
+    ssl_key: str | None = None
+
+    @property
+    def link_token(self) -> str | None:
+        """What the coordinator's broker links send in HELLO."""
+        return self.coordinator_token or self.control_token or self.token
 
 
 def serve(config: CoordinatorConfig) -> None:
@@ -76,9 +86,12 @@ async def serve_async(config: CoordinatorConfig) -> None:
                          rebalancer=_rebalancer(membership, config),
                          tenants=TenantBook(store, membership.term),
                          ui_actions=config.ui_actions,
-                         replication=ReplicationBook(membership, store, config.replicas))
+                         replication=ReplicationBook(membership, store, config.replicas),
+                         link_token=config.link_token)
         server = _Server(uvicorn.Config(app, log_config=None, access_log=False,
-                                        lifespan="on", timeout_graceful_shutdown=5))
+                                        lifespan="on", timeout_graceful_shutdown=5,
+                                        ssl_certfile=config.ssl_cert,
+                                        ssl_keyfile=config.ssl_key))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, server.request_exit)
@@ -102,7 +115,7 @@ def _rebalancer(membership: Membership, config: CoordinatorConfig) -> Rebalancer
                         copy_timeout_s=config.handoff_copy_timeout_s,
                         retry_budget_s=config.handoff_retry_budget_s,
                         copy_rate=config.handoff_copy_rate)
-    return default_rebalancer(membership, config.control_token or config.token, policy=policy,
+    return default_rebalancer(membership, config.link_token, policy=policy,
                               concurrency=config.rebalance_concurrency,
                               throttle_ms=config.rebalance_throttle_ms,
                               auto=config.auto_rebalance)

@@ -42,6 +42,7 @@ from shardq.secrets import new_token, read_token_file, write_token_file
 from .cluster_control import (
     CLIENT_TOKEN_FILE,
     CONTROL_TOKEN_FILE,
+    COORDINATOR_TOKEN_FILE,
     MAX_LINE,
     ClusterFile,
     register,
@@ -68,6 +69,25 @@ class ClusterConfig:
     ui_actions: bool = False  # the coordinator's dashboard may act (--ui-actions)
     registry: Path | None = None  # where `scale` finds this cluster by URL (cluster_control.py)
     replicas: int = 0  # docs/design.md §12
+    # TLS for every child (README "Security and limits"): brokers and the
+    # coordinator serve with ssl_cert and verify each other against ssl_ca;
+    # with ssl_client_ca, brokers need a client certificate on control links.
+    ssl_ca: str | None = None
+    ssl_cert: str | None = None
+    ssl_key: str | None = None
+    ssl_client_ca: str | None = None
+    ssl_coordinator_cert: str | None = None  # the coordinator's own (default ssl_cert)
+    ssl_coordinator_key: str | None = None
+
+    def tls_args(self, *, coordinator: bool) -> list[str]:
+        """A child's TLS options (paths only)."""
+        cert, key = self.ssl_cert, self.ssl_key
+        if coordinator and self.ssl_coordinator_cert:
+            cert, key = self.ssl_coordinator_cert, self.ssl_coordinator_key
+        pairs = [("--ssl-ca", self.ssl_ca), ("--ssl-cert", cert), ("--ssl-key", key)]
+        if not coordinator:
+            pairs.append(("--ssl-client-ca", self.ssl_client_ca))
+        return [arg for opt, value in pairs if value for arg in (opt, value)]
 
 
 class ChildFailed(Exception):
@@ -248,6 +268,7 @@ class Cluster:
             "coordinator",
             lambda port: ["coordinator", "--port", str(port), "--data-dir", str(d / "coordinator"),
                           "--expect", str(config.brokers), *self._token_args(),
+                          *config.tls_args(coordinator=True),
                           *(["--ui-actions"] if config.ui_actions else []),
                           *(["--replicas", "1"] if config.replicas else [])],
             config.coordinator_port, d / "logs" / "coordinator.log", self.notify)
@@ -287,7 +308,8 @@ class Cluster:
 
     @property
     def url(self) -> str:
-        return f"http://{self.coordinator.addr}"
+        scheme = "https" if self.config.ssl_cert else "http"
+        return f"{scheme}://{self.coordinator.addr}"
 
     def notify(self, line: str) -> None:
         self.console.print(line, highlight=False)
@@ -298,7 +320,8 @@ class Cluster:
         if self.token_files is None:
             return []
         client, control = self.token_files
-        return ["--token-file", str(client), "--control-token-file", str(control)]
+        return ["--token-file", str(client), "--control-token-file", str(control),
+                "--coordinator-token-file", str(control.parent / COORDINATOR_TOKEN_FILE)]
 
     @property
     def control_token(self) -> str | None:
@@ -308,7 +331,8 @@ class Cluster:
         def make(port: int) -> list[str]:
             return ["broker", "--id", name, "--port", str(port),
                     "--data-dir", str(self.config.data_dir / name), "--coordinator", self.url,
-                    *(["--fast"] if self.config.fast else []), *self._token_args()]
+                    *(["--fast"] if self.config.fast else []), *self._token_args(),
+                    *self.config.tls_args(coordinator=False)]
         return make
 
     def children(self) -> list[Child]:
@@ -330,6 +354,11 @@ def _token_files(data_dir: Path, token: str | None) -> tuple[Path, Path] | None:
     control = secrets_dir / CONTROL_TOKEN_FILE
     if not control.exists():
         write_token_file(control, new_token())
+    # Only the coordinator's HELLO carries it: brokers take term and
+    # ownership ops from it alone (README "Security and limits").
+    own = secrets_dir / COORDINATOR_TOKEN_FILE
+    if not own.exists():
+        write_token_file(own, new_token())
     return client, control
 
 

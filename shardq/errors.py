@@ -16,7 +16,10 @@
      │    ├── JobStateError           JOB_STATE: the job's state does not allow the action
      │    └── UnknownServerError      any code this client does not know
      ├── UnavailableError             (client side) owner unreachable past the budget
-     └── ConnectionClosedError        (client side) the connection closed under a request
+     ├── ConnectionClosedError        (client side) the connection closed under a request
+     └── TlsError                     (client side) the TLS handshake failed: the peer's
+                                      certificate is not trusted, or one side speaks
+                                      TLS and the other does not (not retried)
 
     TimeoutError
      └── RequestTimeoutError          (client side) a sent request got no reply in time
@@ -171,6 +174,16 @@ class ConnectionClosedError(ShardqError):
     def __init__(self, message: str = "", *, maybe_applied: bool = False) -> None:
         super().__init__(message)
         self.maybe_applied = maybe_applied
+
+
+class TlsError(ShardqError):
+    """The TLS handshake with `addr` failed; retrying cannot help (wrong or
+    missing `ssl_ca`, a cleartext peer, a refused client certificate)."""
+
+    def __init__(self, addr: str, reason: str) -> None:
+        super().__init__(f"TLS with {addr} failed: {reason}")
+        self.addr = addr
+        self.reason = reason
 
 
 class RequestTimeoutError(TimeoutError):

@@ -260,6 +260,15 @@ CONTROL_OPS = frozenset({
     HANDOFF_RELEASE, HANDOFF_ABORT, HANDOFF_STATUS, IMPORT_CHUNKS, IMPORT_OPS,
     FLOW_RESOLVE, FLOW_CHILD_DONE, REPL_APPEND, REPL_FENCE, REPL_PROMOTE,
 })
+# The control ops only the coordinator sends: they carry its term or change
+# who owns what (handoff steps, failover's fence and promote). A broker
+# answers them AUTH from another control connection (a broker's) when it
+# can tell the coordinator apart: a coordinator token, or with mutual TLS
+# the coordinator's certificate (README "Security and limits").
+COORDINATOR_OPS = frozenset({
+    HANDOFF_PREPARE, HANDOFF_COPY, HANDOFF_FREEZE, HANDOFF_CATCHUP, HANDOFF_ACTIVATE,
+    HANDOFF_RELEASE, HANDOFF_ABORT, REPL_FENCE, REPL_PROMOTE,
+})
 
 # Handoff phases as the topology's `moving` entries name them (docs/design.md §5).
 PHASES = ("prepare", "copy", "freeze", "catch-up", "commit", "activate", "cleanup")

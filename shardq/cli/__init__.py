@@ -57,6 +57,7 @@ def _register() -> None:
         replication_cmd,  # noqa: F401
         scale_cmd,  # noqa: F401
         stats_cmd,  # noqa: F401
+        tls_cmd,  # noqa: F401
         worker_cmd,  # noqa: F401
     )
 
@@ -75,4 +76,23 @@ def cluster_registry() -> Path:
 
 
 def main() -> None:
+    _tls_from_env()
     app()
+
+
+def _tls_from_env() -> None:
+    """Admin commands reach a TLS cluster with SHARDQ_SSL_CA (and, for mutual
+    TLS, SHARDQ_SSL_CERT/SHARDQ_SSL_KEY); server commands then set their own
+    from their --ssl-* options (shardq/tls.py)."""
+    import os
+
+    ca, cert = os.environ.get("SHARDQ_SSL_CA"), os.environ.get("SHARDQ_SSL_CERT")
+    if not ca and not cert:
+        return
+    from shardq import tls
+
+    try:
+        tls.set_link_context(tls.client_context(ca or None, cert or None,
+                                                os.environ.get("SHARDQ_SSL_KEY") or None))
+    except tls.TlsConfigError as exc:
+        sys.exit(f"error: SHARDQ_SSL_*: {exc}")

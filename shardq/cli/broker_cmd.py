@@ -39,6 +39,22 @@ def broker(
              "handoff and term ops. Without it the client token may."),
     control_token_file: str | None = typer.Option(
         None, help="Read the control token from this file."),
+    coordinator_token: str | None = typer.Option(
+        None, envvar="SHARDQ_COORDINATOR_TOKEN",
+        help="The coordinator's own token: with it, only a HELLO carrying it may send term "
+             "and ownership ops (handoff steps, failover); other control peers may not."),
+    coordinator_token_file: str | None = typer.Option(
+        None, help="Read the coordinator token from this file."),
+    ssl_cert: str | None = typer.Option(
+        None, help="PEM certificate: the listener speaks TLS, and links to other brokers "
+                   "present it."),
+    ssl_key: str | None = typer.Option(None, help="PEM private key of --ssl-cert."),
+    ssl_ca: str | None = typer.Option(
+        None, help="PEM CA that signed the other brokers' and the coordinator's certificates: "
+                   "links to them use TLS and verify them."),
+    ssl_client_ca: str | None = typer.Option(
+        None, help="Mutual TLS for control: a control connection must present a client "
+                   "certificate signed by this CA (and the coordinator's CN for term ops)."),
     metrics_port: int | None = typer.Option(None, help="Serve Prometheus /metrics on this port."),
     max_jobs: int = typer.Option(10_000_000, min=1, help="Over this many jobs, adds get BUSY."),
     max_memory: int = typer.Option(
@@ -69,18 +85,29 @@ def broker(
     standalone (it owns every slot), as `redis-server` does."""
     import uvloop
 
-    from shardq import failpoints
+    from shardq import failpoints, tls
     from shardq.broker.engine import BrokerConfig
-    from shardq.broker.server import serve
+    from shardq.broker.server import ListenerOptions, serve
     from shardq.broker.store import ForeignStorageError
-    from shardq.secrets import TokenError, resolve_pair
+    from shardq.secrets import TokenError, resolve, resolve_pair
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     failpoints.configure(os.environ.get("SHARDQ_FAILPOINTS"))
     try:
         token, control_token = resolve_pair(token, token_file, control_token, control_token_file)
+        coordinator_token = resolve(coordinator_token, coordinator_token_file)
     except TokenError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    tls_opts = tls.TlsOptions(ca=ssl_ca, cert=ssl_cert, key=ssl_key, client_ca=ssl_client_ca)
+    if ssl_client_ca is not None and ssl_cert is None:
+        raise typer.BadParameter("--ssl-client-ca needs --ssl-cert (a TLS listener)")
+    try:
+        listener = ListenerOptions(ssl=tls_opts.server_context(),
+                                   control_needs_cert=ssl_client_ca is not None,
+                                   coordinator_token=coordinator_token)
+        tls.set_link_context(tls_opts.link_context())
+    except tls.TlsConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
     config = BrokerConfig(
         broker_id=broker_id, data_dir=data_dir, advertise=advertise or "", durable=not fast,
@@ -100,7 +127,8 @@ def broker(
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(config, bind, port, metrics_port=metrics_port, clock=clock))
+            runner.run(serve(config, bind, port, metrics_port=metrics_port, clock=clock,
+                             listener=listener))
     except CorruptionError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

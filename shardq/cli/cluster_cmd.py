@@ -35,6 +35,19 @@ def up(
     replicas: int = typer.Option(
         0, min=0, max=1, help="1: each broker follows another and failovers are automatic "
                               "(`shardq coordinator --replicas`)."),
+    ssl_ca: str | None = typer.Option(
+        None, help="PEM CA of the certificates below: every link is TLS and verified."),
+    ssl_cert: str | None = typer.Option(
+        None, help="PEM certificate for the brokers (and the coordinator, unless "
+                   "--ssl-coordinator-cert): listeners speak TLS, the URL is https."),
+    ssl_key: str | None = typer.Option(None, help="PEM private key of --ssl-cert."),
+    ssl_client_ca: str | None = typer.Option(
+        None, help="Brokers require a client certificate signed by it on control "
+                   "connections (mutual TLS)."),
+    ssl_coordinator_cert: str | None = typer.Option(
+        None, help="The coordinator's own certificate (`shardq dev-certs`: coordinator.pem)."),
+    ssl_coordinator_key: str | None = typer.Option(
+        None, help="PEM private key of --ssl-coordinator-cert."),
 ) -> None:
     """Start the coordinator and N brokers; restart any that dies; Ctrl-C stops all.
 
@@ -42,13 +55,22 @@ def up(
     """
     import uvloop
 
+    from shardq import tls
     from shardq.cli import cluster_registry
     from shardq.coordinator.supervisor import ChildFailed, ClusterConfig, run_cluster
 
     config = ClusterConfig(brokers=n, data_dir=data_dir, base_port=base_port,
                            coordinator_port=coordinator_port, fast=fast, token=token,
                            ui_actions=ui_actions, registry=cluster_registry(),
-                           replicas=replicas)
+                           replicas=replicas, ssl_ca=ssl_ca, ssl_cert=ssl_cert, ssl_key=ssl_key,
+                           ssl_client_ca=ssl_client_ca, ssl_coordinator_cert=ssl_coordinator_cert,
+                           ssl_coordinator_key=ssl_coordinator_key)
+    if ssl_cert and not ssl_ca:
+        raise typer.BadParameter("--ssl-cert needs --ssl-ca (the children verify each other)")
+    try:  # the supervisor's own calls to the coordinator
+        tls.set_link_context(tls.TlsOptions(ca=ssl_ca).link_context())
+    except tls.TlsConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
     console = Console(stderr=True)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -31,6 +31,18 @@ def coordinator(
         help="Control token: only it may change state over HTTP, and it is sent to brokers."),
     control_token_file: str | None = typer.Option(
         None, help="Read the control token from this file."),
+    coordinator_token: str | None = typer.Option(
+        None, envvar="SHARDQ_COORDINATOR_TOKEN",
+        help="Sent to brokers in HELLO instead of the control token; brokers started with "
+             "it accept term and ownership ops only from this coordinator."),
+    coordinator_token_file: str | None = typer.Option(
+        None, help="Read the coordinator token from this file."),
+    ssl_cert: str | None = typer.Option(
+        None, help="PEM certificate: serve HTTPS, and present it to brokers (mutual TLS)."),
+    ssl_key: str | None = typer.Option(None, help="PEM private key of --ssl-cert."),
+    ssl_ca: str | None = typer.Option(
+        None, help="PEM CA that signed the brokers' certificates: links to brokers use TLS "
+                   "and verify them."),
     heartbeat_timeout_ms: int = typer.Option(
         5000, min=1, help="A broker silent this long is marked dead (it keeps its slots)."),
     rebalance_concurrency: int = typer.Option(
@@ -59,16 +71,23 @@ def coordinator(
     log_level: str = typer.Option("INFO", envvar="SHARDQ_LOG_LEVEL"),
 ) -> None:
     """Run the coordinator: membership, topology, handoffs and status over HTTP."""
-    from shardq import failpoints
+    from shardq import failpoints, tls
     from shardq.coordinator import CoordinatorConfig, serve
-    from shardq.secrets import TokenError, resolve_pair
+    from shardq.secrets import TokenError, resolve, resolve_pair
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     failpoints.configure(os.environ.get("SHARDQ_FAILPOINTS"))
     try:
         token, control_token = resolve_pair(token, token_file, control_token, control_token_file)
+        coordinator_token = resolve(coordinator_token, coordinator_token_file)
     except TokenError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    opts = tls.TlsOptions(ca=ssl_ca, cert=ssl_cert, key=ssl_key)
+    try:
+        opts.server_context()  # a bad file is refused here, not inside uvicorn
+        tls.set_link_context(opts.link_context())
+    except tls.TlsConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
     serve(CoordinatorConfig(
         data_dir=data_dir, port=port, bind=bind, advertise=advertise, expect=expect,
@@ -77,4 +96,5 @@ def coordinator(
         auto_rebalance=auto_rebalance, handoff_copy_timeout_s=handoff_copy_timeout_s,
         handoff_retry_budget_s=handoff_retry_budget_s, handoff_copy_rate=handoff_copy_rate,
         ui_actions=ui_actions,
-        replicas=replicas))
+        replicas=replicas, coordinator_token=coordinator_token, ssl_cert=ssl_cert,
+        ssl_key=ssl_key))

@@ -11,6 +11,7 @@ from pathlib import Path
 import shardq
 from tests.aio import run, running, until
 from tests.integration.rawwire import RawConn
+from tests.integration.scrape import metric
 
 
 def _drift(addr: str) -> int:
@@ -24,7 +25,8 @@ def _drift(addr: str) -> int:
 def test_a_forward_step_does_not_expire_renewed_locks(start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     offset = tmp_path / "offset"
     offset.write_text("0")
-    b = start_broker("b1", env={"SHARDQ_TEST_WALL_OFFSET_FILE": str(offset)})
+    b = start_broker("b1", "--metrics-port", "0",
+                     env={"SHARDQ_TEST_WALL_OFFSET_FILE": str(offset)})
 
     async def main() -> None:
         async with await shardq.connect(b.addr) as client:
@@ -44,6 +46,7 @@ def test_a_forward_step_does_not_expire_renewed_locks(start_broker, tmp_path: Pa
                 await until(lambda: len(runs) == 10, "all ten jobs running")
                 offset.write_text("60000")  # NTP steps this broker's wall clock by +60 s
                 await until(lambda: _drift(b.addr) >= 59_000, "the broker seeing the step")
+                assert metric(b, "shardq_broker_clock_drift_seconds") >= 59
                 # Longer than a lock: with deadlines on the wall clock every
                 # lock would have expired at once and each job run twice.
                 await asyncio.sleep(3)

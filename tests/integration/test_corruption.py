@@ -13,6 +13,7 @@ from pathlib import Path
 import msgpack
 
 from tests.integration.rawwire import RawConn, add_args
+from tests.integration.scrape import metric
 
 N = 200
 
@@ -54,13 +55,14 @@ def test_flipped_bits_in_job_data_refuse_the_start_and_salvage_quarantines(
     assert "broker.db is damaged" in r.stderr and "id 'j0017'" in r.stderr
     assert "checksum" in r.stderr and "Traceback" not in r.stderr
     # --salvage: up, without the damaged job, which is listed and counted.
-    b = start_broker("b1", "--salvage", data_dir=data)
+    b = start_broker("b1", "--salvage", "--metrics-port", "0", data_dir=data)
     c = RawConn(b.addr)
     assert c.ok("COUNTS", {"queue": "q"})["waiting"] == N - 1
     assert c.ok("GET_JOB", {"queue": "q", "id": "j0017"}) is None
     assert c.ok("GET_JOB", {"queue": "q", "id": "j0018"})["data"] == msgpack.packb(
         b"PAYLOAD-0018-" + b"z" * 40)
     assert c.ok("STATS", {})["quarantined"] == 1
+    assert metric(b, "shardq_broker_quarantined_jobs") == 1
     (entry,) = [json.loads(line) for line in
                 (data / "broker.db.quarantine.jsonl").read_text().splitlines()]
     assert entry["id"] == "j0017" and entry["table"] == "jobs" and entry["blob"]

@@ -13,6 +13,7 @@ import msgpack
 import pytest
 
 from tests.integration.rawwire import RawConn
+from tests.integration.scrape import metric
 
 DATA = msgpack.packb(b"x" * 10_000)
 
@@ -48,8 +49,8 @@ def test_a_full_disk_refuses_adds_keeps_acks_and_resumes(
     filler = small_fs / "filler"
     filler.write_bytes(b"\0" * (filler_mb * 1024 * 1024))  # freed later: "space returns"
     data_dir = small_fs / "b1"
-    b = start_broker("b1", "--disk-free-limit", str(limit), data_dir=data_dir,
-                     env={"SHARDQ_LOG_LEVEL": "INFO"})
+    b = start_broker("b1", "--disk-free-limit", str(limit), "--metrics-port", "0",
+                     data_dir=data_dir, env={"SHARDQ_LOG_LEVEL": "INFO"})
     work = RawConn(b.addr)
     work.ok("ADD", {"queue": "w", "jobs": [[f"w{i}", "n", b"\x01", None] for i in range(5)]})
     push = RawConn(b.addr)
@@ -71,6 +72,8 @@ def test_a_full_disk_refuses_adds_keeps_acks_and_resumes(
     else:
         raise AssertionError("the disk never filled")
     assert _stats(b.addr)["disk_full"] is True
+    assert metric(b, "shardq_broker_disk_full") == 1
+    assert metric(b, "shardq_broker_disk_full_episodes_total") >= 1
     assert b.alive()
     # Adds are refused with a reason, at once.
     other = RawConn(b.addr)
@@ -97,6 +100,7 @@ def test_a_full_disk_refuses_adds_keeps_acks_and_resumes(
         assert time.monotonic() < deadline, "the broker did not resume"
         time.sleep(0.1)
     assert other.ok("ADD", {"queue": "q", "jobs": [["after", "n", b"\x01", None]]}) == ["after"]
+    assert metric(b, "shardq_broker_disk_full") == 0
     if limit == 0:
         assert held is not None  # the path where a commit really failed
     answered.append("after")

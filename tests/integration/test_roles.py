@@ -47,6 +47,26 @@ def test_a_client_token_cannot_send_term_ops_and_changes_nothing(
         "HELLO", {"version": 1, "token": "nope"})[1] == "AUTH"
 
 
+def test_with_a_coordinator_token_another_control_peer_cannot_send_term_ops(
+        start_broker) -> None:  # type: ignore[no-untyped-def]
+    coordinator = "coordinator-s3cret"
+    b = start_broker("b1", env={"SHARDQ_TOKEN": CLIENT, "SHARDQ_CONTROL_TOKEN": CONTROL,
+                                "SHARDQ_COORDINATOR_TOKEN": coordinator})
+    peer, hello = _hello(b.addr, CONTROL)  # what another broker sends
+    assert hello["role"] == "control"
+    for op in ("HANDOFF_ABORT", "HANDOFF_PREPARE", "HANDOFF_ACTIVATE", "REPL_FENCE",
+               "REPL_PROMOTE"):
+        reply = peer.call(op, {"move_id": "evil", "term": 10**12})
+        assert reply[1] == "AUTH" and "coordinator" in reply[2], (op, reply)
+    # Broker-to-broker ops stay open to it (refused for their arguments only).
+    assert peer.call("IMPORT_OPS", {"move_id": "none", "ops": []})[1] != "AUTH"
+    # Nothing changed: the coordinator's connection still works at a low term.
+    coord, hello = _hello(b.addr, coordinator)
+    assert hello["role"] == "coordinator"
+    assert coord.ok("HANDOFF_ABORT", {"move_id": "m1", "term": 5}) == {"aborted": True}
+    assert coord.call("HANDOFF_ABORT", {"move_id": "m2", "term": 4})[1] == "STALE_TERM"
+
+
 def test_without_a_control_token_the_client_token_keeps_both_roles(start_broker) -> None:  # type: ignore[no-untyped-def]
     b = start_broker("b1", env={"SHARDQ_TOKEN": CLIENT})
     _, hello = _hello(b.addr, CLIENT)

@@ -14,7 +14,7 @@ import {
   Connection, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_PING_INTERVAL_MS, DEFAULT_PING_TIMEOUT_MS,
   DEFAULT_REQUEST_TIMEOUT_MS, isLinkError,
 } from "./connection.js";
-import { AuthError, ConnectionClosedError, ShardqError, UnavailableError } from "./errors.js";
+import { AuthError, ConnectionClosedError, ShardqError, TlsError, UnavailableError } from "./errors.js";
 import { Topology, TopologyManager, TopologySource } from "./topology.js";
 
 export interface ConnectionOptions {
@@ -40,6 +40,13 @@ export interface ConnectionOptions {
   connectTimeoutMs?: number;
   /** Most jobs in one ADD frame (default 5000). */
   maxBatch?: number;
+  /**
+   * TLS to brokers (`{ ca: readFileSync("ca.pem") }`, plus `cert`/`key` for
+   * mutual TLS), as `tls.connect` takes them. An `https://` coordinator URL
+   * is fetched with Node's own trust store: add a private CA with
+   * `NODE_EXTRA_CA_CERTS`, or pass broker addresses.
+   */
+  tls?: import("node:tls").ConnectionOptions;
   retry?: Partial<RetryPolicy>;
 }
 
@@ -87,6 +94,7 @@ export class ShardqClient {
   private readonly connectTimeoutMs: number;
   private readonly pingIntervalMs: number;
   private readonly pingTimeoutMs: number;
+  private readonly tls: import("node:tls").ConnectionOptions | undefined;
   private loading = false;
   private readyPromise: Promise<void> | null = null;
   private pendingAdds = new Map<string, PendingBatch>();
@@ -104,6 +112,7 @@ export class ShardqClient {
     this.token = resolveToken(o.token, o.tokenFile);
     this.pingIntervalMs = o.pingIntervalMs ?? DEFAULT_PING_INTERVAL_MS;
     this.pingTimeoutMs = o.pingTimeoutMs ?? DEFAULT_PING_TIMEOUT_MS;
+    this.tls = o.tls;
     this.clientName = o.clientName ?? `shardq-node/${process.pid}`;
     this.requestTimeoutMs = o.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
     this.connectTimeoutMs = o.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
@@ -210,6 +219,7 @@ export class ShardqClient {
     return Connection.open(addr, {
       token: this.token, clientName, connectTimeoutMs: this.connectTimeoutMs,
       requestTimeoutMs: this.requestTimeoutMs, pingIntervalMs: this.pingIntervalMs, pingTimeoutMs: this.pingTimeoutMs,
+      tls: this.tls,
     });
   }
 
@@ -217,7 +227,7 @@ export class ShardqClient {
     return Connection.open(addr, {
       token: this.token, clientName: this.clientName, connectTimeoutMs: this.connectTimeoutMs,
       requestTimeoutMs: this.requestTimeoutMs, pingIntervalMs: this.pingIntervalMs,
-      pingTimeoutMs: this.pingTimeoutMs,
+      pingTimeoutMs: this.pingTimeoutMs, tls: this.tls,
       onEpoch: (_c, epoch) => { if (!this.loading) this.topology.noteEpoch(epoch); },
     });
   }
@@ -251,7 +261,7 @@ export class ShardqClient {
       try {
         conn = await this.open(addr);
       } catch (err) {
-        if (err instanceof AuthError) throw err;
+        if (err instanceof AuthError || err instanceof TlsError) throw err;
         last = err;
         continue;
       }
@@ -276,7 +286,7 @@ export class ShardqClient {
             this.topology.replace(await source());
             return;
           } catch (err) {
-            if (err instanceof AuthError) throw err;
+            if (err instanceof AuthError || err instanceof TlsError) throw err;
             errors.push((err as Error).message);
           }
         }

@@ -17,10 +17,11 @@
  * a PING at once, to tell a slow broker from a dead link.
  */
 import net from "node:net";
+import tls from "node:tls";
 import { BadFrame, DEFAULT_MAX_FRAME, FrameDecoder, encodeFrame } from "./codec.js";
 import {
-  BadRequestError, BusyError, ConnectionClosedError, OwnerUnavailableError, RequestTimeoutError, ShardqError, TooLargeError,
-  errorFromWire,
+  BadRequestError, BusyError, ConnectionClosedError, OwnerUnavailableError, RequestTimeoutError, ShardqError, TlsError,
+  TooLargeError, errorFromWire,
 } from "./errors.js";
 
 export const PROTOCOL_VERSION = 1;
@@ -106,18 +107,29 @@ export class Connection {
     /** ms of silence before a PING (0: never ping). */
     pingIntervalMs?: number | undefined;
     pingTimeoutMs?: number | undefined;
+    /** TLS to the broker (`ca`, `cert`, `key`, as `tls.connect` takes them); the host name is verified. */
+    tls?: tls.ConnectionOptions | undefined;
   } = {}): Promise<Connection> {
     const [host, port] = splitAddr(addr);
     const connectTimeout = opts.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
     const socket = await new Promise<net.Socket>((resolve, reject) => {
-      const s = net.connect({ host, port });
+      const secure = opts.tls !== undefined;
+      const s: net.Socket = secure
+        ? tls.connect({ ...opts.tls, host, port, servername: net.isIP(host) ? undefined : host })
+        : net.connect({ host, port });
       const timer = setTimeout(() => {
         s.destroy();
         // Nothing was sent: no request can have been applied.
         reject(new ConnectionClosedError(`connect to ${addr} timed out`));
       }, connectTimeout);
-      s.once("connect", () => { clearTimeout(timer); s.removeAllListeners("error"); resolve(s); });
-      s.once("error", (err) => { clearTimeout(timer); reject(new ConnectionClosedError(`connect to ${addr} failed: ${err.message}`)); });
+      s.once(secure ? "secureConnect" : "connect", () => { clearTimeout(timer); s.removeAllListeners("error"); resolve(s); });
+      s.once("error", (err: NodeJS.ErrnoException) => {
+        clearTimeout(timer);
+        // A certificate error, or a handshake a cleartext listener cut short: retrying cannot help.
+        const tlsFailure = secure && /CERT|SSL|TLS|self.signed|certificate/i.test(`${err.code ?? ""} ${err.message}`);
+        reject(tlsFailure ? new TlsError(addr, err.code ?? err.message)
+          : new ConnectionClosedError(`connect to ${addr} failed: ${err.message}`));
+      });
     });
     const conn = new Connection(addr, socket, opts.onEpoch, opts.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS,
       DEFAULT_MAX_FRAME, opts.pingIntervalMs ?? DEFAULT_PING_INTERVAL_MS, opts.pingTimeoutMs ?? DEFAULT_PING_TIMEOUT_MS);

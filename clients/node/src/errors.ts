@@ -149,6 +149,14 @@ export class ConnectionClosedError extends ShardqError {
   }
 }
 
+/** The TLS handshake failed (certificate not trusted, or a cleartext peer): not retried. */
+export class TlsError extends ShardqError {
+  override name = "TlsError";
+  constructor(readonly addr: string, readonly reason: string) {
+    super(`TLS with ${addr} failed: ${reason}`);
+  }
+}
+
 /** A sent request got no reply in time: it may have been applied. */
 export class RequestTimeoutError extends ShardqError {
   override name = "RequestTimeoutError";
