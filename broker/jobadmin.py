@@ -8,6 +8,9 @@ copy of a job converges (broker/replay.py; the ops are defined in broker/redo.py
     ("jU", q, id, {field: value, ...})   fields of one job set (a retry, a
                                          promotion, new data, priority, delay,
                                          or attempts for a discard)
+    ("jU", q, id, {"stacktrace": [...]})
+                                         a failed attempt's stack trace, after its
+                                         F or W (the whole bounded list)
     ("jK", q, {"completed": n|None, "failed": n|None})
                                          the queue's retention (None: broker default)
 
@@ -36,6 +39,8 @@ from shardq.broker.job import (
     DELAYED,
     FAILED,
     PENDING,
+    STACKTRACE_LIMIT,
+    STACKTRACE_MAX,
     WAITING,
     WAITING_CHILDREN,
     Job,
@@ -57,7 +62,7 @@ MAX_PAGE = 1000
 SETTABLE = frozenset({
     "data", "priority", "attempts", "state", "delay_until", "order", "attempts_made",
     "stalled_count", "failed_reason", "finished_on", "dlq_reason", "expires_at", "token",
-    "result", "processed_on", "progress",
+    "result", "processed_on", "progress", "stacktrace",
 })
 
 SortKey = tuple[int, int, str]
@@ -268,6 +273,17 @@ class JobAdmin:
             self.n_delayed -= 1
         elif st == PENDING:
             self._unindex_pending(job)
+
+    def note_stacktrace(self, job_id: str, stacktrace: str) -> None:
+        """Keep a failed attempt's stack trace on the job (BullMQ's `job.stacktrace`):
+        the last STACKTRACE_LIMIT, each cut to its last STACKTRACE_MAX characters.
+        A job its FAIL removed (remove_on_fail) keeps nothing."""
+        job = self.jobs.get(job_id)
+        if job is None or not stacktrace:
+            return
+        kept = [*(job.stacktrace or ()), stacktrace[-STACKTRACE_MAX:]][-STACKTRACE_LIMIT:]
+        job.stacktrace = kept
+        self._emit(("jU", self.name, job_id, {"stacktrace": kept}))
 
     def _place(self, job: Job, fields: dict[str, Any]) -> None:
         """Set a detached job's new state and order, index it, log it."""
