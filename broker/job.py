@@ -26,7 +26,7 @@ FIELDS = (
     "result", "failed_reason", "processed_on", "finished_on", "token", "lock_until",
     "order", "remove_on_complete", "remove_on_fail",
     "timeout_ms", "expires_at", "dlq_reason", "logs", "parent", "children", "group",
-    "trace",
+    "trace", "stacktrace",
 )
 RECORD_VERSION = 1
 
@@ -34,6 +34,12 @@ RECORD_VERSION = 1
 # each cut to MAX_LOG_LINE characters (a bound per job, like BullMQ's keepLogs).
 MAX_LOG_LINES = 1000
 MAX_LOG_LINE = 2000
+
+# Failed attempts' stack traces (`job.stacktrace`, BullMQ's): the last
+# STACKTRACE_LIMIT attempts are kept, each its last STACKTRACE_MAX characters
+# (the tail holds the raising frame and the message).
+STACKTRACE_LIMIT = 5
+STACKTRACE_MAX = 8192
 
 
 @dataclass(slots=True, eq=False)
@@ -74,6 +80,9 @@ class Job:
     children: list[Any] | None = None
     group: str | None = None  # groups are served round-robin (docs/design.md §11)
     trace: dict[str, str] | None = None  # the adder's trace context (client/tracing.py)
+    # The last STACKTRACE_LIMIT failed attempts' stack traces, oldest first; the
+    # field is last so records stored before it load (as None).
+    stacktrace: list[str] | None = None
 
     def __lt__(self, other: Job) -> bool:
         # Heap entries end with the job; two entries for one job with equal
@@ -89,7 +98,7 @@ class Job:
             self.lock_until, self.order, self.remove_on_complete, self.remove_on_fail,
             self.timeout_ms, self.expires_at, self.dlq_reason, self.logs,
             self.parent, self.children,
-            self.group, self.trace,
+            self.group, self.trace, self.stacktrace,
         ]
 
     @classmethod
@@ -109,6 +118,7 @@ class Job:
             "delay_ms": max(0, self.delay_until - self.timestamp) if self.delay_until else 0,
             "dlq": self.dlq_reason is not None,
             "group": self.group,
+            "stacktrace": list(self.stacktrace or ()),
         }
         if self.parent is not None:
             out["parent"] = {"queue": self.parent[0], "id": self.parent[1],

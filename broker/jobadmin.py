@@ -8,6 +8,9 @@ copy of a job converges (broker/replay.py; the ops are defined in broker/redo.py
     ("jU", q, id, {field: value, ...})   fields of one job set (a retry, a
                                          promotion, new data, priority, delay,
                                          or attempts for a discard)
+    ("jU", q, id, {"stacktrace": [...]})
+                                         a failed attempt's stack trace, after its
+                                         F or W (the whole bounded list)
     ("jK", q, {"completed": n|None, "failed": n|None})
                                          the queue's retention (None: broker default)
 
@@ -28,6 +31,7 @@ import heapq
 from collections import deque
 from collections.abc import Iterable, Iterator
 from itertools import islice
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from shardq.broker.job import (
@@ -36,6 +40,8 @@ from shardq.broker.job import (
     DELAYED,
     FAILED,
     PENDING,
+    STACKTRACE_LIMIT,
+    STACKTRACE_MAX,
     WAITING,
     WAITING_CHILDREN,
     Job,
@@ -57,7 +63,7 @@ MAX_PAGE = 1000
 SETTABLE = frozenset({
     "data", "priority", "attempts", "state", "delay_until", "order", "attempts_made",
     "stalled_count", "failed_reason", "finished_on", "dlq_reason", "expires_at", "token",
-    "result", "processed_on", "progress",
+    "result", "processed_on", "progress", "stacktrace",
 })
 
 SortKey = tuple[int, int, str]
@@ -233,18 +239,25 @@ class JobAdmin:
         """Jobs `start..end` (inclusive; end -1: to the last) of the states in
         `sort_key` order (asc=False: newest first, ranks still in the order
         given), at most MAX_PAGE; and how many jobs the states hold."""
-        keyed = [(sort_key(j, rank), j) for rank, st in enumerate(states)
-                 for j in self.jobs_in(st)]
-        total = len(keyed)
+        # Ranks ascend in both directions, so the listing is each state's jobs
+        # in turn, each sorted by (time, id): a state wholly before `start` or
+        # after `end` is only counted, and a state is one C-level sort on
+        # attrgetter keys (near-sorted indexes make it ~O(n)), several times
+        # cheaper than keying every job in Python at 100,000 jobs.
+        walked = [list(self.jobs_in(st)) for st in states]
+        total = sum(len(jobs) for jobs in walked)
         stop = total if end < 0 else min(total, end + 1)
         stop = min(stop, start + MAX_PAGE)
-        if start >= stop:
-            return [], total
-        if asc:
-            page = heapq.nsmallest(stop, keyed, key=_asc_key)
-        else:  # ranks ascending, times and ids descending
-            page = heapq.nlargest(stop, keyed, key=_desc_key)
-        return page[start:stop], total
+        page: list[tuple[SortKey, Job]] = []
+        offset = 0
+        for rank, (st, jobs) in enumerate(zip(states, walked, strict=True)):
+            lo, hi = max(start - offset, 0), min(stop - offset, len(jobs))
+            offset += len(jobs)
+            if lo >= hi:
+                continue
+            ordered = sorted(jobs, key=_TIME_ID[st], reverse=not asc)
+            page += [(sort_key(j, rank), j) for j in ordered[lo:hi]]
+        return page, total
 
     # ---------------------------------------------------------------- one job
     def _get(self, job_id: str) -> Job:
@@ -268,6 +281,17 @@ class JobAdmin:
             self.n_delayed -= 1
         elif st == PENDING:
             self._unindex_pending(job)
+
+    def note_stacktrace(self, job_id: str, stacktrace: str) -> None:
+        """Keep a failed attempt's stack trace on the job (BullMQ's `job.stacktrace`):
+        the last STACKTRACE_LIMIT, each cut to its last STACKTRACE_MAX characters.
+        A job its FAIL removed (remove_on_fail) keeps nothing."""
+        job = self.jobs.get(job_id)
+        if job is None or not stacktrace:
+            return
+        kept = [*(job.stacktrace or ()), stacktrace[-STACKTRACE_MAX:]][-STACKTRACE_LIMIT:]
+        job.stacktrace = kept
+        self._emit(("jU", self.name, job_id, {"stacktrace": kept}))
 
     def _place(self, job: Job, fields: dict[str, Any]) -> None:
         """Set a detached job's new state and order, index it, log it."""
@@ -416,10 +440,11 @@ class JobAdmin:
         self._fin_changed.clear()
 
 
-def _asc_key(kj: tuple[SortKey, Job]) -> SortKey:
-    return kj[0]
-
-
-def _desc_key(kj: tuple[SortKey, Job]) -> SortKey:
-    k = kj[0]
-    return -k[0], k[1], k[2]
+# A listing state's (time, id) as `sort_key` takes it (jobs_in(st) yields jobs in st;
+# a prioritized job's state is waiting: its time is when it was added).
+_TIME_ID = {
+    WAITING: attrgetter("timestamp", "id"), PRIORITIZED: attrgetter("timestamp", "id"),
+    WAITING_CHILDREN: attrgetter("timestamp", "id"), DELAYED: attrgetter("delay_until", "id"),
+    ACTIVE: attrgetter("processed_on", "id"), COMPLETED: attrgetter("finished_on", "id"),
+    FAILED: attrgetter("finished_on", "id"),
+}

@@ -159,9 +159,14 @@ def _fail(b: Broker, q: QueueState, it: list[Any], now: int) -> str | None:
     reason = it[3] if len(it) > 3 else ""
     if not isinstance(reason, str):
         raise BadRequestError("failure reason must be a string")
+    stack = it[4] if len(it) > 4 else None  # optional: the attempt's stack trace
+    if stack is not None and not isinstance(stack, str):
+        raise BadRequestError("stack trace must be a string or nil")
     err = q.fail(it[1], it[2], reason[:4096], now)
     if err is not None:
         return _repeat_of_finish(b, q, it, err)
+    if stack:
+        q.note_stacktrace(it[1], stack)
     b.finishes.record(q.name, it[1], it[2])
     b.arm(q)
     if q.outbox:

@@ -11,7 +11,9 @@ Flow. One pull loop per broker that owns some of the worker's queues
 returns, its slot frees at once and the ack joins a pending `ACK` batch
 flushed with `call_soon`; the batch carries a `pull` for the free slots
 (ack-and-fetch), so under load one frame both acks and refills. Failures go
-out as `FAIL` items; the broker decides retry or final failure. Every
+out as `FAIL` items with the attempt's stack trace (its last STACKTRACE_MAX
+characters; the broker keeps the last few as `job.stacktrace`); the broker
+decides retry or final failure. Every
 `lock_ms / 2` one `EXTEND` frame renews the locks of all running jobs.
 
 `LOCK_LOST` (the lock expired and the job went back to waiting): the
@@ -37,6 +39,7 @@ import inspect
 import logging
 import math
 import multiprocessing
+import traceback
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -220,6 +223,16 @@ _UNSET: Any = object()
 def failure_reason(exc: BaseException) -> str:
     """What a failed attempt records as `failed_reason`."""
     return str(exc) or repr(exc)
+
+
+STACKTRACE_MAX = 8192  # the broker's bound too (broker/job.py): more would be cut there
+
+
+def failure_stacktrace(exc: BaseException) -> str:
+    """The formatted traceback a failed attempt sends with FAIL, cut to its last
+    STACKTRACE_MAX characters (the raising frame and the message are at the end).
+    A process-pool handler's remote traceback is included as the exception's cause."""
+    return "".join(traceback.format_exception(exc))[-STACKTRACE_MAX:]
 
 
 class Worker:
@@ -524,7 +537,8 @@ class Worker:
                 self._acks.append([job.partition, job.id, job.token, packed])
         if exc is not None and not job.lock_lost:
             reason = failure_reason(exc)
-            self._fails.append([job.partition, job.id, job.token, reason])
+            self._fails.append([job.partition, job.id, job.token, reason,
+                                failure_stacktrace(exc)])
             log.info("job %s in %s failed (attempt %d): %s", job.id, job.partition,
                      job.attempts_started, reason)
         if not self._flush_scheduled:

@@ -2,7 +2,8 @@
 
     GET  /ui                 the page shell: no data, so it is served without the token
     GET  /ui/static/...      its CSS and JS (vendored, works offline)
-    GET  /ui/api/cluster     brokers, slot picture, moves in flight, throughput chart
+    GET  /ui/api/cluster     brokers (and their replication), slot picture, moves in
+                             flight, throughput chart
     GET  /ui/api/queues      ?q=&sort=depth|rate|name&page=  one page of the queue table
     GET  /ui/api/queue       ?queue=  one queue: counts, paused, limits, groups, actions
     GET  /ui/api/jobs        ?queue=&state=&page=  one page of a queue's jobs in a state
@@ -63,7 +64,7 @@ log = logging.getLogger("shardq.coordinator.ui")
 HERE = Path(__file__).parent
 PUBLIC_PATHS = ("/ui", "/ui/")
 PUBLIC_PREFIXES = ("/ui/static/",)
-VERSION = "2"  # cache-busts the static files when they change
+VERSION = "3"  # cache-busts the static files when they change
 
 
 class ActionsDisabled(CoordinatorError):
@@ -155,8 +156,12 @@ class Dashboard:
     async def cluster(self, request: Request) -> Response:
         snap = self.snapshots.current()
         topo: Topology = self.m.topology
+        # With --replicas 1 the replication book publishes its records here
+        # (coordinator/replication.py); the page reads them as `/replication` does.
+        repl = self.m.replication_view
         model = views.cluster_model(topo, snap, self.rb.progress(),
-                                    list(self.throughput.points), self.m.stats_of)
+                                    list(self.throughput.points), self.m.stats_of,
+                                    None if repl is None else repl())
         return self._render("cluster.html", **model)
 
     async def queues(self, request: Request) -> Response:

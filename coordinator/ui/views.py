@@ -87,21 +87,45 @@ def queue_page(rows: Sequence[QueueRow] | Snapshot, *, query: str = "",
                      query, sort)
 
 
+def replication_cells(rec: dict[str, Any] | None, slots: int) -> dict[str, Any]:
+    """One broker's replication columns (docs/design.md §12) from its `/replication`
+    record: follower, in sync, lag (batches shipped, not acknowledged), whether
+    it is degraded (a primary owning slots without an in-sync follower answers
+    writes off one disk only, as `shardq status` says) and a failover of it
+    not done yet ({to, phase}). None: replication is off (`--replicas 0`)."""
+    if rec is None:
+        return {"follower": None, "in_sync": None, "lag_ops": None, "degraded": False,
+                "failover": None}
+    fo = rec.get("failover")
+    running = fo if isinstance(fo, dict) and fo.get("phase") != "done" else None
+    in_sync = bool(rec.get("in_sync"))
+    follower = rec.get("follower")
+    return {"follower": follower, "in_sync": in_sync, "lag_ops": rec.get("lag_ops"),
+            "degraded": bool(slots) and running is None and not (follower and in_sync),
+            "failover": running}
+
+
 def cluster_model(topo: Topology, snap: Snapshot, progress: dict[str, Any], points: list[Point],
-                  stats_of: Callable[[str], dict[str, Any] | None]) -> dict[str, Any]:
-    """Everything `cluster.html` shows."""
+                  stats_of: Callable[[str], dict[str, Any] | None],
+                  replication: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Everything `cluster.html` shows; `replication`: the `/replication` records
+    (None with `--replicas 0`: no replication columns)."""
     ids = sorted(topo.brokers, key=natural_key)
     palette = svg.colours(ids)
     slot_counts = topo.slot_counts()
     rows = []
+    cells: dict[str, dict[str, Any]] = {}
     for bid in ids:
         b = topo.brokers[bid]
         view = snap.view.brokers.get(bid)
         totals = snap.brokers.get(bid)
         raw = stats_of(bid) or {}
+        slots = slot_counts.get(bid, 0)
+        repl = replication_cells(None if replication is None else replication.get(bid), slots)
+        cells[bid] = repl
         rows.append({
             "id": bid, "addr": b.addr, "state": b.state.value, "weight": b.weight,
-            "colour": palette[bid], "slots": slot_counts.get(bid, 0),
+            "colour": palette[bid], "slots": slots, "repl": repl,
             "live": bool(view and view.live), "age_s": view.age_s if view else None,
             "queues": totals.queues if totals else 0,
             "counts": totals.counts if totals else {},
@@ -128,6 +152,10 @@ def cluster_model(topo: Topology, snap: Snapshot, progress: dict[str, Any], poin
         "progress_fraction": (progress.get("done", 0) / total) if total else 0.0,
         "chart": chart, "chart_colours": CHART_COLOURS,
         "overrides": len(topo.overrides), "partitions": dict(topo.partitions),
+        "replicated": replication is not None,
+        "degraded": [bid for bid, c in cells.items() if c["degraded"]],
+        "failovers": [{"primary": bid, **c["failover"]} for bid, c in cells.items()
+                      if c["failover"]],
     }
 
 

@@ -125,6 +125,13 @@ def test_failed_job_shows_its_reason_and_retry_runs_it_to_completion(
                  css(browser, f'tr.job[data-job="{job_id}"] td.reason')[0].text,
                  "the failed reason in the job's row")
         shot(browser, "jobs-failed")
+        # The job view shows the handler's traceback, sent by the worker with FAIL.
+        open_view(browser, c, f"job?queue={queue}&id={job_id}", "#job-view pre.stacktrace")
+        trace = css(browser, '#job-view pre.stacktrace[data-attempt="last"]')[0].text
+        assert trace.startswith("Traceback (most recent call last):"), trace
+        assert "in handle" in trace and "RuntimeError: downstream said no (first try)" in trace
+        shot(browser, "job-failed")
+        open_view(browser, c, f"jobs?queue={queue}&state=failed", f'tr.job[data-job="{job_id}"]')
 
         message = press(browser, f'tr.job[data-job="{job_id}"] button[data-action="retry_job"]')
         assert job_id in message

@@ -58,7 +58,8 @@ def test_the_page_shell_runs_only_its_own_scripts(procs: list[Proc], tmp_path: P
 def test_the_dashboard_bench_runs_and_times_every_request() -> None:
     bench = Path(__file__).parents[2] / "bench" / "bench_dashboard.py"
     r = subprocess.run([sys.executable, str(bench), "--queues", "30", "--jobs", "300",
-                        "--requests", "2"], capture_output=True, text=True, timeout=300)
+                        "--requests", "2", "--no-browser"], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     for what in ("healthz", "cluster (fresh)", "queues by depth (cached)", "job detail"):
         assert what in r.stdout, r.stdout

@@ -22,6 +22,7 @@ class FakeBroker:
         self.tokens: dict[str, int] = {}
         self.acked: list[str] = []
         self.failed: list[tuple[str, str]] = []
+        self.stacktraces: dict[str, str] = {}  # FAIL's optional 5th element
         self.frames: list[tuple[str, int]] = []  # (op, items or count)
         self.parked: list[tuple[asyncio.Future[Any], int]] = []
         self.next_token = 1
@@ -52,7 +53,7 @@ class FakeBroker:
         items = args["items"]
         self.frames.append((op, len(items)))
         out = []
-        for _q, jid, tok, val in items:
+        for _q, jid, tok, val, *stack in items:
             if self.tokens.get(jid) != tok:
                 out.append(["LOCK_LOST", "stale"])
                 continue
@@ -60,6 +61,8 @@ class FakeBroker:
                 self.acked.append(jid)
             elif op == "FAIL":
                 self.failed.append((jid, val))
+                if stack:
+                    self.stacktraces[jid] = stack[0]
             out.append(None)
         if len(self.acked) >= self._n_jobs:
             self.all_acked.set()
@@ -186,6 +189,9 @@ def test_handler_errors_become_fail_items_with_the_reason() -> None:
         await worker.close()
         await task
         assert sorted(broker.failed) == [("j0", "no j0"), ("j1", "no j1"), ("j2", "no j2")]
+        for jid, text in broker.stacktraces.items():
+            assert "in handle" in text and text.endswith(f"ValueError: no {jid}\n")
+        assert sorted(broker.stacktraces) == ["j0", "j1", "j2"]
         await client.aclose()
 
     run(main())

@@ -12,13 +12,16 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shardq.broker.handoff import apply_ops_live, build_queue
 from shardq.broker.job import ACTIVE, COMPLETED, DELAYED, FAILED, WAITING
-from shardq.broker.jobadmin import MAX_PAGE
+from shardq.broker.jobadmin import LIST_STATES, MAX_PAGE, sort_key
 from shardq.broker.queue import QueueDefaults, QueueState
 from shardq.broker.replay import Images, apply_chunk, apply_op
 from shardq.errors import BadRequestError, JobStateError, NotFoundError
+from tests.props import examples
 
 NOW = 1_000_000
 
@@ -107,6 +110,46 @@ def test_get_jobs_pages_at_most_max_page_jobs() -> None:
     assert len(page) == MAX_PAGE and total == MAX_PAGE + 5
     page, _ = q.list_jobs(["waiting"], MAX_PAGE, -1, asc=True)
     assert [j.id for _, j in page] == [f"j{i:05d}" for i in range(MAX_PAGE, MAX_PAGE + 5)]
+
+
+def reference_listing(q: QueueState, states: list[str], start: int, end: int,
+                      asc: bool) -> tuple[list[str], int]:
+    """GET_JOBS by its definition: every job keyed, all sorted, one page cut."""
+    keyed = sorted(((sort_key(j, r), j.id) for r, st in enumerate(states)
+                    for j in q.jobs_in(st)),
+                   key=lambda k: k[0] if asc else (-k[0][0], k[0][1], k[0][2]),
+                   reverse=not asc)
+    total = len(keyed)
+    stop = min(total if end < 0 else min(total, end + 1), start + MAX_PAGE)
+    return [jid for _, jid in keyed[start:stop]], total
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "prio", "delay", "pull", "ack", "fail"]),
+                          st.integers(0, 3)), max_size=40),
+       st.lists(st.sampled_from(list(LIST_STATES)), min_size=1, max_size=4, unique=True),
+       st.integers(0, 30), st.integers(-1, 40), st.booleans())
+def test_list_jobs_pages_match_sorting_every_job_by_its_key(
+        steps: list[tuple[str, int]], states: list[str], start: int, end: int,
+        asc: bool) -> None:
+    q, _ = make()
+    for i, (step, t) in enumerate(steps):
+        now = NOW + t  # equal times: ids break the ties
+        if step in ("add", "prio", "delay"):
+            opts = {"prio": {"priority": 2}, "delay": {"delay_ms": 100 * t}}.get(step, {})
+            add(q, f"j{i:02d}", now=now, attempts=2, **opts)
+        else:
+            out: list[list[Any]] = []
+            q.pull(1, 1000, now, out)
+            if out and step != "pull":
+                jid, tok = out[0][1], out[0][4]
+                assert (q.ack(jid, tok, None, now) if step == "ack"
+                        else q.fail(jid, tok, "boom", now)) is None
+    page, total = q.list_jobs(states, start, end, asc)
+    assert ([j.id for _, j in page], total) == reference_listing(q, states, start, end, asc)
+    assert [k for k, _ in page] == [sort_key(j, states.index(
+        "prioritized" if j.state == WAITING and j.priority else
+        "waiting" if j.state == WAITING else j.state)) for _, j in page]
 
 
 def test_unknown_state_is_a_bad_request() -> None:

@@ -103,12 +103,16 @@ def _pulled(q: QueueState) -> tuple[str, int]:
     return pull_one(q, now=10)
 
 
-def _fail_twice(q: QueueState) -> None:
+def _fail_twice(q: QueueState, stack: bool = False) -> None:
     jid, tok = _pulled(q)
     q.fail(jid, tok, "boom", now=20)
+    if stack:
+        q.note_stacktrace(jid, "Traceback: boom")
     q.promote(70)
     jid, tok = pull_one(q, now=70)
     q.fail(jid, tok, "boom again", now=80)
+    if stack:
+        q.note_stacktrace(jid, "Traceback: boom again")
 
 
 def _removed(q: QueueState) -> None:
@@ -134,6 +138,7 @@ SCENARIOS: dict[str, Any] = {
     "ack": lambda q: q.ack(*_pulled(q), b"\xa2ok", now=20),
     "fail_retry": lambda q: q.fail(*_pulled(q), "boom", now=20),
     "fail_final": _fail_twice,
+    "stacktrace": lambda q: _fail_twice(q, stack=True),
     "extend": lambda q: q.extend(*_pulled(q), 9000, now=20),
     "progress": lambda q: q.progress(*_pulled(q), {"pct": 40}),
     "stall": lambda q: (_pulled(q), q.expire_locks(2000)),

@@ -142,3 +142,26 @@ def test_snapshots_are_shared_for_a_second_and_the_chart_samples_their_rates() -
     assert snaps.watched_within(1.0)
     clock[0] += 1000
     assert not snaps.watched_within(150.0)
+
+
+@pytest.mark.parametrize(("rec", "slots", "degraded", "failover"), [
+    ({"follower": "b2", "in_sync": True, "lag_ops": 0}, 10, False, None),
+    ({"follower": "b2", "in_sync": False, "lag_ops": None}, 10, True, None),
+    ({"follower": None, "in_sync": False}, 10, True, None),
+    ({"follower": "b2", "in_sync": False}, 0, False, None),  # owns nothing: nothing at risk
+    ({"follower": "b2", "in_sync": True,
+      "failover": {"to": "b2", "phase": "commit", "epoch": 3}}, 10, False, "commit"),
+    ({"follower": "b2", "in_sync": True,
+      "failover": {"to": "b2", "phase": "done", "epoch": 3}}, 10, False, None),
+])
+def test_replication_cells_mark_a_primary_without_an_in_sync_follower_degraded(
+        rec: dict[str, object], slots: int, degraded: bool, failover: str | None) -> None:
+    cells = views.replication_cells(rec, slots)
+    assert cells["degraded"] is degraded
+    assert (cells["failover"] or {}).get("phase") == failover
+    assert cells["follower"] == rec["follower"] and cells["in_sync"] is rec["in_sync"]
+
+
+def test_replication_cells_are_empty_without_replication() -> None:
+    assert views.replication_cells(None, 10) == {
+        "follower": None, "in_sync": None, "lag_ops": None, "degraded": False, "failover": None}

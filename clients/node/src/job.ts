@@ -17,6 +17,8 @@ export class Job<DataType = unknown, ReturnType = unknown> {
   progress: unknown = 0;
   returnvalue: ReturnType | null = null;
   failedReason: string | undefined = undefined;
+  /** The last few failed attempts' stack traces, oldest first (BullMQ's `job.stacktrace`). */
+  stacktrace: string[] = [];
   attemptsMade = 0;
   attemptsStarted = 0;
   stalledCounter = 0;
@@ -53,6 +55,7 @@ export class Job<DataType = unknown, ReturnType = unknown> {
     job.progress = d["progress"] ?? 0;
     job.returnvalue = (unpackPayload(d["result"]) as R | null) ?? null;
     job.failedReason = (d["failed_reason"] as string | null) ?? undefined;
+    job.stacktrace = Array.isArray(d["stacktrace"]) ? (d["stacktrace"] as string[]) : [];
     job.attemptsMade = Number(d["attempts_made"] ?? 0);
     job.attemptsStarted = Number(d["attempts_started"] ?? 0);
     job.stalledCounter = Number(d["stalled_count"] ?? 0);
@@ -163,6 +166,7 @@ export class Job<DataType = unknown, ReturnType = unknown> {
     return {
       id: this.id, name: this.name, data: this.data, opts: this.opts, queueName: this.queueName,
       progress: this.progress, returnvalue: this.returnvalue, failedReason: this.failedReason,
+      stacktrace: this.stacktrace,
       attemptsMade: this.attemptsMade, attemptsStarted: this.attemptsStarted, timestamp: this.timestamp,
       processedOn: this.processedOn, finishedOn: this.finishedOn,
     };

@@ -48,6 +48,7 @@ export interface WorkerOptions {
 }
 
 const MAX_WAIT_MS = 60_000;
+const STACKTRACE_MAX = 8192;  // the broker keeps at most this much of each trace
 // Which worker's processor is running: close() called from inside one must not wait for itself.
 const inProcessor = new AsyncLocalStorage<object>();
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
@@ -424,7 +425,9 @@ export class Worker<D = any, R = any> extends EventEmitter {
   }
 
   private async sendFails(outcomes: Outcome[]): Promise<void> {
-    const items = outcomes.map((o) => [o.job.partition, o.job.id, o.job.token, o.error!.message || String(o.error)]);
+    // The 5th element is the attempt's stack trace (its last 8 KB; docs/protocol.md FAIL).
+    const items = outcomes.map((o) => [o.job.partition, o.job.id, o.job.token, o.error!.message || String(o.error),
+      typeof o.error!.stack === "string" ? o.error!.stack.slice(-STACKTRACE_MAX) : null]);
     const results = await this.client.cluster.bulk("FAIL", items, queueOfItem, (_b, sub) => ({ items: sub }));
     results.forEach((r, i) => {
       const o = outcomes[i]!;

@@ -160,6 +160,9 @@ describe("standalone broker", () => {
     assert.deepEqual(dead.map((j) => j.id), jobs.map((j) => j.id));
     assert.deepEqual(dead.map((j) => [j.failedReason, j.dlqReason, j.attemptsMade]),
       [0, 1, 2].map((i) => [`bad ${i}`, "attempts exhausted", 1]));
+    // The worker sent each error's stack with FAIL: one trace per failed attempt.
+    assert.deepEqual(dead.map((j) => j.stacktrace.length), [1, 1, 1]);
+    assert.ok(dead.every((j, i) => j.stacktrace[0].startsWith(`Error: bad ${i}\n    at `)), dead[0].stacktrace[0]);
     assert.deepEqual((await queue.getDeadLetters(1, 1)).map((j) => j.id), [jobs[1].id]);
     // BullMQ's getFailed: newest failure first.
     const failed = await queue.getFailed();
