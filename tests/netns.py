@@ -8,7 +8,7 @@ in a real partition). `close()` kills what still runs in its namespaces (by
 pid, from `ip netns pids`) and deletes them with their links; it is safe to
 call twice and after a failed setup.
 
-Addresses come from 10.213.0.0/16 on the root side, picked free at setup
+Addresses come from 10.215.0.0/16 on the root side, picked free at setup
 (other test runs share the root namespace), and only ever name hosts made
 here.
 """
@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
 PREFIX = "sqt"  # every namespace and device made here starts with it
-ROOT_NET = ipaddress.ip_network("10.213.0.0/16")
+ROOT_NET = ipaddress.ip_network("10.215.0.0/16")
 _counter = itertools.count()
 
 

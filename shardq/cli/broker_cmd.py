@@ -25,8 +25,10 @@ def broker(
         None, help="host:port clients should use (default: bind address and bound port)."),
     weight: int = typer.Option(1, min=1, help="Ring weight (share of slots)."),
     zone: str | None = typer.Option(
-        None, help="Failure-domain label (rack, zone): with --replicas 1 the coordinator "
-                   "places followers in another zone than their primary when it can."),
+        None, envvar="SHARDQ_ZONE",
+        help="Failure-domain label (rack, zone): with --replicas 1 the coordinator "
+             "places followers in another zone than their primary when it can (empty: "
+             "none)."),
     fast: bool = typer.Option(
         False, "--fast",
         help="Answer writes BEFORE they are committed: a crash may lose the last few ms of "
@@ -114,8 +116,9 @@ def broker(
 
 def _zone(zone: str | None) -> str | None:
     """A zone label: 1-64 printable characters with no spaces (it is shown in
-    /status and compared by the coordinator as it is)."""
-    if zone is None:
+    /status and compared by the coordinator as it is); empty is none (an
+    environment that has no zone to give, as a pod on a node without one)."""
+    if not zone:
         return None
     if not 1 <= len(zone) <= 64 or not zone.isprintable() or any(c.isspace() for c in zone):
         raise typer.BadParameter(f"--zone must be 1-64 printable characters without spaces, "

@@ -50,7 +50,7 @@ class Partitioned(Replicated):
         self.c = lab.host("c")
         self.uplink = lab.link(None, self.p)  # root .1 <-> p .2
         self.root_addr, self.p_addr = self.uplink.addr_a, self.uplink.addr_b
-        client_link = lab.link(self.c, self.p, "10.214.0.0/30")  # c .1 <-> p .2
+        client_link = lab.link(self.c, self.p, "10.216.0.0/30")  # c .1 <-> p .2
         lab.route(self.c, f"{self.p_addr}/32", client_link.addr_b)
         super().__init__(procs, start_broker, tmp_path)
 

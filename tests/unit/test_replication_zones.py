@@ -77,6 +77,7 @@ def test_a_bad_zone_label_is_refused_by_the_broker_command() -> None:
     from shardq.cli.broker_cmd import _zone
 
     assert _zone("eu-west-1a") == "eu-west-1a"
-    for bad in ("", "rack a", "x" * 65, "a\x00"):
+    assert _zone("") is None and _zone(None) is None
+    for bad in ("rack a", "x" * 65, "a\x00"):
         with pytest.raises(typer.BadParameter, match="--zone"):
             _zone(bad)
