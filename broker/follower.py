@@ -108,7 +108,10 @@ class Replica:
 
     # ------------------------------------------------------------ commit host
     def batch_started(self, ops: list[Any]) -> None:
-        return None
+        # Every batch ends with the record of the primary's seq it reaches (and
+        # its stream), so a restarted follower knows durably where to resume.
+        if ops:
+            ops.append(self.ownership_op())
 
     def batch_durable(self, token: Any) -> None:
         pass
@@ -124,7 +127,7 @@ class Replica:
 
     def _record(self) -> dict[str, Any]:
         return {"repl_epoch": self.epoch, "repl_seq": self.seq, "repl_synced": self.synced,
-                "repl_promoted": self.promoted}
+                "repl_promoted": self.promoted, "repl_stream": self.state.get("repl_stream")}
 
     # ------------------------------------------------------------ the stream
     def fence(self, epoch: int) -> None:
@@ -163,6 +166,8 @@ class Replica:
             self.staging.clear()
             self.live.clear()
             self.synced = False
+            stream = args.get("stream")
+            self.state["repl_stream"] = stream if isinstance(stream, str) else None
         if reset or chunks:
             apply_chunks_live(self.images, self.live, chunks, self._build)
             op = ("RC", None, reset, chunks)
@@ -182,6 +187,25 @@ class Replica:
         if out:
             self.commits.schedule_flush()
         return self.seq
+
+    def resume(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A returning primary link asks whether this copy can go on from its
+        seq: it must be complete, of the same stream (`Link.stream`) and its
+        seq within the primary's tail [`from`, `to`]. If so the newer epoch is
+        recorded (the caller answers once it is durable); otherwise nothing
+        changes and the primary sends a snapshot."""
+        epoch, lo, hi = args.get("repl_epoch"), args.get("from"), args.get("to")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, lo, hi)):
+            raise BadRequestError("repl_epoch, from and to must be integers")
+        assert isinstance(epoch, int) and isinstance(lo, int) and isinstance(hi, int)
+        stream = args.get("stream")
+        ok = (self.synced and not self.promoting and isinstance(stream, str) and bool(stream)
+              and stream == self.state.get("repl_stream") and lo <= self.seq <= hi)
+        if ok:
+            self.fence(epoch)  # an older epoch is refused (STALE_TERM)
+            self.commits.ops.append(self.ownership_op())
+            self.commits.schedule_flush()
+        return {"seq": self.seq, "resumed": ok}
 
     def _apply(self, ops: list[Any]) -> None:
         run: list[Any] = []
@@ -330,8 +354,8 @@ class Followers:
     def on_append(self, args: Any, sink: Sink, req_id: int) -> None:
         primary = _primary(args)
         r = self.replica(primary)
-        seq = r.append(args)
-        frame = encode_frame([req_id, "ok", {"seq": seq}, self.b.epoch])
+        body = r.resume(args) if args.get("resume") else {"seq": r.append(args)}
+        frame = encode_frame([req_id, "ok", body, self.b.epoch])
         r.commits.defer_reply(sink, frame)  # after this disk has it
 
     async def fence(self, args: Any) -> dict[str, Any]:
