@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from shardq import protocol
 from tests.cluster.conftest import poll
 from tests.cluster.test_replication import Replicated, add_jobs, job_ids
 from tests.conftest import Proc, queue_on
@@ -70,3 +71,45 @@ def test_a_restarted_follower_resumes_from_its_seq_without_a_snapshot(
     poll(lambda: c.topology().owner_of(queue) == follower, "the switchover")
     got = asyncio.run(job_ids(c, queue))
     assert acknowledged <= got, sorted(acknowledged - got)
+
+
+def replica_stats(c: Replicated, bid: str, primary: str) -> dict[str, Any]:
+    conn = RawConn(c.topology().brokers[bid].addr)
+    try:
+        rep: dict[str, Any] = conn.ok("STATS", {})["replication"]["replicas"][primary]
+        return rep
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(240)
+def test_the_replica_file_is_checkpointed_and_a_restart_recovers_from_it(
+        procs: list[Proc], start_broker: Any, tmp_path: Path) -> None:
+    c = SlowDetection(procs, start_broker, tmp_path, brokers=("b1", "b2"))
+    primary, follower = "b1", c.replication()["b1"]["follower"]
+    queue = queue_on(c.topology(), primary, "ckpt")
+    added = asyncio.run(add_jobs(c, queue, 60))  # one batch each
+    conn = RawConn(c.topology().brokers[primary].addr)
+    pulled = conn.ok("PULL", {"queues": [queue], "count": 5, "lock_ms": 60_000})
+    done = {j[protocol.J_ID] for j in pulled}
+    acked = conn.ok("ACK", {"items": [[queue, j[protocol.J_ID], j[protocol.J_TOKEN], None]
+                                      for j in pulled]})
+    assert acked == [None] * 5, acked
+    conn.close()
+    assert replica_stats(c, follower, primary)["log_rows"] > 60
+    # Idle for a second, the replica checkpoints: its log is folded into its tables.
+    poll(lambda: replica_stats(c, follower, primary)["log_rows"] <= 1, "a replica checkpoint")
+    c.brokers[follower].kill()
+    conn = RawConn(c.topology().brokers[primary].addr, timeout=30.0)
+    conn.ok("ADD", add_args(queue, "alone"))  # the primary notices, answers alone
+    conn.close()
+    assert not c.replication()[primary]["in_sync"]
+    c.start(follower)  # recovers from the checkpoint (and the log since)
+    c.wait_in_sync((primary,))
+    assert replica_stats(c, follower, primary)["jobs"] == 61
+    link = link_stats(c, primary)
+    assert (link["snapshots"], link["resumes"]) == (1, 1), link
+    r = httpx.post(f"{c.url}/brokers/{primary}/failover", json={}, timeout=60)
+    assert r.status_code == 200, r.text
+    poll(lambda: c.topology().owner_of(queue) == follower, "the switchover")
+    assert asyncio.run(job_ids(c, queue)) == (set(added) - done) | {"alone"}
