@@ -340,7 +340,7 @@ class Followers:
         self.b = broker
         self.replicas: dict[str, Replica] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._housekeeping: asyncio.Task[None] | None = None
+        self._housekeeping: asyncio.TimerHandle | None = None
         # "primary@epoch" -> its promotion (done or running)
         self._promotions: dict[str, asyncio.Future[dict[str, Any]]] = {}
 
@@ -358,16 +358,17 @@ class Followers:
         self._loop = loop
         for r in self.replicas.values():
             r.attach(loop)
-        self._housekeeping = loop.create_task(self._checkpoint_when_idle())
+        self._housekeeping = loop.call_later(IDLE_CHECKPOINT_AFTER_S, self._checkpoint_when_idle)
 
-    async def _checkpoint_when_idle(self) -> None:
+    def _checkpoint_when_idle(self) -> None:
         """A replica that stopped receiving checkpoints what its log holds (as
         the broker does with its own; under load the commit count or age of
-        the log starts one)."""
-        while True:
-            await asyncio.sleep(IDLE_CHECKPOINT_AFTER_S)
-            for r in list(self.replicas.values()):
-                r.commits.checkpoint_if_idle()
+        the log starts one). A timer, not a task: nothing to await at close."""
+        for r in list(self.replicas.values()):
+            r.commits.checkpoint_if_idle()
+        assert self._loop is not None
+        self._housekeeping = self._loop.call_later(IDLE_CHECKPOINT_AFTER_S,
+                                                   self._checkpoint_when_idle)
 
     def replica(self, primary: str) -> Replica:
         r = self.replicas.get(primary)
