@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	@# The dashboard's browser tests drive Debian's headless Chromium (tests/ui).
 	if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && apt-get install -y -qq chromium chromium-driver; fi
+	@# The partition test makes network namespaces (tests/netns.py, iproute2).
+	if ! command -v ip >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq iproute2; fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench]'

@@ -74,6 +74,9 @@ class BrokerConfig:
     coordinator: str | None = None
     ack_journal: str | None = None  # append every accepted ack here (tests, docs/design.md §9)
     weight: int = 1
+    # A failure-domain label (rack, zone): the coordinator places this broker's
+    # follower on another zone when it can (docs/design.md §12).
+    zone: str | None = None
     drain_on_term: bool = False
     # The control role's token (coordinator, other brokers, admin); without
     # one, the client token grants both roles, as before roles existed.

@@ -26,20 +26,25 @@ restart promotes again from it (the coordinator's map says which epoch's
 slots came from it). It is deleted when the map no longer names this
 broker for that primary (the old primary came back and starts over).
 
-Not built yet: checkpoints of replica files (their log grows until the
-replica is promoted or dropped; recovery replays it whole).
+A replica file is checkpointed as the broker's own is (broker/store.py):
+its jobs table and queue metas are rewritten from the standby queues and
+the log they cover is deleted, so its storage stays bounded and a restart
+replays only the log since. Snapshot chunks (`RC`) carry no per-job op, so
+their jobs are marked dirty by id; a reset first logs its old queues as gone
+(`G`), whose rows the next checkpoint deletes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import glob
 import logging
 import os
 from typing import TYPE_CHECKING, Any
 
 from shardq import failpoints
-from shardq.broker.commitlog import CommitLog, Sink
+from shardq.broker.commitlog import IDLE_CHECKPOINT_AFTER_S, CommitLog, Sink
 from shardq.broker.handoff import apply_chunks_live, apply_ops_live, build_queue
 from shardq.broker.queue import QueueState
 from shardq.broker.replay import Images, QueueImage, apply_broker_op
@@ -110,23 +115,36 @@ class Replica:
 
     # ------------------------------------------------------------ commit host
     def batch_started(self, ops: list[Any]) -> None:
-        return None
+        # Every batch ends with the record of the primary's seq it reaches (and
+        # its stream), so a restarted follower knows durably where to resume.
+        if ops:
+            ops.append(self.ownership_op())
 
     def batch_durable(self, token: Any) -> None:
         pass
 
     def checkpoint_blocked(self) -> bool:
-        return True  # replica files are not checkpointed yet (see the module doc)
+        # The primary's imports in flight live only in the log (as the broker's
+        # own staging does); a promotion writes the copy into the broker's log.
+        return bool(self.staging) or (self.promoting and not self.promoted)
 
     def checkpoint_state(self) -> tuple[dict[str, dict[str, Any]], dict[str, Any], RowSource]:
-        raise AssertionError("replica files are never checkpointed")
+        # The images are what a replay of the log builds (their metas follow
+        # every op; the standby queues share their jobs and tombstones).
+        metas = {name: copy.deepcopy(img.meta) for name, img in self.images.items()}
+        return metas, self._record(), self._row
+
+    def _row(self, queue: str, jid: str) -> tuple[int, bytes | None] | None:
+        from shardq.broker.engine import live_row
+
+        return live_row(self.live, queue, jid)  # on the writer thread, as the broker's
 
     def ownership_op(self) -> tuple[str, None, dict[str, Any]]:
         return ("O", None, self._record())
 
     def _record(self) -> dict[str, Any]:
         return {"repl_epoch": self.epoch, "repl_seq": self.seq, "repl_synced": self.synced,
-                "repl_promoted": self.promoted}
+                "repl_promoted": self.promoted, "repl_stream": self.state.get("repl_stream")}
 
     # ------------------------------------------------------------ the stream
     def fence(self, epoch: int) -> None:
@@ -167,14 +185,12 @@ class Replica:
         if not isinstance(chunks, list):
             raise BadRequestError("chunks must be a list")
         if reset:
-            self.images.clear()
-            self.staging.clear()
-            self.live.clear()
-            self.synced = False
+            self._start_over(args.get("stream"))
         if reset or chunks:
             apply_chunks_live(self.images, self.live, chunks, self._build)
             op = ("RC", None, reset, chunks)
             out.append(op)
+            self._mark_dirty(chunks)
         ops = args.get("ops") or []
         if not isinstance(ops, list):
             raise BadRequestError("ops must be a list")
@@ -190,6 +206,48 @@ class Replica:
         if out:
             self.commits.schedule_flush()
         return self.seq
+
+    def _start_over(self, stream: Any) -> None:
+        """A snapshot begins: the copy is emptied, of `stream` from now on."""
+        if self.images:  # their rows go at the next checkpoint
+            self.commits.ops.append(("G", None, sorted(self.images)))
+        self.images.clear()
+        self.staging.clear()
+        self.live.clear()
+        self.synced = False
+        self.state["repl_stream"] = stream if isinstance(stream, str) else None
+
+    def _mark_dirty(self, chunks: list[Any]) -> None:
+        """Snapshot chunks have no op per job: name their jobs for the checkpoint."""
+        touched: dict[str, dict[str, Any]] = {}
+        for ch in chunks:
+            if not isinstance(ch, dict):
+                continue
+            ids = touched.setdefault(str(ch.get("queue")), {})
+            for rec in ch.get("jobs") or ():
+                ids[str(rec[0])] = None
+            for t in ch.get("tombstones") or ():
+                ids[str(t[0])] = None
+        self.store.mark_dirty_queues([(name, ids, {}) for name, ids in touched.items() if ids])
+
+    def resume(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A returning primary link asks whether this copy can go on from its
+        seq: it must be complete, of the same stream (`Link.stream`) and its
+        seq within the primary's tail [`from`, `to`]. If so the newer epoch is
+        recorded (the caller answers once it is durable); otherwise nothing
+        changes and the primary sends a snapshot."""
+        epoch, lo, hi = args.get("repl_epoch"), args.get("from"), args.get("to")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, lo, hi)):
+            raise BadRequestError("repl_epoch, from and to must be integers")
+        assert isinstance(epoch, int) and isinstance(lo, int) and isinstance(hi, int)
+        stream = args.get("stream")
+        ok = (self.synced and not self.promoting and isinstance(stream, str) and bool(stream)
+              and stream == self.state.get("repl_stream") and lo <= self.seq <= hi)
+        if ok:
+            self.fence(epoch)  # an older epoch is refused (STALE_TERM)
+            self.commits.ops.append(self.ownership_op())
+            self.commits.schedule_flush()
+        return {"seq": self.seq, "resumed": ok}
 
     def _apply(self, ops: list[Any]) -> None:
         run: list[Any] = []
@@ -269,6 +327,9 @@ class Replica:
         # The copy is the broker's own now. The file stays, emptied, with its
         # fence: a stream from the old primary's epoch is refused for good.
         self.promoted = True
+        # (Its rows go at the replica's next checkpoint; `synced` stays, for a
+        # fence sent again by a coordinator rolling this failover forward.)
+        self.commits.ops.append(("G", None, sorted(self.images)))
         self.images.clear()
         self.live.clear()
         self.staging.clear()
@@ -287,6 +348,7 @@ class Followers:
         self.b = broker
         self.replicas: dict[str, Replica] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._housekeeping: asyncio.TimerHandle | None = None
         # "primary@epoch" -> its promotion (done or running)
         self._promotions: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._dropping: set[asyncio.Task[None]] = set()  # replicas closing once idle
@@ -305,6 +367,17 @@ class Followers:
         self._loop = loop
         for r in self.replicas.values():
             r.attach(loop)
+        self._housekeeping = loop.call_later(IDLE_CHECKPOINT_AFTER_S, self._checkpoint_when_idle)
+
+    def _checkpoint_when_idle(self) -> None:
+        """A replica that stopped receiving checkpoints what its log holds (as
+        the broker does with its own; under load the commit count or age of
+        the log starts one). A timer, not a task: nothing to await at close."""
+        for r in list(self.replicas.values()):
+            r.commits.checkpoint_if_idle()
+        assert self._loop is not None
+        self._housekeeping = self._loop.call_later(IDLE_CHECKPOINT_AFTER_S,
+                                                   self._checkpoint_when_idle)
 
     def replica(self, primary: str) -> Replica:
         r = self.replicas.get(primary)
@@ -357,6 +430,8 @@ class Followers:
         log.info("dropped the replica of %s", r.primary)
 
     def close(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
         for r in self.replicas.values():
             r.close()
 
@@ -364,8 +439,8 @@ class Followers:
     def on_append(self, args: Any, sink: Sink, req_id: int) -> None:
         primary = _primary(args)
         r = self.replica(primary)
-        seq = r.append(args)
-        frame = encode_frame([req_id, "ok", {"seq": seq}, self.b.epoch])
+        body = r.resume(args) if args.get("resume") else {"seq": r.append(args)}
+        frame = encode_frame([req_id, "ok", body, self.b.epoch])
         r.commits.defer_reply(sink, frame)  # after this disk has it
 
     async def fence(self, args: Any) -> dict[str, Any]:
@@ -454,7 +529,7 @@ class Followers:
 
     def stats(self) -> dict[str, Any]:
         return {p: {"repl_epoch": r.epoch, "seq": r.seq, "synced": r.synced,
-                    "queues": len(r.images), "jobs": r.jobs()}
+                    "queues": len(r.images), "jobs": r.jobs(), "log_rows": r.store.log_rows}
                 for p, r in self.replicas.items()}
 
 

@@ -58,14 +58,18 @@ class MembershipAgent:
         storage: the data directory's storage identity, sent with register and
             every heartbeat so the coordinator never hands this broker slots
             owned under another disk.
+        zone: `--zone`, sent with register and every heartbeat (a restarted
+            coordinator learns it again), for follower placement
+            (docs/design.md §12).
     """
 
     def __init__(self, *, broker_id: str, advertise: str, weight: int, coordinator_url: str,
                  token: str | None, get_stats: Callable[[], dict[str, Any]],
                  on_topology: Callable[[dict[str, Any]], None], heartbeat_ms: int = 1000,
                  on_leases: Callable[[dict[str, Any]], None] | None = None,
-                 storage: str | None = None) -> None:
+                 storage: str | None = None, zone: str | None = None) -> None:
         self._id = broker_id
+        self._zone = zone
         self._storage = storage
         self._advertise = advertise
         self._weight = weight
@@ -125,7 +129,7 @@ class MembershipAgent:
         """Until registered (or left)."""
         backoff = BACKOFF_MIN_S
         body = {"id": self._id, "addr": self._advertise, "weight": self._weight,
-                "storage": self._storage}
+                "storage": self._storage, **self._zone_field()}
         while not self._left:
             try:
                 answer = await self._post(http, "/brokers/register", body)
@@ -137,6 +141,9 @@ class MembershipAgent:
             self._link_up(answer, "registered")
             await self._follow(http, answer)
             return
+
+    def _zone_field(self) -> dict[str, str]:
+        return {"zone": self._zone} if self._zone else {}
 
     async def _heartbeat_until_unknown(self, http: httpx.AsyncClient) -> None:
         """Heartbeat until left, or until the coordinator no longer knows us (re-register)."""
@@ -151,7 +158,7 @@ class MembershipAgent:
             try:
                 answer = await self._post(http, "/brokers/heartbeat",
                                           {"id": self._id, "stats": self._stats(),
-                                           "storage": self._storage})
+                                           "storage": self._storage, **self._zone_field()})
             except _Rejected as e:
                 if e.status in (403, 404):
                     self._set_link(f"rejected {e.status}", logging.WARNING,

@@ -27,7 +27,9 @@ answered alone. Then the link starts over at step 1.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -49,16 +51,33 @@ SNAPSHOT_CHUNK_JOBS = 1000
 SNAPSHOT_WINDOW = 8  # snapshot frames in flight
 RETRY_S = 0.5
 COORDINATOR_TIMEOUT_S = 2.0
+# Ops of the last shipped batches kept in memory, so that a follower that
+# comes back (restarted, or its connection lost) resumes from its last seq
+# instead of taking a whole snapshot again (docs/design.md §12).
+TAIL_MAX_OPS = 200_000
 
 
 class Link:
     """Ships this broker's log to its follower, and gates replies on its acks."""
 
     def __init__(self, broker: Broker, follower: str, repl_epoch: int,
-                 in_sync: bool = False) -> None:
+                 in_sync: bool = False, stream: str = "") -> None:
         self.b = broker
         self.follower = follower
         self.repl_epoch = repl_epoch
+        # This process's stream: seqs name the same batches only within it (a
+        # restarted primary may reuse a seq for other ops), so a follower
+        # resumes only a copy it got from the same stream.
+        self.stream = stream
+        # (seq, ops) of every batch shipped since the link began, bounded, for a
+        # resume; `_unconfirmed`: those not yet on our own disk (a disk-full
+        # retry carries their ops again, which the follower already has).
+        self._tail: collections.deque[tuple[int, list[Any]]] = collections.deque()
+        self._tail_ops = 0
+        self._resuming = False  # the tail is not trimmed while a resume is asked
+        self._unconfirmed: collections.deque[tuple[int, list[Any]]] = collections.deque()
+        self.snapshots = 0  # full snapshots sent
+        self.resumes = 0  # returns of the follower served from the tail
         # Recorded in sync (a restart): not one reply alone until the follower
         # is complete again or the coordinator records it out of sync.
         self.gating = in_sync
@@ -153,6 +172,8 @@ class Link:
 
     # ------------------------------------------------------------ the hot path
     def ship(self, seq: int, ops: list[Any]) -> None:
+        ops = self._new_ops(seq, ops)
+        self._keep(seq, ops)
         if not self._streaming:
             return
         if self._skip:
@@ -162,6 +183,31 @@ class Link:
                                                  "ops": ops}, timeout=ACK_TIMEOUT_S)
         self.shipped = seq
         fut.add_done_callback(self._acked)
+
+    def _new_ops(self, seq: int, ops: list[Any]) -> list[Any]:
+        """`ops` less the ones already shipped: a batch that found our disk
+        full goes again at the head of the next one (broker/commitlog.py), and
+        the follower must not apply it twice (its counters would count twice)."""
+        pend = self._unconfirmed
+        committed = self.b.commits.committed_seq
+        while pend and pend[0][0] <= committed:
+            pend.popleft()
+        raw = ops
+        if pend and ops:
+            seen = {id(op) for _, batch in pend for op in batch}  # held: ids stay unique
+            n = 0
+            while n < len(ops) and id(ops[n]) in seen:
+                n += 1
+            ops = ops[n:] if n else ops
+        pend.append((seq, raw))
+        return ops
+
+    def _keep(self, seq: int, ops: list[Any]) -> None:
+        tail = self._tail
+        tail.append((seq, ops))
+        self._tail_ops += len(ops)
+        while not self._resuming and len(tail) > 1 and self._tail_ops > TAIL_MAX_OPS:
+            self._tail_ops -= len(tail.popleft()[1])
 
     def _acked(self, fut: asyncio.Future[Any]) -> None:
         if fut.cancelled():
@@ -228,12 +274,71 @@ class Link:
                                            request_timeout=30)
         self.state = "syncing"
         me = b.config.broker_id
+        if not await self._resume():
+            await self._snapshot()
+        # From this instant a reply waits for the follower's disk too.
+        self.gating = True
+        marker = b.commits.seq
+        await self._conn.request(p.REPL_APPEND, {"primary": me, "repl_epoch": self.repl_epoch,
+                                                 "synced": True, "seq": marker})
+        self._complete = True
+        self.acked = max(self.acked, marker, self._follower_seq)
+        b.commits.release()
+        self.state = "streaming"
+        await self._mark_in_sync()
+
+    async def _resume(self) -> bool:
+        """Ship the follower what it lacks from the tail, if its copy is
+        complete, from this stream, and its seq is within the tail; then the
+        stream goes on from there. False: it needs a snapshot (nothing changed
+        on its side)."""
+        b = self.b
+        tail = self._tail
+        if not tail or not self.stream or tail[-1][0] != b.commits.seq:
+            return False  # (batches went unrecorded: no link then)
+        self._resuming = True
+        try:
+            answer = await self._conn.request(p.REPL_APPEND, {
+                "primary": b.config.broker_id, "repl_epoch": self.repl_epoch, "resume": True,
+                "stream": self.stream, "from": tail[0][0] - 1, "to": tail[-1][0]})
+        finally:
+            self._resuming = False
+        fseq = answer.get("seq") if isinstance(answer, dict) and answer.get("resumed") else None
+        if not isinstance(fseq, int) or isinstance(fseq, bool):
+            return False
+        # One loop step: the tail after the follower's seq, then the live stream.
+        # (Batches shipped during the await above were kept in the tail.)
+        me = b.config.broker_id
+        for seq, ops in list(tail):
+            if seq > fseq:
+                fut = self._conn.request(p.REPL_APPEND, {"primary": me,
+                                                         "repl_epoch": self.repl_epoch,
+                                                         "seq": seq, "ops": ops},
+                                         timeout=ACK_TIMEOUT_S)
+                fut.add_done_callback(self._acked)
+        self._skip = 0
+        self._complete = False
+        self.shipped = b.commits.seq
+        self._follower_seq = fseq
+        b.commits.repl = self
+        self._streaming = True
+        self.resumes += 1
+        log.info("follower %s resumes from seq %d (%d batches from the tail)", self.follower,
+                 fseq, b.commits.seq - fseq)
+        return True
+
+    async def _snapshot(self) -> None:
+        """Start the follower's copy over: every queue's meta and the stream's
+        starting point in one loop step, then the jobs in chunks."""
+        b = self.b
+        me = b.config.broker_id
+        self.snapshots += 1
         # One loop step: the metas, the stream's starting point, the first ship.
         queues = list(b.queues.values())
         metas = [{"v": 1, "kind": "meta", "queue": q.name, "meta": q.meta()} for q in queues]
         first = self._conn.request(p.REPL_APPEND, {"primary": me, "repl_epoch": self.repl_epoch,
                                                    "reset": True, "chunks": metas,
-                                                   "seq": b.commits.seq})
+                                                   "seq": b.commits.seq, "stream": self.stream})
         self._skip = len(b.log)
         self._complete = False
         self.shipped = self._follower_seq = b.commits.seq
@@ -256,16 +361,6 @@ class Link:
             await fut
         if not self._streaming:
             raise OSError("the follower went away during the snapshot")
-        # From this instant a reply waits for the follower's disk too.
-        self.gating = True
-        marker = b.commits.seq
-        await self._conn.request(p.REPL_APPEND, {"primary": me, "repl_epoch": self.repl_epoch,
-                                                 "synced": True, "seq": marker})
-        self._complete = True
-        self.acked = max(self.acked, marker, self._follower_seq)
-        b.commits.release()
-        self.state = "streaming"
-        await self._mark_in_sync()
 
     # ------------------------------------------------------------ coordinator
     async def _coordinator(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
@@ -317,7 +412,8 @@ class Link:
     def stats(self) -> dict[str, Any]:
         return {"follower": self.follower, "repl_epoch": self.repl_epoch, "state": self.state,
                 "in_sync": self.in_sync, "gating": self.gating, "lag_ops": self.lag_ops,
-                "held": self.b.commits.held_replies}
+                "held": self.b.commits.held_replies, "snapshots": self.snapshots,
+                "resumes": self.resumes, "tail_batches": len(self._tail)}
 
 
 class Replication:
@@ -329,6 +425,7 @@ class Replication:
         self.b = broker
         self.followers = Followers(broker)
         self.link: Link | None = None
+        self.stream = uuid.uuid4().hex  # see Link.stream
 
     def on_topology(self, d: dict[str, Any]) -> None:
         """The coordinator's map; its `replication` section names our follower."""
@@ -363,7 +460,7 @@ class Replication:
                 self.link = link = None
         if isinstance(follower, str) and follower != me and not fenced and not self.b.held:
             # (A held broker, back on another disk, has nothing to replicate.)
-            self.link = Link(self.b, follower, epoch)
+            self.link = Link(self.b, follower, epoch, stream=self.stream)
             self.link.start()
 
     def resume(self) -> None:
@@ -377,7 +474,7 @@ class Replication:
         follower = rec.get("follower")
         if isinstance(follower, str) and follower != self.b.config.broker_id:
             self.link = Link(self.b, follower, int(rec.get("repl_epoch") or 0),
-                             in_sync=bool(rec.get("in_sync")))
+                             in_sync=bool(rec.get("in_sync")), stream=self.stream)
             self.link.start()
 
     @property

@@ -419,7 +419,8 @@ async def serve(config: BrokerConfig, host: str, port: int, metrics_port: int | 
         agent = MembershipAgent(broker_id=config.broker_id, advertise=addr, weight=config.weight,
                                 coordinator_url=config.coordinator, token=config.link_token,
                                 get_stats=broker.stats, on_topology=broker.apply_topology,
-                                on_leases=broker.apply_leases, storage=broker.storage_id)
+                                on_leases=broker.apply_leases, storage=broker.storage_id,
+                                zone=config.zone)
     else:
         broker.bootstrap_standalone()
     stop = asyncio.Event()

@@ -5,7 +5,8 @@
     GET  /status                     `shardq status --json`, docs/design.md §10
     GET  /stats                      cluster stats JSON (stats.py, docs/design.md §10)
     GET  /metrics                    the same as Prometheus text (metrics.py)
-    POST /brokers/register           {id, addr, weight?, storage?} -> {term, epoch, state}
+    POST /brokers/register           {id, addr, weight?, storage?, zone?} -> {term, epoch,
+                                     state} (zone: follower placement, replication.py)
     POST /brokers/heartbeat          {id, stats?, storage?} -> {term, epoch, state}
                                      `storage`: the data directory's identity; a broker
                                      that owns slots under another one is `lost-storage`
@@ -163,6 +164,7 @@ def create_app(membership: Membership, *, token: str | None = None,
         bid = _field(body, "id", str)
         addr, weight = _field(body, "addr", str), _field(body, "weight", int, 1)
         storage = _field(body, "storage", str, None)
+        _note_zone(replication, bid, body)  # before the registration can trigger placement
         return _logged(m, f"broker {bid} registered at {addr}",
                        lambda: m.register(bid, addr, weight, storage), always=True)
 
@@ -171,6 +173,7 @@ def create_app(membership: Membership, *, token: str | None = None,
         bid = _field(body, "id", str)
         stats = _field(body, "stats", dict, None)
         storage = _field(body, "storage", str, None)
+        _note_zone(replication, bid, body)
 
         def beat() -> dict[str, Any]:
             answer = m.heartbeat(bid, stats, storage)
@@ -409,6 +412,13 @@ _json_body = json_object
 
 
 _MISSING: Any = object()
+
+
+def _note_zone(replication: ReplicationBook | None, bid: str, body: dict[str, Any]) -> None:
+    """A broker's `--zone` label, for follower placement (replication.py)."""
+    zone = _field(body, "zone", str, None)
+    if replication is not None:
+        replication.note_zone(bid, zone)
 
 
 def _field(body: dict[str, Any], name: str, kind: type[T], default: T = _MISSING) -> T:

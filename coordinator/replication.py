@@ -95,6 +95,8 @@ class ReplicationBook:
             row["follower"] = rec.get("follower")
             row["in_sync"] = bool(rec.get("in_sync"))
             row["lag_ops"] = self.lag_ops(row["id"])
+            if row["id"] in self.zones:
+                row["zone"] = self.zones[row["id"]]
             if rec.get("follower") and not rec.get("in_sync") and row.get("slots"):
                 row.setdefault("problem", f"degraded: follower {rec['follower']} is not in "
                                           "sync; writes are on one disk only")

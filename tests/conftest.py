@@ -86,7 +86,9 @@ class Proc:
     """A child process started by a test, with its READY address."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, prefix: list[str] | None = None) -> None:
+        """`prefix` runs it under another command (tests/netns.py: inside a
+        network namespace, `ip netns exec NS`, which execs it: same pid)."""
         self.args = args
         full_env = dict(os.environ)
         full_env.update(env or {})
@@ -95,7 +97,7 @@ class Proc:
         self._stopped = False  # set once the test kills or terminates it
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "shardq", *args],
+            [*(prefix or []), sys.executable, "-m", "shardq", *args],
             stdout=subprocess.PIPE, stderr=self._log, env=full_env,
             start_new_session=True,
         )

@@ -24,6 +24,11 @@ def broker(
     advertise: str | None = typer.Option(
         None, help="host:port clients should use (default: bind address and bound port)."),
     weight: int = typer.Option(1, min=1, help="Ring weight (share of slots)."),
+    zone: str | None = typer.Option(
+        None, envvar="SHARDQ_ZONE",
+        help="Failure-domain label (rack, zone): with --replicas 1 the coordinator "
+             "places followers in another zone than their primary when it can (empty: "
+             "none)."),
     fast: bool = typer.Option(
         False, "--fast",
         help="Answer writes BEFORE they are committed: a crash may lose the last few ms of "
@@ -115,7 +120,7 @@ def broker(
         max_job_data=max_job_data, max_connections=max_connections, coordinator=coordinator,
         handshake_timeout_s=handshake_timeout, idle_timeout_s=idle_timeout,
         disk_free_limit=disk_free_limit, verify=verify, salvage=salvage,
-        weight=weight, drain_on_term=drain_on_term, control_token=control_token,
+        weight=weight, zone=_zone(zone), drain_on_term=drain_on_term, control_token=control_token,
         ack_journal=os.environ.get("SHARDQ_ACK_JOURNAL") or None)
     clock = None
     offset_file = os.environ.get("SHARDQ_TEST_WALL_OFFSET_FILE")  # tests only: a stepped wall
@@ -135,3 +140,15 @@ def broker(
     except ForeignStorageError as e:
         logging.getLogger("shardq.broker").error("refusing to start: %s", e)
         raise typer.Exit(2) from None
+
+
+def _zone(zone: str | None) -> str | None:
+    """A zone label: 1-64 printable characters with no spaces (it is shown in
+    /status and compared by the coordinator as it is); empty is none (an
+    environment that has no zone to give, as a pod on a node without one)."""
+    if not zone:
+        return None
+    if not 1 <= len(zone) <= 64 or not zone.isprintable() or any(c.isspace() for c in zone):
+        raise typer.BadParameter(f"--zone must be 1-64 printable characters without spaces, "
+                                 f"got {zone!r}")
+    return zone

@@ -295,3 +295,19 @@ def test_the_dockerfiles_build_context_makes_a_complete_wheel(tmp_path: Path) ->
         assert module in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "shardq = shardq.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+def test_the_deployments_run_replicated_and_kubernetes_brokers_send_their_zone() -> None:
+    coord = container("Deployment", "coordinator")
+    assert flag(coord["args"], "replicas") == "1"
+    assert flag(compose()["services"]["coordinator"]["command"], "replicas") == "1"
+    env = {e["name"]: e for e in container("StatefulSet", "broker")["env"]}
+    field = env["SHARDQ_ZONE"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert field == "metadata.labels['topology.kubernetes.io/zone']"
+    spread = resources()[("StatefulSet", "broker")]["spec"]["template"]["spec"]["affinity"]
+    keys = {t["podAffinityTerm"]["topologyKey"]
+            for t in spread["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]}
+    assert "topology.kubernetes.io/zone" in keys
+    # The broker command reads the variable (an empty one is no zone).
+    res = CliRunner().invoke(app, ["broker", "--help"])
+    assert "SHARDQ_ZONE" in res.output
