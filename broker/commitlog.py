@@ -340,7 +340,7 @@ class CommitLog:
 
     def _paced_step(self) -> None:
         self._step_timer = None
-        if self._ckpt_active and not self._writer_busy:
+        if self._ckpt_active and not self._writer_busy and not self._closed:
             if self.ops:
                 self.schedule_flush()  # commits first; the step follows them
             else:
@@ -373,6 +373,8 @@ class CommitLog:
 
     def _retry_storage(self) -> None:
         assert self._loop is not None
+        if self._closed:
+            return
         if self._writer_busy:
             self._loop.call_later(DISK_RETRY_S, self._retry_storage)
             return
@@ -465,7 +467,8 @@ class CommitLog:
 
     def checkpoint_if_idle(self) -> None:
         """Start a checkpoint of the log when nothing was committed lately."""
-        if (self._commits_since_ckpt == 0 or self._ckpt_active or self._ckpt_requested
+        if (self._closed or self._commits_since_ckpt == 0 or self._ckpt_active
+                or self._ckpt_requested
                 or self.disk_full_since or self.ops or self._writer_busy
                 or self._host.checkpoint_blocked()
                 or time.monotonic() - self._last_commit_at < IDLE_CHECKPOINT_AFTER_S):
