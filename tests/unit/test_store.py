@@ -702,8 +702,8 @@ def test_random_workload_with_obliterates_and_whole_checkpoints_recovers_exactly
 @pytest.mark.parametrize(("run", "chunk"), [(3, 2), (4, 5), (100, 7)])
 def test_checkpoint_writes_keys_in_btree_order_sorting_in_bounded_runs(
         path: str, brokers: Any, monkeypatch: pytest.MonkeyPatch, run: int, chunk: int) -> None:
-    """Every dirty key is written once, in (queue, id) order across chunks (rows of a
-    chunk share pages), though no step sorts more than `run` keys."""
+    """Every dirty key is written once, in B-tree (slot, queue, id) order across
+    chunks (rows of a chunk share pages), though no step sorts more than `run` keys."""
     monkeypatch.setattr(store_module, "SORT_RUN", run)
     monkeypatch.setattr(store_module, "CHECKPOINT_CHUNK", chunk)
     b = brokers(Broker(path))
@@ -711,22 +711,29 @@ def test_checkpoint_writes_keys_in_btree_order_sorting_in_bounded_runs(
     random.Random(7).shuffle(ids)
     for n, jid in enumerate(ids):
         b.q(("emails", "sms", "webhooks")[n % 3]).add(jid, "n", b"", None, now=n)
+    b.q("sms").pull(5, 1000, 50, [])  # these rows are read from memory, the others reused
     b.commit()
-    written: list[tuple[str, str]] = []
+    written: list[tuple[int, str, str]] = []
     sorted_lengths: list[int] = []
-    real_sorted = sorted
+    real_sorted, real_sealer = sorted, store_module.job_sealer
 
     def spy_sorted(keys: Any) -> Any:
+        keys = list(keys)
         sorted_lengths.append(len(keys))
         return real_sorted(keys)
 
-    def recording(queue: str, jid: str) -> Any:
-        written.append((queue, jid))
-        return b.row_source(queue, jid)
+    def recording_sealer(queue: str) -> Any:
+        seal_one = real_sealer(queue)
+
+        def sealed(jid: str, blob: bytes) -> bytes:
+            written.append((slot_of(queue), queue, jid))
+            return seal_one(jid, blob)
+        return sealed
 
     monkeypatch.setattr(store_module, "sorted", spy_sorted, raising=False)
+    monkeypatch.setattr(store_module, "job_sealer", recording_sealer)
     metas = {name: q.meta() for name, q in b.queues.items()}
-    b.store.checkpoint_begin(b.seq, metas, {}, recording)
+    b.store.checkpoint_begin(b.seq, metas, {}, b.row_source)
     while b.store.checkpoint_step():
         pass
     assert written == real_sorted(written)
@@ -772,3 +779,35 @@ def test_the_writer_restarts_a_wal_the_background_passes_cannot_finish(
     assert os.path.getsize(path + "-wal") <= store_module.WAL_SIZE_LIMIT
     b.close()
     brokers(assert_recovered(path, b))
+
+
+def test_checkpoint_reuses_the_logged_add_record_only_while_it_is_the_jobs_row(
+        path: str, brokers: Any) -> None:
+    """An add's packed record goes into the checkpoint as logged; a job changed,
+    removed or obliterated since is written (or dropped) from memory instead."""
+    b = brokers(Broker(path))
+    for i in range(6):
+        b.q("emails").add(f"e{i}", "n", b"x", None, now=i)
+        b.q("sms").add(f"s{i}", "n", b"x", None, now=i)
+    b.q("emails").pull(2, 1000, 10, [])  # e0, e1 active: newer than their add
+    b.commit()
+    b.q("sms").obliterate()  # its adds are in the log, its jobs gone
+    b.q("sms").add("s9", "n", b"y", None, now=20)  # recreated after the obliterate
+    b.commit()
+    b.checkpoint()
+    b.close()
+    again = brokers(assert_recovered(path, b))
+    assert set(again.queues["sms"].jobs) == {"s9"}
+    assert again.queues["emails"].jobs["e0"].state == ACTIVE
+    assert again.queues["emails"].jobs["e5"].state == WAITING
+
+
+def test_job_sealer_seals_as_seal_of_the_job_key() -> None:
+    """The checkpoint's per-queue sealer writes the bytes `seal` would."""
+    from shardq.broker.integrity import job_sealer, seal
+
+    for queue, jid, payload in [("q", "j", b""), ("emails", "01ab-\u00e9", b"\x93\x01\x02\x03"),
+                                ("", "", b"x" * 300)]:
+        sealed = job_sealer(queue)(jid, payload)
+        assert sealed == seal(job_key(queue, jid), payload)
+        assert unseal(job_key(queue, jid), sealed) == payload
