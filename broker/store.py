@@ -448,14 +448,19 @@ class Store:
         pack = self._packer.pack
         parts = [self._packer.pack_array_header(len(ops))]
         add_head = b"\x93" + pack("A")  # ("A", queue, record): a 3-array
+        last_queue, packed_queue, ids = None, b"", None
         for op in ops:
             if op[0] == "A" and len(op) == 3:
-                record = pack(op[2])
-                parts += (add_head, pack(op[1]), record)
-                self._touch(op, record)
+                queue, record = op[1], op[2]
+                if queue != last_queue:  # a batch's adds mostly share their queue
+                    last_queue, packed_queue, ids = queue, pack(queue), self._dirty_of(queue)
+                packed = pack(record)
+                parts += (add_head, packed_queue, packed)
+                ids[record[0]] = packed  # type: ignore[index]
             else:
                 parts.append(pack(op))
                 self._touch(op, None)
+                last_queue = None  # (an obliterate replaces the queue's dict)
         return b"".join(parts)
 
     def dirty_keys(self) -> set[tuple[str, str]]:

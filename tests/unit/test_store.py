@@ -811,3 +811,19 @@ def test_job_sealer_seals_as_seal_of_the_job_key() -> None:
         sealed = job_sealer(queue)(jid, payload)
         assert sealed == seal(job_key(queue, jid), payload)
         assert unseal(job_key(queue, jid), sealed) == payload
+
+
+def test_adds_around_an_obliterate_in_one_batch_are_all_checkpointed(
+        path: str, brokers: Any) -> None:
+    """Adds, an obliterate and adds again to one queue in a single commit: the
+    jobs added after the obliterate reach the checkpoint, the others do not."""
+    b = brokers(Broker(path))
+    b.q("emails").add("a1", "n", b"x", None, now=1)
+    b.q("emails").obliterate()
+    b.q("emails").add("a2", "n", b"x", None, now=2)
+    b.q("emails").add("a3", "n", b"x", None, now=3)
+    b.commit()
+    b.checkpoint()
+    b.close()
+    again = brokers(assert_recovered(path, b))
+    assert set(again.queues["emails"].jobs) == {"a2", "a3"}
