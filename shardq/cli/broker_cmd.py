@@ -96,10 +96,8 @@ def broker(
         from shardq.broker.clock import BrokerClock, offset_wall
 
         clock = BrokerClock(offset_wall(offset_file))
-    from shardq.broker import gcpolicy
     from shardq.broker.integrity import CorruptionError
 
-    gcpolicy.tune()
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve(config, bind, port, metrics_port=metrics_port, clock=clock))
