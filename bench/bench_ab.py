@@ -11,7 +11,7 @@ Rounds alternate A B A B ..., each on a fresh one-broker cluster, with the
 servers pinned to CPU 0 and the client to CPU 1 where the box has two. Prints,
 per workload, each side's median jobs/s and broker CPU-us per job and the
 ratio B/A of the medians and pair by pair (the pairwise median is the figure to
-quote on a shared, noisy machine).
+quote on a shared, noisy machine), and the client process's CPU-us per job.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -148,16 +149,21 @@ def one_round(tree: Path, workload: str, a: argparse.Namespace, rnd: int) -> dic
         if two:
             argv = ["taskset", "-c", "1", *argv]
         c0 = cpu_of(cluster.broker_pid)
+        k0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run(argv, cwd=tree, capture_output=True, text=True,
                              timeout=a.seconds * 4 + 60)
+        k1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the driver (reaped), only
+        if a.settle:
+            time.sleep(a.settle)  # the idle checkpoint (1 s after the last commit) counts too
         c1 = cpu_of(cluster.broker_pid)
     finally:
         cluster.stop()
     if out.returncode != 0:
         raise RuntimeError(f"driver failed ({tree}): {out.stderr[-2000:]}")
     res = json.loads(out.stdout.strip().splitlines()[-1])
+    client_s = (k1.ru_utime + k1.ru_stime) - (k0.ru_utime + k0.ru_stime)
     return {"rate": res["rate"], "cpu_us": (c1 - c0) / max(res["ops"], 1) * 1e6,
-            "p50_ms": res["p50_ms"] or 0.0}
+            "client_us": client_s / max(res["ops"], 1) * 1e6, "p50_ms": res["p50_ms"] or 0.0}
 
 
 def main() -> None:
@@ -170,6 +176,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=200)
     ap.add_argument("--fast", action="store_true", help="both sides with --fast")
     ap.add_argument("--no-pin", action="store_true", help="no CPU pinning")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="seconds to wait after each run before reading the broker's CPU "
+                         "(e.g. 5: its idle checkpoint is counted)")
     ap.add_argument("--out", type=Path, help="append JSON lines here")
     a = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -186,15 +195,19 @@ def main() -> None:
         rb = [x["rate"] for x in res["B"]]
         ca = statistics.median(x["cpu_us"] for x in res["A"])
         cb = statistics.median(x["cpu_us"] for x in res["B"])
+        ka = statistics.median(x["client_us"] for x in res["A"])
+        kb = statistics.median(x["client_us"] for x in res["B"])
         pair = statistics.median(b / x for b, x in zip(rb, ra, strict=True))
         row = {"bench": "ab", "workload": w, "rev": a.rev, "fast": a.fast,
                "a_rate": statistics.median(ra), "b_rate": statistics.median(rb),
-               "a_cpu_us": ca, "b_cpu_us": cb, "ratio_pairwise": pair,
+               "a_cpu_us": ca, "b_cpu_us": cb, "a_client_us": ka, "b_client_us": kb,
+               "ratio_pairwise": pair, "settle_s": a.settle,
                "a_rates": ra, "b_rates": rb}
         rows.append(row)
-        print(f"{w:15s} A {row['a_rate']:>9,.0f}/s {ca:6.1f} us/job | B {row['b_rate']:>9,.0f}/s "
-              f"{cb:6.1f} us/job | B/A rate x{row['b_rate'] / row['a_rate']:.2f} "
-              f"(pairwise x{pair:.2f}), cpu x{cb / ca:.2f}", flush=True)
+        print(f"{w:15s} A {row['a_rate']:>9,.0f}/s broker {ca:6.1f} client {ka:5.1f} us/job | "
+              f"B {row['b_rate']:>9,.0f}/s broker {cb:6.1f} client {kb:5.1f} us/job | B/A rate "
+              f"x{row['b_rate'] / row['a_rate']:.2f} (pairwise x{pair:.2f}), broker cpu "
+              f"x{cb / ca:.2f}, client cpu x{kb / ka:.2f}", flush=True)
         if a.out:
             with open(a.out, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
