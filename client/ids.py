@@ -26,13 +26,12 @@ import random
 import time
 from collections.abc import Callable
 
-try:
-    from uuid_utils import uuid7 as _rust_uuid7
-except ImportError:  # pragma: no cover - an install without the wheel
-    _rust_uuid7 = None
-
 # The fast generator, or None: not installed, or this is a forked child.
-_fast: Callable[[], object] | None = _rust_uuid7
+_fast: Callable[[], object] | None
+try:
+    from uuid_utils import uuid7 as _fast
+except ImportError:  # pragma: no cover - an install without the wheel
+    _fast = None
 
 
 def _forked() -> None:
