@@ -615,8 +615,8 @@ class Store:
 class _Checkpoint:
     """The rows one checkpoint writes, queue by queue in B-tree order."""
 
-    __slots__ = ("at", "broker_state", "dirty", "gone", "gone_left", "metas", "order", "pos",
-                 "qi", "queues", "row_source", "runs", "seq", "total")
+    __slots__ = ("at", "broker_state", "dirty", "gone", "gone_left", "metas", "order",
+                 "pending", "pos", "qi", "queues", "row_source", "runs", "seq", "total")
 
     def __init__(self, seq: int, metas: dict[str, dict[str, Any]], broker_state: dict[str, Any],
                  dirty: dict[str, dict[str, bytes | None]], gone: set[str],
@@ -636,6 +636,7 @@ class _Checkpoint:
         self.order: list[str] = []  # its ids, sorted
         self.at = 0  # how many of them are written
         self.runs: list[list[str]] = []  # sorted runs of a large queue's ids
+        self.pending: list[str] = []  # that queue's ids, in runs of SORT_RUN
 
     def sorted_runs(self) -> bool:
         """Make the next queue's ids ready; False when this call sorted one run
@@ -648,11 +649,13 @@ class _Checkpoint:
         if len(ids) <= SORT_RUN:
             self._next_queue(sorted(ids))
             return True
+        if not self.runs:
+            self.pending = list(ids)  # once: slicing the dict would walk it per run
         start = len(self.runs) * SORT_RUN
-        if start < len(ids):
-            self.runs.append(sorted(itertools.islice(ids, start, start + SORT_RUN)))
+        if start < len(self.pending):
+            self.runs.append(sorted(self.pending[start:start + SORT_RUN]))
             return False
-        runs, self.runs = self.runs, []
+        runs, self.runs, self.pending = self.runs, [], []
         if all(a[-1] <= b[0] for a, b in itertools.pairwise(runs)):
             self._next_queue(list(itertools.chain.from_iterable(runs)))
         else:
