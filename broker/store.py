@@ -60,6 +60,12 @@ _QUEUE_GONE, _QUEUES_GONE = redo.Touch.QUEUE_GONE, redo.Touch.QUEUES_GONE
 # Broker ops that drop or replace whole queues' jobs in memory (activation of
 # an import, queues handed off, a replica's reset): kept add records are stale.
 _REPLACES_QUEUES = frozenset({"I", "G", "RC"})
+# Reuse an add's packed record in the checkpoint (see _pack_and_track). OFF:
+# with it on, tests/cluster/test_replication.py's chaos test (scale out,
+# failover, drains, --replicas 1) lost completions (an ack refused as "lock
+# lost", the job never completed) in 3 of 3 runs; off, it passes. The cause
+# is not found yet; the unit tests of the reuse pass.
+REUSE_ADD_RECORDS = False
 CHECKPOINT_CHUNK = 250  # rows per checkpoint transaction: a commit waits for one at most
 GONE_ROWS_PER_STEP = 1000  # rows of dropped queues deleted per checkpoint transaction
 # Dirty keys are written in B-tree order (slot, queue, id) so a chunk's rows
@@ -445,6 +451,10 @@ class Store:
         An add's record is packed on its own and kept for the checkpoint: it is
         the job's row as of this op, exactly what the checkpoint would pack
         again (a later op on the job marks it to be read from memory)."""
+        if not REUSE_ADD_RECORDS:
+            self._track(ops)
+            packed_ops: bytes = self._packer.pack(ops)
+            return packed_ops
         pack = self._packer.pack
         parts = [self._packer.pack_array_header(len(ops))]
         add_head = b"\x93" + pack("A")  # ("A", queue, record): a 3-array
