@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack
@@ -36,15 +36,7 @@ import msgpack
 from shardq import failpoints
 from shardq.broker import redo
 from shardq.broker.histogram import COMMIT_BUCKETS_S, Buckets
-from shardq.broker.integrity import (
-    CorruptionError,
-    Damage,
-    job_key,
-    job_sealer,
-    log_key,
-    seal,
-    unseal,
-)
+from shardq.broker.integrity import CorruptionError, Damage, job_key, log_key, seal, unseal
 from shardq.broker.job import Job
 from shardq.broker.replay import Images, QueueImage, apply_broker_op, apply_op
 from shardq.router import slot_of
@@ -57,26 +49,14 @@ RowSource = Callable[[str, str], tuple[int, bytes | None] | None]
 _DIRTY = redo.DIRTY
 _JOB, _ADDED, _TOMBSTONES = redo.Touch.JOB, redo.Touch.ADDED, redo.Touch.TOMBSTONES
 _QUEUE_GONE, _QUEUES_GONE = redo.Touch.QUEUE_GONE, redo.Touch.QUEUES_GONE
-# Broker ops that drop or replace whole queues' jobs in memory (activation of
-# an import, queues handed off, a replica's reset): kept add records are stale.
-_REPLACES_QUEUES = frozenset({"I", "G", "RC"})
-# Reuse an add's packed record in the checkpoint (see _pack_and_track). OFF:
-# with it on, tests/cluster/test_replication.py's chaos test (scale out,
-# failover, drains, --replicas 1) lost completions (an ack refused as "lock
-# lost", the job never completed) in 3 of 3 runs; off, it passes. The cause
-# is not found yet; the unit tests of the reuse pass.
-REUSE_ADD_RECORDS = False
 CHECKPOINT_CHUNK = 250  # rows per checkpoint transaction: a commit waits for one at most
 GONE_ROWS_PER_STEP = 1000  # rows of dropped queues deleted per checkpoint transaction
-# Dirty keys are written in B-tree order (slot, queue, id) so a chunk's rows
-# share pages (job ids are time-ordered, so recent jobs of a queue sit
-# together). They are kept per queue, in the order first touched (nearly id
-# order already), and a queue's ids are sorted when the checkpoint reaches
-# it. Sorting a million random keys in one call holds the GIL (the event
-# loop) for a second: a queue with more than this many is sorted in runs of
-# it, one run per step, then concatenated (time-ordered runs follow each
-# other) or merged. Chunks of unsorted keys touched one page per row: 20k
-# dirty keys/s wrote ~40 MB/s of WAL per broker after a scale out.
+# Dirty keys are written in B-tree order so a chunk's rows share pages (job ids
+# are time-ordered, so recent jobs of a queue sit together). Sorting a million
+# keys in one call holds the GIL (the event loop) for a second: they are sorted
+# in runs of this many, one run per step (~9 ms), then merged lazily. Chunks
+# of unsorted keys touched one page per row: 20k dirty keys/s wrote ~40 MB/s
+# of WAL per broker after a scale out.
 SORT_RUN = 10_000
 # WAL frames past which the writer completes the background checkpointer's
 # pass itself. A passive checkpoint from another connection never finishes
@@ -125,10 +105,7 @@ class Store:
         self.salvage = salvage  # start on a damaged file, leaving damaged records out
         self.damage: Damage | None = None  # what the start found (salvaged)
         self._db: sqlite3.Connection | None = None
-        # queue -> {job id: its packed record as its add op logged it (reused
-        # by the checkpoint, docs/design.md §3), or None to read it from memory}
-        self._dirty: dict[str, dict[str, bytes | None]] = {}
-        self._packer = msgpack.Packer(use_bin_type=True)  # writer thread only
+        self._dirty: set[tuple[str, str]] = set()
         # Whole queues to write at the next checkpoint (a handoff's imports),
         # listed only then, so activating an import costs O(1) here.
         self._dirty_queues: list[tuple[str, dict[str, Any], dict[str, int]]] = []
@@ -374,7 +351,8 @@ class Store:
     def _commit(self, seq: int, ops: list[Any]) -> None:
         import time
 
-        blob = seal(log_key(seq), self._pack_and_track(ops))
+        blob = seal(log_key(seq), msgpack.packb(ops, use_bin_type=True))
+        self._track(ops)
         db = self._db
         assert db is not None
         t0 = time.perf_counter()
@@ -407,75 +385,21 @@ class Store:
             self.wal_restarts += 1
 
     def _track(self, ops: list[Any]) -> None:
-        """Note the jobs and queues these ops touched, for the next checkpoint
-        (replay: their rows are read from memory then)."""
+        """Note the jobs and queues these ops touched, for the next checkpoint."""
+        dirty = self._dirty
         for op in ops:
-            self._touch(op, None)
-
-    def _touch(self, op: Any, record: bytes | None) -> None:
-        touch = _DIRTY[op[0]]  # an unknown code fails the commit, never a restart
-        if touch is _JOB:
-            self._dirty_of(op[1])[op[2]] = None
-        elif touch is _ADDED:
-            self._dirty_of(op[1])[op[2][0]] = record
-        elif touch is _TOMBSTONES:
-            ids = self._dirty_of(op[1])
-            for jid in op[2]:
-                ids[jid] = None
-        elif touch is _QUEUE_GONE:
-            self._obliterated.add(op[1])
-            self._forget_records([op[1]])
-        elif touch is _QUEUES_GONE:
-            self._obliterated.update(op[2])
-            self._forget_records(self._dirty)
-        elif op[0] in _REPLACES_QUEUES:
-            self._forget_records(self._dirty)
-
-    def _forget_records(self, queues: Any) -> None:
-        """Kept add records of these queues are read from memory instead: an op
-        dropped or replaced their jobs without an op per job."""
-        for queue in list(queues):
-            ids = self._dirty.get(queue)
-            if ids:
-                self._dirty[queue] = dict.fromkeys(ids)
-
-    def _dirty_of(self, queue: str) -> dict[str, bytes | None]:
-        ids = self._dirty.get(queue)
-        if ids is None:
-            ids = self._dirty[queue] = {}
-        return ids
-
-    def _pack_and_track(self, ops: list[Any]) -> bytes:
-        """The log row's payload (msgpack of `ops`), noting what they touched.
-
-        An add's record is packed on its own and kept for the checkpoint: it is
-        the job's row as of this op, exactly what the checkpoint would pack
-        again (a later op on the job marks it to be read from memory)."""
-        if not REUSE_ADD_RECORDS:
-            self._track(ops)
-            packed_ops: bytes = self._packer.pack(ops)
-            return packed_ops
-        pack = self._packer.pack
-        parts = [self._packer.pack_array_header(len(ops))]
-        add_head = b"\x93" + pack("A")  # ("A", queue, record): a 3-array
-        last_queue, packed_queue, ids = None, b"", None
-        for op in ops:
-            if op[0] == "A" and len(op) == 3:
-                queue, record = op[1], op[2]
-                if queue != last_queue:  # a batch's adds mostly share their queue
-                    last_queue, packed_queue, ids = queue, pack(queue), self._dirty_of(queue)
-                packed = pack(record)
-                parts += (add_head, packed_queue, packed)
-                ids[record[0]] = packed  # type: ignore[index]
-            else:
-                parts.append(pack(op))
-                self._touch(op, None)
-                last_queue = None  # (an obliterate replaces the queue's dict)
-        return b"".join(parts)
-
-    def dirty_keys(self) -> set[tuple[str, str]]:
-        """(queue, id) of every row the next checkpoint writes (tests, metrics)."""
-        return {(q, jid) for q, ids in self._dirty.items() for jid in ids}
+            touch = _DIRTY[op[0]]  # an unknown code fails the commit, never a restart
+            if touch is _JOB:
+                dirty.add((op[1], op[2]))
+            elif touch is _ADDED:
+                dirty.add((op[1], op[2][0]))
+            elif touch is _TOMBSTONES:
+                for jid in op[2]:
+                    dirty.add((op[1], jid))
+            elif touch is _QUEUE_GONE:
+                self._obliterated.add(op[1])
+            elif touch is _QUEUES_GONE:
+                self._obliterated.update(op[2])
 
     def mark_dirty_queues(self, queues: list[tuple[str, dict[str, Any], dict[str, int]]]
                           ) -> None:
@@ -486,20 +410,18 @@ class Store:
                          broker_state: dict[str, Any], row_source: RowSource) -> None:
         """Start a checkpoint at `seq` (every op <= seq is in `metas`)."""
         # Not sorted here: one sort of a million keys holds the GIL (and so
-        # the event loop) for a second; each queue is sorted when reached.
-        dirty = self._dirty
-        self._dirty = {}
+        # the event loop) for a second; each chunk is sorted when written.
+        keys = list(self._dirty)
+        self._dirty = set()
         # `list(d)` copies a dict's keys in one step under the GIL, so reading
-        # the live queues from the writer thread is safe.
+        # the live queues from the writer thread is safe. A key listed twice
+        # is only written twice.
         for name, jobs, tombstones in self._dirty_queues:
-            ids = dirty.get(name)
-            if ids is None:
-                ids = dirty[name] = {}
-            ids.update(dict.fromkeys(list(jobs) + list(tombstones)))
+            keys.extend([(name, jid) for jid in list(jobs) + list(tombstones)])
         self._dirty_queues = []
         gone = self._obliterated
         self._obliterated = set()
-        self._ckpt = _Checkpoint(seq, metas, broker_state, dirty, gone, row_source)
+        self._ckpt = _Checkpoint(seq, metas, broker_state, keys, gone, row_source)
 
     def checkpoint_step(self) -> bool:
         """Write one bounded chunk; True while more remains.
@@ -517,8 +439,7 @@ class Store:
             self._rollback()
             ck, self._ckpt = self._ckpt, None
             if ck is not None:
-                for queue, ids in ck.dirty.items():  # newer marks win
-                    self._dirty[queue] = {**ids, **self._dirty.get(queue, {})}
+                self._dirty.update(ck.keys)
                 self._obliterated.update(ck.gone)
             raise StorageFullError(f"checkpoint failed: {exc}") from exc
 
@@ -536,7 +457,7 @@ class Store:
             return False
         if not ck.gone_left and not ck.sorted_runs():
             return True  # this step sorted a run of the keys
-        last = not ck.gone_left and ck.pos + CHECKPOINT_CHUNK >= ck.total
+        last = not ck.gone_left and ck.pos + CHECKPOINT_CHUNK >= len(ck.keys)
         if last or not self.durable:
             return self._checkpoint_chunk(ck, db)
         db.execute("PRAGMA synchronous=NORMAL")
@@ -565,28 +486,23 @@ class Store:
                 budget -= max(n, 1)  # an empty one still costs a lookup
             db.execute("COMMIT")
             return True
-        puts: list[tuple[int, str, str, bytes]] = []
-        dels: list[tuple[int, str, str]] = []
-        row_source = ck.row_source
-        for queue, slot, ids, order in ck.next_chunk(CHECKPOINT_CHUNK):
-            sealed = job_sealer(queue)
-            for jid in order:
-                blob = ids[jid]
-                if blob is None:
-                    row = row_source(queue, jid)
-                    if row is None:
-                        continue
-                    blob = row[1]
-                    if blob is None:
-                        dels.append((slot, queue, jid))
-                        continue
-                puts.append((slot, queue, jid, sealed(jid, blob)))
+        chunk = ck.next_chunk(CHECKPOINT_CHUNK)
+        puts, dels = [], []
+        for queue, jid in chunk:
+            row = ck.row_source(queue, jid)
+            if row is None:
+                continue
+            slot, blob = row
+            if blob is None:
+                dels.append((slot, queue, jid))
+            else:
+                puts.append((slot, queue, jid, seal(job_key(queue, jid), blob)))
         if puts:
             db.executemany("INSERT OR REPLACE INTO jobs(slot, queue, id, blob) VALUES (?,?,?,?)",
                            puts)
         if dels:
             db.executemany("DELETE FROM jobs WHERE slot = ? AND queue = ? AND id = ?", dels)
-        if ck.pos < ck.total:
+        if ck.pos < len(ck.keys):
             db.execute("COMMIT")
             return True
         # Last chunk: meta, broker state and the new checkpoint seq in the same
@@ -623,75 +539,38 @@ class Store:
 
 
 class _Checkpoint:
-    """The rows one checkpoint writes, queue by queue in B-tree order."""
-
-    __slots__ = ("at", "broker_state", "dirty", "gone", "gone_left", "metas", "order",
-                 "pending", "pos", "qi", "queues", "row_source", "runs", "seq", "total")
+    __slots__ = ("broker_state", "gone", "gone_left", "keys", "merged", "metas", "pos",
+                 "row_source", "runs", "seq")
 
     def __init__(self, seq: int, metas: dict[str, dict[str, Any]], broker_state: dict[str, Any],
-                 dirty: dict[str, dict[str, bytes | None]], gone: set[str],
-                 row_source: RowSource) -> None:
+                 keys: list[tuple[str, str]], gone: set[str], row_source: RowSource) -> None:
         self.seq = seq
         self.metas = metas
         self.broker_state = broker_state
-        self.dirty = dirty
+        self.keys = keys
         self.gone = gone
         self.gone_left = sorted(gone)  # queues whose rows are still to delete
-        self.row_source = row_source
-        self.queues = [(slot_of(q), q) for q in dirty]
-        self.queues.sort()  # a few hundred queues: not bounded like the ids
-        self.total = sum(map(len, dirty.values()))
         self.pos = 0  # keys written so far
-        self.qi = -1  # index in `queues` of the queue being written
-        self.order: list[str] = []  # its ids, sorted
-        self.at = 0  # how many of them are written
-        self.runs: list[list[str]] = []  # sorted runs of a large queue's ids
-        self.pending: list[str] = []  # that queue's ids, in runs of SORT_RUN
+        self.row_source = row_source
+        self.runs: list[list[tuple[str, str]]] = []  # sorted runs of `keys`, in order
+        self.merged: Iterator[tuple[str, str]] | None = None
 
     def sorted_runs(self) -> bool:
-        """Make the next queue's ids ready; False when this call sorted one run
-        of a large queue (the step ends there), True when the next rows are ready."""
-        if self.at < len(self.order):
+        """Sort the next run of keys; True once every key is in a sorted run."""
+        if self.merged is not None:
             return True
-        if self.qi + 1 >= len(self.queues):
-            return True  # nothing left (the last step writes the meta)
-        ids = self.dirty[self.queues[self.qi + 1][1]]
-        if len(ids) <= SORT_RUN:
-            self._next_queue(sorted(ids))
-            return True
-        if not self.runs:
-            self.pending = list(ids)  # once: slicing the dict would walk it per run
         start = len(self.runs) * SORT_RUN
-        if start < len(self.pending):
-            self.runs.append(sorted(self.pending[start:start + SORT_RUN]))
+        if start < len(self.keys):
+            self.runs.append(sorted(self.keys[start:start + SORT_RUN]))
+        if len(self.runs) * SORT_RUN < len(self.keys):
             return False
-        runs, self.runs, self.pending = self.runs, [], []
-        if all(a[-1] <= b[0] for a, b in itertools.pairwise(runs)):
-            self._next_queue(list(itertools.chain.from_iterable(runs)))
-        else:
-            self._next_queue(list(heapq.merge(*runs)))
+        self.merged = heapq.merge(*self.runs) if len(self.runs) > 1 else iter(
+            self.runs[0] if self.runs else ())
         return True
 
-    def _next_queue(self, order: list[str]) -> None:
-        self.qi += 1
-        self.order = order
-        self.at = 0
-
-    def next_chunk(self, n: int) -> list[tuple[str, int, dict[str, bytes | None], list[str]]]:
-        """Up to `n` keys in B-tree order, as (queue, slot, its dirty ids,
-        ids to write) runs (call once sorted_runs() is True)."""
-        out = []
-        while n > 0:
-            if self.at >= len(self.order):
-                nxt = self.qi + 1
-                if nxt >= len(self.queues) or len(self.dirty[self.queues[nxt][1]]) > SORT_RUN:
-                    break  # a large queue is sorted in steps of its own
-                self._next_queue(sorted(self.dirty[self.queues[nxt][1]]))
-                continue
-            slot, queue = self.queues[self.qi]
-            take = self.order[self.at:self.at + n]
-            self.at += len(take)
-            self.pos += len(take)
-            n -= len(take)
-            out.append((queue, slot, self.dirty[queue], take))
-        return out
+    def next_chunk(self, n: int) -> list[tuple[str, str]]:
+        """The next `n` keys in B-tree order (call once sorted_runs() is True)."""
+        assert self.merged is not None
+        chunk = list(itertools.islice(self.merged, n))
+        self.pos += len(chunk)
+        return chunk

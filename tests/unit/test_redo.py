@@ -91,7 +91,7 @@ def test_a_job_op_dirties_its_row_and_a_queue_op_none(tmp_path: Path) -> None:
                       ("M", "q", {"paused": True}), ("T", "q", ["j2", "j3"]),
                       ("O", None, {"slots": []})]
     st.commit(1, ops)
-    assert st.dirty_keys() == {("q", "j1"), ("q", "j2"), ("q", "j3")}
+    assert st._dirty == {("q", "j1"), ("q", "j2"), ("q", "j3")}
     with pytest.raises(KeyError):
         st.commit(2, [("ZZ", "q", "x")])  # refused before it is written
     st.close()

@@ -702,8 +702,8 @@ def test_random_workload_with_obliterates_and_whole_checkpoints_recovers_exactly
 @pytest.mark.parametrize(("run", "chunk"), [(3, 2), (4, 5), (100, 7)])
 def test_checkpoint_writes_keys_in_btree_order_sorting_in_bounded_runs(
         path: str, brokers: Any, monkeypatch: pytest.MonkeyPatch, run: int, chunk: int) -> None:
-    """Every dirty key is written once, in B-tree (slot, queue, id) order across
-    chunks (rows of a chunk share pages), though no step sorts more than `run` keys."""
+    """Every dirty key is written once, in (queue, id) order across chunks (rows of a
+    chunk share pages), though no step sorts more than `run` keys."""
     monkeypatch.setattr(store_module, "SORT_RUN", run)
     monkeypatch.setattr(store_module, "CHECKPOINT_CHUNK", chunk)
     b = brokers(Broker(path))
@@ -711,29 +711,22 @@ def test_checkpoint_writes_keys_in_btree_order_sorting_in_bounded_runs(
     random.Random(7).shuffle(ids)
     for n, jid in enumerate(ids):
         b.q(("emails", "sms", "webhooks")[n % 3]).add(jid, "n", b"", None, now=n)
-    b.q("sms").pull(5, 1000, 50, [])  # these rows are read from memory, the others reused
     b.commit()
-    written: list[tuple[int, str, str]] = []
+    written: list[tuple[str, str]] = []
     sorted_lengths: list[int] = []
-    real_sorted, real_sealer = sorted, store_module.job_sealer
+    real_sorted = sorted
 
     def spy_sorted(keys: Any) -> Any:
-        keys = list(keys)
         sorted_lengths.append(len(keys))
         return real_sorted(keys)
 
-    def recording_sealer(queue: str) -> Any:
-        seal_one = real_sealer(queue)
-
-        def sealed(jid: str, blob: bytes) -> bytes:
-            written.append((slot_of(queue), queue, jid))
-            return seal_one(jid, blob)
-        return sealed
+    def recording(queue: str, jid: str) -> Any:
+        written.append((queue, jid))
+        return b.row_source(queue, jid)
 
     monkeypatch.setattr(store_module, "sorted", spy_sorted, raising=False)
-    monkeypatch.setattr(store_module, "job_sealer", recording_sealer)
     metas = {name: q.meta() for name, q in b.queues.items()}
-    b.store.checkpoint_begin(b.seq, metas, {}, b.row_source)
+    b.store.checkpoint_begin(b.seq, metas, {}, recording)
     while b.store.checkpoint_step():
         pass
     assert written == real_sorted(written)
