@@ -13,6 +13,11 @@ fresh server per (system, workload), each driven by its own client in its own pr
   bullmq-node-redis-aof  redis-server, AOF everysec              bullmq (Node.js)
   bullmq-py-redis        redis-server, no persistence            bullmq (pip, Python)
   bullmq-py-redis-aof    redis-server, AOF everysec              bullmq (pip, Python)
+  echo-limit             bench/echo_server.py (framing only)     raw frames (Python)
+  sqlite-commit-limit    none: one WAL commit, synchronous=FULL  (add_single only)
+
+The two limits (bench/drivers/limits_driver.py) are what a broker is held against: the
+wire alone, and one durable commit; the summary prints shardq-durable against them.
 
 Workloads: add_single, add_concurrent, add_bulk, e2e (see bench/drivers/shardq_driver.py).
 Each stops at --jobs or after --seconds. Besides jobs/s and latency, the server processes'
@@ -47,11 +52,17 @@ from benchlib import (
     machine,
     progress,
     run_driver,
+    spawn_ready,
 )
 
 WORKLOADS = ["add_single", "add_concurrent", "add_bulk", "e2e"]
 SYSTEMS = ["shardq-durable", "shardq-fast", "shardq-node", "bunqueue-memory", "bunqueue-sqlite",
-           "bullmq-node-redis", "bullmq-node-redis-aof", "bullmq-py-redis", "bullmq-py-redis-aof"]
+           "bullmq-node-redis", "bullmq-node-redis-aof", "bullmq-py-redis", "bullmq-py-redis-aof",
+           "echo-limit", "sqlite-commit-limit"]
+# The limits run only the workloads they bound (bench/drivers/limits_driver.py).
+LIMIT_WORKLOADS = {"echo-limit": {"add_single", "add_concurrent", "add_bulk"},
+                   "sqlite-commit-limit": {"add_single"}}
+DRIVER_LIMITS = BENCH / "drivers" / "limits_driver.py"
 DRIVER_PY = BENCH / "drivers" / "shardq_driver.py"
 DRIVER_BULL_PY = BENCH / "drivers" / "bullmq_py_driver.py"
 DRIVER_JS = BENCH / "peers" / "driver.mjs"
@@ -66,6 +77,14 @@ class Server:
 
 
 def start_system(system: str, data: Path, a: argparse.Namespace) -> Server:
+    if system == "echo-limit":
+        echo = spawn_ready("echo", [sys.executable, str(BENCH / "echo_server.py")],
+                           data / "echo.log")
+        return _server(echo, lambda cfg: [sys.executable, str(DRIVER_LIMITS), json.dumps(
+            {**cfg, "limit": "echo", "target": echo.addr})])
+    if system == "sqlite-commit-limit":
+        return Server([], lambda: None, lambda cfg: [sys.executable, str(DRIVER_LIMITS), json.dumps(
+            {**cfg, "limit": "sqlite-commit", "dir": str(data)})])
     if system == "shardq-node":
         # The Node client on durable brokers, driven by the same driver.mjs as BullMQ.
         peers_setup.ensure_node_client()
@@ -198,6 +217,32 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+# The performance goals against the limits and bunqueue in memory (one broker, durable).
+LIMIT_GOALS = [("add_concurrent", "echo-limit", 0.9), ("add_concurrent", "bunqueue-memory", 1.3),
+               ("add_bulk", "bunqueue-memory", 2.0), ("e2e", "bunqueue-memory", 6.0)]
+
+
+def limit_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """shardq-durable against the echo and commit limits and the goals, from this run."""
+    by = {(r["system"], r["workload"]): r["rate_per_broker"] for r in rows}
+    out = []
+    mine, echo = by.get(("shardq-durable", "add_single")), by.get(("echo-limit", "add_single"))
+    commit = by.get(("sqlite-commit-limit", "add_single"))
+    if mine and echo and commit:
+        bound = 1 / (1 / echo + 1 / commit)  # one round trip, then one commit
+        x = mine / bound
+        out.append(f"  shardq-durable add_single {mine:,.0f}/s = {x:.2f}x of 1/(echo round trip "
+                   f"{1e6 / echo:.0f} us + one commit {1e6 / commit:.0f} us) = {bound:,.0f}/s "
+                   f"(goal >= 0.85x) {'[green]met[/green]' if x >= 0.85 else '[red]missed[/red]'}")
+    for w, base, goal in LIMIT_GOALS:
+        m, o = by.get(("shardq-durable", w)), by.get((base, w))
+        if m and o:
+            x = m / o
+            out.append(f"  shardq-durable / {base:22} {w:15} {x:6.2f}x (goal >= {goal:g}x) "
+                       f"{'[green]met[/green]' if x >= goal else '[red]missed[/red]'}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--systems", default=",".join(SYSTEMS))
@@ -229,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
             skipped[s] = why
             console.print(f"[red]bench: skipping {s}:[/red] {why}")
             results.add({"bench": "peers-skipped", "system": s, "reason": why})
-    todo = [(s, w) for s in systems if s not in skipped for w in workloads]
+    todo = [(s, w) for s in systems if s not in skipped for w in workloads
+            if w in LIMIT_WORKLOADS.get(s, WORKLOADS)]
     with progress() as prog:
         overall = prog.add_task("peers", total=len(todo))
         for s, w in todo:
@@ -252,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
             mine = r.get("system", "shardq-durable")
             console.print(f"  {mine} / {r['vs']:22} {r['workload']:15} "
                           f"{r['ratio']:6.2f}x{goal}{mark}")
+    for line in limit_lines(rows):
+        console.print(line)
     if a.json:
         for r in results.rows:
             print(json.dumps(r))

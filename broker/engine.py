@@ -13,6 +13,7 @@ import asyncio
 import heapq
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -696,11 +697,23 @@ def live_row(queues: dict[str, QueueState], queue: str,
         return None
     job = q.jobs.get(jid)
     if job is not None:
-        return q.slot, msgpack.packb(job.to_record(), use_bin_type=True)
+        return q.slot, _row_packer().pack(job.to_record())
     ts = q.tombstones.get(jid)
     if ts is not None:
         return q.slot, msgpack.packb([ts])
     return q.slot, None
+
+
+_packers = threading.local()
+
+
+def _row_packer() -> msgpack.Packer:
+    """This thread's Packer: `packb` builds a new one (and its buffer) per
+    call, a third of a checkpoint row's packing time."""
+    p: msgpack.Packer | None = getattr(_packers, "p", None)
+    if p is None:
+        p = _packers.p = msgpack.Packer(use_bin_type=True)
+    return p
 
 
 def _reply(req_id: int, body: Any, epoch: int) -> bytes:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,18 @@ class DamagedRecord(ValueError):
 def seal(key: bytes, payload: bytes) -> bytes:
     crc = zlib.crc32(payload, zlib.crc32(key))
     return bytes([MARK]) + crc.to_bytes(4, "big") + payload
+
+
+def job_sealer(queue: str) -> Callable[[str, bytes], bytes]:
+    """`seal(job_key(queue, id), payload)` for many ids of one queue: the
+    CRC of the key's queue part is computed once (CRC-32 is incremental)."""
+    head = zlib.crc32(f"{queue}\0".encode())
+    crc32, mark = zlib.crc32, bytes([MARK])
+
+    def sealed(job_id: str, payload: bytes) -> bytes:
+        return mark + crc32(payload, crc32(job_id.encode(), head)).to_bytes(4, "big") + payload
+
+    return sealed
 
 
 def unseal(key: bytes, blob: bytes) -> bytes:

@@ -26,7 +26,8 @@ err = Console(stderr=True)
 
 ALL_SYSTEMS = ("shardq-durable,shardq-fast,shardq-node,bunqueue-memory,bunqueue-sqlite,"
                "bullmq-node-redis,"
-               "bullmq-node-redis-aof,bullmq-py-redis,bullmq-py-redis-aof")
+               "bullmq-node-redis-aof,bullmq-py-redis,bullmq-py-redis-aof,echo-limit,"
+               "sqlite-commit-limit")
 RESULT_FILES = ("peers.jsonl", "cpu.jsonl", "scenario.jsonl")
 
 

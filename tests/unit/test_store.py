@@ -772,3 +772,51 @@ def test_the_writer_restarts_a_wal_the_background_passes_cannot_finish(
     assert os.path.getsize(path + "-wal") <= store_module.WAL_SIZE_LIMIT
     b.close()
     brokers(assert_recovered(path, b))
+
+
+def test_checkpoint_reuses_the_logged_add_record_only_while_it_is_the_jobs_row(
+        path: str, brokers: Any) -> None:
+    """An add's packed record goes into the checkpoint as logged; a job changed,
+    removed or obliterated since is written (or dropped) from memory instead."""
+    b = brokers(Broker(path))
+    for i in range(6):
+        b.q("emails").add(f"e{i}", "n", b"x", None, now=i)
+        b.q("sms").add(f"s{i}", "n", b"x", None, now=i)
+    b.q("emails").pull(2, 1000, 10, [])  # e0, e1 active: newer than their add
+    b.commit()
+    b.q("sms").obliterate()  # its adds are in the log, its jobs gone
+    b.q("sms").add("s9", "n", b"y", None, now=20)  # recreated after the obliterate
+    b.commit()
+    b.checkpoint()
+    b.close()
+    again = brokers(assert_recovered(path, b))
+    assert set(again.queues["sms"].jobs) == {"s9"}
+    assert again.queues["emails"].jobs["e0"].state == ACTIVE
+    assert again.queues["emails"].jobs["e5"].state == WAITING
+
+
+def test_job_sealer_seals_as_seal_of_the_job_key() -> None:
+    """The checkpoint's per-queue sealer writes the bytes `seal` would."""
+    from shardq.broker.integrity import job_sealer, seal
+
+    for queue, jid, payload in [("q", "j", b""), ("emails", "01ab-\u00e9", b"\x93\x01\x02\x03"),
+                                ("", "", b"x" * 300)]:
+        sealed = job_sealer(queue)(jid, payload)
+        assert sealed == seal(job_key(queue, jid), payload)
+        assert unseal(job_key(queue, jid), sealed) == payload
+
+
+def test_adds_around_an_obliterate_in_one_batch_are_all_checkpointed(
+        path: str, brokers: Any) -> None:
+    """Adds, an obliterate and adds again to one queue in a single commit: the
+    jobs added after the obliterate reach the checkpoint, the others do not."""
+    b = brokers(Broker(path))
+    b.q("emails").add("a1", "n", b"x", None, now=1)
+    b.q("emails").obliterate()
+    b.q("emails").add("a2", "n", b"x", None, now=2)
+    b.q("emails").add("a3", "n", b"x", None, now=3)
+    b.commit()
+    b.checkpoint()
+    b.close()
+    again = brokers(assert_recovered(path, b))
+    assert set(again.queues["emails"].jobs) == {"a2", "a3"}
