@@ -77,8 +77,11 @@ async def producer(client: shardq.Client, load: Load, queues: list[str], rate: f
         q = client.queue(queues[i % len(queues)])
         jid = f"p{k}-{i}"
         t0 = time.perf_counter()
+        # Completed jobs are kept to the last 1,000 per queue (BullMQ's
+        # removeOnComplete: {count}), as a long-running deployment would:
+        # keeping them all makes memory grow by design, not by a leak.
         await q.add("n", {"fail": i % 10 == 0}, job_id=jid, attempts=2,
-                    delay_ms=500 if i % 7 == 0 else 0)
+                    delay_ms=500 if i % 7 == 0 else 0, remove_on_complete=1000)
         load.latencies.append(time.perf_counter() - t0)
         load.added.add(jid)
         i += 1
