@@ -51,6 +51,7 @@ log = logging.getLogger("shardq.coordinator.stats")
 
 STATES = ("waiting", "delayed", "active", "completed", "failed")
 COUNTERS = ("added", "completed", "failed", "retried", "stalled")
+_TOTAL_KEYS = tuple((k, f"{k}_total") for k in COUNTERS)  # a heartbeat's field per counter
 STALE_AFTER_S = 3.0  # three missed heartbeats at the broker's default 1 s
 MIN_INTERVAL_S = 0.05  # two samples closer than this carry the previous rates on
 RECENT_KEEP_S = 60.0  # how long a queue's last report is kept for a handoff's first rate
@@ -287,9 +288,10 @@ def parse_queues(raw: Any) -> dict[str, QueueSample]:
         if not isinstance(name, str) or not isinstance(q, Mapping):
             continue
         p99: Any = q.get("p99_ms")
+        get = q.get
         out[name] = QueueSample(
-            counts={k: _count(q.get(k)) for k in STATES},
-            totals={k: _count(q.get(f"{k}_total")) for k in COUNTERS},
+            counts={k: _count(get(k)) for k in STATES},
+            totals={k: _count(get(t)) for k, t in _TOTAL_KEYS},
             p99_ms=float(p99) if _is_number(p99) else None,
         )
     return out
@@ -301,4 +303,6 @@ def _is_number(v: Any) -> bool:
 
 
 def _count(v: Any) -> int:
+    if type(v) is int:  # nearly every value: skip the general checks (10k queues a beat)
+        return v if v >= 0 else 0
     return int(v) if _is_number(v) and v >= 0 else 0
