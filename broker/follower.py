@@ -432,6 +432,8 @@ class Followers:
     def close(self) -> None:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+        for task in self._dropping:
+            task.cancel()  # its replica closes below; the next start drops the file again
         for r in self.replicas.values():
             r.close()
 
