@@ -13,7 +13,7 @@ import collections
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -23,6 +23,9 @@ from shardq.router import Topology
 from tests.cluster.conftest import http_get, poll
 from tests.conftest import Proc, queue_on
 from tests.integration.rawwire import RawConn
+
+if TYPE_CHECKING:  # imported where used: at module level pytest would collect its tests here
+    from tests.cluster.test_chaos_rebalance import Load
 
 DETECT_MS = 1500  # --heartbeat-timeout-ms: a silent broker is dead after this
 FAILOVER_BOUND_S = 15.0  # kill -9 to the first answered write on its queues (loaded box)
@@ -198,7 +201,7 @@ def test_kill_9_and_deleted_disk_under_load_lose_nothing_and_ack_nothing_twice(
     directory deleted; every answered add is acked exactly once (ack
     journals), the producers see no error, and its queues serve again
     within FAILOVER_BOUND_S."""
-    from tests.cluster.test_chaos_rebalance import PRODUCERS, Load, until
+    from tests.cluster.test_chaos_rebalance import Load, until
 
     c = Replicated(procs, start_broker, tmp_path)
     victim = "b3"
@@ -223,18 +226,7 @@ def test_kill_9_and_deleted_disk_under_load_lose_nothing_and_ack_nothing_twice(
             answered = len(load.answered)
             await until(lambda: len(load.answered) > answered + 1500 or load.stop.is_set(),
                         "more load after the failover")
-            load.stop.set()
-            await asyncio.gather(*load.tasks[:PRODUCERS])
-            # A job whose ack died with the broker before the follower had it
-            # (never answered) runs again, at the latest when its lock (30 s) runs
-            # out there: at least once, and acked once. One whose ack reached the
-            # follower's disk but whose answer died with the broker is completed
-            # with no journal line: the ack was never answered.
-            deadline = time.monotonic() + 120
-            while missing := await unfinished(c, load.answered):
-                assert time.monotonic() < deadline, f"never completed: {sorted(missing)[:5]}"
-                await asyncio.sleep(0.5)
-            await load.finish()
+            await finish_once_completed(c, load)
             return load, served
         except BaseException:
             await load.abort()  # close its connections before the loop goes
@@ -272,6 +264,28 @@ async def unfinished(c: Replicated, answered: set[tuple[str, str]]) -> set[tuple
             if job is None or job["state"] != "completed":
                 left.add((q, jid))
     return left
+
+
+async def finish_once_completed(c: Replicated, load: Load) -> None:
+    """Stop the producers, wait until every answered add is completed, then
+    stop the load.
+
+    After a failover some jobs run again before they complete: one whose ack
+    died with the broker before the follower had it, or one pulled just
+    before the kill whose ack the new owner refuses (LOCK_LOST: a PULL is
+    answered before its commit, so its lock may not have reached the
+    follower). Each runs again when its lock (30 s) runs out: at least once,
+    acked once. One whose ack reached the follower's disk but whose answer
+    died with the broker is completed with no journal line."""
+    from tests.cluster.test_chaos_rebalance import PRODUCERS
+
+    load.stop.set()
+    await asyncio.gather(*load.tasks[:PRODUCERS])
+    deadline = time.monotonic() + 120
+    while missing := await unfinished(c, load.answered):
+        assert time.monotonic() < deadline, f"never completed: {sorted(missing)[:5]}"
+        await asyncio.sleep(0.5)
+    await load.finish()
 
 
 async def add_until_served(c: Replicated, queue: str, job_id: str, started: float,
@@ -421,14 +435,7 @@ def test_chaos_scale_out_failover_drain_and_scale_in_with_replicas_1(
         procs: list[Proc], start_broker: Any, tmp_path: Path) -> None:
     """The chaos test of test_chaos_rebalance.py with `--replicas 1`, and a
     kill -9 with a deleted data directory in the middle of it."""
-    from tests.cluster.test_chaos_rebalance import (
-        PRODUCERS,
-        Load,
-        broker_states,
-        post,
-        rebalance_idle,
-        until,
-    )
+    from tests.cluster.test_chaos_rebalance import Load, broker_states, post, rebalance_idle, until
 
     c = Replicated(procs, start_broker, tmp_path)
 
@@ -454,17 +461,7 @@ def test_chaos_scale_out_failover_drain_and_scale_in_with_replicas_1(
             for bid in ("b1", "b2"):
                 assert c.brokers[bid].terminate() == 0
             await until(lambda: len(load.answered) > 6000 or load.stop.is_set(), "more load")
-            load.stop.set()
-            await asyncio.gather(*load.tasks[:PRODUCERS])
-            # A job pulled from b4 just before the kill may have its ack refused
-            # at b5 (LOCK_LOST): a PULL is answered before its commit, so its
-            # lock may not have reached the follower. It runs again once that
-            # lock runs out (30 s): at least once, acked once. Wait for it.
-            deadline = time.monotonic() + 120
-            while missing := await unfinished(c, load.answered):
-                assert time.monotonic() < deadline, f"never completed: {sorted(missing)[:5]}"
-                await asyncio.sleep(0.5)
-            await load.finish()
+            await finish_once_completed(c, load)
             return load
         except BaseException:
             await load.abort()  # close its connections before the loop goes
