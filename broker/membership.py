@@ -27,6 +27,7 @@ REQUEST_TIMEOUT_S = 3.0
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 2.0
 BARRED_RETRY_S = 10.0
+MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS = 10, 60_000  # what an answer's heartbeat_ms may ask
 
 
 class _Rejected(Exception):
@@ -52,7 +53,9 @@ class MembershipAgent:
         on_topology: called with each topology dict (docs/design.md §5) whose epoch
             is newer than the last one delivered; never with epoch 0 (no
             map yet). Called on the event loop.
-        heartbeat_ms: interval between heartbeats.
+        heartbeat_ms: the longest interval between heartbeats; shorter when
+            the coordinator's answer asks for it (`heartbeat_ms`, a quarter
+            of its timeout).
         on_leases: called with the `leases` of each heartbeat answer (tenant
             rate-limit shares, coordinator/tenants.py). Called on the event loop.
         storage: the data directory's storage identity, sent with register and
@@ -78,13 +81,19 @@ class MembershipAgent:
         self._get_stats = get_stats
         self._on_topology = on_topology
         self._on_leases = on_leases
-        self._interval_s = max(heartbeat_ms, 10) / 1000.0
+        self._configured_s = max(heartbeat_ms, MIN_HEARTBEAT_MS) / 1000.0
+        self._interval_s = self._configured_s
         self._term = 0
         self._epoch_seen = 0  # epoch of the last topology handed to on_topology
         self._link = "new"  # last logged link state
         self._left = False
         self._wake = asyncio.Event()
         self._in_flight = asyncio.Lock()
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        """The interval between heartbeats now."""
+        return self._interval_s
 
     @property
     def term(self) -> int:
@@ -238,12 +247,18 @@ class MembershipAgent:
                        "serving on the last topology and retrying")
         return backoff
 
+    def _adopt_interval(self, heartbeat_ms: object) -> None:
+        """Beat at least as often as the coordinator asks: its timeout decides what is late."""
+        if isinstance(heartbeat_ms, int) and MIN_HEARTBEAT_MS <= heartbeat_ms <= MAX_HEARTBEAT_MS:
+            self._interval_s = min(self._configured_s, heartbeat_ms / 1000.0)
+
     def _link_up(self, answer: dict[str, Any], how: str) -> None:
         term = answer.get("term")
         if isinstance(term, int) and term != self._term:
             if self._term:
                 log.info("coordinator restarted: term %d -> %d", self._term, term)
             self._term = term
+        self._adopt_interval(answer.get("heartbeat_ms"))
         if answer.get("state") == "lost-storage":
             self._set_link("held", logging.WARNING,
                            f"coordinator holds broker {self._id} as lost-storage: its slots "

@@ -6,8 +6,10 @@
     GET  /stats                      cluster stats JSON (stats.py, docs/design.md §10)
     GET  /metrics                    the same as Prometheus text (metrics.py)
     POST /brokers/register           {id, addr, weight?, storage?, zone?} -> {term, epoch,
-                                     state} (zone: follower placement, replication.py)
-    POST /brokers/heartbeat          {id, stats?, storage?} -> {term, epoch, state}
+                                     state, heartbeat_ms} (zone: follower placement,
+                                     replication.py; heartbeat_ms: how often to beat)
+    POST /brokers/heartbeat          {id, stats?, storage?} -> {term, epoch, state,
+                                     heartbeat_ms}
                                      `storage`: the data directory's identity; a broker
                                      that owns slots under another one is `lost-storage`
     POST /brokers/leave              {id} -> {term, epoch, state}

@@ -870,12 +870,22 @@ class Membership:
             )
 
     def answer(self, broker_id: str) -> dict[str, Any]:
-        """What register/heartbeat answer: {term, epoch, state}."""
+        """What register/heartbeat answer: {term, epoch, state, heartbeat_ms}."""
         return self._answer(broker_id)
 
     def _answer(self, broker_id: str) -> dict[str, Any]:
         return {"term": self.term, "epoch": self.epoch,
-                "state": self._topo.brokers[broker_id].state.value}
+                "state": self._topo.brokers[broker_id].state.value,
+                "heartbeat_ms": self.heartbeat_interval_ms}
+
+    @property
+    def heartbeat_interval_ms(self) -> int:
+        """How often brokers should heartbeat: a quarter of the timeout (at most 1 s).
+
+        Four beats per timeout, as Kafka's heartbeat.interval.ms is a third of
+        its session timeout: one late beat on a busy host is not a death.
+        """
+        return max(10, min(1000, self._timeout_ms // 4))
 
 
 def natural_key(s: str) -> list[Any]:

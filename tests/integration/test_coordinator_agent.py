@@ -190,3 +190,31 @@ def test_agent_of_a_forgotten_broker_keeps_running_without_raising(
 
     asyncio.run(main())
     assert sum("refuses" in r.message for r in caplog.records) == 1
+
+
+def test_agent_beats_as_often_as_a_short_heartbeat_timeout_asks(
+        procs: list[Proc], tmp_path: Path) -> None:
+    # A broker's own 1 s interval against a 400 ms timeout would be marked
+    # dead between any two beats; the coordinator's answer asks for 100 ms.
+    coord = start_coordinator(procs, tmp_path, "--heartbeat-timeout-ms", "400")
+    url = f"http://{coord.addr}"
+
+    async def main() -> None:
+        rec = Recorder()
+        agent = MembershipAgent(broker_id="b1", advertise="127.0.0.1:7101", weight=1,
+                                coordinator_url=url, token=None, get_stats=dict,
+                                on_topology=rec, heartbeat_ms=1000)
+        task = asyncio.create_task(agent.run())
+        try:
+            await rec.wait_for(lambda t: t["epoch"] >= 1)
+            assert agent.heartbeat_interval_s == 0.1
+            for _ in range(3):  # 1.2 s: a 1 s beat would leave one 400 ms gap dead
+                await asyncio.sleep(0.4)  # nothing to await: checking that nothing happens
+                b1 = await status_of(url, "b1")
+                assert b1 is not None and b1["state"] == "active", b1
+        finally:
+            await agent.leave()
+            async with asyncio.timeout(WAIT_S):
+                await task
+
+    asyncio.run(main())

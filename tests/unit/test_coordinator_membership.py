@@ -57,7 +57,8 @@ def state(m: Membership, bid: str) -> BrokerState:
 
 def test_bootstrap_waits_for_expected_brokers(db: Path, clock: FakeClock) -> None:
     m, store = open_membership(db, clock, expect=3)
-    assert m.register("b1", "127.0.0.1:7101", 1) == {"term": 1, "epoch": 0, "state": "joining"}
+    assert m.register("b1", "127.0.0.1:7101", 1) == {"term": 1, "epoch": 0, "state": "joining",
+                                                     "heartbeat_ms": 1000}
     m.register("b2", "127.0.0.1:7102", 2)
     assert not m.bootstrapped
     assert m.epoch == 0
@@ -65,7 +66,7 @@ def test_bootstrap_waits_for_expected_brokers(db: Path, clock: FakeClock) -> Non
 
     answer = m.register("b3", "127.0.0.1:7103", 1)
 
-    assert answer == {"term": 1, "epoch": 1, "state": "active"}
+    assert answer == {"term": 1, "epoch": 1, "state": "active", "heartbeat_ms": 1000}
     assert all(state(m, b) is BrokerState.ACTIVE for b in ("b1", "b2", "b3"))
     assert m.topology.slot_owners == Ring({"b1": 1, "b2": 2, "b3": 1}).targets()
     assert set(m.topology.slot_epochs) == {1}
@@ -116,7 +117,7 @@ def test_heartbeat_brings_dead_broker_back(m3: Membership, clock: FakeClock) -> 
 
     answer = m3.heartbeat("b2", {"queues": {}})
 
-    assert answer == {"term": 1, "epoch": 3, "state": "active"}
+    assert answer == {"term": 1, "epoch": 3, "state": "active", "heartbeat_ms": 1000}
     assert state(m3, "b2") is BrokerState.ACTIVE
 
 
@@ -140,7 +141,7 @@ def test_reregister_with_new_addr_bumps_epoch(m3: Membership) -> None:
 
     answer = m3.register("b2", "10.0.0.9:7102", 1)
 
-    assert answer == {"term": 1, "epoch": 2, "state": "active"}
+    assert answer == {"term": 1, "epoch": 2, "state": "active", "heartbeat_ms": 1000}
     assert m3.topology.addr_of("b2") == "10.0.0.9:7102"
     assert m3.topology.slots_of("b2") == owned
 
@@ -346,3 +347,13 @@ def test_topology_json_round_trips(m3: Membership) -> None:
     assert topo.slot_owners == m3.topology.slot_owners
     assert topo.epoch == 1
     assert topo.term == 1
+
+
+@pytest.mark.parametrize(("timeout_ms", "beat_ms"), [(5000, 1000), (1000, 250), (20, 10)])
+def test_answers_ask_for_four_beats_per_heartbeat_timeout(
+        db: Path, clock: FakeClock, timeout_ms: int, beat_ms: int) -> None:
+    store = Store(db)
+    m = Membership(store, heartbeat_timeout_ms=timeout_ms, clock=clock, wall=lambda: 42)
+    assert m.register("b1", "127.0.0.1:7101")["heartbeat_ms"] == beat_ms
+    assert m.heartbeat("b1")["heartbeat_ms"] == beat_ms
+    store.close()
