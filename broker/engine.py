@@ -35,6 +35,7 @@ from shardq.broker.queue import QueueDefaults, QueueState
 from shardq.broker.replay import Images
 from shardq.broker.replica import Replication
 from shardq.broker.store import RowSource, Store
+from shardq.broker.tombstones import trim_oldest
 from shardq.errors import BusyError, MovedError, OwnerUnavailableError, TryAgainError
 from shardq.router import BrokerInfo, BrokerState, Topology, slot_of
 
@@ -535,7 +536,7 @@ class Broker:
                         "the wall clock at the next restart", drift)
 
     def housekeeping(self) -> None:
-        """Once a second: job totals, RSS, tombstone expiry, a timer safety net."""
+        """Once a second: job totals, RSS, tombstone expiry and bound, a timer safety net."""
         now = self.clock()
         self.total_jobs = sum(len(q.jobs) for q in self.queues.values())
         self.rss = _rss_bytes()
@@ -551,6 +552,7 @@ class Broker:
             due = q.next_timer()  # the safety net: every queue's timer is enlisted
             if due is not None:
                 self._enlist(q.name, due)
+        trim_oldest(self.queues.values(), self.defaults.max_tombstones)
         self.run_timers()
         self.commits.checkpoint_if_idle()
         if self.handoff.frozen_moves and not self._asking:

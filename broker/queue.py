@@ -80,7 +80,9 @@ class QueueDefaults:
     keep_failed: int = 10_000
     max_stalled_count: int = 1
     dedup_ttl_ms: int = 3_600_000
-    max_tombstones: int = 100_000  # per queue; oldest are forgotten first
+    # Per broker (broker/tombstones.py trims the oldest once a second) and per
+    # queue at every remove: dedup memory must not grow with the queue count.
+    max_tombstones: int = 100_000
     # This broker's leases of cluster-wide tenant limits (shared by its queues).
     tenants: dict[str, TenantShare] = field(default_factory=dict)
     # Start-to-ack durations of this broker's jobs, ms (shardq_job_duration_seconds).
@@ -763,9 +765,13 @@ class QueueState(FlowQueue, JobAdmin):
                 break
             expired.append(jid)
         if expired:
-            for jid in expired:
-                del self.tombstones[jid]
-            self._emit(("T", self.name, expired))
+            self.forget_tombstones(expired)
+
+    def forget_tombstones(self, ids: list[str]) -> None:
+        """Drop these dedup tombstones (expired, or over the broker's bound)."""
+        for jid in ids:
+            del self.tombstones[jid]
+        self._emit(("T", self.name, ids))
 
     # ---------------------------------------------------------------- logs
     def add_log(self, job_id: str, token: int, line: str) -> str | None:
