@@ -18,6 +18,7 @@ carries a newer one, so the router can refresh its map.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import ssl
@@ -393,13 +394,13 @@ async def open_connection(addr: str, *, token: str | None = None, client_name: s
         conn._abort(ConnectionClosedError("HELLO failed"))
         # Only HELLO was sent: no request of the caller's can have been applied.
         raise TimeoutError(str(exc)) from None
-    except ConnectionClosedError as exc:
+    except ConnectionClosedError:
         conn._abort(ConnectionClosedError("HELLO failed"))
-        if ctx is None:
-            # What a TLS listener does with a cleartext HELLO: it drops it.
-            raise ConnectionClosedError(
-                f"{addr} closed the connection before answering HELLO ({exc}); if it "
-                "speaks TLS, connect with ssl_ca=") from None
+        if ctx is None and await _speaks_tls(host, port, connect_timeout):
+            # What a TLS listener does with a cleartext HELLO: it drops it,
+            # with no alert. A handshake tells that apart from a dying broker.
+            raise TlsError(addr, "it speaks TLS and this client connected in cleartext; "
+                                 "connect with ssl_ca= (or an https:// coordinator URL)") from None
         raise
     except BaseException:
         conn._abort(ConnectionClosedError("HELLO failed"))
@@ -411,6 +412,23 @@ async def open_connection(addr: str, *, token: str | None = None, client_name: s
             conn.max_epoch = epoch
     conn.start_pings()
     return conn
+
+
+async def _speaks_tls(host: str, port: int, timeout: float) -> bool:
+    """Whether `host:port` completes a TLS handshake (certificate unchecked:
+    this only names the cause of a refused cleartext HELLO; nothing is sent)."""
+    probe = ssl.create_default_context()
+    probe.check_hostname = False
+    probe.verify_mode = ssl.CERT_NONE
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(host, port, ssl=probe)
+    except (OSError, TimeoutError, ssl.SSLError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        await writer.wait_closed()
+    return True
 
 
 def _unsolicited_error(addr: str, code: str, body: Any) -> ShardqError:
