@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -177,11 +178,27 @@ def run_driver(argv: list[str], seconds: float, prog: Progress | None, label: st
 
 @contextmanager
 def stopping(procs: list[Proc]) -> Iterator[list[Proc]]:
+    """Stop `procs` on the way out, also when the bench itself gets SIGTERM
+    (its servers run in their own sessions: no signal reaches them)."""
+    with exit_on_sigterm():
+        try:
+            yield procs
+        finally:
+            for p in reversed(procs):
+                p.stop()
+
+
+@contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises SystemExit here, so `finally` blocks stop what was started."""
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _exit)
     try:
-        yield procs
+        yield
     finally:
-        for p in reversed(procs):
-            p.stop()
+        signal.signal(signal.SIGTERM, previous)
 
 
 class CpuCap:
