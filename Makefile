@@ -25,7 +25,7 @@ run: $(STAMP)
 	$(PY) -m shardq demo
 
 test: $(STAMP) test-node
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # The quick tier while editing (under a minute on a quiet 2-core box): ruff,
 # mypy --strict and tests/unit (no process, no socket) with a fifth of the
