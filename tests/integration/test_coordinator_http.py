@@ -59,9 +59,11 @@ def test_register_heartbeat_topology_and_status(procs: list[Proc], tmp_path: Pat
     coord = start_coordinator(procs, tmp_path, "--expect", "2")
     with client(coord) as c:
         assert c.get("/healthz").json()["term"] == 1
-        assert register(c, "b1", 7101) == {"term": 1, "epoch": 0, "state": "joining"}
+        assert register(c, "b1", 7101) == {"term": 1, "epoch": 0, "state": "joining",
+                                             "heartbeat_ms": 1000}
         assert c.get("/topology").json()["slots"] == []
-        assert register(c, "b2", 7102, weight=2) == {"term": 1, "epoch": 1, "state": "active"}
+        assert register(c, "b2", 7102, weight=2) == {"term": 1, "epoch": 1, "state": "active",
+                                                       "heartbeat_ms": 1000}
 
         topo = Topology.from_dict(c.get("/topology").json())
         assert topo.epoch == 1
@@ -72,7 +74,7 @@ def test_register_heartbeat_topology_and_status(procs: list[Proc], tmp_path: Pat
         stats = {"queues": {"emails": {"waiting": 7, "active": 2, "delayed": 1,
                                        "completed": 5, "failed": 0}}}
         r = c.post("/brokers/heartbeat", json={"id": "b2", "stats": stats})
-        assert r.json() == {"term": 1, "epoch": 1, "state": "active"}
+        assert r.json() == {"term": 1, "epoch": 1, "state": "active", "heartbeat_ms": 1000}
 
         status = c.get("/status").json()
     assert status["epoch"] == 1
