@@ -112,6 +112,9 @@ class Import:
     live: dict[str, QueueState] | None = None
 
 
+# One slot-move state machine (send, receive, catch up, finish) over shared
+# per-move state; splitting it would scatter one protocol (docs/design.md §5).
+# shape: ~420 lines, one protocol
 class Handoffs:
     def __init__(self, broker: Broker) -> None:
         self.b = broker

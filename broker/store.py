@@ -27,7 +27,6 @@ import os
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,6 +35,8 @@ import msgpack
 from shardq import failpoints
 from shardq.broker import redo
 from shardq.broker.histogram import COMMIT_BUCKETS_S, Buckets
+from shardq.broker.identity import ForeignStorageError as ForeignStorageError
+from shardq.broker.identity import StorageIdentity
 from shardq.broker.integrity import CorruptionError, Damage, job_key, log_key, seal, unseal
 from shardq.broker.job import Job
 from shardq.broker.replay import Images, QueueImage, apply_broker_op, apply_op
@@ -69,10 +70,6 @@ WAL_RESTART_FRAMES = 4096  # 16 MB of 4 KB pages
 WAL_SIZE_LIMIT = 64 * 2**20  # bytes a restarted WAL file is truncated to
 
 
-class ForeignStorageError(Exception):
-    """The data directory belongs to another broker (two data dirs swapped?)."""
-
-
 def _why(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, ValueError) and str(exc) else f"undecodable ({exc!r})"
 
@@ -96,7 +93,8 @@ def _storage_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno == 28  # ENOSPC
 
 
-class Store:
+# Storage identity (docs/design.md §3.2) is StorageIdentity's, broker/identity.py.
+class Store(StorageIdentity):
     def __init__(self, path: str, durable: bool = True, verify: bool = False,
                  salvage: bool = False) -> None:
         self.path = path
@@ -123,38 +121,6 @@ class Store:
         self._identity: dict[str, Any] = {}
 
     # ------------------------------------------------------------ startup
-    def _new_identity(self) -> dict[str, Any]:
-        """Make and persist this file's storage identity (docs/design.md §3).
-
-        It lives in the same file as the jobs, so it is lost exactly when
-        they are: a broker that comes back without it lost its data."""
-        identity: dict[str, Any] = {"storage": uuid.uuid4().hex, "broker": None,
-                                    "created_ms": int(time.time() * 1000)}
-        self._put_identity(identity)
-        return identity
-
-    def _put_identity(self, identity: dict[str, Any]) -> None:
-        assert self._db is not None
-        self._db.execute("INSERT OR REPLACE INTO state(key, value) VALUES ('identity', ?)",
-                         (msgpack.packb(identity, use_bin_type=True),))
-
-    def claim_identity(self, broker_id: str) -> str:
-        """Bind this data directory to `broker_id` on first use; return its storage id.
-
-        Raises:
-            ForeignStorageError: another broker id claimed it before.
-        """
-        owner = self._identity.get("broker")
-        if owner is None:
-            self._identity = {**self._identity, "broker": broker_id}
-            self._put_identity(self._identity)
-        elif owner != broker_id:
-            raise ForeignStorageError(
-                f"data directory {os.path.dirname(self.path) or '.'} belongs to broker "
-                f"{owner!r} (storage {self.storage_id}), not {broker_id!r}: were two data "
-                f"directories swapped? Start {owner} on it, and {broker_id} on its own")
-        return self.storage_id
-
     def open_and_recover(self) -> tuple[Images, dict[str, Any], dict[str, Images], int]:
         """Open (creating) the file and rebuild queue images from it.
 
@@ -349,7 +315,6 @@ class Store:
                 pass
 
     def _commit(self, seq: int, ops: list[Any]) -> None:
-        import time
 
         blob = seal(log_key(seq), msgpack.packb(ops, use_bin_type=True))
         self._track(ops)

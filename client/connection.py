@@ -405,13 +405,18 @@ async def open_connection(addr: str, *, token: str | None = None, client_name: s
     except BaseException:
         conn._abort(ConnectionClosedError("HELLO failed"))
         raise
+    _adopt_hello(conn, reply)
+    conn.start_pings()
+    return conn
+
+
+def _adopt_hello(conn: Connection, reply: Any) -> None:
+    """Keep what the HELLO answer says of the broker: its id and its epoch."""
     if isinstance(reply, dict):
         conn.broker_id = str(reply.get("broker_id", ""))
         epoch = reply.get("epoch")
         if isinstance(epoch, int) and epoch > conn.max_epoch:
             conn.max_epoch = epoch
-    conn.start_pings()
-    return conn
 
 
 async def _speaks_tls(host: str, port: int, timeout: float) -> bool:

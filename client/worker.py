@@ -607,23 +607,11 @@ class Worker:
             outcomes = await self._cluster.bulk(protocol.ACK, items, _queue_of, make_args, parse)
         finally:
             self._release(left[0] + sum(reserved.values()))
-        self.completed += self._report("ack", items, outcomes)
+        self.completed += _report("ack", items, outcomes)
 
     async def _send_fails(self, items: list[list[Any]]) -> None:
         outcomes = await self._cluster.bulk(protocol.FAIL, items, _queue_of, _items_args)
-        self.failed += self._report("fail", items, outcomes)
-
-    def _report(self, what: str, items: list[list[Any]], outcomes: list[Any]) -> int:
-        ok = 0
-        for item, outcome in zip(items, outcomes, strict=True):
-            if isinstance(outcome, LockLostError):
-                log.warning("%s of job %s in %s: lock lost, result dropped", what, item[1], item[0])
-            elif isinstance(outcome, BaseException):
-                log.error("%s of job %s in %s failed: %s (it will be redelivered)",
-                          what, item[1], item[0], outcome)
-            else:
-                ok += 1
-        return ok
+        self.failed += _report("fail", items, outcomes)
 
     # -- locks -------------------------------------------------------------------------
 
@@ -642,6 +630,20 @@ class Worker:
                     log.warning("%r lost its lock; its result will be dropped", job)
                 elif isinstance(outcome, BaseException):
                     log.warning("extending the lock of %r failed: %s", job, outcome)
+
+
+def _report(what: str, items: list[list[Any]], outcomes: list[Any]) -> int:
+    """Log each ACK/FAIL that did not land (it will be redelivered); count the rest."""
+    ok = 0
+    for item, outcome in zip(items, outcomes, strict=True):
+        if isinstance(outcome, LockLostError):
+            log.warning("%s of job %s in %s: lock lost, result dropped", what, item[1], item[0])
+        elif isinstance(outcome, BaseException):
+            log.error("%s of job %s in %s failed: %s (it will be redelivered)",
+                      what, item[1], item[0], outcome)
+        else:
+            ok += 1
+    return ok
 
 
 def _items_args(_bid: str, sub: list[Any], _rnd: int) -> Any:

@@ -138,6 +138,34 @@ def create_app(membership: Membership, *, token: str | None = None,
     failover = (Failover(m, replication, fo_links.send)
                 if replication is not None and replication.enabled else None)
 
+    lifespan = _lifespan(m, rb, ui, fo_links, check_interval_ms, failover)
+    routes = [
+        *_read_routes(m, replication),
+        *_queue_routes(m, rb),
+        *_broker_routes(m, rb, book, tb, replication),
+        *_rebalance_routes(m, rb),
+        *_tenant_routes(tb),
+        *_stats_routes(m, book, replication),
+        *_replication_routes(m, replication, failover),
+        *ui.routes(),
+    ]
+    middleware = ([Middleware(BearerAuth, token=token, control_token=control_token,
+                              public=is_public)]
+                  if token or control_token else [])
+    return Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={CoordinatorError: _error_response},
+        lifespan=lifespan,
+        max_body_size=MAX_BODY,
+    )
+
+
+def _lifespan(m: Membership, rb: Rebalancer, ui: Dashboard, fo_links: BrokerLinks,
+              check_interval_ms: int, failover: Failover | None
+              ) -> Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]:
+    """Liveness loop and dashboard while serving; recover moves at start, close at end."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         task = asyncio.create_task(_liveness_loop(m, check_interval_ms / 1000.0, failover))
@@ -151,6 +179,12 @@ def create_app(membership: Membership, *, token: str | None = None,
             await rb.aclose()
             await fo_links.aclose()
 
+    return lifespan
+
+
+def _read_routes(m: Membership, replication: ReplicationBook | None) -> list[Route]:
+    """Health, topology and status: the read-only views of the membership."""
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True, "term": m.term, "epoch": m.epoch,
                              "bootstrapped": m.bootstrapped, "pid": os.getpid()})
@@ -160,6 +194,38 @@ def create_app(membership: Membership, *, token: str | None = None,
 
     async def status(request: Request) -> Response:
         return JSONResponse(_status(m, replication))
+
+    return [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/topology", topology, methods=["GET"]),
+        Route("/status", status, methods=["GET"]),
+    ]
+
+
+def _queue_routes(m: Membership, rb: Rebalancer) -> list[Route]:
+    """Declare a partitioned queue; pin a queue to a broker."""
+
+    async def move_queue(request: Request) -> Response:
+        name = request.path_params["name"]
+        to = _field(await _json_body(request), "to", str)
+        return _logged(m, f"queue {name} pinned to {to}", lambda: rb.move_queue(name, to),
+                       always=True)
+
+    async def declare(request: Request) -> Response:
+        name = request.path_params["name"]
+        partitions = _field(await _json_body(request), "partitions", int)
+        return _logged(m, f"queue {name} declared with {partitions} partitions",
+                       lambda: m.declare_queue(name, partitions), always=True)
+
+    return [
+        Route("/queues/{name}/declare", declare, methods=["POST"]),
+        Route("/queues/{name}/move", move_queue, methods=["POST"]),
+    ]
+
+
+def _broker_routes(m: Membership, rb: Rebalancer, book: StatsBook, tb: TenantBook,
+                   replication: ReplicationBook | None) -> list[Route]:
+    """What brokers call: register, heartbeat, leave; and forget one for good."""
 
     async def register(request: Request) -> Response:
         body = await _json_body(request)
@@ -196,44 +262,12 @@ def create_app(membership: Membership, *, token: str | None = None,
         accept = _field(await _json_body(request), "accept_data_loss", bool, False)
         return _logged(m, f"broker {bid} forgotten", lambda: m.forget(bid, accept), always=True)
 
-    async def move_queue(request: Request) -> Response:
-        name = request.path_params["name"]
-        to = _field(await _json_body(request), "to", str)
-        return _logged(m, f"queue {name} pinned to {to}", lambda: rb.move_queue(name, to),
-                       always=True)
-
-    async def declare(request: Request) -> Response:
-        name = request.path_params["name"]
-        partitions = _field(await _json_body(request), "partitions", int)
-        return _logged(m, f"queue {name} declared with {partitions} partitions",
-                       lambda: m.declare_queue(name, partitions), always=True)
-
-    routes = [
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/queues/{name}/declare", declare, methods=["POST"]),
-        Route("/queues/{name}/move", move_queue, methods=["POST"]),
-        Route("/topology", topology, methods=["GET"]),
-        Route("/status", status, methods=["GET"]),
+    return [
         Route("/brokers/register", register, methods=["POST"]),
         Route("/brokers/heartbeat", heartbeat, methods=["POST"]),
         Route("/brokers/leave", leave, methods=["POST"]),
         Route("/brokers/{broker_id}/forget", forget, methods=["POST"]),
-        *_rebalance_routes(m, rb),
-        *_tenant_routes(tb),
-        *_stats_routes(m, book, replication),
-        *_replication_routes(m, replication, failover),
-        *ui.routes(),
     ]
-    middleware = ([Middleware(BearerAuth, token=token, control_token=control_token,
-                              public=is_public)]
-                  if token or control_token else [])
-    return Starlette(
-        routes=routes,
-        middleware=middleware,
-        exception_handlers={CoordinatorError: _error_response},
-        lifespan=lifespan,
-        max_body_size=MAX_BODY,
-    )
 
 
 def _rebalance_routes(m: Membership, rb: Rebalancer) -> list[Route]:

@@ -11,6 +11,8 @@ import typer
 from shardq.cli import app
 
 
+# shape: a typer option list (one parameter a flag, with its help);
+# the body only builds the config and calls serve.
 @app.command("broker")
 def broker(
     broker_id: str = typer.Option("b1", "--id", help="Stable broker id, e.g. b1."),

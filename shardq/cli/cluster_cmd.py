@@ -16,6 +16,8 @@ cluster_app = typer.Typer(help="Run a local cluster.", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 
 
+# shape: a typer option list (one parameter a flag, with its help);
+# the body only starts the processes.
 @cluster_app.command("up")
 def up(
     n: int = typer.Option(3, "-n", "--brokers", min=1, help="Number of brokers (b1..bN)."),

@@ -12,6 +12,8 @@ import typer
 from shardq.cli import app
 
 
+# shape: a typer option list (one parameter a flag, with its help);
+# the body only builds the config and serves.
 @app.command("coordinator")
 def coordinator(
     data_dir: Annotated[Path, typer.Option(help="Directory for the coordinator's SQLite file.")],
